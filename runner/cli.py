@@ -1,0 +1,266 @@
+"""The `recipe` command line: validate, plan, run, list, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from runner.errors import RecipeError, RunnerError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_INVALID = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_INVALID
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        console.print(f"[bold red]invalid recipe[/] ({len(exc.problems)} problem"
+                      f"{'s' if len(exc.problems) != 1 else ''}):")
+        for problem in exc.problems:
+            console.print(f"  {problem}", markup=False)
+        return EXIT_INVALID
+    except RunnerError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("validate", help="check recipes; nothing runs")
+    p.add_argument("recipes", nargs="+", type=Path)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show the step graph with each step's executor and cache state")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
+    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
+    p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run the recipe's steps; completed steps are reused")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--only", action="append", default=[], metavar="STEP",
+                   help="run only these steps (id, kind or glob; repeatable)")
+    p.add_argument("--from", dest="from_steps", action="append", default=[], metavar="STEP",
+                   help="re-run these steps and everything after them")
+    p.add_argument("--until", action="append", default=[], metavar="STEP",
+                   help="stop after these steps (and what they need)")
+    p.add_argument("--force", action="store_true", help="re-run the selected steps even if current")
+    p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
+    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
+    p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
+    p.add_argument("--dry-run", action="store_true", help="say what would run; run nothing")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="the shipped recipes with one-line descriptions")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("schema", help="JSON Schema of recipe files (for editor validation)")
+    p.add_argument("--markdown", action="store_true", help="the recipe reference as markdown instead")
+    p.add_argument("-o", "--output", type=Path, help="write to this file")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from runner.recipe_loader import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            loaded = load_recipe(path)
+        except RecipeError as exc:
+            failed += 1
+            console.print(f"[bold red]✗ {path}[/] ({len(exc.problems)} problem"
+                          f"{'s' if len(exc.problems) != 1 else ''})")
+            for problem in exc.problems:
+                console.print(f"  {problem}", markup=False)
+            continue
+        recipe = loaded.recipe
+        names = ", ".join(s.name for s in recipe.enabled_strategies())
+        out.print(f"[green]✓[/] {path}: {recipe.name} ({len(loaded.files)} file"
+                  f"{'s' if len(loaded.files) != 1 else ''}; strategies: {names})")
+    return EXIT_INVALID if failed else 0
+
+
+def _load_plan(args: argparse.Namespace):
+    from runner.plan import build_plan
+    from runner.recipe_loader import load_recipe
+    from runner.run_dir import RunDir
+
+    loaded = load_recipe(args.recipe)
+    recipe = loaded.recipe
+    if args.executor:
+        recipe.execution.executor = args.executor
+    plan = build_plan(recipe, args.strategy or None)
+    root = args.run_dir or recipe.execution.run_dir or Path("runs") / recipe.name
+    return loaded, plan, RunDir(Path(root))
+
+
+def _where(plan, step) -> str:
+    from runner.steps import step_kinds
+
+    kind = step_kinds()[step.kind]
+    if kind.container_role is None:
+        return "host"
+    if plan.recipe.execution.executor == "local":
+        return "local worker"
+    return f"container {getattr(plan.recipe.execution.containers, kind.container_role)}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from runner.steps import step_kinds
+
+    _, plan, run_dir = _load_plan(args)
+    kinds = step_kinds()
+    rows = []
+    for sid, step in plan.steps.items():
+        if kinds[step.kind].run is None:
+            state = "not built"
+        elif run_dir.is_complete(sid, plan.keys[sid]):
+            state = "current"
+        elif run_dir.record(sid):
+            state = "stale"
+        else:
+            state = "to run"
+        rows.append({"step": sid, "kind": step.kind, "needs": list(step.deps), "runs_in": _where(plan, step),
+                     "state": state, "key": plan.keys[sid]})
+    if args.json:
+        out.print_json(json.dumps({"recipe": plan.recipe.name, "run_dir": str(run_dir.root), "steps": rows}))
+        return 0
+    table = Table(title=f"{plan.recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
+    for col in ("step", "needs", "runs in", "cache"):
+        table.add_column(col)
+    colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}
+    for row in rows:
+        table.add_row(row["step"], ", ".join(row["needs"]), row["runs_in"],
+                      f"[{colors[row['state']]}]{row['state']}[/]")
+    out.print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runner.engine import Runner, RunOptions
+    from runner.executors import make_executor
+
+    loaded, plan, run_dir = _load_plan(args)
+    executor = make_executor(plan.recipe.execution.executor)
+    runner = Runner(plan, run_dir, executor, console)
+    options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
+                         dry_run=args.dry_run)
+    if not args.dry_run:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
+    outcome = asyncio.run(_run_cancellable(runner.run(options)))
+    _print_outcome(outcome, run_dir.root)
+    return outcome.exit_code
+
+
+async def _run_cancellable(coro):
+    """Run the engine so that SIGINT and SIGTERM cancel it cleanly (workers stopped, state saved)."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _save_resolved_recipe(loaded, path: Path) -> None:
+    from ruamel.yaml import YAML
+
+    from runner.run_dir import write_json_atomic
+
+    data = loaded.recipe.model_dump(mode="json")
+    yaml = YAML()
+    yaml.default_flow_style = False
+    tmp = path.with_suffix(".yaml.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(f"# resolved from {loaded.path} ({', '.join(str(f) for f in loaded.files)})\n")
+        yaml.dump(data, fh)
+    tmp.replace(path)
+    write_json_atomic(path.with_name("recipe.files.json"), [str(f) for f in loaded.files])
+
+
+def _print_outcome(outcome, root: Path) -> None:
+    colors = {"complete": "green", "current": "green", "failed": "red", "not built": "yellow",
+              "blocked": "yellow", "interrupted": "red", "missing": "dim"}
+    table = Table(title=f"run {outcome.status}: {root}")
+    table.add_column("step")
+    table.add_column("state")
+    for sid, state in outcome.states.items():
+        color = colors.get(state, "cyan")
+        table.add_row(sid, f"[{color}]{state}[/]")
+    console.print(table)
+    for message in outcome.messages:
+        console.print(message, markup=False)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from runner.recipe_loader import load_recipe
+    from runner.resources import shipped_dir
+    from runner.yaml_tree import read_yaml
+
+    root = shipped_dir("recipes")
+    table = Table(title=f"shipped recipes ({root})")
+    table.add_column("recipe")
+    table.add_column("description")
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "suites":
+            continue
+        if rel.parts[0] == "base":
+            node = read_yaml(path)
+            desc = node.value.get("description") if isinstance(node.value, dict) else None
+            text = desc.value if desc is not None else ""
+            table.add_row(f"[dim]{rel}[/]", f"[dim](base) {text.strip().splitlines()[0] if text else ''}[/]")
+            continue
+        try:
+            recipe = load_recipe(path).recipe
+            first = recipe.description.strip().splitlines()[0] if recipe.description.strip() else ""
+            table.add_row(str(rel), first)
+        except RecipeError as exc:
+            table.add_row(str(rel), f"[red]invalid: {exc.problems[0]}[/]")
+    out.print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from runner.schema import Recipe
+
+    if args.markdown:
+        from runner.schema_docs import recipe_reference
+
+        text = recipe_reference()
+    else:
+        text = json.dumps(Recipe.model_json_schema(), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

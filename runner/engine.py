@@ -1,0 +1,260 @@
+"""Run a plan: pick the steps to run, run independent ones concurrently, commit, resume.
+
+A step runs when every step it depends on is complete. At most `execution.max_parallel` steps run at
+once and at most max(gpus, 1) heavy steps (quantize, serve) at once. A step whose key matches its
+committed record is not run again, so a run that was interrupted resumes at the first incomplete
+step. The first failure stops new steps from starting, lets running ones finish and commit, and
+fails the run; a step that is not built yet stops its branch with a message that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from runner.containers import load_container
+from runner.errors import NotImplementedStep, RunnerError
+from runner.executors import Executor
+from runner.plan import Plan
+from runner.run_dir import RunDir, host_versions, now, write_json_atomic
+from runner.steps import StepContext, StepKind, StepResult, step_kinds
+
+
+class StepFailed(RunnerError):
+    """A step ran and failed; the message says why and where its log is."""
+
+
+@dataclass
+class RunOptions:
+    only: list[str] = field(default_factory=list)
+    from_steps: list[str] = field(default_factory=list)
+    until: list[str] = field(default_factory=list)
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class RunOutcome:
+    status: str  # complete | failed | stopped | interrupted | dry-run
+    states: dict[str, str]
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return {"complete": 0, "dry-run": 0, "failed": 1, "stopped": 3, "interrupted": 130}[self.status]
+
+
+def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list[str], set[str]]:
+    """(steps to run in order, steps forced). Raises RunnerError when a needed input is missing."""
+    targets = list(plan.steps)
+    forced: set[str] = set()
+    if options.only:
+        chosen = set(plan.match(options.only))
+        targets = [s for s in targets if s in chosen]
+    if options.until:
+        wanted: set[str] = set()
+        for sid in plan.match(options.until):
+            wanted |= {sid} | plan.ancestors(sid)
+        targets = [s for s in targets if s in wanted]
+    if options.from_steps:
+        start: set[str] = set()
+        for sid in plan.match(options.from_steps):
+            start |= {sid} | plan.dependents(sid)
+        targets = [s for s in targets if s in start]
+        forced |= set(targets)
+    if options.force:
+        forced |= set(targets)
+    to_run = [s for s in targets if s in forced or not run_dir.is_complete(s, plan.keys[s])]
+    # Everything a selected step needs must be selected too, or already complete and current.
+    for sid in to_run:
+        for dep in plan.steps[sid].deps:
+            if dep not in to_run and not run_dir.is_complete(dep, plan.keys[dep]):
+                raise RunnerError(
+                    f"step {sid} needs {dep}, which has no current result in {run_dir.root}; "
+                    f"run without --only/--from, or add {dep} to --only")
+    return to_run, forced
+
+
+class Runner:
+    def __init__(self, plan: Plan, run_dir: RunDir, executor: Executor, console: Console | None = None,
+                 kinds: dict[str, StepKind] | None = None):
+        self.plan = plan
+        self.run_dir = run_dir
+        self.executor = executor
+        self.console = console or Console(stderr=True)
+        self.kinds = kinds or step_kinds()
+        execution = plan.recipe.execution
+        self._slots = asyncio.Semaphore(execution.max_parallel)
+        self._heavy = asyncio.Semaphore(max(execution.gpus, 1))
+        self._halt = False
+        self.states: dict[str, str] = {}
+        self.messages: list[str] = []
+
+    async def run(self, options: RunOptions) -> RunOutcome:
+        to_run, forced = select_steps(self.plan, self.run_dir, options)
+        self.states = {sid: ("current" if self.run_dir.is_complete(sid, key) else "missing")
+                       for sid, key in self.plan.keys.items()}
+        if options.dry_run:
+            for sid in to_run:
+                self.states[sid] = "would run" + (" (forced)" if sid in forced else "")
+            return RunOutcome("dry-run", self.states)
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        for sid in forced:
+            self.run_dir.invalidate(sid)
+        for sid in to_run:
+            self.states[sid] = "queued"
+        done = {sid: asyncio.Event() for sid in self.plan.steps}
+        for sid, state in self.states.items():
+            if state == "current":
+                done[sid].set()
+        self._write_status("running")
+        tasks = [asyncio.create_task(self._run_when_ready(sid, done), name=sid) for sid in to_run]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sid, state in self.states.items():
+                if state in ("queued", "running"):
+                    self.states[sid] = "interrupted"
+            self._write_status("interrupted")
+            return RunOutcome("interrupted", self.states, ["interrupted: completed steps are kept; "
+                                                           "run again to resume"])
+        status = "complete"
+        if any(s == "failed" for s in self.states.values()):
+            status = "failed"
+        elif any(s in ("not built", "blocked") for s in self.states.values()):
+            status = "stopped"
+        self._write_status(status)
+        return RunOutcome(status, self.states, self.messages)
+
+    async def _run_when_ready(self, sid: str, done: dict[str, asyncio.Event]) -> None:
+        step = self.plan.steps[sid]
+        for dep in step.deps:
+            await done[dep].wait()
+        try:
+            blocking = [d for d in step.deps if self.states.get(d) not in ("current", "complete")]
+            if blocking:
+                self.states[sid] = "blocked"
+                return
+            kind = self.kinds[step.kind]
+            if kind.run is None:
+                self.states[sid] = "not built"
+                self.messages.append(f"{sid}: stopped here: {kind.pending}")
+                return
+            async with self._slots:
+                if step.heavy:
+                    await self._heavy.acquire()
+                try:
+                    if self._halt:
+                        self.states[sid] = "blocked"
+                        return
+                    await self._run_step(sid, kind)
+                finally:
+                    if step.heavy:
+                        self._heavy.release()
+        finally:
+            done[sid].set()
+
+    async def _run_step(self, sid: str, kind: StepKind) -> None:
+        step = self.plan.steps[sid]
+        self.states[sid] = "running"
+        self._write_status("running")
+        log_path = self.run_dir.log_path(sid)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        logger = _step_logger(sid, log_path)
+        scratch = self.run_dir.new_scratch(sid)
+        started, t0 = now(), time.monotonic()
+        self.console.print(f"[bold cyan]▶[/] {sid} [dim]started[/]")
+        logger.info("step %s (key %s) started; scratch %s", sid, self.plan.keys[sid], scratch)
+
+        async def run_worker(worker_kind: str, params: dict[str, Any]) -> StepResult:
+            container = None
+            if self.executor.uses_containers and kind.container_role:
+                role = kind.container_role
+                container = load_container(getattr(self.plan.recipe.execution.containers, role))
+            return await self.executor.run_worker(
+                worker_kind=worker_kind, params=params, scratch=scratch, log_path=log_path,
+                container=container, heavy=step.heavy)
+
+        ctx = StepContext(step, self.plan, self.run_dir, scratch, logger, run_worker)
+        try:
+            assert kind.run is not None
+            result = await kind.run(ctx)
+        except asyncio.CancelledError:
+            logger.info("step %s interrupted", sid)
+            self.states[sid] = "interrupted"
+            raise
+        except NotImplementedStep as exc:
+            self.states[sid] = "not built"
+            self.messages.append(f"{sid}: stopped here: {exc}")
+            self.console.print(f"[bold yellow]■[/] {sid} not built: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of a step fails the run, with its message
+            self._halt = True
+            self.states[sid] = "failed"
+            logger.error("step %s failed: %s\n%s", sid, exc, traceback.format_exc())
+            detail = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+            self.messages.append(f"{sid} failed: {detail}\n    log: {log_path}")
+            write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
+                "step": sid, "key": self.plan.keys[sid], "error": detail, "started_at": started,
+                "failed_at": now(), "scratch": str(scratch)})
+            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s: {detail}")
+            return
+        finally:
+            _close_logger(logger)
+        record = {
+            "step": sid,
+            "kind": step.kind,
+            "strategy": step.strategy,
+            "key": self.plan.keys[sid],
+            "status": "complete",
+            "params": step.params,
+            "deps": {d: self.plan.keys[d] for d in step.deps},
+            "outputs": result.outputs,
+            "summary": result.summary,
+            "versions": {**host_versions(), **result.versions},
+            "executor": self.executor.name,
+            "started_at": started,
+            "finished_at": now(),
+            "duration_s": round(time.monotonic() - t0, 3),
+        }
+        self.run_dir.commit(sid, scratch, record)
+        (self.run_dir.logs_dir / f"{sid}.failed.json").unlink(missing_ok=True)
+        self.states[sid] = "complete"
+        self._write_status("running")
+        self.console.print(f"[bold green]✓[/] {sid} [dim]{record['duration_s']:.1f}s[/]")
+
+    def _write_status(self, status: str) -> None:
+        if not self.run_dir.root.exists():
+            return
+        write_json_atomic(self.run_dir.root / "run.json", {
+            "recipe": self.plan.recipe.name, "status": status, "updated_at": now(),
+            "steps": {sid: {"state": self.states.get(sid, "?"), "key": self.plan.keys[sid]}
+                      for sid in self.plan.steps},
+            "messages": self.messages,
+        })
+
+
+def _step_logger(sid: str, path: Path) -> logging.Logger:
+    logger = logging.getLogger(f"runner.step.{sid}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)

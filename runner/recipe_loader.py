@@ -1,0 +1,321 @@
+"""Load a recipe: follow `extends:`, deep-merge, interpolate variables, validate, locate errors.
+
+Merge rules (documented in docs/recipes.md):
+- mappings merge key by key, the extending recipe wins;
+- a list of mappings that all have a `name` merges item by item by name (a new name is appended,
+  an existing one is deep-merged in place);
+- any other list is replaced whole;
+- `key+:` appends its list to the inherited `key` list instead of replacing it.
+Interpolation (after merging, so a base can use a variable that the extending recipe sets):
+`${name}` is a value from the top-level `vars:` mapping, `${env:NAME}` an environment variable,
+`${env:NAME:-default}` one with a default, and `$${` writes a literal `${`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from runner.errors import Location, Problem, RecipeError, closest, format_path
+from runner.resources import shipped_dir
+from runner.schema import Recipe
+from runner.schema_walk import allowed_keys, allowed_literals
+from runner.yaml_tree import KeyPath, Node, read_yaml, to_plain
+
+_PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+# Secrets never enter a recipe: they would end up in the run directory, logs and model card.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe and what is needed to explain it: its files and value locations."""
+
+    recipe: Recipe
+    path: Path
+    files: list[Path]
+    locations: dict[KeyPath, Location]
+    data: dict[str, Any]
+
+    def location_of(self, path: KeyPath) -> Location | None:
+        return locate(self.locations, path)
+
+
+def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRecipe:
+    """Read, merge, interpolate and validate a recipe. Raises RecipeError with located problems."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError([Problem(f"recipe file not found: {path}",
+                                   hint="`recipe list` shows the shipped recipes")])
+    files: list[Path] = []
+    tree = _load_with_bases(path.resolve(), chain=(), files=files)
+    tree = _interpolate_tree(tree, env if env is not None else dict(os.environ))
+    data, locations = to_plain(tree)
+    if not isinstance(data, dict):
+        raise RecipeError([Problem("a recipe must be a YAML mapping", location=tree.loc)])
+    data.pop("extends", None)
+    recipe = validate_located(Recipe, data, locations)
+    problems = [Problem(p.message, p.path, locate(locations, p.path), p.hint) for p in recipe.check()]
+    problems += _check_containers(recipe, locations)
+    if problems:
+        raise RecipeError(problems)
+    return LoadedRecipe(recipe, path, files, locations, data)
+
+
+# --- extends ---------------------------------------------------------------------------------
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...], files: list[Path]) -> Node:
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise RecipeError([Problem(f"`extends:` forms a cycle: {cycle}", location=Location(str(path), 1, 1))])
+    node = read_yaml(path)
+    files.append(path)
+    if not isinstance(node.value, dict):
+        raise RecipeError([Problem("a recipe must be a YAML mapping", location=node.loc)])
+    extends = node.value.get("extends")
+    merged: Node | None = None
+    if extends is not None:
+        items = extends.value if isinstance(extends.value, list) else [extends]
+        for item in items:
+            if not isinstance(item.value, str):
+                raise RecipeError([Problem("`extends:` takes a file path or a list of them",
+                                           ("extends",), item.loc)])
+            base_path = _resolve_base(item.value, path.parent, item.loc)
+            base = _load_with_bases(base_path, (*chain, path), files)
+            merged = base if merged is None else merge(merged, base)
+    return node if merged is None else merge(merged, node)
+
+
+def _resolve_base(ref: str, here: Path, loc: Location) -> Path:
+    """A base recipe path: relative to the recipe that names it, else one of the shipped recipes."""
+    candidate = (here / os.path.expanduser(ref)).resolve()
+    if candidate.is_file():
+        return candidate
+    shipped = shipped_dir("recipes") / ref
+    if shipped.is_file():
+        return shipped.resolve()
+    raise RecipeError([Problem(
+        f"base recipe not found: {ref!r} (looked in {here} and in the shipped recipes)", ("extends",), loc,
+        hint="paths in `extends:` are relative to the file that names them; `recipe list` shows shipped ones")])
+
+
+def merge(base: Node, over: Node) -> Node:
+    """Deep-merge `over` onto `base` following the module's merge rules."""
+    if isinstance(base.value, dict) and isinstance(over.value, dict):
+        out = dict(base.value)
+        key_locs = dict(base.key_locs)
+        for key, child in over.value.items():
+            if key.endswith("+") and len(key) > 1:
+                target = key[:-1]
+                inherited = out.get(target)
+                if not isinstance(child.value, list):
+                    raise RecipeError([Problem(f"`{key}` appends a list, got {type(child.value).__name__}",
+                                               location=child.loc)])
+                prior = inherited.value if inherited is not None and isinstance(inherited.value, list) else []
+                out[target] = Node([*prior, *child.value], child.loc)
+                key_locs[target] = over.key_locs.get(key, child.loc)
+                continue
+            out[key] = merge(out[key], child) if key in out else child
+            key_locs[key] = over.key_locs.get(key, child.loc)
+        return Node(out, over.loc, key_locs)
+    if _is_named_list(base) and _is_named_list(over):
+        items = list(base.value)
+        index = {item.value["name"].value: i for i, item in enumerate(items)}
+        for item in over.value:
+            name = item.value["name"].value
+            if name in index:
+                items[index[name]] = merge(items[index[name]], item)
+            else:
+                index[name] = len(items)
+                items.append(item)
+        return Node(items, over.loc)
+    return over
+
+
+def _is_named_list(node: Node) -> bool:
+    return isinstance(node.value, list) and bool(node.value) and all(
+        isinstance(item.value, dict) and isinstance(item.value.get("name", Node(None, item.loc)).value, str)
+        for item in node.value)
+
+
+# --- interpolation ---------------------------------------------------------------------------
+
+def _interpolate_tree(tree: Node, env: dict[str, str]) -> Node:
+    vars_node = tree.value.get("vars") if isinstance(tree.value, dict) else None
+    variables: dict[str, Node] = {}
+    if vars_node is not None:
+        if not isinstance(vars_node.value, dict):
+            raise RecipeError([Problem("`vars:` must be a mapping of names to values", ("vars",), vars_node.loc)])
+        variables = vars_node.value
+    problems: list[Problem] = []
+
+    def resolve_var(name: str, loc: Location, path: KeyPath, seen: tuple[str, ...]) -> Any:
+        if name.startswith("env:"):
+            env_name, _, default = name[4:].partition(":-")
+            if _SECRET_NAME.search(env_name):
+                problems.append(Problem(
+                    f"`${{env:{env_name}}}` would copy a secret into the recipe, its run directory and card",
+                    path, loc, hint="name the variable instead (publish.token_env) and let the runner read it"))
+                return ""
+            if env_name in env:
+                return env[env_name]
+            if ":-" in name[4:]:
+                return default
+            problems.append(Problem(f"environment variable {env_name} is not set", path, loc,
+                                    hint=f"export {env_name}=... or write ${{env:{env_name}:-default}}"))
+            return ""
+        if name not in variables:
+            hint = closest(name, list(variables))
+            problems.append(Problem(
+                f"unknown variable ${{{name}}}", path, loc,
+                hint=f"did you mean ${{{hint}}}?" if hint else "define it under `vars:` or use ${env:NAME}"))
+            return ""
+        if name in seen:
+            problems.append(Problem(f"variable {name} refers to itself: {' -> '.join((*seen, name))}", path, loc))
+            return ""
+        value_node = variables[name]
+        if isinstance(value_node.value, str):
+            return substitute(value_node.value, value_node.loc, ("vars", name), (*seen, name))
+        if isinstance(value_node.value, (dict, list)):
+            problems.append(Problem(f"variable {name} is not a scalar and cannot be interpolated", path, loc))
+            return ""
+        return value_node.value
+
+    def substitute(text: str, loc: Location, path: KeyPath, seen: tuple[str, ...] = ()) -> Any:
+        matches = list(_PLACEHOLDER.finditer(text))
+        if not matches:
+            return text
+        # A value that is exactly one placeholder keeps the variable's type (an int stays an int).
+        if len(matches) == 1 and matches[0].group(0) != "$${" and matches[0].span() == (0, len(text)):
+            return resolve_var(matches[0].group(1).strip(), loc, path, seen)
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            return str(resolve_var(m.group(1).strip(), loc, path, seen))
+
+        return _PLACEHOLDER.sub(repl, text)
+
+    def walk(node: Node, path: KeyPath) -> Node:
+        if isinstance(node.value, dict):
+            return Node({k: walk(v, (*path, k)) for k, v in node.value.items()}, node.loc, node.key_locs)
+        if isinstance(node.value, list):
+            return Node([walk(v, (*path, i)) for i, v in enumerate(node.value)], node.loc)
+        if isinstance(node.value, str):
+            return Node(substitute(node.value, node.loc, path), node.loc)
+        return node
+
+    out = walk(tree, ())
+    if problems:
+        raise RecipeError(problems)
+    return out
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def locate(locations: dict[KeyPath, Location], path: KeyPath) -> Location | None:
+    """The location of `path`, or of its nearest ancestor that the user wrote."""
+    for n in range(len(path), -1, -1):
+        loc = locations.get(tuple(path[:n]))
+        if loc is not None:
+            return loc
+    return None
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> KeyPath:
+    """Map a pydantic error location onto the data, dropping union tags and validator names."""
+    path: list[str | int] = []
+    current = data
+    for i, part in enumerate(loc):
+        in_dict = isinstance(current, dict) and part in current
+        in_list = isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        if in_dict or in_list:
+            path.append(part)
+            current = current[part]
+        elif i == len(loc) - 1 and isinstance(part, str) and isinstance(current, dict):
+            path.append(part)  # a missing or unknown key: still name it
+    return tuple(path)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_located(model: type[M], data: Any, locations: dict[KeyPath, Location]) -> M:
+    """Validate data read by yaml_tree; every error names its file:line:column and key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_problems_from_validation(model, exc, data, locations)) from None
+
+
+def load_yaml_model(path: Path, model: type[M]) -> M:
+    """Read one YAML file (no extends, no interpolation) into a pydantic model, errors located."""
+    data, locations = to_plain(read_yaml(path))
+    return validate_located(model, data, locations)
+
+
+def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> list[Problem]:
+    from runner.containers import available_containers
+
+    known = available_containers()
+    wanted = {("serve", "container"): recipe.serve.container}
+    for step, name in recipe.execution.containers.model_dump().items():
+        wanted[("execution", "containers", step)] = name
+    problems = []
+    for path, name in wanted.items():
+        if name not in known:
+            guess = closest(name, list(known))
+            problems.append(Problem(
+                f"no container plugin named {name!r}", path, locate(locations, path),
+                hint=(f"did you mean {guess!r}? " if guess else "") + f"known: {', '.join(sorted(known))}"))
+    return problems
+
+
+def _problems_from_validation(root: type[BaseModel], exc: ValidationError, data: Any,
+                              locations: dict[KeyPath, Location]) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = _data_path(data, err["loc"])
+        kind = err["type"]
+        hint = None
+        if kind == "extra_forbidden":
+            key = str(path[-1]) if path else "?"
+            valid = allowed_keys(root, data, path[:-1])
+            guess = closest(key, valid)
+            message = f"unknown key {key!r}"
+            hint = (f"did you mean {guess!r}? " if guess else "") + f"valid keys here: {', '.join(valid)}"
+            location = locations.get((*path, "<key>")) or locate(locations, path)
+        elif kind == "missing":
+            message = "required key is missing"
+            location = locate(locations, path[:-1])
+            hint = f"add `{path[-1]}:`" if path else None
+        elif kind in ("literal_error", "enum", "union_tag_invalid"):
+            value = _value_at(data, path)
+            choices = allowed_literals(err)
+            guess = closest(str(value), choices) if choices else None
+            message = f"invalid value {value!r}: {err['msg']}"
+            if guess:
+                hint = f"did you mean {guess!r}?"
+            location = locate(locations, path)
+        else:
+            message = err["msg"]
+            location = locate(locations, path)
+        problems.append(Problem(message, path, location, hint))
+    return problems
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+__all__ = ["LoadedRecipe", "load_recipe", "load_yaml_model", "merge", "locate", "format_path"]

