@@ -113,7 +113,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
                           {"fixups": [f.model_dump(mode="json") for f in recipe.export.fixups]}, s,
                           input_files=fixup_files))
-        steps.append(Step(f"verify.{s}", "verify", (f"export.{s}",),
+        steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source"),
                           {"exclude": quant_params["exclude"], "engine": recipe.serve.engine}, s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}",), {"serve": recipe.serve.model_dump(mode="json")},
                           s, heavy=True))

@@ -53,7 +53,7 @@ def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRe
         raise RecipeError([Problem(f"recipe file not found: {path}",
                                    hint="`recipe list` shows the shipped recipes")])
     files: list[Path] = []
-    tree = _load_with_bases(path.resolve(), chain=(), files=files)
+    tree = _resolve_appends(_load_with_bases(path.resolve(), chain=(), files=files))
     tree = _interpolate_tree(tree, env if env is not None else dict(os.environ))
     data, locations = to_plain(tree)
     if not isinstance(data, dict):
@@ -120,7 +120,8 @@ def merge(base: Node, over: Node) -> Node:
                 out[target] = Node([*prior, *child.value], child.loc)
                 key_locs[target] = over.key_locs.get(key, child.loc)
                 continue
-            out[key] = merge(out[key], child) if key in out else child
+            # A subtree with nothing inherited: its `key+:` entries are plain keys.
+            out[key] = merge(out[key], child) if key in out else _resolve_appends(child)
             key_locs[key] = over.key_locs.get(key, child.loc)
         return Node(out, over.loc, key_locs)
     if _is_named_list(base) and _is_named_list(over):
@@ -135,6 +136,26 @@ def merge(base: Node, over: Node) -> Node:
                 items.append(item)
         return Node(items, over.loc)
     return over
+
+
+def _resolve_appends(node: Node) -> Node:
+    """`key+:` left over where nothing was inherited (the first file of a chain) becomes `key:`."""
+    if isinstance(node.value, dict):
+        out: dict[str, Node] = {}
+        key_locs = dict(node.key_locs)
+        for key, child in node.value.items():
+            child = _resolve_appends(child)
+            if key.endswith("+") and len(key) > 1 and isinstance(child.value, list):
+                target = key[:-1]
+                prior = out[target].value if target in out and isinstance(out[target].value, list) else []
+                out[target] = Node([*prior, *child.value], child.loc)
+                key_locs[target] = node.key_locs.get(key, child.loc)
+            else:
+                out[key] = child
+        return Node(out, node.loc, key_locs)
+    if isinstance(node.value, list):
+        return Node([_resolve_appends(item) for item in node.value], node.loc)
+    return node
 
 
 def _is_named_list(node: Node) -> bool:
@@ -295,10 +316,13 @@ def _problems_from_validation(root: type[BaseModel], exc: ValidationError, data:
             location = locate(locations, path[:-1])
             hint = f"add `{path[-1]}:`" if path else None
         elif kind in ("literal_error", "enum", "union_tag_invalid"):
+            if kind == "union_tag_invalid":
+                # The error is reported on the mapping; point at its `kind:`/`op:` key instead.
+                path = (*path, str(err["ctx"]["discriminator"]).strip("'"))
             value = _value_at(data, path)
             choices = allowed_literals(err)
             guess = closest(str(value), choices) if choices else None
-            message = f"invalid value {value!r}: {err['msg']}"
+            message = f"invalid value {value!r}; expected one of: {', '.join(choices)}" if choices else err["msg"]
             if guess:
                 hint = f"did you mean {guess!r}?"
             location = locate(locations, path)

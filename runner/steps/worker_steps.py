@@ -15,11 +15,9 @@ async def quantize(ctx: StepContext) -> StepResult:
 
 
 async def verify(ctx: StepContext) -> StepResult:
-    export_id = ctx.step.deps[0]
-    quantize_record = ctx.run_dir.record(f"quantize.{ctx.step.strategy}") or {}
     params = {
         **ctx.step.params,
-        "checkpoint": str(ctx.input(export_id, "checkpoint")),
-        "quantize_summary": quantize_record.get("summary", {}),
+        "checkpoint": str(ctx.input(f"export.{ctx.step.strategy}", "checkpoint")),
+        "model_dir": str(ctx.input("source", "model_dir")),
     }
     return await ctx.run_worker("verify", params)

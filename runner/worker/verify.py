@@ -1,0 +1,226 @@
+"""Worker: verify an exported checkpoint before anyone tries to serve it.
+
+Checks, each reported as pass / warn / fail with its evidence:
+- every safetensors file opens and its tensors have the dtypes NVFP4/FP8 exports use;
+- hf_quant_config.json exists and has the keys vLLM requires for its quant_algo;
+- the quant_algo is one the configured engine loads (vLLM's list is below);
+- every exclusion pattern of the recipe matches real modules, every such module is covered by
+  exclude_modules and stored unquantized, with no scale tensors (vllm#40252, vllm#45102);
+- every exclude_modules entry matches a real module (else it is a silent no-op);
+- quantized Linear input sizes are multiples of 16;
+- an independent NVFP4 decoder reproduces the weights: decoded vs. the source model, relative error;
+- checkpoint size vs. the ideal (4.5 bits per NVFP4 weight, 8 per FP8, the rest as stored).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Any
+
+from runner.worker.nvfp4_format import BLOCK, decode_nvfp4, ideal_bits
+
+# quant_algo values vLLM's ModelOpt loader accepts (vllm/model_executor/layers/quantization/modelopt.py).
+VLLM_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",
+                    "MIXED_PRECISION")
+# What the local engine (dequantize, then serve with transformers) can read.
+LOCAL_QUANT_ALGOS = ("FP8", "NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "MIXED_PRECISION")
+NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+# Relative RMS error of NVFP4 against the original weight is ~0.1 on real weights; a decoder or
+# layout mismatch (nibble order, scale placement) gives ~1 or more.
+MAX_RELATIVE_ERROR = 0.25
+SAMPLED_LAYERS = 8
+
+
+def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    checkpoint = Path(params["checkpoint"])
+    report = verify_checkpoint(checkpoint, params.get("exclude", []), params.get("engine", "vllm"),
+                               Path(params["model_dir"]) if params.get("model_dir") else None)
+    (output_dir / "verify_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for check in report["checks"]:
+        print(f"[verify] {check['status']:>4}  {check['name']}: {check['detail']}", flush=True)
+    failed = [c for c in report["checks"] if c["status"] == "fail"]
+    if failed:
+        raise SystemExit("verification failed: " + "; ".join(f"{c['name']}: {c['detail']}" for c in failed))
+    return {"outputs": {"report": "verify_report.json"},
+            "summary": {k: v for k, v in report.items() if k != "checks"} | {
+                "checks": {c["name"]: c["status"] for c in report["checks"]}}}
+
+
+class Report:
+    def __init__(self) -> None:
+        self.checks: list[dict[str, str]] = []
+
+    def add(self, name: str, ok: bool | None, detail: str) -> None:
+        """ok: True pass, False fail, None warn."""
+        status = "pass" if ok else ("warn" if ok is None else "fail")
+        self.checks.append({"name": name, "status": status, "detail": detail})
+
+
+def read_tensors_meta(checkpoint: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, Path]]:
+    from safetensors import safe_open
+
+    meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+    where: dict[str, Path] = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                sl = fh.get_slice(key)
+                meta[key] = (str(sl.get_dtype()), tuple(sl.get_shape()))
+                where[key] = file
+    return meta, where
+
+
+def load_tensor(where: dict[str, Path], key: str) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(where[key], framework="pt") as fh:
+        return fh.get_tensor(key)
+
+
+def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_dir: Path | None) -> dict[str, Any]:
+    report = Report()
+    files = sorted(checkpoint.glob("*.safetensors"))
+    try:
+        meta, where = read_tensors_meta(checkpoint)
+        report.add("safetensors", bool(files), f"{len(files)} file(s), {len(meta)} tensors readable")
+    except Exception as exc:  # noqa: BLE001 - any read error is the finding
+        report.add("safetensors", False, f"cannot read: {exc}")
+        return {"checks": report.checks}
+
+    quant_config_path = checkpoint / "hf_quant_config.json"
+    quant: dict[str, Any] = {}
+    if quant_config_path.is_file():
+        quant = json.loads(quant_config_path.read_text(encoding="utf-8")).get("quantization", {})
+        algo = quant.get("quant_algo")
+        needed = NVFP4_REQUIRED_KEYS if algo and "NVFP4" in algo else ("quant_algo", "exclude_modules")
+        missing = [k for k in needed if k not in quant]
+        report.add("hf_quant_config", not missing,
+                   f"quant_algo {algo}" + (f"; missing keys {', '.join(missing)}" if missing else ", keys vLLM needs"))
+    else:
+        report.add("hf_quant_config", False, "hf_quant_config.json is missing")
+    algo = quant.get("quant_algo")
+    accepted = VLLM_QUANT_ALGOS if engine == "vllm" else LOCAL_QUANT_ALGOS
+    report.add("quant_algo_supported", algo in accepted,
+               f"{algo} is {'' if algo in accepted else 'NOT '}loadable by the {engine} engine"
+               + ("" if algo in accepted else f" (it accepts {', '.join(accepted)})"))
+
+    weights = {k.removesuffix(".weight"): v for k, v in meta.items() if k.endswith(".weight")}
+    quantized = {m: v for m, v in weights.items() if v[0] in ("U8", "F8_E4M3") and f"{m}.weight_scale" in meta}
+    excluded_entries = list(quant.get("exclude_modules") or [])
+
+    def covered(module: str) -> bool:
+        return any(fnmatch.fnmatchcase(module, e) or module == e or module.startswith(e + ".")
+                   for e in excluded_entries)
+
+    # Recipe exclusions: match real modules, listed in exclude_modules, stored unquantized, no scales.
+    problems = []
+    notes = []
+    for pattern in exclude:
+        hits = [m for m in weights if fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m + ".", pattern)]
+        if not hits:
+            notes.append(f"{pattern} matches no tensor")
+            continue
+        for module in hits:
+            scales = [s for s in SCALE_SUFFIXES if f"{module}.{s}" in meta]
+            if module in quantized or scales:
+                problems.append(f"{module} (excluded by {pattern}) is stored quantized or has {', '.join(scales)}")
+            elif weights[module][0] not in ("U8", "F8_E4M3") and not covered(module):
+                problems.append(f"{module} (excluded by {pattern}) is missing from exclude_modules")
+    report.add("exclusions", not problems,
+               "; ".join(problems[:5]) if problems else
+               f"{len(exclude)} pattern(s) honoured" + (f" ({'; '.join(notes)})" if notes else ""))
+    if notes and not problems:
+        report.add("exclusion_patterns_match", None, "; ".join(notes) + ": a typo, or a module the model lacks")
+
+    dangling = [e for e in excluded_entries
+                if not any(fnmatch.fnmatchcase(m, e) or m == e or m.startswith(e + ".") for m in weights)]
+    report.add("exclude_modules_match", None if dangling else True,
+               f"{len(excluded_entries)} entries" + (f"; match no tensor: {', '.join(dangling)} (harmless when "
+                                                     "the module is tied or absent)" if dangling else ""))
+
+    bad_sizes = []
+    for module, (dtype, shape) in quantized.items():
+        in_features = shape[1] * 2 if dtype == "U8" else shape[1]
+        if in_features % BLOCK:
+            bad_sizes.append(f"{module} in_features {in_features}")
+    report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears" +
+               (f"; not multiples of {BLOCK}: {', '.join(bad_sizes[:5])}" if bad_sizes else f", all multiples of {BLOCK}"))
+
+    errors = decode_against_source(quantized, where, model_dir)
+    if errors is None:
+        report.add("nvfp4_decode", None, "no NVFP4 layers or no source model to compare against")
+    else:
+        worst = max(errors.values()) if errors else 0.0
+        report.add("nvfp4_decode", worst <= MAX_RELATIVE_ERROR,
+                   f"independent decoder vs source weights over {len(errors)} layers: relative RMS error "
+                   f"max {worst:.4f}, limit {MAX_RELATIVE_ERROR}")
+
+    actual = sum(f.stat().st_size for f in files)
+    ideal = ideal_size_bytes(meta, quantized)
+    report.add("size", None if ideal and actual > 1.1 * ideal else True,
+               f"{actual / 1e6:.1f} MB on disk vs ideal {ideal / 1e6:.1f} MB ({(actual / ideal - 1) * 100:+.1f} %)")
+    return {"checks": report.checks, "quant_algo": algo, "quantized_layers": len(quantized),
+            "tensors": len(meta), "size_bytes": actual, "ideal_bytes": ideal,
+            "size_overhead_pct": round((actual / ideal - 1) * 100, 2) if ideal else None,
+            "decode_errors": errors}
+
+
+BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def ideal_size_bytes(meta: dict[str, tuple[str, tuple[int, ...]]], quantized: dict[str, Any]) -> int:
+    """4.5 bits per NVFP4 weight, 8 per FP8 weight, every other tensor as stored; scales excluded."""
+    import math
+
+    total = 0.0
+    scale_keys = {f"{m}.{s}" for m in quantized for s in SCALE_SUFFIXES}
+    for key, (dtype, shape) in meta.items():
+        if key in scale_keys:
+            continue
+        numel = math.prod(shape)
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in quantized:
+            total += ideal_bits(numel * 2) / 8 if dtype == "U8" else numel
+        else:
+            total += numel * BYTES.get(dtype, 2)
+    return int(total)
+
+
+def decode_against_source(quantized: dict[str, Any], where: dict[str, Path], model_dir: Path | None
+                          ) -> dict[str, float] | None:
+    """Relative RMS error of the decoded NVFP4 weight against the source weight, for sampled layers."""
+    import torch
+
+    nvfp4 = sorted(m for m, (dtype, _) in quantized.items() if dtype == "U8")
+    if not nvfp4 or model_dir is None:
+        return None
+    source_meta, source_where = read_tensors_meta(model_dir)
+    step = max(1, len(nvfp4) // SAMPLED_LAYERS)
+    errors = {}
+    for module in nvfp4[::step][:SAMPLED_LAYERS]:
+        source_key = _source_key(module, source_meta)
+        if source_key is None:
+            continue
+        decoded = decode_nvfp4(load_tensor(where, f"{module}.weight"), load_tensor(where, f"{module}.weight_scale"),
+                               load_tensor(where, f"{module}.weight_scale_2"))
+        if f"{module}.pre_quant_scale" in where:
+            # AWQ stores W * diag(s); undo the per-input-channel scale to compare with W.
+            decoded = decoded / load_tensor(where, f"{module}.pre_quant_scale").float().unsqueeze(0)
+        original = load_tensor(source_where, source_key).float()
+        if original.shape != decoded.shape:
+            errors[module] = float("inf")
+            continue
+        errors[module] = round(float(torch.linalg.norm(decoded - original) / torch.linalg.norm(original)), 5)
+    return errors
+
+
+def _source_key(module: str, source_meta: dict[str, Any]) -> str | None:
+    """The source model's tensor for an exported module (exports may add a `language_model.` level)."""
+    for candidate in (module, module.replace("model.language_model.", "model."),
+                      module.replace("language_model.", "")):
+        if f"{candidate}.weight" in source_meta:
+            return f"{candidate}.weight"
+    return None

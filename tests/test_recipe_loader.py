@@ -1,0 +1,194 @@
+"""Loading recipes: extends, merging, interpolation, path resolution and located errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import MINIMAL, RECIPES
+from runner.errors import RecipeError
+from runner.recipe_loader import load_recipe
+
+
+def problems_of(path: Path, env: dict[str, str] | None = None) -> list:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, env=env)
+    return info.value.problems
+
+
+def test_minimal_recipe_loads_with_defaults(write):
+    path = write("r.yaml", MINIMAL)
+    recipe = load_recipe(path, env={}).recipe
+    assert recipe.name == "mini"
+    assert recipe.quantization.strategies[0].batch_size == "auto"
+    assert recipe.publish.dry_run is True
+    # Relative paths resolve against the recipe's own folder.
+    assert recipe.model.source.path == path.parent / "model"
+    assert recipe.calibration.source.path == path.parent / "calib.jsonl"
+
+
+def test_unknown_key_names_file_line_column_and_suggests(write):
+    path = write("r.yaml", MINIMAL + "      presett: x\n")
+    [problem] = problems_of(path, env={})
+    text = str(problem)
+    assert f"{path}:12:7" in text
+    assert "quantization.strategies[0].presett" in text
+    assert "did you mean 'preset'?" in text
+
+
+def test_misspelt_enum_value_suggests_closest(write):
+    path = write("r.yaml", MINIMAL.replace("kind: jsonl", "kind: jsnl"))
+    [problem] = problems_of(path, env={})
+    assert "did you mean 'jsonl'?" in str(problem)
+    assert problem.location.line == 6
+
+
+def test_misspelt_preset_is_caught_without_modelopt(write):
+    path = write("r.yaml", MINIMAL.replace("NVFP4_DEFAULT_CFG", "NVFP4_AWQ_LTE_CFG"))
+    [problem] = problems_of(path, env={})
+    assert "NVFP4_AWQ_LITE_CFG" in str(problem)
+    assert problem.location.line == 11
+
+
+def test_missing_required_key_is_reported_at_its_parent(write):
+    path = write("r.yaml", MINIMAL.replace("  name: Mini\n", ""))
+    [problem] = problems_of(path, env={})
+    assert problem.path == ("model", "name")
+    assert "required" in problem.message
+    assert problem.location.line == 3
+
+
+def test_yaml_syntax_error_is_located(write):
+    path = write("r.yaml", "name: x\nmodel: [unclosed\n")
+    [problem] = problems_of(path, env={})
+    assert problem.location.file == str(path)
+    assert "YAML syntax error" in problem.message
+
+
+def test_every_problem_is_reported_at_once(write):
+    path = write("r.yaml", MINIMAL.replace("samples: 4", "samples: -1").replace("name: max", "name: max\n      bogus: 1"))
+    problems = problems_of(path, env={})
+    assert len(problems) == 2
+
+
+def test_extends_merges_named_lists_by_name_and_replaces_plain_lists(write):
+    write("base.yaml", """
+        description: base
+        quantization:
+          exclude: ["*a*", "*b*"]
+          strategies:
+            - {name: max, preset: NVFP4_DEFAULT_CFG, batch_size: 4}
+            - {name: fp8, preset: FP8_DEFAULT_CFG}
+        """)
+    path = write("child.yaml", MINIMAL.replace("name: mini", "extends: base.yaml\nname: mini").replace(
+        "    - name: max\n      preset: NVFP4_DEFAULT_CFG\n",
+        "    - name: max\n      calib_samples: 2\n    - name: awq\n      preset: NVFP4_AWQ_LITE_CFG\n"
+    ).replace("quantization:\n", "quantization:\n  exclude: ['*c*']\n"))
+    recipe = load_recipe(path, env={}).recipe
+    names = [s.name for s in recipe.quantization.strategies]
+    assert names == ["max", "fp8", "awq"]
+    merged = recipe.quantization.strategies[0]
+    assert (merged.preset, merged.batch_size, merged.calib_samples) == ("NVFP4_DEFAULT_CFG", 4, 2)
+    assert recipe.quantization.exclude == ["*c*"]
+    assert recipe.description == "base"
+
+
+def test_plus_key_appends_to_the_inherited_list(write):
+    write("base.yaml", "quantization:\n  exclude: ['*a*']\n")
+    path = write("child.yaml", MINIMAL.replace("name: mini", "extends: base.yaml\nname: mini").replace(
+        "quantization:\n", "quantization:\n  exclude+: ['*b*']\n"))
+    assert load_recipe(path, env={}).recipe.quantization.exclude == ["*a*", "*b*"]
+
+
+def test_paths_in_a_base_resolve_against_the_base(write, tmp_path):
+    write("bases/paths.yaml", "calibration:\n  source: {kind: jsonl, path: data/c.jsonl}\n")
+    path = write("child.yaml", MINIMAL.replace("name: mini", "extends: bases/paths.yaml\nname: mini").replace(
+        "  source: {kind: jsonl, path: calib.jsonl}\n", ""))
+    recipe = load_recipe(path, env={}).recipe
+    assert recipe.calibration.source.path == tmp_path / "bases" / "data" / "c.jsonl"
+
+
+def test_error_in_a_base_names_the_base_file(write):
+    base = write("base.yaml", "serve:\n  engin: vllm\n")
+    path = write("child.yaml", MINIMAL.replace("name: mini", "extends: base.yaml\nname: mini"))
+    [problem] = problems_of(path, env={})
+    assert problem.location.file == str(base)
+    assert problem.location.line == 2
+    assert "did you mean 'engine'?" in str(problem)
+
+
+def test_extends_cycle_and_missing_base(write):
+    write("a.yaml", "extends: b.yaml\n")
+    write("b.yaml", "extends: a.yaml\n")
+    assert "cycle" in problems_of(Path(write("c.yaml", "extends: a.yaml\n")), env={})[0].message
+    [missing] = problems_of(write("d.yaml", "extends: nowhere.yaml\n"), env={})
+    assert "base recipe not found" in missing.message and missing.location.line == 1
+
+
+def test_variables_keep_their_type_and_interpolate_inside_strings(write):
+    path = write("r.yaml", MINIMAL.replace("samples: 4", "samples: ${n}").replace(
+        "name: mini", "name: mini\nvars: {n: 7, layer: 31}").replace(
+        "quantization:\n", "quantization:\n  exclude: ['*layers.${layer}.*', 'literal $${x}']\n"))
+    recipe = load_recipe(path, env={}).recipe
+    assert recipe.calibration.samples == 7
+    assert recipe.quantization.exclude == ["*layers.31.*", "literal ${x}"]
+
+
+def test_env_interpolation_with_default_and_missing(write):
+    text = MINIMAL.replace("{kind: local, path: model}", "\n    kind: local\n    path: ${env:MODELS:-/opt/models}/m")
+    assert load_recipe(write("r.yaml", text), env={}).recipe.model.source.path == Path("/opt/models/m")
+    assert load_recipe(write("r.yaml", text), env={"MODELS": "/x"}).recipe.model.source.path == Path("/x/m")
+    missing = MINIMAL.replace("{kind: local, path: model}", "\n    kind: local\n    path: ${env:NOPE}")
+    [problem] = problems_of(write("r2.yaml", missing), env={})
+    assert "NOPE is not set" in problem.message and problem.location.line == 6
+
+
+def test_secrets_cannot_be_interpolated_into_a_recipe(write):
+    path = write("r.yaml", MINIMAL.replace("name: Mini", "name: ${env:HF_TOKEN}"))
+    [problem] = problems_of(path, env={"HF_TOKEN": "hf_canary_should_never_appear"})
+    assert "secret" in problem.message
+    assert "hf_canary" not in str(problem)
+
+
+def test_unknown_variable_suggests_a_defined_one(write):
+    path = write("r.yaml", MINIMAL.replace("samples: 4", "samples: ${nn}").replace("name: mini", "name: mini\nvars: {n: 7}"))
+    [problem] = problems_of(path, env={})
+    assert "${n}" in problem.hint
+
+
+def test_gate_metric_must_name_a_suite(write):
+    path = write("r.yaml", MINIMAL + """
+benchmark:
+  suites: [{name: factual}]
+gates:
+  - {name: g, metric: factul.passed, op: ">=", value: 5}
+  - {name: h, metric: speed.ttft_p50, op: "<=", value: 120}
+""")
+    problems = problems_of(path, env={})
+    assert [p.location.line for p in problems] == [16, 17]
+    assert "did you mean 'factual'" in problems[0].hint
+    assert "speed.ttft_p50_ms" in problems[1].hint
+
+
+def test_unknown_container_is_an_error(write):
+    path = write("r.yaml", MINIMAL + "serve:\n  container: vlm\n")
+    [problem] = problems_of(path, env={})
+    assert "did you mean 'vllm'?" in problem.hint
+
+
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name not in ("base", "suites")))
+def test_shipped_recipes_validate(path):
+    assert load_recipe(path).recipe.name
+
+
+def test_the_plan_recipe_has_what_the_plan_asks():
+    recipe = load_recipe(RECIPES / "qwen35-9b-opus.yaml").recipe
+    assert [s.name for s in recipe.quantization.strategies] == ["awq_lite", "mlp_only", "auto_mixed"]
+    assert recipe.quantization.exclude == ["*linear_attn*", "*layers.0.*", "*layers.31.*", "*embed_tokens*"]
+    assert recipe.quantization.strategies[2].auto_quantize.effective_bits == 4.8
+    assert len(recipe.gates) == 7
+    assert recipe.benchmark.baseline.name == "Q4_K_M"
+    assert "--language-model-only" in recipe.serve.args and "qwen3_coder" in recipe.serve.args
+    assert {"dgx-spark", "blackwell", "nvfp4", "qwen3.5"} <= set(recipe.report.tags)
+    assert [c.count for c in recipe.calibration.source.categories] == [100] * 5
