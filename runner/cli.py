@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runner.errors import RecipeError, RunnerError
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# soft_wrap: long paths and messages stay on one line, so logs and pipes read (and grep) whole.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 EXIT_INVALID = 2
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  {problem}", markup=False)
         return EXIT_INVALID
     except RunnerError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
 
 

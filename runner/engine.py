@@ -10,6 +10,8 @@ fails the run; a step that is not built yet stops its branch with a message that
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 import traceback
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from runner.containers import load_container
 from runner.errors import NotImplementedStep, RunnerError
@@ -88,11 +91,12 @@ class Runner:
         self.plan = plan
         self.run_dir = run_dir
         self.executor = executor
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.kinds = kinds or step_kinds()
         execution = plan.recipe.execution
-        self._slots = asyncio.Semaphore(execution.max_parallel)
-        self._heavy = asyncio.Semaphore(max(execution.gpus, 1))
+        self._slots = PrioritySlots(execution.max_parallel)
+        self._heavy = PrioritySlots(max(execution.gpus, 1))
+        self._priority = branch_first_order(plan)
         self._halt = False
         self.states: dict[str, str] = {}
         self.messages: list[str] = []
@@ -150,17 +154,22 @@ class Runner:
                 self.states[sid] = "not built"
                 self.messages.append(f"{sid}: stopped here: {kind.pending}")
                 return
-            async with self._slots:
+            priority = self._priority[sid]
+            await self._slots.acquire(priority)
+            try:
                 if step.heavy:
-                    await self._heavy.acquire()
+                    await self._heavy.acquire(priority)
                 try:
                     if self._halt:
                         self.states[sid] = "blocked"
                         return
                     await self._run_step(sid, kind)
+                    done[sid].set()
                 finally:
                     if step.heavy:
                         self._heavy.release()
+            finally:
+                self._slots.release()
         finally:
             done[sid].set()
 
@@ -196,7 +205,7 @@ class Runner:
         except NotImplementedStep as exc:
             self.states[sid] = "not built"
             self.messages.append(f"{sid}: stopped here: {exc}")
-            self.console.print(f"[bold yellow]■[/] {sid} not built: {exc}")
+            self.console.print(f"[bold yellow]■[/] {sid} not built: {escape(str(exc))}")
             return
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails the run, with its message
             self._halt = True
@@ -207,7 +216,7 @@ class Runner:
             write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
                 "step": sid, "key": self.plan.keys[sid], "error": detail, "started_at": started,
                 "failed_at": now(), "scratch": str(scratch)})
-            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s: {detail}")
+            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s: {escape(detail)}")
             return
         finally:
             _close_logger(logger)
@@ -242,6 +251,54 @@ class Runner:
                       for sid in self.plan.steps},
             "messages": self.messages,
         })
+
+
+class PrioritySlots:
+    """A semaphore that wakes the waiter with the lowest priority number first."""
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._counter = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._counter), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # it was handed a slot just as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        # Hand the slot over on the next loop turn, so that steps made ready by the step that just
+        # finished are already waiting and can win on priority.
+        asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+
+def branch_first_order(plan: Plan) -> dict[str, int]:
+    """Finish one strategy's branch before starting the next: a verified checkpoint comes sooner."""
+    strategies = [s.name for s in plan.recipe.quantization.strategies]
+    ids = list(plan.steps)
+
+    def rank(sid: str) -> tuple[int, int]:
+        strategy = plan.steps[sid].strategy
+        branch = strategies.index(strategy) if strategy in strategies else (-1 if not plan.steps[sid].deps else 0)
+        return (branch, ids.index(sid))
+
+    return {sid: i for i, sid in enumerate(sorted(ids, key=rank))}
 
 
 def _step_logger(sid: str, path: Path) -> logging.Logger:

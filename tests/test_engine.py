@@ -11,9 +11,9 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import MINIMAL
-from runner.engine import RunOptions, Runner, select_steps
+
+from runner.engine import Runner, RunOptions, select_steps
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors.local import LocalExecutor
 from runner.plan import build_plan
@@ -191,3 +191,11 @@ def test_stale_result_is_replaced_atomically(write, tmp_path):
     assert recorder.ran == ["calibrate", "quantize.b"]
     assert run_dir.record("quantize.b")["key"] == changed.keys["quantize.b"]
     assert not list((run_dir.root / ".scratch").glob("quantize.b.*"))
+
+
+def test_one_branch_finishes_before_the_next_starts(write, tmp_path):
+    plan, run_dir = make(write, tmp_path, THREE.replace("max_parallel: 2", "max_parallel: 1"))
+    recorder = Recorder(delay=0.01)
+    run(plan, run_dir, recorder, until=["verify"])
+    assert recorder.ran == ["source", "calibrate", "quantize.max", "export.max", "verify.max",
+                            "quantize.b", "export.b", "verify.b", "quantize.c", "export.c", "verify.c"]

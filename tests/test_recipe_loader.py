@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import MINIMAL, RECIPES
+
 from runner.errors import RecipeError
 from runner.recipe_loader import load_recipe
 
@@ -67,7 +67,8 @@ def test_yaml_syntax_error_is_located(write):
 
 
 def test_every_problem_is_reported_at_once(write):
-    path = write("r.yaml", MINIMAL.replace("samples: 4", "samples: -1").replace("name: max", "name: max\n      bogus: 1"))
+    text = MINIMAL.replace("samples: 4", "samples: -1").replace("name: max", "name: max\n      bogus: 1")
+    path = write("r.yaml", text)
     problems = problems_of(path, env={})
     assert len(problems) == 2
 
@@ -152,7 +153,8 @@ def test_secrets_cannot_be_interpolated_into_a_recipe(write):
 
 
 def test_unknown_variable_suggests_a_defined_one(write):
-    path = write("r.yaml", MINIMAL.replace("samples: 4", "samples: ${nn}").replace("name: mini", "name: mini\nvars: {n: 7}"))
+    text = MINIMAL.replace("samples: 4", "samples: ${nn}").replace("name: mini", "name: mini\nvars: {n: 7}")
+    path = write("r.yaml", text)
     [problem] = problems_of(path, env={})
     assert "${n}" in problem.hint
 

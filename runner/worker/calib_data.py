@@ -6,6 +6,7 @@ padding out of attention, and the summary reports how many padding tokens there 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass
@@ -58,10 +59,8 @@ def render(tokenizer: Any, conversation: dict[str, Any]) -> str:
         for call in msg.get("tool_calls") or []:
             fn = call.get("function", {})
             if isinstance(fn.get("arguments"), str):
-                try:
+                with contextlib.suppress(ValueError):
                     fn["arguments"] = json.loads(fn["arguments"])
-                except ValueError:
-                    pass
         if msg.get("content") is None:
             msg["content"] = ""
         messages.append(msg)

@@ -146,8 +146,8 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
         in_features = shape[1] * 2 if dtype == "U8" else shape[1]
         if in_features % BLOCK:
             bad_sizes.append(f"{module} in_features {in_features}")
-    report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears" +
-               (f"; not multiples of {BLOCK}: {', '.join(bad_sizes[:5])}" if bad_sizes else f", all multiples of {BLOCK}"))
+    sizes = f"; not multiples of {BLOCK}: {', '.join(bad_sizes[:5])}" if bad_sizes else f", all multiples of {BLOCK}"
+    report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears{sizes}")
 
     errors = decode_against_source(quantized, where, model_dir)
     if errors is None:
