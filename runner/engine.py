@@ -109,9 +109,9 @@ class Runner:
             for sid in to_run:
                 self.states[sid] = "would run" + (" (forced)" if sid in forced else "")
             return RunOutcome("dry-run", self.states)
+        # Forced steps keep their old result until the new one is committed over it: an interrupted
+        # forced run loses nothing.
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        for sid in forced:
-            self.run_dir.invalidate(sid)
         for sid in to_run:
             self.states[sid] = "queued"
         done = {sid: asyncio.Event() for sid in self.plan.steps}

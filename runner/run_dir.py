@@ -115,11 +115,5 @@ class RunDir:
         os.replace(scratch, target)
         return target
 
-    def invalidate(self, step_id: str) -> None:
-        """Forget a committed step (for --force): its folder goes, its log stays."""
-        target = self.step_dir(step_id)
-        if target.exists():
-            shutil.rmtree(target)
-
     def write_status(self, status: dict[str, Any]) -> None:
         write_json_atomic(self.root / "run.json", status)

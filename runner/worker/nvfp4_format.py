@@ -44,8 +44,9 @@ def decode_nvfp4(weight: Any, weight_scale: Any, weight_scale_2: Any) -> Any:
     if scales.shape != (out_features, in_features // BLOCK):
         raise ValueError(f"weight_scale shape {tuple(scales.shape)} does not match weight "
                          f"[{out_features}, {in_features}] with blocks of {BLOCK}")
-    blocks = values.reshape(out_features, in_features // BLOCK, BLOCK) * scales.unsqueeze(-1)
-    return blocks.reshape(out_features, in_features) * weight_scale_2.to(torch.float32)
+    block_scales = scales * weight_scale_2.to(torch.float32)
+    blocks = values.reshape(out_features, in_features // BLOCK, BLOCK) * block_scales.unsqueeze(-1)
+    return blocks.reshape(out_features, in_features)
 
 
 def ideal_bits(numel: int) -> float:

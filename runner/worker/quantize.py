@@ -43,28 +43,9 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     calib = load_calibration(Path(params["calibration"]), tokenizer, params["calib_samples"], params["max_length"],
                              params["seed"])
-    batch_size = strategy["batch_size"]
-    if batch_size == "auto":
-        batch_size = auto_batch_size(model, calib, device)
-    batches = calib.batches(batch_size, device)
-    print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens, batch size {batch_size}", flush=True)
-
-    if device.type == "cpu":
-        from runner.worker.nvfp4_cpu import install_cpu_nvfp4
-
-        install_cpu_nvfp4()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t1 = time.monotonic()
-    if strategy.get("auto_quantize"):
-        auto_summary = quantize_auto(model, batches, strategy["auto_quantize"], params["exclude"])
-    else:
-        auto_summary = None
-        config = build_config(strategy, params["exclude"])
-        quantize_with_config(model, config, batches)
-    quantize_s = time.monotonic() - t1
-    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    print(f"[quantize] calibrated in {quantize_s:.1f}s", flush=True)
+    print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
+    result = quantize_model(model, calib, strategy, params["exclude"], device)
+    print(f"[quantize] calibrated in {result['quantize_s']:.1f}s at batch size {result['batch_size']}", flush=True)
 
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -81,24 +62,48 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     layers = layer_formats(model)
     summary = {
         "strategy": strategy["name"],
-        "device": str(device),
-        "batch_size": batch_size,
+        **result,
         "calibration_samples": len(calib.token_ids),
         "calibration_tokens": calib.tokens,
-        "padding_tokens": calib.padding_tokens(batch_size),
+        "padding_tokens": calib.padding_tokens(result["batch_size"]),
         "load_s": round(load_s, 3),
-        "quantize_s": round(quantize_s, 3),
         "export_s": round(export_s, 3),
-        "peak_gpu_bytes": peak_gpu,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()),
         "formats": format_counts(layers),
         "effective_bits": effective_bits(model, layers),
         "layers": layers,
     }
-    if auto_summary:
-        summary["auto_quantize"] = auto_summary
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
+
+
+def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], exclude: list[str],
+                   device: Any) -> dict[str, Any]:
+    """Calibrate and quantize in place; returns batch size, time, peak GPU memory (and auto_quantize's choice)."""
+    import torch
+
+    batch_size = strategy.get("batch_size", "auto")
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, calib, device)
+    batches = calib.batches(batch_size, device)
+    if device.type == "cpu":
+        from runner.worker.nvfp4_cpu import install_cpu_nvfp4
+
+        install_cpu_nvfp4()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.monotonic()
+    result: dict[str, Any] = {"device": str(device), "batch_size": batch_size}
+    if strategy.get("auto_quantize"):
+        result["auto_quantize"] = quantize_auto(model, batches, strategy["auto_quantize"], exclude)
+    else:
+        quantize_with_config(model, build_config(strategy, exclude), batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    result["quantize_s"] = round(time.monotonic() - t0, 3)
+    return result
 
 
 def build_config(strategy: dict[str, Any], exclude: list[str]) -> dict[str, Any]:

@@ -1,0 +1,180 @@
+"""The real pipeline on the CPU, through the `recipe` command: a real model, real ModelOpt calls.
+
+- The demo recipe (SmolLM2-135M-Instruct from the PyPI GGUF) through source, calibrate, quantize,
+  export and verify for NVFP4 (max) and FP8.
+- A tiny random Qwen3.5 through the shipped Qwen3.5 base: linear-attention exclusions, the
+  vision-language config wrapping, and AWQ-lite on the CPU through the pure-PyTorch NVFP4 path.
+- Interrupting a real run: the worker is stopped, nothing committed is lost, the next run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DEMO, PYTHON, REPO, recipe_cli_env
+
+pytest.importorskip("modelopt")
+pytestmark = pytest.mark.slow
+
+
+def recipe(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "runner.cli", *args], capture_output=True, text=True,
+                          env=env or recipe_cli_env(), cwd=REPO, timeout=timeout)
+
+
+def record(run_dir: Path, step: str) -> dict:
+    return json.loads((run_dir / "steps" / step / "record.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    result = recipe("run", str(DEMO), "--until", "verify", "--strategy", "nvfp4_max", "--strategy", "fp8",
+                    "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_demo_quantize_record_says_which_layer_got_which_format(demo_run):
+    summary = record(demo_run, "quantize.nvfp4_max")["summary"]
+    layers = summary["layers"]
+    assert layers["model.layers.5.self_attn.q_proj"] == "nvfp4"
+    assert layers["model.layers.0.mlp.down_proj"] == "bfloat16"  # excluded: first layer
+    assert layers["model.layers.29.self_attn.o_proj"] == "bfloat16"  # excluded: last layer
+    assert summary["formats"]["nvfp4"] == 28 * 7
+    assert 4.5 < summary["effective_bits"] < 16
+    assert summary["calibration_samples"] == 42 and summary["calibration_tokens"] > 1000
+    assert summary["quantize_s"] > 0 and summary["peak_rss_bytes"] > 0
+    fp8 = record(demo_run, "quantize.fp8")["summary"]
+    assert fp8["layers"]["model.layers.5.self_attn.q_proj"] == "fp8"
+    versions = record(demo_run, "quantize.nvfp4_max")["versions"]
+    assert versions["nvidia-modelopt"].startswith("0.47")
+
+
+def test_demo_exports_verify(demo_run):
+    for strategy, algo in (("nvfp4_max", "NVFP4"), ("fp8", "FP8")):
+        summary = record(demo_run, f"verify.{strategy}")["summary"]
+        assert summary["quant_algo"] == algo
+        assert all(status in ("pass", "warn") for status in summary["checks"].values()), summary["checks"]
+        assert summary["checks"]["exclusions"] == "pass"
+        checkpoint = demo_run / "steps" / f"export.{strategy}" / "checkpoint"
+        quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
+        assert "model.layers.0*" in quant["exclude_modules"]
+        assert (checkpoint / "tokenizer.json").exists()
+    nvfp4 = record(demo_run, "verify.nvfp4_max")["summary"]
+    assert nvfp4["checks"]["nvfp4_decode"] == "pass"
+    assert 0 < max(nvfp4["decode_errors"].values()) < 0.25
+    assert abs(nvfp4["size_overhead_pct"]) < 5
+
+
+def test_second_run_reuses_every_step(demo_run):
+    t0 = time.monotonic()
+    result = recipe("run", str(DEMO), "--until", "verify", "--strategy", "nvfp4_max", "--strategy", "fp8",
+                    "--run-dir", str(demo_run))
+    assert result.returncode == 0, result.stderr
+    assert "started" not in result.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_interrupted_forced_step_loses_nothing_and_resumes(demo_run):
+    before = record(demo_run, "quantize.fp8")
+    log = demo_run / "logs" / "quantize.fp8.log"
+    size_before = log.stat().st_size
+    proc = subprocess.Popen([PYTHON, "-m", "runner.cli", "run", str(DEMO), "--strategy", "fp8", "--from", "quantize.fp8",
+                             "--until", "quantize.fp8", "--run-dir", str(demo_run)],
+                            cwd=REPO, env=recipe_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "[worker] quantize starting" not in log.read_text()[size_before:]:
+        assert time.monotonic() < deadline, "worker did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    # The committed result is untouched, no worker is left behind, no scratch is taken as complete.
+    assert record(demo_run, "quantize.fp8") == before
+    leftover = subprocess.run(["pgrep", "-f", f"runner.worker {demo_run}"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+    status = json.loads((demo_run / "run.json").read_text())
+    assert status["status"] == "interrupted"
+    again = recipe("run", str(DEMO), "--until", "verify", "--strategy", "fp8", "--run-dir", str(demo_run))
+    assert again.returncode == 0 and "started" not in again.stderr
+
+
+def build_tiny_qwen35(folder: Path, tokenizer_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3_5TextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], architectures=["Qwen3_5ForCausalLM"],
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen3_5ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_tiny_qwen35_exclusions_wrapping_and_cpu_awq(demo_run, tmp_path):
+    model_dir = tmp_path / "tiny-qwen35"
+    build_tiny_qwen35(model_dir, demo_run / "steps" / "source" / "model")
+    env = recipe_cli_env() | {"TINY_QWEN35_DIR": str(model_dir)}
+    run_dir = tmp_path / "run"
+    result = recipe("run", str(REPO / "tests" / "recipes" / "tiny-qwen35.yaml"), "--until", "verify",
+                    "--run-dir", str(run_dir), env=env)
+    assert result.returncode == 0, result.stderr + "".join(
+        p.read_text()[-3000:] for p in (run_dir / "logs").glob("*.log"))
+    for strategy, algo in (("nvfp4_max", "NVFP4"), ("nvfp4_awq", "NVFP4_AWQ")):
+        layers = record(run_dir, f"quantize.{strategy}")["summary"]["layers"]
+        assert all(fmt == "bfloat16" for name, fmt in layers.items() if "linear_attn" in name)
+        assert layers["model.layers.3.self_attn.q_proj"] == "bfloat16"  # last layer excluded
+        assert layers["model.layers.1.mlp.up_proj"] == "nvfp4"
+        verify = record(run_dir, f"verify.{strategy}")["summary"]
+        assert verify["quant_algo"] == algo and verify["checks"]["exclusions"] == "pass"
+        assert verify["checks"]["nvfp4_decode"] == "pass", verify
+        config = json.loads((run_dir / "steps" / f"export.{strategy}" / "checkpoint" / "config.json").read_text())
+        assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+        assert config["text_config"]["model_type"] == "qwen3_5_text"
+        assert config["quantization_config"]["quant_algo"] == algo
+        checkpoint = run_dir / "steps" / f"export.{strategy}" / "checkpoint"
+        assert json.loads((checkpoint / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+        assert (checkpoint / "preprocessor_config.json").exists()
+    # The Qwen3.5 export nests the text model: exclusions must still match the real tensor names.
+    quant = json.loads((run_dir / "steps" / "export.nvfp4_max" / "checkpoint" / "hf_quant_config.json").read_text())
+    assert any("language_model.layers.0" in e for e in quant["quantization"]["exclude_modules"])
+
+
+def test_vllm_engine_rejects_an_awq_export(demo_run, tmp_path):
+    """verify names the quant_algos vLLM loads when an export's is not one of them."""
+    from runner.worker.verify import verify_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    source = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
+    checkpoint.mkdir()
+    for item in source.iterdir():
+        os.link(item, checkpoint / item.name)
+    quant = json.loads((source / "hf_quant_config.json").read_text())
+    quant["quantization"]["quant_algo"] = "NVFP4_AWQ"
+    (checkpoint / "hf_quant_config.json").unlink()
+    (checkpoint / "hf_quant_config.json").write_text(json.dumps(quant))
+    report = verify_checkpoint(checkpoint, ["*layers.0.*"], "vllm", None)
+    check = next(c for c in report["checks"] if c["name"] == "quant_algo_supported")
+    assert check["status"] == "fail" and "NVFP4, W4A16_NVFP4" in check["detail"]
+
+
+def test_verify_catches_an_exclusion_the_export_did_not_honour(demo_run):
+    from runner.worker.verify import verify_checkpoint
+
+    checkpoint = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
+    report = verify_checkpoint(checkpoint, ["*layers.5.*", "*no_such_module*"], "vllm", None)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["exclusions"]["status"] == "fail"
+    assert "model.layers.5." in checks["exclusions"]["detail"] and "stored quantized" in checks["exclusions"]["detail"]
