@@ -461,12 +461,13 @@ class Recipe(Section):
             if strategy.name in names:
                 problems.append(Problem(f"strategy name {strategy.name!r} is used twice", (*path, "name")))
             names.add(strategy.name)
-            presets = [strategy.preset] if strategy.preset else []
-            preset_paths = [(*path, "preset")]
+            named: list[tuple[str, tuple[str | int, ...]]] = []
+            if strategy.preset:
+                named.append((strategy.preset, (*path, "preset")))
             if strategy.auto_quantize:
-                presets = strategy.auto_quantize.formats
-                preset_paths = [(*path, "auto_quantize", "formats", j) for j in range(len(presets))]
-            for preset, ppath in zip(presets, preset_paths, strict=True):
+                named += [(fmt, (*path, "auto_quantize", "formats", j))
+                          for j, fmt in enumerate(strategy.auto_quantize.formats)]
+            for preset, ppath in named:
                 if preset not in MODELOPT_PRESETS:
                     guess = closest(preset, MODELOPT_PRESETS)
                     problems.append(Problem(

@@ -123,7 +123,17 @@ def build_tiny_qwen35(folder: Path, tokenizer_dir: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def test_tiny_qwen35_exclusions_wrapping_and_cpu_awq(demo_run, tmp_path):
+TINY_STRATEGIES = {  # strategy -> (quant_algo, format of model.layers.1.mlp.up_proj)
+    "nvfp4_max": ("NVFP4", "nvfp4"),
+    "nvfp4_awq": ("NVFP4_AWQ", "nvfp4"),
+    "mlp_only": ("NVFP4_AWQ", "nvfp4"),
+    "svdquant": ("NVFP4_SVD", "nvfp4"),
+    "modelopt_recipe": ("NVFP4", "nvfp4"),
+    "auto_mixed": ("FP8", None),  # auto_quantize picks per layer; at this budget FP8 only
+}
+
+
+def test_tiny_qwen35_every_strategy_kind_exclusions_and_wrapping(demo_run, tmp_path):
     model_dir = tmp_path / "tiny-qwen35"
     build_tiny_qwen35(model_dir, demo_run / "steps" / "source" / "model")
     env = recipe_cli_env() | {"TINY_QWEN35_DIR": str(model_dir)}
@@ -132,24 +142,28 @@ def test_tiny_qwen35_exclusions_wrapping_and_cpu_awq(demo_run, tmp_path):
                     "--run-dir", str(run_dir), env=env)
     assert result.returncode == 0, result.stderr + "".join(
         p.read_text()[-3000:] for p in (run_dir / "logs").glob("*.log"))
-    for strategy, algo in (("nvfp4_max", "NVFP4"), ("nvfp4_awq", "NVFP4_AWQ")):
-        layers = record(run_dir, f"quantize.{strategy}")["summary"]["layers"]
-        assert all(fmt == "bfloat16" for name, fmt in layers.items() if "linear_attn" in name)
+    for strategy, (algo, up_proj) in TINY_STRATEGIES.items():
+        summary = record(run_dir, f"quantize.{strategy}")["summary"]
+        layers = summary["layers"]
+        assert all(fmt == "bfloat16" for name, fmt in layers.items() if "linear_attn" in name), strategy
         assert layers["model.layers.3.self_attn.q_proj"] == "bfloat16"  # last layer excluded
-        assert layers["model.layers.1.mlp.up_proj"] == "nvfp4"
+        assert layers["model.layers.0.mlp.up_proj"] == "bfloat16"  # first layer excluded
+        if up_proj:
+            assert layers["model.layers.1.mlp.up_proj"] == up_proj, strategy
         verify = record(run_dir, f"verify.{strategy}")["summary"]
-        assert verify["quant_algo"] == algo and verify["checks"]["exclusions"] == "pass"
-        assert verify["checks"]["nvfp4_decode"] == "pass", verify
-        config = json.loads((run_dir / "steps" / f"export.{strategy}" / "checkpoint" / "config.json").read_text())
+        assert verify["quant_algo"] == algo and verify["checks"]["exclusions"] == "pass", (strategy, verify)
+        if "NVFP4" in algo:
+            assert verify["checks"]["nvfp4_decode"] == "pass", (strategy, verify)
+        checkpoint = run_dir / "steps" / f"export.{strategy}" / "checkpoint"
+        config = json.loads((checkpoint / "config.json").read_text())
         assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
         assert config["text_config"]["model_type"] == "qwen3_5_text"
         assert config["quantization_config"]["quant_algo"] == algo
-        checkpoint = run_dir / "steps" / f"export.{strategy}" / "checkpoint"
         assert json.loads((checkpoint / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
         assert (checkpoint / "preprocessor_config.json").exists()
-    # The Qwen3.5 export nests the text model: exclusions must still match the real tensor names.
-    quant = json.loads((run_dir / "steps" / "export.nvfp4_max" / "checkpoint" / "hf_quant_config.json").read_text())
-    assert any("language_model.layers.0" in e for e in quant["quantization"]["exclude_modules"])
+    auto = record(run_dir, "quantize.auto_mixed")["summary"]
+    assert auto["formats"].get("fp8", 0) > 0
+    assert auto["auto_quantize"]["achieved"]["effective_bits"] <= 15.9
 
 
 def test_vllm_engine_rejects_an_awq_export(demo_run, tmp_path):
@@ -178,3 +192,28 @@ def test_verify_catches_an_exclusion_the_export_did_not_honour(demo_run):
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["exclusions"]["status"] == "fail"
     assert "model.layers.5." in checks["exclusions"]["detail"] and "stored quantized" in checks["exclusions"]["detail"]
+
+
+def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
+    """Swap the two codes of every byte: per-channel scale fitting cannot hide it, the check fails."""
+    from safetensors.torch import load_file, save_file
+
+    from runner.worker.verify import verify_checkpoint
+
+    source = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in source.iterdir():
+        if item.suffix != ".safetensors":
+            os.link(item, broken / item.name)
+    tensors = load_file(source / "model.safetensors")
+    for key, tensor in tensors.items():
+        if key.endswith(".weight") and str(tensor.dtype) == "torch.uint8":
+            tensors[key] = (tensor >> 4) | ((tensor & 0x0F) << 4)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    model_dir = demo_run / "steps" / "source" / "model"
+    good = verify_checkpoint(source, [], "vllm", model_dir)
+    bad = verify_checkpoint(broken, [], "vllm", model_dir)
+    assert next(c for c in good["checks"] if c["name"] == "nvfp4_decode")["status"] == "pass"
+    assert next(c for c in bad["checks"] if c["name"] == "nvfp4_decode")["status"] == "fail"
+    assert min(bad["decode_errors"].values()) > 0.5

@@ -194,3 +194,16 @@ def test_the_plan_recipe_has_what_the_plan_asks():
     assert "--language-model-only" in recipe.serve.args and "qwen3_coder" in recipe.serve.args
     assert {"dgx-spark", "blackwell", "nvfp4", "qwen3.5"} <= set(recipe.report.tags)
     assert [c.count for c in recipe.calibration.source.categories] == [100] * 5
+
+
+def test_strategy_kinds_and_auto_quantize_formats_are_checked(write):
+    both = MINIMAL + "    - {name: both, preset: FP8_DEFAULT_CFG, modelopt_recipe: x}\n"
+    [problem] = problems_of(write("r.yaml", both), env={})
+    assert "exactly one of preset, modelopt_recipe, auto_quantize" in problem.message
+    text = MINIMAL + """    - {name: rec, modelopt_recipe: general/ptq/nvfp4_default-kv_fp8_cast}
+    - name: auto
+      auto_quantize: {effective_bits: 4.8, formats: [NVFP4_DEFAULT_CFG, FP8_DEFALT_CFG]}
+"""
+    [problem] = problems_of(write("r2.yaml", text), env={})
+    assert problem.path == ("quantization", "strategies", 2, "auto_quantize", "formats", 1)
+    assert "FP8_DEFAULT_CFG" in problem.hint and problem.location.line == 14

@@ -175,8 +175,14 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
     else:
         # kl_div compares the quantized model's logits with the unquantized ones.
         kwargs["forward_step"] = lambda m, batch: m(**batch, use_cache=False).logits
-    with torch.set_grad_enabled(spec["method"] == "gradient"):
-        _, state = mtq.auto_quantize(model, **kwargs)
+    try:
+        with torch.set_grad_enabled(spec["method"] == "gradient"):
+            _, state = mtq.auto_quantize(model, **kwargs)
+    except ValueError as exc:
+        if "infeasible" not in str(exc):
+            raise
+        raise SystemExit(f"auto_quantize: {exc} Raise auto_quantize.effective_bits in the recipe, or exclude "
+                         "fewer layers.") from None
     best = state.get("best", {}) if isinstance(state, dict) else {}
     return {"constraints": {"effective_bits": spec["effective_bits"]},
             "achieved": {k: float(v) for k, v in (best.get("constraints") or {}).items()
