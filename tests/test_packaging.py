@@ -29,7 +29,7 @@ def test_wheel_carries_recipes_containers_and_templates(tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "qwen35-9b-opus.yaml" in listed.stdout
     site = Path(subprocess.run([str(python), "-c", "import runner, os; print(os.path.dirname(runner.__file__))"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+                               capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip())
     shipped = site / "_shipped"
     assert (shipped / "containers" / "vllm.yaml").is_file()
     assert (shipped / "templates").is_dir()
@@ -38,5 +38,5 @@ def test_wheel_carries_recipes_containers_and_templates(tmp_path):
                                capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert validated.returncode == 0, validated.stderr
     # The host side installs without torch.
-    has_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    has_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True, cwd=tmp_path)
     assert has_torch.returncode != 0
