@@ -161,6 +161,7 @@ class Validation(Section):
     deduplicate: bool = True
     min_conversations: int = 500
     min_tool_call_conversations: int = 100
+    enforce: bool = Field(True, description="Fail the step when the set misses these checks (work is kept).")
 
 
 class TeacherSource(Section):
@@ -478,6 +479,22 @@ class Recipe(Section):
                 problems.append(Problem(
                     f"unknown calibration algorithm {strategy.algorithm!r}", (*path, "algorithm"),
                     hint=f"did you mean {guess!r}?" if guess else f"one of: {', '.join(CALIBRATION_ALGORITHMS)}"))
+        source = self.calibration.source
+        if source.kind == "teacher":
+            tools = [t.function.name for t in source.tools]
+            for i, tool in enumerate(tools):
+                if tool not in source.tool_results:
+                    problems.append(Problem(
+                        f"tool {tool!r} has no canned result to send back after the teacher calls it",
+                        ("calibration", "source", "tools", i),
+                        hint=f"add `tool_results: {{{tool}: '<JSON the tool would return>'}}`"))
+            for i, category in enumerate(source.categories):
+                if category.expect_tool and category.expect_tool not in tools:
+                    guess = closest(category.expect_tool, tools)
+                    problems.append(Problem(
+                        f"expect_tool names {category.expect_tool!r}, which calibration.source.tools does not "
+                        "declare", ("calibration", "source", "categories", i, "expect_tool"),
+                        hint=f"did you mean {guess!r}?" if guess else f"declared tools: {', '.join(tools) or 'none'}"))
         if not self.enabled_strategies():
             problems.append(Problem("every strategy is disabled", ("quantization", "strategies"),
                                     hint="set `enabled: true` on at least one strategy"))

@@ -80,12 +80,10 @@ def test_run_stops_before_a_step_that_is_not_built(write, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "calib.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    path = write("r.yaml", MINIMAL.replace("{kind: jsonl, path: calib.jsonl}",
-                                           "{kind: teacher, endpoint: 'http://127.0.0.1:9/v1', model: m, "
-                                           "categories: [{name: chat, count: 1}]}"))
+    path = write("r.yaml", MINIMAL.replace("{kind: jsonl, path: calib.jsonl}", "{kind: dataset, name: cnn_dailymail}"))
     result = recipe("run", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 3, result.stderr
-    assert "calibrate: stopped here" in result.stderr and "issue #4" in result.stderr
+    assert "calibrate: stopped here" in result.stderr and "export the data to JSONL" in result.stderr
     status = json.loads((tmp_path / "run" / "run.json").read_text())
     assert status["status"] == "stopped"
     assert status["steps"]["source"]["state"] == "complete"

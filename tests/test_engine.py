@@ -11,8 +11,8 @@ import asyncio
 import json
 
 import pytest
-from conftest import MINIMAL
 
+from conftest import MINIMAL
 from runner.engine import Runner, RunOptions, select_steps
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors.local import LocalExecutor

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import DEMO, PYTHON, REPO, recipe_cli_env
 
 pytest.importorskip("modelopt")

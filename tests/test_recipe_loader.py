@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MINIMAL, RECIPES
 
+from conftest import MINIMAL, RECIPES
 from runner.errors import RecipeError
 from runner.recipe_loader import load_recipe
 

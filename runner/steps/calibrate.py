@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from runner.calibration.generate import generate
 from runner.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.errors import NotImplementedStep
 from runner.steps import StepContext, StepResult
@@ -14,8 +15,13 @@ async def run(ctx: StepContext) -> StepResult:
     calibration = ctx.plan.recipe.calibration
     source = calibration.source
     if source.kind == "teacher":
-        raise NotImplementedStep("generating calibration data from a teacher endpoint is issue #4, not built "
-                                 "yet; use `source: {kind: jsonl, path: ...}` meanwhile")
+        model_dir = ctx.input("source", "model_dir")
+        summary = await generate(source, calibration.seed, ctx.scratch, ctx.run_dir.root / "partial", model_dir,
+                                 ctx.log)
+        outputs = {"calibration": "calibration.jsonl", "report": "generation_report.json"}
+        if (ctx.scratch / "token_lengths.png").exists():
+            outputs["histogram"] = "token_lengths.png"
+        return StepResult(outputs=outputs, summary=summary)
     if source.kind == "dataset":
         raise NotImplementedStep("named datasets need the Hugging Face Hub, which this build does not fetch "
                                  "yet; export the data to JSONL and use `source: {kind: jsonl}`")
