@@ -12,6 +12,11 @@ for exactly the behaviour it needs from a real HTTP server:
     [fail:CODE:N]    answer HTTP CODE to the first N requests for this prompt (429 adds Retry-After)
     [words:N]        answer with about N words
 
+Streaming (`"stream": true`): the answer goes out one word a chunk, the first after `ttft_s` and
+each next one `itl_s` later; with `[stall:K:S]` the gap before chunk K is S seconds. The server
+logs when it actually wrote each chunk (`stream_log`), so a client's timings can be checked
+against what really happened rather than against what was asked.
+
 Every request also waits `delay_s`, and at most `max_concurrency` are served at once (others queue),
 like a real server with a fixed number of slots. It counts requests and the peak in flight.
 """
@@ -22,6 +27,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +45,9 @@ class ScriptedServer:
     requests: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
+    ttft_s: float = 0.0
+    itl_s: float = 0.0
+    stream_log: list[dict[str, Any]] = field(default_factory=list)
     failures_left: Counter[str] = field(default_factory=Counter)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -73,7 +82,8 @@ class ScriptedServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        received = time.perf_counter()
         body = await request.json()
         self.requests += 1
         assert self._slots is not None
@@ -83,7 +93,10 @@ class ScriptedServer:
             try:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
-                return await self._answer(body)
+                response = await self._answer(body)
+                if body.get("stream") and response.status == 200:
+                    return await self._stream(request, body, json.loads(response.text), received)
+                return response
             finally:
                 self.in_flight -= 1
 
@@ -130,6 +143,48 @@ class ScriptedServer:
             "choices": [{"index": 0, "message": message,
                          "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
         })
+
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], answer: dict[str, Any],
+                      received: float) -> web.StreamResponse:
+        message = answer["choices"][0]["message"]
+        prompt = next((str(m.get("content")) for m in reversed(body.get("messages") or [])
+                       if m.get("role") == "user"), "")
+        stalls = {int(m.group(2)): float(m.group(3)) for m in MARKER.finditer(prompt) if m.group(1) == "stall"}
+        pieces: list[dict[str, Any]] = [{"role": "assistant"}]
+        if message.get("reasoning_content"):
+            pieces.append({"reasoning_content": message["reasoning_content"]})
+        words = (message.get("content") or "").split(" ")
+        pieces += [{"content": (" " if i else "") + w} for i, w in enumerate(words) if message.get("content")]
+        for i, call in enumerate(message.get("tool_calls") or []):
+            pieces.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": call["function"]}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        sent: list[float] = []
+        start = time.perf_counter()
+        for k, delta in enumerate(pieces):
+            if k == 1:
+                await _sleep_until(start + self.ttft_s)
+            elif k > 1:
+                await _sleep_until(sent[-1] + stalls.get(k - 1, self.itl_s))
+            chunk = {"id": answer["id"], "object": "chat.completion.chunk", "model": answer["model"],
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if k > 0:
+                sent.append(time.perf_counter())
+        usage = {"prompt_tokens": sum(len(str(m.get("content") or "").split()) for m in body.get("messages") or []),
+                 "completion_tokens": len(pieces) - 1}
+        await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        await resp.write_eof()
+        self.stream_log.append({"received": received, "sent": sent})
+        return resp
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:

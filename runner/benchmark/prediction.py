@@ -1,0 +1,62 @@
+"""Predict decode speed before serving: bytes read per generated token / the hardware's memory bandwidth.
+
+Single-stream decode is memory-bound: each new token reads every weight once. The bytes per
+token are the checkpoint's tensors (read from the safetensors headers, no torch needed) minus the
+input embedding, of which a token reads one row; when the output head is tied to the embedding, the
+embedding is read in full after all. KV-cache reads are left out, so the prediction is an upper
+bound that is tight for short contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from runner.errors import RunnerError
+from runner.resources import shipped_dir
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1,
+               "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def hardware_table() -> dict[str, dict[str, Any]]:
+    return YAML(typ="safe").load((shipped_dir("recipes") / "hardware.yaml").read_text(encoding="utf-8"))
+
+
+def tensor_bytes(checkpoint: Path) -> dict[str, int]:
+    """Bytes of every tensor, from the safetensors headers alone."""
+    sizes: dict[str, int] = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                sizes[name] = math.prod(info["shape"]) * DTYPE_BYTES.get(info["dtype"], 2)
+    return sizes
+
+
+def bytes_per_token(checkpoint: Path) -> int:
+    sizes = tensor_bytes(checkpoint)
+    if not sizes:
+        raise RunnerError(f"no safetensors in {checkpoint}")
+    embeddings = {k: v for k, v in sizes.items() if k.endswith("embed_tokens.weight")}
+    tied = not any(k.endswith("lm_head.weight") for k in sizes)
+    skipped = 0 if tied else sum(embeddings.values())
+    return sum(sizes.values()) - skipped
+
+
+def predict_decode(checkpoint: Path, hardware: str) -> dict[str, Any]:
+    table = hardware_table()
+    if hardware not in table:
+        raise RunnerError(f"benchmark.hardware {hardware!r} is not in recipes/hardware.yaml; known: "
+                          f"{', '.join(table)}")
+    bandwidth = float(table[hardware]["memory_bandwidth_gbs"]) * 1e9
+    per_token = bytes_per_token(checkpoint)
+    return {"hardware": hardware, "memory_bandwidth_gbs": bandwidth / 1e9, "bytes_per_token": per_token,
+            "predicted_decode_tok_s": round(bandwidth / per_token, 2)}

@@ -1,0 +1,116 @@
+"""Behavioural suites: prompts shipped as data (recipes/suites/NAME.yaml) and the scorers that judge answers.
+
+Scorers:
+- no_thinking: no <think> tags, no reasoning phrases, no reasoning field, while thinking is disabled;
+- no_markdown: plain prose (no bold, headings, bullets, code, tables, links);
+- tool_call: the expected function was called with JSON arguments that match its schema;
+- contains: the answer contains one of the accepted strings (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field
+
+from runner.benchmark.harness import RequestResult, stream_chat
+from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
+from runner.errors import RunnerError
+from runner.resources import shipped_dir
+from runner.schema import Section, SuiteRef, ToolDefinition
+
+# The plan's Phase 4 hardened prompt, appended to the system prompt when a suite asks for it.
+HARDENED_PROMPT = """CRITICAL RULES (violations will cause errors):
+1. NEVER output thinking, reasoning, or analysis text
+2. NEVER use markdown: no **, no #, no -, no `, no numbered lists
+3. When tools are needed, emit ONLY the tool_call JSON — no explanatory text
+4. Respond in 1-3 sentences maximum"""
+
+
+class SuitePrompt(Section):
+    prompt: str
+    expect: list[str] = Field(default_factory=list, description="Accepted answers (scorer contains).")
+    expect_tool: str | None = Field(None, description="The function that must be called (scorer tool_call).")
+
+
+class Suite(Section):
+    name: str
+    description: str = ""
+    scorer: Literal["no_thinking", "no_markdown", "tool_call", "contains"]
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_tokens: int = 256
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    prompts: list[str | SuitePrompt] = Field(min_length=1)
+
+    def items(self) -> list[SuitePrompt]:
+        return [p if isinstance(p, SuitePrompt) else SuitePrompt(prompt=p) for p in self.prompts]
+
+
+def suites_dir() -> Path:
+    return shipped_dir("recipes") / "suites"
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in suites_dir().glob("*.yaml"))
+
+
+def load_suite(ref: SuiteRef) -> Suite:
+    from runner.recipe_loader import load_yaml_model
+
+    path = ref.path or suites_dir() / f"{ref.name}.yaml"
+    if not path.is_file():
+        raise RunnerError(f"suite {ref.name!r}: {path} not found; shipped suites: {', '.join(available_suites())}")
+    return load_yaml_model(path, Suite)
+
+
+def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool, str]:
+    """(passed, why) for one answer."""
+    if not result.ok:
+        return False, f"request failed: {result.error}"
+    text = result.content
+    if suite.scorer == "no_thinking":
+        if result.reasoning:
+            return False, "reasoning field present"
+        match = THINKING.search(text)
+        return (False, f"thinking: {match.group(0)!r}") if match else (True, "no thinking")
+    if suite.scorer == "no_markdown":
+        match = MARKDOWN.search(text)
+        return (False, f"markdown: {match.group(0)!r}") if match else (True, "plain")
+    if suite.scorer == "tool_call":
+        tools = {t.function.name: t.function.model_dump() for t in suite.tools}
+        calls = [c for c in result.tool_calls if (c.get("function") or {}).get("name") == item.expect_tool]
+        if not calls:
+            called = [c.get("function", {}).get("name") for c in result.tool_calls]
+            return False, f"expected {item.expect_tool}, called {called or 'nothing'}"
+        problem = tool_call_problem(calls[0], tools)
+        return (False, problem) if problem else (True, f"called {item.expect_tool}")
+    lowered = text.lower()
+    hit = next((e for e in item.expect if e.lower() in lowered), None)
+    return (True, f"contains {hit!r}") if hit else (False, f"none of {item.expect}")
+
+
+async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,
+                    hardened: bool, limit: int | None, concurrency: int) -> dict[str, Any]:
+    """Ask every prompt, score every answer; passed/failed/total/pass_rate plus each item."""
+    system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
+    items = suite.items()[:limit] if limit else suite.items()
+    tools = [t.model_dump() for t in suite.tools] or None
+    extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
+    slots = asyncio.Semaphore(concurrency)
+
+    async def ask(item: SuitePrompt) -> dict[str, Any]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": item.prompt}]
+        async with slots:
+            result = await stream_chat(session, base_url, model, messages, suite.max_tokens, tools, extra)
+        passed, why = score(suite, item, result)
+        return {"prompt": item.prompt, "passed": passed, "why": why, "answer": result.content[:500],
+                "tool_calls": result.tool_calls, "ttft_ms": round(result.ttft_s * 1000, 2) if result.ttft_s else None}
+
+    answers = await asyncio.gather(*(ask(item) for item in items))
+    passed = sum(a["passed"] for a in answers)
+    return {"passed": passed, "failed": len(answers) - passed, "total": len(answers),
+            "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened, "items": answers}

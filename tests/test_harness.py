@@ -1,0 +1,75 @@
+"""The benchmark harness measured against truth: a loopback server that streams with injected
+delays and logs when it actually wrote each chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import aiohttp
+
+from runner.benchmark.harness import percentile, stream_chat, summarize
+from runner.testing.scripted_server import ScriptedServer
+
+
+def measure(server: ScriptedServer, prompts: list[str], max_tokens: int = 32):
+    async def main():
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                return [await stream_chat(session, server.url, server.model, [{"role": "user", "content": p}],
+                                          max_tokens) for p in prompts]
+        finally:
+            await server.stop()
+
+    return asyncio.run(main())
+
+
+def test_ttft_and_itl_medians_match_the_servers_send_times_within_1ms():
+    server = ScriptedServer(ttft_s=0.2, itl_s=0.02)
+    results = measure(server, [f"[words:20] question {i}" for i in range(8)])
+    assert all(r.ok for r in results)
+    client_ttft = statistics.median(r.ttft_s for r in results) * 1000
+    server_ttft = statistics.median(log["sent"][0] - log["received"] for log in server.stream_log) * 1000
+    client_itl = statistics.median(g for r in results for g in r.gaps_s) * 1000
+    server_itl = statistics.median(b - a for log in server.stream_log for a, b in zip(log["sent"], log["sent"][1:],
+                                                                                          strict=False)) * 1000
+    assert abs(client_ttft - server_ttft) < 1.0, (client_ttft, server_ttft)
+    assert abs(client_itl - server_itl) < 1.0, (client_itl, server_itl)
+    assert 199 < client_ttft < 215 and 19.5 < client_itl < 25
+    summary = summarize(results)
+    assert summary["successful"] == 8
+    assert abs(summary["ttft_p50_ms"] - client_ttft) < 1e-3
+    assert 35 < summary["decode_tok_s"] < 52  # one token each ~20 ms
+    assert results[0].output_tokens == len(server.stream_log[0]["sent"])  # from the streamed usage
+
+
+def test_a_stall_shows_in_the_per_gap_distribution():
+    server = ScriptedServer(ttft_s=0.01, itl_s=0.005)
+    [result] = measure(server, ["[words:20] [stall:5:0.15] hello"])
+    summary = summarize([result])
+    assert summary["itl_max_ms"] > 145
+    assert summary["itl_p50_ms"] < 10
+    # A per-request average (GuideLLM's ITL) dilutes the stall to a fraction of it.
+    average = (result.e2e_s - result.ttft_s) / (result.output_tokens - 1) * 1000
+    assert average < 20
+
+
+def test_tool_calls_and_reasoning_are_first_tokens_too():
+    server = ScriptedServer(ttft_s=0.05)
+    [result] = measure(server, ["[tool:search_memory] what did Priya say"])
+    assert result.ok and 45 < result.ttft_s * 1000 < 60
+    assert result.tool_calls[0]["function"]["name"] == "search_memory"
+
+
+def test_errors_are_counted_not_timed():
+    server = ScriptedServer()
+    results = measure(server, ["[fail:500:1] x", "fine"])
+    assert [r.ok for r in results] == [False, True]
+    assert summarize(results)["successful"] == 1 and "http_500" in summarize(results)["errors"][0]
+
+
+def test_percentile_is_linear_interpolation():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 95) == 10
+    assert percentile([], 50) is None
