@@ -123,9 +123,12 @@ def _where(plan, step) -> str:
     kind = step_kinds()[step.kind]
     if kind.container_role is None:
         return "host"
+    if kind.container_role == "serve":
+        return f"{plan.recipe.serve.engine} server" + (
+            f" in container {plan.recipe.serve.container}" if plan.recipe.serve.engine == "vllm" else "")
     if plan.recipe.execution.executor == "local":
         return "local worker"
-    return f"container {getattr(plan.recipe.execution.containers, kind.container_role)}"
+    return f"container {plan.recipe.container_for(kind.container_role)}"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -230,7 +233,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     table.add_column("description")
     for path in sorted(root.rglob("*.yaml")):
         rel = path.relative_to(root)
-        if rel.parts[0] == "suites":
+        if rel.parts[0] in ("suites", "hardware"):
             continue
         if rel.parts[0] == "base":
             node = read_yaml(path)

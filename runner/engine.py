@@ -188,8 +188,7 @@ class Runner:
         async def run_worker(worker_kind: str, params: dict[str, Any]) -> StepResult:
             container = None
             if self.executor.uses_containers and kind.container_role:
-                role = kind.container_role
-                container = load_container(getattr(self.plan.recipe.execution.containers, role))
+                container = load_container(self.plan.recipe.container_for(kind.container_role))
             return await self.executor.run_worker(
                 worker_kind=worker_kind, params=params, scratch=scratch, log_path=log_path,
                 container=container, heavy=step.heavy)

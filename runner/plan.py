@@ -115,15 +115,19 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
                           input_files=fixup_files))
         steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source"),
                           {"exclude": quant_params["exclude"], "engine": recipe.serve.engine}, s))
-        steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}",), {"serve": recipe.serve.model_dump(mode="json")},
+        steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
+                          {"serve": recipe.serve.model_dump(mode="json"), "hardware": recipe.benchmark.hardware},
                           s, heavy=True))
-        steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}",),
-                          {"benchmark": recipe.benchmark.model_dump(mode="json")}, s))
+        steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}", f"export.{s}"),
+                          {"benchmark": recipe.benchmark.model_dump(mode="json"),
+                           "serve": recipe.serve.model_dump(mode="json")}, s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 
     if recipe.benchmark.baseline is not None:
         steps.append(Step("benchmark.baseline", "benchmark", ("source",),
-                          {"benchmark": recipe.benchmark.model_dump(mode="json"), "baseline": True}))
+                          {"benchmark": recipe.benchmark.model_dump(mode="json"), "baseline": True,
+                           "serve": recipe.serve.model_dump(mode="json")},
+                          heavy=recipe.benchmark.baseline.kind == "served"))
         bench_ids.append("benchmark.baseline")
 
     steps.append(Step("gates", "gates", tuple(bench_ids),

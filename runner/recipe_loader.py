@@ -62,6 +62,7 @@ def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRe
     recipe = validate_located(Recipe, data, locations)
     problems = [Problem(p.message, p.path, locate(locations, p.path), p.hint) for p in recipe.check()]
     problems += _check_containers(recipe, locations)
+    problems += _check_shipped_names(recipe, locations)
     if problems:
         raise RecipeError(problems)
     return LoadedRecipe(recipe, path, files, locations, data)
@@ -294,6 +295,28 @@ def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> lis
             problems.append(Problem(
                 f"no container plugin named {name!r}", path, locate(locations, path),
                 hint=(f"did you mean {guess!r}? " if guess else "") + f"known: {', '.join(sorted(known))}"))
+    return problems
+
+
+def _check_shipped_names(recipe: Recipe, locations: dict[KeyPath, Location]) -> list[Problem]:
+    """Suites and the hardware target name shipped data files: check they exist."""
+    # Listed here from the files (not through runner.benchmark, which imports aiohttp): validate stays fast.
+    problems = []
+    suites = sorted(p.stem for p in (shipped_dir("recipes") / "suites").glob("*.yaml"))
+    for i, ref in enumerate(recipe.benchmark.suites):
+        if ref.path is None and ref.name not in suites:
+            path = ("benchmark", "suites", i, "name")
+            guess = closest(ref.name, suites)
+            problems.append(Problem(f"no shipped suite named {ref.name!r}", path, locate(locations, path),
+                                    hint=(f"did you mean {guess!r}? " if guess else "")
+                                    + f"shipped: {', '.join(suites)}; or give `path:` to your own suite file"))
+    targets = [line.split(":")[0] for line in (shipped_dir("recipes") / "hardware" / "targets.yaml")
+               .read_text(encoding="utf-8").splitlines() if line and not line.startswith(("#", " "))]
+    if recipe.benchmark.hardware not in targets:
+        path = ("benchmark", "hardware")
+        guess = closest(recipe.benchmark.hardware, targets)
+        problems.append(Problem(f"unknown hardware {recipe.benchmark.hardware!r}", path, locate(locations, path),
+                                hint=(f"did you mean {guess!r}? " if guess else "") + f"known: {', '.join(targets)}"))
     return problems
 
 

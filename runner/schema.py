@@ -340,7 +340,8 @@ class SuiteRef(Section):
 
     name: Identifier
     path: RecipePath | None = None
-    hardened_prompt: bool = Field(False, description="Append the suite's hardened system prompt (Phase 4).")
+    hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
+    limit: int | None = Field(None, gt=0, description="Ask only the first N prompts (quick runs).")
 
 
 class SpeedSpec(Section):
@@ -354,6 +355,7 @@ class SpeedSpec(Section):
 
 class BenchmarkSpec(Section):
     baseline: Baseline | None = None
+    system_prompt: str = Field("", description="The system prompt the model runs with in production.")
     suites: list[SuiteRef] = Field(default_factory=list)
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     concurrency: int = Field(1, ge=1, description="Concurrent requests while running suites.")
@@ -418,7 +420,6 @@ class ContainerChoice(Section):
 
     quantize: str = "ngc-modelopt"
     verify: str = "ngc-modelopt"
-    serve: str = "vllm"
 
 
 class ExecutionSpec(Section):
@@ -449,6 +450,10 @@ class Recipe(Section):
     report: ReportSpec = Field(default_factory=ReportSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    def container_for(self, role: str) -> str:
+        """The container plugin for a kind of step: quantize, verify (execution.containers) or serve."""
+        return self.serve.container if role == "serve" else getattr(self.execution.containers, role)
 
     def enabled_strategies(self) -> list[Strategy]:
         return [s for s in self.quantization.strategies if s.enabled]

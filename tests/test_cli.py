@@ -49,7 +49,8 @@ def test_plan_shows_steps_executors_and_cache_state(tmp_path):
     assert len(steps) == 21
     assert steps["quantize.awq_lite"]["runs_in"] == "container ngc-modelopt"
     assert steps["quantize.awq_lite"]["state"] == "to run"
-    assert steps["serve.auto_mixed"]["state"] == "not built"
+    assert steps["serve.auto_mixed"]["runs_in"] == "vllm server in container vllm"
+    assert steps["publish"]["state"] == "not built"
     assert steps["gates"]["needs"] == ["benchmark.awq_lite", "benchmark.mlp_only", "benchmark.auto_mixed",
                                        "benchmark.baseline"]
     local = recipe("plan", str(RECIPES / "qwen35-9b-opus.yaml"), "--json", "--executor", "local",

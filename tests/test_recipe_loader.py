@@ -179,7 +179,7 @@ def test_unknown_container_is_an_error(write):
     assert "did you mean 'vllm'?" in problem.hint
 
 
-@pytest.mark.parametrize("path", sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name not in ("base", "suites")))
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name not in ("base", "suites", "hardware")))
 def test_shipped_recipes_validate(path):
     assert load_recipe(path).recipe.name
 
@@ -207,3 +207,10 @@ def test_strategy_kinds_and_auto_quantize_formats_are_checked(write):
     [problem] = problems_of(write("r2.yaml", text), env={})
     assert problem.path == ("quantization", "strategies", 2, "auto_quantize", "formats", 1)
     assert "FP8_DEFAULT_CFG" in problem.hint and problem.location.line == 14
+
+
+def test_suite_and_hardware_names_are_checked(write):
+    path = write("r.yaml", MINIMAL + "benchmark:\n  hardware: dgx-sprak-gb10\n  suites: [{name: factul}]\n")
+    problems = problems_of(path, env={})
+    assert {p.path for p in problems} == {("benchmark", "suites", 0, "name"), ("benchmark", "hardware")}
+    assert any("'factual'" in p.hint for p in problems) and any("'dgx-spark-gb10'" in p.hint for p in problems)

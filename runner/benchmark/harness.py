@@ -25,6 +25,7 @@ import aiohttp
 class RequestResult:
     ok: bool
     error: str | None = None
+    started_at: float = 0.0  # time.perf_counter() when the request was sent
     ttft_s: float | None = None
     e2e_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
@@ -57,7 +58,7 @@ async def stream_chat(session: aiohttp.ClientSession, base_url: str, model: str,
     calls: dict[int, dict[str, Any]] = {}
     chunks = 0
     last: float | None = None
-    t0 = time.perf_counter()
+    t0 = result.started_at = time.perf_counter()
     try:
         async with session.post(base_url.rstrip("/") + "/chat/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:

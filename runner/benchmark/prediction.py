@@ -25,7 +25,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 
 
 def hardware_table() -> dict[str, dict[str, Any]]:
-    return YAML(typ="safe").load((shipped_dir("recipes") / "hardware.yaml").read_text(encoding="utf-8"))
+    return YAML(typ="safe").load((shipped_dir("recipes") / "hardware" / "targets.yaml").read_text(encoding="utf-8"))
 
 
 def tensor_bytes(checkpoint: Path) -> dict[str, int]:
@@ -54,7 +54,7 @@ def bytes_per_token(checkpoint: Path) -> int:
 def predict_decode(checkpoint: Path, hardware: str) -> dict[str, Any]:
     table = hardware_table()
     if hardware not in table:
-        raise RunnerError(f"benchmark.hardware {hardware!r} is not in recipes/hardware.yaml; known: "
+        raise RunnerError(f"benchmark.hardware {hardware!r} is not in recipes/hardware/targets.yaml; known: "
                           f"{', '.join(table)}")
     bandwidth = float(table[hardware]["memory_bandwidth_gbs"]) * 1e9
     per_token = bytes_per_token(checkpoint)

@@ -54,7 +54,7 @@ class StepKind:
 
 
 def step_kinds() -> dict[str, StepKind]:
-    from runner.steps import calibrate, export, model_source, worker_steps
+    from runner.steps import calibrate, export, model_source, serve_bench, worker_steps
 
     def pending(name: str, why: str) -> StepKind:
         return StepKind(name, None, pending=why)
@@ -65,9 +65,9 @@ def step_kinds() -> dict[str, StepKind]:
         "quantize": StepKind("quantize", worker_steps.quantize, container_role="quantize"),
         "export": StepKind("export", export.run),
         "verify": StepKind("verify", worker_steps.verify, container_role="verify"),
-        "serve": pending("serve", "serving candidates (vLLM or local) is issue #5, not built yet"),
-        "benchmark": pending("benchmark", "the benchmark harness and suites are issue #5, not built yet"),
-        "gates": pending("gates", "gate evaluation and strategy selection are issue #5, not built yet"),
+        "serve": StepKind("serve", serve_bench.serve, container_role="serve"),
+        "benchmark": StepKind("benchmark", serve_bench.benchmark),
+        "gates": StepKind("gates", serve_bench.gates),
         "report": pending("report", "the model card and blog post are issue #7, not built yet"),
         "publish": pending("publish", "publishing to the Hugging Face Hub is issue #7, not built yet"),
     }

@@ -1,0 +1,126 @@
+"""The serve, benchmark and gates steps.
+
+serve.S starts the candidate with the recipe's engine, checks that it answers, records the start-up
+time and the decode speed predicted for the target hardware, and stops it. benchmark.S serves it
+again for the suites and the speed sweep (the baseline is the user's endpoint or the source model
+served the same way). gates judges every candidate against the recipe's gates and names the best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from runner.benchmark.gates import comparison_markdown, evaluate, plot_gates, plot_ttft_curve, select
+from runner.benchmark.harness import stream_chat
+from runner.benchmark.prediction import predict_decode, tensor_bytes
+from runner.benchmark.speed import speed_sweep
+from runner.benchmark.suites import load_suite, run_suite
+from runner.errors import RunnerError
+from runner.run_dir import write_json_atomic
+from runner.serving import RunningServer, serving
+from runner.steps import StepContext, StepResult
+
+
+async def serve(ctx: StepContext) -> StepResult:
+    recipe = ctx.plan.recipe
+    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
+    prediction = predict_decode(checkpoint, recipe.benchmark.hardware)
+    ctx.log.info("predicted decode on %s: %.1f tok/s (%d bytes a token)", prediction["hardware"],
+                 prediction["predicted_decode_tok_s"], prediction["bytes_per_token"])
+    t0 = time.monotonic()
+    async with serving(recipe, checkpoint, ctx.run_dir.log_path(ctx.step.id), ctx.step.strategy or "model") as srv:
+        startup_s = time.monotonic() - t0
+        async with aiohttp.ClientSession() as session:
+            probe = await stream_chat(session, srv.url, srv.model, [{"role": "user", "content": "Say hello."}], 16)
+    if not probe.ok:
+        raise RunnerError(f"the served candidate did not answer a first request: {probe.error}")
+    return StepResult(summary={"engine": recipe.serve.engine, "startup_s": round(startup_s, 2),
+                               "first_answer": probe.content[:200], "prediction": prediction})
+
+
+@contextlib.asynccontextmanager
+async def _candidate(ctx: StepContext) -> AsyncIterator[tuple[RunningServer, Path | None, str]]:
+    """The server to benchmark: a served candidate, the served source model, or the user's endpoint."""
+    recipe = ctx.plan.recipe
+    log_path = ctx.run_dir.log_path(ctx.step.id)
+    if ctx.step.strategy is None:
+        baseline = recipe.benchmark.baseline
+        assert baseline is not None
+        if baseline.kind == "endpoint":
+            yield RunningServer(baseline.url, baseline.model, "endpoint"), None, baseline.name
+            return
+        model_dir = ctx.input("source", "model_dir")
+        async with serving(recipe, model_dir, log_path, "baseline") as srv:
+            yield srv, model_dir, baseline.name
+        return
+    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
+    async with serving(recipe, checkpoint, log_path, ctx.step.strategy) as srv:
+        yield srv, checkpoint, ctx.step.strategy
+
+
+async def benchmark(ctx: StepContext) -> StepResult:
+    spec = ctx.plan.recipe.benchmark
+    async with _candidate(ctx) as (server, model_dir, name), aiohttp.ClientSession() as session:
+        suites = {}
+        for ref in spec.suites:
+            suite = load_suite(ref)
+            ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
+            suites[ref.name] = await run_suite(session, server.url, server.model, suite, spec.system_prompt,
+                                               ref.hardened_prompt, ref.limit, spec.concurrency)
+            ctx.log.info("suite %s: %d/%d passed", ref.name, suites[ref.name]["passed"], suites[ref.name]["total"])
+        speed = await speed_sweep(session, server.url, server.model, spec.speed)
+    results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed}
+    if model_dir is not None:
+        size = sum(tensor_bytes(model_dir).values())
+        results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
+    if ctx.step.strategy is not None:
+        serve_record = ctx.input_record(f"serve.{ctx.step.strategy}")
+        prediction = serve_record.get("summary", {}).get("prediction")
+        if prediction:
+            results["prediction"] = prediction
+    write_json_atomic(ctx.scratch / "results.json", results)
+    summary = {k: v for k, v in results.items() if k != "suites"}
+    summary["suites"] = {n: {k: v for k, v in s.items() if k != "items"} for n, s in suites.items()}
+    return StepResult(outputs={"results": "results.json"}, summary=summary)
+
+
+async def gates(ctx: StepContext) -> StepResult:
+    recipe = ctx.plan.recipe
+    results = {}
+    baseline = None
+    for dep in ctx.step.deps:
+        data = json.loads(ctx.input(dep, "results").read_text(encoding="utf-8"))
+        if dep == "benchmark.baseline":
+            baseline = data
+        else:
+            results[dep.removeprefix("benchmark.")] = data
+    gate_specs = [g.model_dump() for g in recipe.gates]
+    verdicts = {s: evaluate(gate_specs, r, baseline) for s, r in results.items()}
+    selection = select(verdicts, results, [p.model_dump() for p in recipe.selection.prefer])
+    baseline_name = recipe.benchmark.baseline.name if recipe.benchmark.baseline else None
+    table = comparison_markdown(verdicts, baseline_name, baseline, selection)
+    (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
+    plot_gates(verdicts, ctx.scratch / "gate_scores.png")
+    curves = dict(results)
+    if baseline is not None:
+        curves[f"{baseline_name} (baseline)"] = baseline
+    plot_ttft_curve(curves, ctx.scratch / "ttft_curve.png")
+    speed = {}
+    for name, r in curves.items():
+        measured = r.get("speed", {}).get("summary", {}).get("decode_tok_s")
+        predicted = (r.get("prediction") or {}).get("predicted_decode_tok_s")
+        speed[name] = {"measured_decode_tok_s": measured, "predicted_decode_tok_s": predicted,
+                       "measured_over_predicted": round(measured / predicted, 3) if measured and predicted else None}
+    write_json_atomic(ctx.scratch / "gates.json", {"verdicts": verdicts, "selection": selection, "speed": speed})
+    for line in table.splitlines():
+        ctx.log.info("%s", line)
+    return StepResult(outputs={"gates": "gates.json", "table": "comparison.md", "gate_plot": "gate_scores.png",
+                               "ttft_plot": "ttft_curve.png"},
+                      summary={"selection": selection, "verdicts": verdicts, "speed": speed})
