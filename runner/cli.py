@@ -218,6 +218,9 @@ def _print_outcome(outcome, root: Path) -> None:
         color = colors.get(state, "cyan")
         table.add_row(sid, f"[{color}]{state}[/]")
     console.print(table)
+    comparison = root / "steps" / "gates" / "comparison.md"
+    if outcome.states.get("gates") in ("complete", "current") and comparison.exists():
+        console.print("\n" + comparison.read_text(encoding="utf-8"), markup=False)
     for message in outcome.messages:
         console.print(message, markup=False)
 

@@ -218,3 +218,26 @@ def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
     assert next(c for c in good["checks"] if c["name"] == "nvfp4_decode")["status"] == "pass"
     assert next(c for c in bad["checks"] if c["name"] == "nvfp4_decode")["status"] == "fail"
     assert min(bad["decode_errors"].values()) > 0.5
+
+
+def test_demo_serves_benchmarks_and_gates_against_the_baseline(demo_run):
+    result = recipe("run", str(DEMO), "--strategy", "nvfp4_max", "--until", "gates", "--run-dir", str(demo_run))
+    assert result.returncode == 0, result.stderr
+    serve = record(demo_run, "serve.nvfp4_max")["summary"]
+    assert serve["engine"] == "local" and serve["first_answer"]
+    assert serve["prediction"]["hardware"] == "cpu" and serve["prediction"]["predicted_decode_tok_s"] > 0
+    bench = json.loads((demo_run / "steps" / "benchmark.nvfp4_max" / "results.json").read_text())
+    assert bench["suites"]["factual"]["total"] == 5 and bench["suites"]["markdown"]["total"] == 5
+    assert bench["speed"]["summary"]["successful"] == 4 and bench["speed"]["summary"]["ttft_p50_ms"] > 0
+    assert set(bench["speed"]["sweep"]) == {"32", "256"}
+    assert bench["size"]["bytes"] < json.loads((demo_run / "steps" / "benchmark.baseline" / "results.json")
+                                               .read_text())["size"]["bytes"]
+    gates = json.loads((demo_run / "steps" / "gates" / "gates.json").read_text())
+    assert [v["gate"] for v in gates["verdicts"]["nvfp4_max"]] == ["factual", "no_markdown", "thinking_leak",
+                                                                 "decode_speed"]
+    assert all(v["baseline"] is not None for v in gates["verdicts"]["nvfp4_max"] if v["relative_to"] == "baseline")
+    assert gates["selection"]["best"] in (None, "nvfp4_max")
+    assert gates["speed"]["nvfp4_max"]["measured_over_predicted"] > 0
+    for picture in ("gate_scores.png", "ttft_curve.png"):
+        assert (demo_run / "steps" / "gates" / picture).read_bytes()[:4] == b"\x89PNG"
+    assert "| gate | required |" in result.stderr  # the run ends with the gate table

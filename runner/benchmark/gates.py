@@ -36,7 +36,8 @@ def evaluate(gates: list[dict[str, Any]], result: dict[str, Any], baseline: dict
         if gate["relative_to"] == "baseline":
             threshold = gate["value"] * base if base is not None else None
         passed = None if value is None or threshold is None else OPS[gate["op"]](value, threshold)
-        verdicts.append({"gate": gate["name"], "metric": gate["metric"], "op": gate["op"], "value": value,
+        verdicts.append({"gate": gate["name"], "metric": gate["metric"], "op": gate["op"], "declared": gate["value"],
+                         "value": value,
                          "threshold": threshold, "baseline": base, "relative_to": gate["relative_to"],
                          "pass": passed})
     return verdicts
@@ -77,7 +78,7 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
     for i, gate in enumerate(gates):
         required = f"{gate['op']} {_fmt(gate['threshold'])}"
         if gate["relative_to"] == "baseline":
-            required += " (x baseline)"
+            required = f"{gate['op']} {_fmt(gate['declared'])} x baseline = {_fmt(gate['threshold'])}"
         row = [gate["gate"], required]
         if baseline:
             row.append(_fmt(gate["baseline"]))
