@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would run; run nothing")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("clean", help="remove containers left behind by crashed runs, and scratch folders")
+    p.add_argument("--run-dir", type=Path, help="only this run's containers and scratch (default: every run's)")
+    p.set_defaults(func=cmd_clean)
+
     p = sub.add_parser("list", help="the shipped recipes with one-line descriptions")
     p.set_defaults(func=cmd_list)
 
@@ -167,14 +171,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner.executors import make_executor
 
     loaded, plan, run_dir = _load_plan(args)
-    executor = make_executor(plan.recipe.execution.executor)
+    execution = plan.recipe.execution
+    executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache)
+                if not args.dry_run else make_executor("local", run_dir.root))
     runner = Runner(plan, run_dir, executor, console)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
                          dry_run=args.dry_run)
     if not args.dry_run:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
-    outcome = asyncio.run(_run_cancellable(runner.run(options)))
+    try:
+        outcome = asyncio.run(_run_cancellable(runner.run(options)))
+    finally:
+        if getattr(executor, "api", None) is not None:
+            # A safety net: whatever happened, no container of this run outlives it.
+            from runner import docker_engine
+
+            docker_engine.remove_containers(executor.api, docker_engine.run_label(run_dir.root))
     _print_outcome(outcome, run_dir.root)
     return outcome.exit_code
 
@@ -223,6 +236,23 @@ def _print_outcome(outcome, root: Path) -> None:
         console.print("\n" + comparison.read_text(encoding="utf-8"), markup=False)
     for message in outcome.messages:
         console.print(message, markup=False)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    import shutil
+
+    from runner import docker_engine
+
+    label = docker_engine.run_label(args.run_dir) if args.run_dir else None
+    try:
+        removed = docker_engine.remove_containers(docker_engine.client(), label)
+        out.print(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
+    except RunnerError as exc:
+        console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
+    if args.run_dir and (args.run_dir / ".scratch").is_dir():
+        shutil.rmtree(args.run_dir / ".scratch")
+        out.print(f"removed {args.run_dir / '.scratch'}")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

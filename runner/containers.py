@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,14 @@ class ContainerSetup(Section):
     apt: list[str] = Field(default_factory=list)
     pip: list[str] = Field(default_factory=list)
     pip_args: list[str] = Field(default_factory=list, description="e.g. --no-deps, --extra-index-url ...")
+
+
+class Mount(Section):
+    """An extra bind mount (e.g. a local wheel cache, or a Python environment to reuse)."""
+
+    host: Path
+    container: str
+    read_only: bool = True
 
 
 class HealthCheck(Section):
@@ -45,6 +54,10 @@ class ContainerPlugin(Section):
     python: str = Field("python3", description="Interpreter that runs `-m runner.worker` inside.")
     health: HealthCheck | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    mounts: list[Mount] = Field(default_factory=list)
+    port: int = Field(8000, description="The port a server listens on inside the container.")
+    entrypoint: list[str] | None = Field(
+        None, description="Overrides the image's entrypoint; a server gets `--model /model` and serve.args after it.")
 
     def definition_hash(self) -> str:
         """Hash of what makes the (derived) image: image and setup."""
@@ -58,8 +71,11 @@ def containers_dir() -> Path:
 
 @cache
 def available_containers() -> dict[str, Path]:
-    """Plugin name -> its YAML file."""
-    return {p.stem: p for p in sorted(containers_dir().glob("*.yaml"))}
+    """Plugin name -> its YAML file: the shipped ones, then folders in RECIPE_RUNNER_CONTAINERS (which win)."""
+    found = {p.stem: p for p in sorted(containers_dir().glob("*.yaml"))}
+    for folder in filter(None, os.environ.get("RECIPE_RUNNER_CONTAINERS", "").split(os.pathsep)):
+        found.update({p.stem: p for p in sorted(Path(folder).glob("*.yaml"))})
+    return found
 
 
 def load_container(name: str) -> ContainerPlugin:

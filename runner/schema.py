@@ -427,6 +427,9 @@ class ExecutionSpec(Section):
     max_parallel: int = Field(2, ge=1, description="Steps that may run at once.")
     gpus: int = Field(1, ge=0, description="GPUs available; GPU steps never oversubscribe them.")
     containers: ContainerChoice = Field(default_factory=ContainerChoice)
+    env: list[str] = Field(default_factory=list,
+                           description="Host environment variables passed into containers (names only; e.g. HF_TOKEN).")
+    hf_cache: RecipePath | None = Field(None, description="Your Hugging Face cache, mounted read-only into containers.")
     run_dir: RecipePath | None = Field(None, description="Defaults to ./runs/NAME.")
 
 

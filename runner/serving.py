@@ -2,8 +2,8 @@
 
 - `local`: runner.worker.local_server as a subprocess of this Python environment (CPU; dequantized
   weights, weight-only emulation).
-- `vllm`: the recipe's vLLM flags verbatim in the `vllm` container plugin; that needs the docker
-  executor (issue #6) and says so until then.
+- `vllm`: a server in the recipe's serve container plugin (the `vllm` image by default), started
+  with `--model /model` and the recipe's flags verbatim, health-checked, labelled, and removed after.
 
 Use as `async with serving(recipe, model_dir, log_path, name) as server: ... server.url ...`; the
 server is stopped on every way out, errors and cancellation included.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from runner.errors import NotImplementedStep, RunnerError
+from runner.errors import RunnerError
 from runner.schema import Recipe
 
 
@@ -41,7 +41,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Process | None, log_path: Path) -> float:
+async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Process | None, log_path: Path,
+                       health: str = "/health", container: object | None = None) -> float:
     """Seconds until GET /health answers 200; a clear error with the log's tail when it never does."""
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
@@ -49,15 +50,72 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
             if proc is not None and proc.returncode is not None:
                 raise RunnerError(f"the server exited with status {proc.returncode} before answering; "
                                   f"last lines of {log_path}:\n      " + _tail(log_path))
+            if container is not None:
+                await asyncio.to_thread(container.reload)  # type: ignore[attr-defined]
+                if container.status in ("exited", "dead"):  # type: ignore[attr-defined]
+                    logs = (await asyncio.to_thread(container.logs, tail=12)).decode(errors="replace")  # type: ignore[attr-defined]
+                    raise RunnerError("the server container exited before answering; its last lines:\n      "
+                                      + "\n      ".join(logs.splitlines()))
             try:
-                async with session.get(f"{base}/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                async with session.get(f"{base}{health}", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return time.monotonic() - t0
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.5)
+    if container is not None:
+        logs = (await asyncio.to_thread(container.logs, tail=12)).decode(errors="replace")  # type: ignore[attr-defined]
+        raise RunnerError(f"the server container did not answer {health} within {timeout_s:.0f}s; its last lines:"
+                          "\n      " + "\n      ".join(logs.splitlines()))
     raise RunnerError(f"the server did not answer /health within {timeout_s:.0f}s (serve.startup_timeout_s); "
                       f"last lines of {log_path}:\n      " + _tail(log_path))
+
+
+@contextlib.asynccontextmanager
+async def _serve_in_container(recipe: Recipe, model_dir: Path, log_path: Path, name: str
+                              ) -> AsyncIterator[RunningServer]:
+    """The recipe's server flags, verbatim after `--model /model`, in the serve container plugin."""
+    from runner import docker_engine
+    from runner.containers import load_container
+
+    plugin = load_container(recipe.serve.container)
+    if plugin.runtime != "docker":
+        raise RunnerError(f"serve.container {plugin.name!r} is not a docker plugin; the vllm engine serves in a "
+                          "container (use serve.engine: local to serve without one)")
+    api = await asyncio.to_thread(docker_engine.client)
+    image = await asyncio.to_thread(docker_engine.ensure_image, api, plugin)
+    port = free_port()
+    args = list(recipe.serve.args)
+    if "--served-model-name" not in args:
+        args += ["--served-model-name", name]
+    volumes = docker_engine.volumes_for([], plugin) | {str(model_dir): {"bind": "/model", "mode": "ro"}}
+    env = docker_engine.environment(plugin, recipe.execution.env) | recipe.serve.env
+    run_root = log_path.parent.parent  # RUN/logs/STEP.log
+    labels = {docker_engine.LABEL: "server", docker_engine.RUN_LABEL: docker_engine.run_label(run_root),
+              docker_engine.STEP_LABEL: name}
+    gpus = docker_engine.device_requests(api, plugin) or None
+    container = await asyncio.to_thread(
+        api.containers.run, image, ["--model", "/model", *args], entrypoint=plugin.entrypoint, detach=True,
+        volumes=volumes, environment=env, ports={f"{plugin.port}/tcp": ("127.0.0.1", port)}, labels=labels,
+        shm_size=plugin.shm_size, ipc_mode=plugin.ipc, device_requests=gpus)
+    try:
+        health = plugin.health.path if plugin.health else "/health"
+        timeout = min(recipe.serve.startup_timeout_s, plugin.health.timeout_s if plugin.health else 900)
+        try:
+            await wait_healthy(f"http://127.0.0.1:{port}", timeout, None, log_path, health, container)
+        finally:
+            logs = await asyncio.to_thread(container.logs)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a", encoding="utf-8") as log:
+                log.write(logs.decode("utf-8", errors="replace"))
+        yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine="vllm")
+    finally:
+        await asyncio.to_thread(_remove_container, container)
+
+
+def _remove_container(container: object) -> None:
+    with contextlib.suppress(Exception):
+        container.remove(force=True)  # type: ignore[attr-defined]
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -71,8 +129,9 @@ def _tail(path: Path, lines: int = 12) -> str:
 async def serving(recipe: Recipe, model_dir: Path, log_path: Path, name: str) -> AsyncIterator[RunningServer]:
     engine = recipe.serve.engine
     if engine == "vllm":
-        raise NotImplementedStep("serving with vLLM runs in the vllm container, which needs the docker executor "
-                                 "(issue #6); use `serve: {engine: local}` on a CPU machine meanwhile")
+        async with _serve_in_container(recipe, model_dir, log_path, name) as server:
+            yield server
+        return
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("a", encoding="utf-8")

@@ -31,11 +31,14 @@ class Executor(ABC):
         """Run `runner.worker` for one step; outputs land in `scratch`. Raises on failure."""
 
 
-def make_executor(name: str) -> Executor:
+def make_executor(name: str, run_dir: Path, env_names: list[str] | None = None,
+                  hf_cache: Path | None = None) -> Executor:
     if name == "local":
         from runner.executors.local import LocalExecutor
 
         return LocalExecutor()
     if name == "docker":
-        raise RunnerError("the docker executor is issue #6 and not built yet; use --executor local")
+        from runner.executors.docker import DockerExecutor
+
+        return DockerExecutor(run_dir, env_names or [], hf_cache)
     raise RunnerError(f"unknown executor {name!r}; known: local, docker")

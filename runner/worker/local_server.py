@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--name", default="local")
+    parser.add_argument("--name", "--served-model-name", dest="name", default="local")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     local = LocalModel(args.model, args.name, args.dtype)

@@ -1,0 +1,116 @@
+"""The docker executor: the worker runs inside the step's container plugin, driven with the docker SDK.
+
+The container sees only what the step needs: the runner package (read-only), the step's scratch
+folder (read-write), the input paths named in its parameters (read-only), the plugin's own mounts
+and the Hugging Face cache when the recipe declares one. Its environment is the plugin's variables
+and the ones `execution.env` names. Logs stream into the step log as they come. The container is
+removed when the step ends, fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from runner import docker_engine
+from runner.containers import ContainerPlugin
+from runner.executors import SPEC_FILE, Executor
+from runner.executors.local import WorkerFailed, read_result
+from runner.run_dir import write_json_atomic
+from runner.steps import StepResult
+
+STOP_TIMEOUT_S = 10
+
+
+def input_paths(params: dict[str, Any]) -> list[Path]:
+    """Existing absolute paths among a worker's parameters (the step's inputs), to mount read-only."""
+    found = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.startswith("/") and Path(value).exists():
+            found.append(Path(value))
+
+    walk(params)
+    return found
+
+
+class DockerExecutor(Executor):
+    name = "docker"
+    uses_containers = True
+
+    def __init__(self, run_dir: Path, env_names: list[str], hf_cache: Path | None):
+        self.api = docker_engine.client()
+        self.run_label = docker_engine.run_label(run_dir)
+        self.env_names = env_names
+        self.hf_cache = hf_cache
+
+    async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
+                         container: ContainerPlugin | None, heavy: bool) -> StepResult:
+        assert container is not None
+        if container.runtime == "local":
+            from runner.executors.local import LocalExecutor
+
+            return await LocalExecutor().run_worker(worker_kind=worker_kind, params=params, scratch=scratch,
+                                                    log_path=log_path, container=container, heavy=heavy)
+        spec_path = scratch / SPEC_FILE
+        write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
+        image = await asyncio.to_thread(docker_engine.ensure_image, self.api, container)
+        mounts = [(scratch, True)] + [(p, False) for p in input_paths(params) if not _inside(p, scratch)]
+        env = docker_engine.environment(container, self.env_names)
+        if self.hf_cache is not None:
+            mounts.append((self.hf_cache, False))
+            env["HF_HUB_CACHE"] = str(self.hf_cache)
+        handle = await asyncio.to_thread(
+            self.api.containers.run, image, [container.python, "-m", "runner.worker", str(spec_path)],
+            detach=True, volumes=docker_engine.volumes_for(mounts, container), environment=env,
+            labels={docker_engine.LABEL: "worker", docker_engine.RUN_LABEL: self.run_label,
+                    docker_engine.STEP_LABEL: scratch.name},
+            shm_size=container.shm_size, ipc_mode=container.ipc,
+            device_requests=docker_engine.device_requests(self.api, container) or None,
+            user=f"{os.getuid()}:{os.getgid()}", working_dir=str(scratch))
+        try:
+            tail = await asyncio.to_thread(_follow_logs, handle, log_path)
+            status = await asyncio.to_thread(handle.wait)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(_remove, handle)
+            raise
+        finally:
+            await asyncio.to_thread(_remove, handle)
+        if status.get("StatusCode") != 0:
+            raise WorkerFailed(f"worker in container {container.name} exited with status {status.get('StatusCode')}; "
+                               "last lines of its log:\n      " + "\n      ".join(tail[-12:]))
+        return read_result(scratch, tail)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _follow_logs(handle: Any, log_path: Path) -> list[str]:
+    tail: list[str] = []
+    with log_path.open("a", encoding="utf-8") as log:
+        for raw in handle.logs(stream=True, follow=True):
+            text = raw.decode("utf-8", errors="replace")
+            log.write(text)
+            log.flush()
+            tail.extend(text.splitlines())
+            del tail[:-40]
+    return tail
+
+
+_removing = threading.Lock()
+
+
+def _remove(handle: Any) -> None:
+    with _removing, contextlib.suppress(Exception):
+        handle.remove(force=True)
