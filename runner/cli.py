@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would run; run nothing")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("card", help="re-render the model card, blog post and research section of a finished run")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_card)
+
     p = sub.add_parser("clean", help="remove containers left behind by crashed runs, and scratch folders")
     p.add_argument("--run-dir", type=Path, help="only this run's containers and scratch (default: every run's)")
     p.set_defaults(func=cmd_clean)
@@ -236,6 +240,28 @@ def _print_outcome(outcome, root: Path) -> None:
         console.print("\n" + comparison.read_text(encoding="utf-8"), markup=False)
     for message in outcome.messages:
         console.print(message, markup=False)
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    """Documents from the run's records alone: nothing is run again."""
+    from ruamel.yaml import YAML
+
+    from runner.report import append_research_section, render_documents
+    from runner.run_dir import RunDir
+    from runner.schema import Recipe
+
+    run_dir = RunDir(args.run_dir)
+    saved = run_dir.root / "recipe.yaml"
+    if not saved.exists():
+        raise RunnerError(f"{run_dir.root} is not a run directory (no recipe.yaml); give the folder `recipe run` made")
+    recipe = Recipe.model_validate(YAML(typ="safe").load(saved.read_text(encoding="utf-8")))
+    target = run_dir.step_dir("report")
+    render_documents(recipe, run_dir, target)
+    if recipe.report.research_doc is not None:
+        section = (target / "research_section.md").read_text(encoding="utf-8")
+        append_research_section(recipe.report.research_doc, recipe.name, section)
+    out.print(f"wrote {target / 'README.md'}, {target / 'blog.md'}, {target / 'research_section.md'}")
+    return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

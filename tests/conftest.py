@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -49,3 +51,24 @@ def recipe_cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def recipe(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The `recipe` command as a user runs it."""
+    return subprocess.run([PYTHON, "-m", "runner.cli", *args], capture_output=True, text=True,
+                          env=env or recipe_cli_env(), cwd=REPO, timeout=timeout)
+
+
+def record(run_dir: Path, step: str) -> dict:
+    return json.loads((run_dir / "steps" / step / "record.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo recipe through verify for nvfp4_max and fp8 (a real model on the CPU, a few minutes)."""
+    pytest.importorskip("modelopt")
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    result = recipe("run", str(DEMO), "--until", "verify", "--strategy", "nvfp4_max", "--strategy", "fp8",
+                    "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir

@@ -18,28 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, PYTHON, REPO, recipe_cli_env
+from conftest import DEMO, PYTHON, REPO, recipe, recipe_cli_env, record
 
 pytest.importorskip("modelopt")
 pytestmark = pytest.mark.slow
-
-
-def recipe(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner.cli", *args], capture_output=True, text=True,
-                          env=env or recipe_cli_env(), cwd=REPO, timeout=timeout)
-
-
-def record(run_dir: Path, step: str) -> dict:
-    return json.loads((run_dir / "steps" / step / "record.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    result = recipe("run", str(DEMO), "--until", "verify", "--strategy", "nvfp4_max", "--strategy", "fp8",
-                    "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stderr
-    return run_dir
 
 
 def test_demo_quantize_record_says_which_layer_got_which_format(demo_run):

@@ -54,10 +54,7 @@ class StepKind:
 
 
 def step_kinds() -> dict[str, StepKind]:
-    from runner.steps import calibrate, export, model_source, serve_bench, worker_steps
-
-    def pending(name: str, why: str) -> StepKind:
-        return StepKind(name, None, pending=why)
+    from runner.steps import calibrate, export, model_source, report_publish, serve_bench, worker_steps
 
     return {
         "source": StepKind("source", model_source.run, container_role="quantize"),
@@ -68,8 +65,8 @@ def step_kinds() -> dict[str, StepKind]:
         "serve": StepKind("serve", serve_bench.serve, container_role="serve"),
         "benchmark": StepKind("benchmark", serve_bench.benchmark),
         "gates": StepKind("gates", serve_bench.gates),
-        "report": pending("report", "the model card and blog post are issue #7, not built yet"),
-        "publish": pending("publish", "publishing to the Hugging Face Hub is issue #7, not built yet"),
+        "report": StepKind("report", report_publish.report),
+        "publish": StepKind("publish", report_publish.publish),
     }
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import platform
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -76,7 +80,8 @@ async def benchmark(ctx: StepContext) -> StepResult:
                                                ref.hardened_prompt, ref.limit, spec.concurrency)
             ctx.log.info("suite %s: %d/%d passed", ref.name, suites[ref.name]["passed"], suites[ref.name]["total"])
         speed = await speed_sweep(session, server.url, server.model, spec.speed)
-    results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed}
+    results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed,
+                               "measured_on": measured_on(server.engine)}
     if model_dir is not None:
         size = sum(tensor_bytes(model_dir).values())
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
@@ -89,6 +94,22 @@ async def benchmark(ctx: StepContext) -> StepResult:
     summary = {k: v for k, v in results.items() if k != "suites"}
     summary["suites"] = {n: {k: v for k, v in s.items() if k != "items"} for n, s in suites.items()}
     return StepResult(outputs={"results": "results.json"}, summary=summary)
+
+
+def measured_on(engine: str) -> dict[str, Any]:
+    """Where the speed numbers come from: the machine and the kernel path, for honest labels."""
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        probe = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True)
+        gpu = probe.stdout.strip().splitlines()[0] if probe.returncode == 0 and probe.stdout.strip() else None
+    kernels = {
+        "local": "transformers on the CPU, NVFP4/FP8 weights dequantized to bf16 (weight-only emulation)",
+        "vllm": "vLLM ModelOpt kernels (native NVFP4 on Blackwell; W4A16 through Marlin on older GPUs)",
+        "endpoint": "the user's own server (its hardware is not recorded here)",
+    }
+    return {"engine": engine, "kernel_path": kernels.get(engine, engine), "gpu": gpu,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 async def gates(ctx: StepContext) -> StepResult:

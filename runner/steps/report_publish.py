@@ -1,0 +1,47 @@
+"""The report and publish steps (see runner/report.py and runner/publish.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from runner.errors import RunnerError
+from runner.publish import stage, upload
+from runner.report import append_research_section, recipe_yaml, render_documents
+from runner.steps import StepContext, StepResult
+
+
+async def report(ctx: StepContext) -> StepResult:
+    recipe = ctx.plan.recipe
+    outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
+    summary = {"documents": list(outputs.values())}
+    if recipe.report.research_doc is not None:
+        section = (ctx.scratch / "research_section.md").read_text(encoding="utf-8")
+        changed = append_research_section(recipe.report.research_doc, recipe.name, section)
+        summary["research_doc"] = {"path": str(recipe.report.research_doc), "changed": changed}
+    return StepResult(outputs=outputs, summary=summary)
+
+
+async def publish(ctx: StepContext) -> StepResult:
+    recipe = ctx.plan.recipe
+    spec = recipe.publish
+    gates = ctx.run_dir.record("gates") or {}  # complete: report, which publish needs, needs it
+    best = gates.get("summary", {}).get("selection", {}).get("best")
+    if best is None:
+        raise RunnerError("no strategy passed every gate, so there is nothing to publish; "
+                          "see steps/gates/comparison.md")
+    if spec.repo_id is None:
+        raise RunnerError("publish.repo_id is not set: name the Hub repository (user/name) to publish to")
+    checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
+    files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), recipe_yaml(recipe),
+                                    ctx.scratch / "upload")
+    total = sum(f["bytes"] for f in files)
+    summary = {"repo_id": spec.repo_id, "private": spec.private, "strategy": best, "dry_run": spec.dry_run,
+               "files": files, "total_bytes": total}
+    if spec.dry_run:
+        ctx.log.info("dry run: would upload %d files (%d bytes) to %s", len(files), total, spec.repo_id)
+        for f in files:
+            ctx.log.info("  %s (%d bytes)", f["path"], f["bytes"])
+    else:
+        summary |= await asyncio.to_thread(upload, recipe, ctx.scratch / "upload",
+                                           f"recipe-runner: {recipe.name} ({best})")
+    return StepResult(outputs={"upload": "upload"}, summary=summary)
