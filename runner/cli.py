@@ -50,15 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show the step graph with each step's executor and cache state")
-    p.add_argument("recipe", type=Path)
-    p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
-    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
-    p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
+    _plan_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run the recipe's steps; completed steps are reused")
-    p.add_argument("recipe", type=Path)
+    _plan_arguments(p)
     p.add_argument("--only", action="append", default=[], metavar="STEP",
                    help="run only these steps (id, kind or glob; repeatable)")
     p.add_argument("--from", dest="from_steps", action="append", default=[], metavar="STEP",
@@ -66,9 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--until", action="append", default=[], metavar="STEP",
                    help="stop after these steps (and what they need)")
     p.add_argument("--force", action="store_true", help="re-run the selected steps even if current")
-    p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
-    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
-    p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
     p.add_argument("--dry-run", action="store_true", help="say what would run; run nothing")
     p.set_defaults(func=cmd_run)
 
@@ -88,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="write to this file")
     p.set_defaults(func=cmd_schema)
     return parser
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    """What `plan` and `run` share: the recipe and the choices that shape its step graph."""
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
+    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
+    p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
