@@ -42,9 +42,6 @@ class LoadedRecipe:
     locations: dict[KeyPath, Location]
     data: dict[str, Any]
 
-    def location_of(self, path: KeyPath) -> Location | None:
-        return locate(self.locations, path)
-
 
 def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRecipe:
     """Read, merge, interpolate and validate a recipe. Raises RecipeError with located problems."""

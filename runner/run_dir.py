@@ -114,6 +114,3 @@ class RunDir:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(scratch, target)
         return target
-
-    def write_status(self, status: dict[str, Any]) -> None:
-        write_json_atomic(self.root / "run.json", status)
