@@ -194,3 +194,30 @@ def test_recipe_run_generates_calibration_from_a_teacher(write, tmp_path):
     assert all(check["pass"] for check in record["summary"]["verification"].values())
     assert record["outputs"]["histogram"] == "token_lengths.png"
     assert len(lines(tmp_path / "run" / "steps" / "calibrate" / "calibration.jsonl")) == 6
+
+
+@pytest.mark.slow
+def test_the_demo_model_served_locally_as_the_teacher(demo_run, tmp_path):
+    """The real SmolLM2 behind the local engine is a teacher like any other."""
+    from conftest import DEMO
+    from runner.recipe_loader import load_recipe
+    from runner.serving import serving
+
+    recipe = load_recipe(DEMO).recipe
+    model_dir = demo_run / "steps" / "source" / "model"
+    categories = [{"name": "chat", "count": 3, "prompts": ["Say hello to Priya.", "What is 2 plus 2?",
+                                                          "Name a fruit that is yellow."]}]
+
+    async def main():
+        async with serving(recipe, model_dir, tmp_path / "logs" / "teacher.log", "smollm2") as server:
+            teacher = spec(server.url, categories, tools=[], tool_results={}, timeout_s=120, concurrency=1,
+                           sampling={"temperature": 0, "max_tokens": 40})
+            teacher = teacher.model_copy(update={"model": server.model})
+            return await generate(teacher, 0, tmp_path / "out", tmp_path / "partial", model_dir, LOG)
+
+    (tmp_path / "out").mkdir()
+    summary = asyncio.run(main())
+    assert summary["generated"] == 3 and summary["failed_requests"] == {}
+    assert summary["token_counts"] == "model tokenizer"
+    kept = lines(tmp_path / "out" / "calibration.jsonl")
+    assert all(c["messages"][-1]["role"] == "assistant" and c["messages"][-1]["content"] for c in kept)
