@@ -8,6 +8,7 @@ the same path inside the container, so the worker spec's paths need no rewriting
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -53,7 +54,7 @@ def run_label(run_dir: Path) -> str:
     return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def ensure_image(api: Any, plugin: ContainerPlugin, log: Any = None) -> str:
+def ensure_image(api: Any, plugin: ContainerPlugin) -> str:
     """The image to run: the plugin's, or one derived from it with its setup, built once and reused."""
     from docker.errors import APIError, BuildError, ImageNotFound
 
@@ -134,14 +135,17 @@ def environment(plugin: ContainerPlugin, names: list[str]) -> dict[str, str]:
     return env
 
 
+def remove(container: Any) -> None:
+    """Stop and remove one container; already gone is fine."""
+    with contextlib.suppress(Exception):
+        container.remove(force=True)
+
+
 def remove_containers(api: Any, label_value: str | None = None) -> list[str]:
     """Stop and remove the runner's containers (of one run, or all). Returns their names."""
     selector = f"{RUN_LABEL}={label_value}" if label_value else RUN_LABEL
     removed = []
     for container in api.containers.list(all=True, filters={"label": selector}):
-        try:
-            container.remove(force=True)
-            removed.append(container.name)
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
+        remove(container)
+        removed.append(container.name)
     return removed

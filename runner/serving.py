@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from runner.errors import RunnerError
+from runner.executors.local import terminate_group
 from runner.schema import Recipe
 
 
@@ -110,12 +110,7 @@ async def _serve_in_container(recipe: Recipe, model_dir: Path, log_path: Path, n
                 log.write(logs.decode("utf-8", errors="replace"))
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine="vllm")
     finally:
-        await asyncio.to_thread(_remove_container, container)
-
-
-def _remove_container(container: object) -> None:
-    with contextlib.suppress(Exception):
-        container.remove(force=True)  # type: ignore[attr-defined]
+        await asyncio.to_thread(docker_engine.remove, container)
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -143,13 +138,5 @@ async def serving(recipe: Recipe, model_dir: Path, log_path: Path, name: str) ->
         await wait_healthy(f"http://127.0.0.1:{port}", recipe.serve.startup_timeout_s, proc, log_path)
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine)
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await terminate_group(proc, grace_s=15)
         log.close()

@@ -10,9 +10,7 @@ removed when the step ends, fails or is cancelled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +79,8 @@ class DockerExecutor(Executor):
         try:
             tail = await asyncio.to_thread(_follow_logs, handle, log_path)
             status = await asyncio.to_thread(handle.wait)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(_remove, handle)
-            raise
-        finally:
-            await asyncio.to_thread(_remove, handle)
+        finally:  # success, failure or cancellation: the container goes
+            await asyncio.to_thread(docker_engine.remove, handle)
         if status.get("StatusCode") != 0:
             raise WorkerFailed(f"worker in container {container.name} exited with status {status.get('StatusCode')}; "
                                "last lines of its log:\n      " + "\n      ".join(tail[-12:]))
@@ -107,10 +102,3 @@ def _follow_logs(handle: Any, log_path: Path) -> list[str]:
             del tail[:-40]
     return tail
 
-
-_removing = threading.Lock()
-
-
-def _remove(handle: Any) -> None:
-    with _removing, contextlib.suppress(Exception):
-        handle.remove(force=True)

@@ -54,7 +54,7 @@ async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None
                 tail.append(line.rstrip())
         rc = await proc.wait()
     except asyncio.CancelledError:
-        await _terminate(proc)
+        await terminate_group(proc)
         raise
     if rc != 0:
         raise WorkerFailed(f"worker exited with status {rc}; last lines of its log:\n      "
@@ -62,13 +62,14 @@ async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None
     return tail
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
+async def terminate_group(proc: asyncio.subprocess.Process, grace_s: float = TERMINATE_GRACE_S) -> None:
+    """SIGTERM to the process's group, SIGKILL after `grace_s` if it is still there."""
     if proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), TERMINATE_GRACE_S)
+        await asyncio.wait_for(proc.wait(), grace_s)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
