@@ -45,19 +45,23 @@ class RunOptions:
 
 @dataclass
 class RunOutcome:
-    status: str  # complete | failed | stopped | interrupted | dry-run
+    status: str  # complete | no-candidate | failed | stopped | interrupted | dry-run
     states: dict[str, str]
     messages: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return {"complete": 0, "dry-run": 0, "failed": 1, "stopped": 3, "interrupted": 130}[self.status]
+        return EXIT_CODES[self.status]
 
 
-def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list[str], set[str]]:
-    """(steps to run in order, steps forced). Raises RunnerError when a needed input is missing."""
+# "no-candidate": every step ran, but no strategy passed the gates, so nothing was published. It has
+# its own code so that automation can tell "the pipeline broke" (1) from "no candidate was good enough".
+EXIT_CODES = {"complete": 0, "dry-run": 0, "failed": 1, "stopped": 3, "no-candidate": 4, "interrupted": 130}
+
+
+def target_steps(plan: Plan, options: RunOptions) -> list[str]:
+    """The steps the options ask for (--only, --until, --from), in plan order, run or not."""
     targets = list(plan.steps)
-    forced: set[str] = set()
     if options.only:
         chosen = set(plan.match(options.only))
         targets = [s for s in targets if s in chosen]
@@ -71,7 +75,13 @@ def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list
         for sid in plan.match(options.from_steps):
             start |= {sid} | plan.dependents(sid)
         targets = [s for s in targets if s in start]
-        forced |= set(targets)
+    return targets
+
+
+def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list[str], set[str]]:
+    """(steps to run in order, steps forced). Raises RunnerError when a needed input is missing."""
+    targets = target_steps(plan, options)
+    forced: set[str] = set(targets) if options.from_steps else set()
     if options.force:
         forced |= set(targets)
     to_run = [s for s in targets if s in forced or not run_dir.is_complete(s, plan.keys[s])]
@@ -137,8 +147,16 @@ class Runner:
             status = "failed"
         elif any(s in ("not built", "blocked") for s in self.states.values()):
             status = "stopped"
+        elif "gates" in target_steps(self.plan, options) and self._no_candidate():
+            status = "no-candidate"
+            self.messages.append("no strategy passed the gates, so nothing was published: "
+                                 "see steps/gates/comparison.md and the report")
         self._write_status(status)
         return RunOutcome(status, self.states, self.messages)
+
+    def _no_candidate(self) -> bool:
+        record = self.run_dir.record("gates")
+        return record is not None and record.get("summary", {}).get("selection", {}).get("best") is None
 
     async def _run_when_ready(self, sid: str, done: dict[str, asyncio.Event]) -> None:
         step = self.plan.steps[sid]

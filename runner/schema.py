@@ -238,6 +238,10 @@ class Strategy(Section):
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
     calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
     batch_size: int | Literal["auto"] = Field("auto", description="Calibration batch size; auto fits memory.")
+    fold_awq_scales: bool = Field(
+        True, description="Fold AWQ's per-channel input scales into the preceding norm or Linear (re-quantizing "
+        "where scales must be averaged) so the export is plain NVFP4, which vLLM loads. `false` keeps the raw "
+        "NVFP4_AWQ export (pre_quant_scale tensors) for engines that read it.")
 
     @model_validator(mode="after")
     def _exactly_one_method(self) -> Strategy:
@@ -311,6 +315,8 @@ class ServeSpec(Section):
     args: list[str] = Field(default_factory=list, description="Server flags, passed verbatim.")
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(900, gt=0)
+    threads: int | None = Field(None, ge=1, le=256, description="CPU threads of the `local` engine; default "
+                                "min(4, the machine's cores). Fixed for the run so that answers repeat.")
 
 
 # --- benchmark and gates ---------------------------------------------------------------------
@@ -385,9 +391,12 @@ class Preference(Section):
 
 
 class SelectionSpec(Section):
-    """Among the strategies that pass every gate, the best by these metrics in order."""
+    """Among the strategies no gate rejects, the best by these metrics in order (ties: recipe order)."""
 
     require: Literal["all_gates"] = "all_gates"
+    inconclusive: Literal["accept", "reject"] = Field(
+        "accept", description="A gate whose 95 % interval straddles its threshold (too few prompts to tell): "
+        "`accept` lets the strategy be selected (the table and card say inconclusive), `reject` does not.")
     prefer: list[Preference] = Field(default_factory=lambda: [Preference(metric="speed.decode_tok_s", order="max"),
                                                              Preference(metric="size.bytes", order="min")])
 

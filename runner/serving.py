@@ -132,7 +132,9 @@ async def serving(recipe: Recipe, model_dir: Path, log_path: Path, name: str) ->
     log = log_path.open("a", encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runner.worker.local_server", "--model", str(model_dir), "--port", str(port),
-        "--name", name, "--dtype", recipe.model.dtype, stdout=log, stderr=asyncio.subprocess.STDOUT,
+        "--name", name, "--dtype", recipe.model.dtype,
+        *(["--threads", str(recipe.serve.threads)] if recipe.serve.threads else []),
+        stdout=log, stderr=asyncio.subprocess.STDOUT,
         start_new_session=True, env={**os.environ, **recipe.serve.env})
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", recipe.serve.startup_timeout_s, proc, log_path)

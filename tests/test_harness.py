@@ -76,3 +76,39 @@ def test_percentile_is_linear_interpolation():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([10], 95) == 10
     assert percentile([], 50) is None
+
+
+def _suite(prompts: list[str]):
+    from runner.benchmark.suites import Suite
+
+    return Suite(name="probe", scorer="no_markdown", prompts=prompts)
+
+
+async def _run_suite(server: ScriptedServer, prompts: list[str]) -> dict:
+    from runner.benchmark.suites import run_suite
+
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            return await run_suite(session, server.url, server.model, _suite(prompts), "", False, None, 2)
+    finally:
+        await server.stop()
+
+
+def test_a_request_error_is_never_scored_as_model_behaviour():
+    from runner.errors import RunnerError
+
+    try:
+        asyncio.run(_run_suite(ScriptedServer(), ["[fail:500:9] one", "two", "[markdown] three"]))
+    except RunnerError as exc:
+        assert "1 of 3 requests" in str(exc) and "http_500" in str(exc) and "not committed" in str(exc)
+    else:
+        raise AssertionError("a failed request was scored")
+
+
+def test_answers_hash_is_stable_and_changes_with_any_answer():
+    first = asyncio.run(_run_suite(ScriptedServer(), ["one", "[markdown] two"]))
+    again = asyncio.run(_run_suite(ScriptedServer(), ["one", "[markdown] two"]))
+    other = asyncio.run(_run_suite(ScriptedServer(), ["one", "two"]))
+    assert (first["passed"], first["failed"], first["total"]) == (1, 1, 2)
+    assert first["answers_sha256"] == again["answers_sha256"] != other["answers_sha256"]

@@ -204,7 +204,7 @@ def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
 
 def test_demo_serves_benchmarks_and_gates_against_the_baseline(demo_run):
     result = recipe("run", str(DEMO), "--strategy", "nvfp4_max", "--until", "gates", "--run-dir", str(demo_run))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode in (0, 4), result.stderr  # 4: no candidate passed (machine-dependent answers)
     serve = record(demo_run, "serve.nvfp4_max")["summary"]
     assert serve["engine"] == "local" and serve["first_answer"]
     assert serve["prediction"]["hardware"] == "cpu" and serve["prediction"]["predicted_decode_tok_s"] > 0
@@ -218,8 +218,53 @@ def test_demo_serves_benchmarks_and_gates_against_the_baseline(demo_run):
     assert [v["gate"] for v in gates["verdicts"]["nvfp4_max"]] == ["factual", "no_markdown", "thinking_leak",
                                                                  "decode_speed"]
     assert all(v["baseline"] is not None for v in gates["verdicts"]["nvfp4_max"] if v["relative_to"] == "baseline")
-    assert gates["selection"]["best"] in (None, "nvfp4_max")
+    # Whatever this machine's answers are, the selection and the exit status follow from the verdicts.
+    rejected = any(v["verdict"] in ("fail", "missing") for v in gates["verdicts"]["nvfp4_max"])
+    assert gates["selection"]["best"] == (None if rejected else "nvfp4_max")
+    assert result.returncode == (4 if rejected else 0)
     assert gates["speed"]["nvfp4_max"]["measured_over_predicted"] > 0
     for picture in ("gate_scores.png", "ttft_curve.png"):
         assert (demo_run / "steps" / "gates" / picture).read_bytes()[:4] == b"\x89PNG"
     assert "| gate | required |" in result.stderr  # the run ends with the gate table
+
+
+def test_local_engine_gives_the_same_answers_in_two_fresh_processes(demo_run):
+    """Fixed threads, deterministic algorithms, greedy decoding: a repeat run says the same words."""
+    import asyncio
+
+    import aiohttp
+
+    from runner.benchmark.suites import load_suite, run_suite
+    from runner.schema import SuiteRef
+    from runner.serving import free_port
+
+    checkpoint = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
+    suite = load_suite(SuiteRef(name="factual"))
+
+    def answers_once() -> dict:
+        port = free_port()
+        proc = subprocess.Popen([PYTHON, "-m", "runner.worker.local_server", "--model", str(checkpoint), "--port",
+                                 str(port), "--threads", "2"], cwd=REPO, env=recipe_cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        async def ask() -> dict:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(600):
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                            if resp.status == 200:
+                                assert (await resp.json())["threads"] == 2
+                                break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+                return await run_suite(session, f"http://127.0.0.1:{port}/v1", "local", suite, "", False, 3, 1)
+
+        try:
+            return asyncio.run(ask())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    first, second = answers_once(), answers_once()
+    assert first["total"] == 3
+    assert first["answers_sha256"] == second["answers_sha256"], (first["items"], second["items"])

@@ -3,15 +3,38 @@
 A metric is `SUITE.passed|failed|total|pass_rate`, `speed.NAME` (from the shortest prompt of the
 sweep at the first concurrency level) or `size.bytes|gb`. A gate relative to the baseline compares
 the metric with value x the baseline's metric.
+
+Suites are small (5 to 25 prompts), so a pass rate is an estimate, not a fact. Each suite metric
+carries a 95 % Wilson interval, and an inequality gate on it is judged on the interval of
+`candidate - threshold`: "pass" when the whole interval is on the right side, "fail" when the whole
+interval is on the wrong side, "inconclusive" when it straddles (noise could flip it). For a gate
+relative to the baseline the baseline's own noise counts too: the interval of `p1 - k * p2` is
+built from both Wilson intervals (Newcombe's / Zou's MOVER method). `==` gates, speed and size are
+compared as measured.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from pathlib import Path
 from typing import Any
 
 OPS = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge, ">": operator.gt}
+Z95 = 1.959964  # two-sided 95 %
+VERDICTS = ("pass", "fail", "inconclusive", "missing")
+SAMPLED = ("passed", "failed", "pass_rate")  # suite metrics that are proportions of `total`
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: sensible at n = 5 and at 0 or n successes."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def metric_value(result: dict[str, Any], metric: str) -> float | None:
@@ -25,28 +48,90 @@ def metric_value(result: dict[str, Any], metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def metric_sample(result: dict[str, Any], metric: str) -> tuple[int, int, bool] | None:
+    """(count, n, is_rate) behind a suite proportion metric; None for metrics measured directly."""
+    group, _, name = metric.partition(".")
+    suite = (result.get("suites") or {}).get(group)
+    if name not in SAMPLED or not suite or not suite.get("total"):
+        return None
+    count = suite["failed"] if name == "failed" else suite["passed"]
+    return int(count), int(suite["total"]), name == "pass_rate"
+
+
+def _interval(sample: tuple[int, int, bool]) -> tuple[float, float, float]:
+    """(rate, low, high) of a sample."""
+    count, n, _ = sample
+    low, high = wilson(count, n)
+    return count / n, low, high
+
+
+def margin(op: str, threshold: float, sample: tuple[int, int, bool] | None,
+           base_sample: tuple[int, int, bool] | None, factor: float | None) -> tuple[float, float] | None:
+    """The 95 % interval of `candidate - threshold` in rate units; None where the gate is exact."""
+    if op == "==" or sample is None:
+        return None
+    p1, l1, u1 = _interval(sample)
+    if factor is None:  # absolute threshold, in the metric's own units
+        t = threshold if sample[2] else threshold / sample[1]
+        return l1 - t, u1 - t
+    if base_sample is None:
+        return None
+    p2, l2, u2 = _interval(base_sample)
+    diff = p1 - factor * p2
+    low = diff - math.sqrt((p1 - l1) ** 2 + (factor * (u2 - p2)) ** 2)
+    high = diff + math.sqrt((u1 - p1) ** 2 + (factor * (p2 - l2)) ** 2)
+    return low, high
+
+
+def judge(op: str, value: float, threshold: float, interval: tuple[float, float] | None) -> str:
+    """pass / fail / inconclusive; a measured value without an interval is judged as it is."""
+    if interval is None:
+        return "pass" if OPS[op](value, threshold) else "fail"
+    low, high = interval
+    eps = 1e-12
+    sure = {">=": low >= -eps, ">": low > eps, "<=": high <= eps, "<": high < -eps}[op]
+    wrong = {">=": high < -eps, ">": high <= eps, "<=": low > eps, "<": low >= -eps}[op]
+    return "pass" if sure else "fail" if wrong else "inconclusive"
+
+
 def evaluate(gates: list[dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
              ) -> list[dict[str, Any]]:
-    """One verdict per gate: value, threshold, pass (None when the metric is missing)."""
+    """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing)."""
     verdicts = []
     for gate in gates:
-        value = metric_value(result, gate["metric"])
-        threshold = gate["value"]
-        base = metric_value(baseline, gate["metric"]) if baseline else None
-        if gate["relative_to"] == "baseline":
-            threshold = gate["value"] * base if base is not None else None
-        passed = None if value is None or threshold is None else OPS[gate["op"]](value, threshold)
-        verdicts.append({"gate": gate["name"], "metric": gate["metric"], "op": gate["op"], "declared": gate["value"],
-                         "value": value,
+        metric, op = gate["metric"], gate["op"]
+        value = metric_value(result, metric)
+        base = metric_value(baseline, metric) if baseline else None
+        relative = gate["relative_to"] == "baseline"
+        threshold = (gate["value"] * base if base is not None else None) if relative else gate["value"]
+        sample = metric_sample(result, metric)
+        base_sample = metric_sample(baseline, metric) if baseline and relative else None
+        if value is None or threshold is None:
+            verdict, diff = "missing", None
+        else:
+            diff = margin(op, gate["value"] if not relative else threshold, sample, base_sample,
+                          gate["value"] if relative else None)
+            verdict = judge(op, value, threshold, diff)
+        interval = None
+        if sample is not None:
+            low, high = wilson(sample[0], sample[1])
+            scale = 1 if sample[2] else sample[1]
+            interval = [round(low * scale, 4), round(high * scale, 4)]
+        verdicts.append({"gate": gate["name"], "metric": metric, "op": op, "declared": gate["value"],
+                         "value": value, "n": sample[1] if sample else None, "interval": interval,
                          "threshold": threshold, "baseline": base, "relative_to": gate["relative_to"],
-                         "pass": passed})
+                         "margin": [round(diff[0], 4), round(diff[1], 4)] if diff else None,
+                         "verdict": verdict, "pass": {"pass": True, "fail": False}.get(verdict)})
     return verdicts
 
 
 def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]],
-           prefer: list[dict[str, str]]) -> dict[str, Any]:
-    """Strategies passing every gate, ranked by the preferences in order; the first is the choice."""
-    passing = [s for s, vs in verdicts.items() if all(v["pass"] for v in vs)]
+           prefer: list[dict[str, str]], inconclusive: str = "accept") -> dict[str, Any]:
+    """The strategies no gate rejects, ranked by the preferences in order (ties keep the recipe's
+    order); the first is the choice. A missing metric rejects; an inconclusive gate rejects only
+    when `inconclusive` is "reject"."""
+    rejecting = {"fail", "missing"} | ({"inconclusive"} if inconclusive == "reject" else set())
+    passing = [s for s, vs in verdicts.items() if not any(v["verdict"] in rejecting for v in vs)]
 
     def key(strategy: str) -> tuple[float, ...]:
         out = []
@@ -58,9 +143,14 @@ def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[st
         return tuple(out)
 
     ranking = sorted(passing, key=key)
-    failing = {s: [v["gate"] for v in vs if not v["pass"]] for s, vs in verdicts.items() if s not in passing}
+    failing = {s: [v["gate"] for v in vs if v["verdict"] in rejecting] for s, vs in verdicts.items()
+               if s not in passing}
+    doubtful = {s: [v["gate"] for v in verdicts[s] if v["verdict"] == "inconclusive"] for s in passing}
+    rule = ("no gate fails" + (" or is inconclusive" if inconclusive == "reject" else
+                               " (inconclusive gates accepted)")
+            + (", then " + ", ".join(f"{p['order']} {p['metric']}" for p in prefer) if prefer else ""))
     return {"best": ranking[0] if ranking else None, "ranking": ranking, "failing": failing,
-            "rule": "all gates pass, then " + ", ".join(f"{p['order']} {p['metric']}" for p in prefer)}
+            "inconclusive": {s: g for s, g in doubtful.items() if g}, "rule": rule}
 
 
 def _fmt(value: float | None) -> str:
@@ -69,28 +159,37 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 or float(value).is_integer() else f"{value:.3g}"
 
 
+def _cell(v: dict[str, Any]) -> str:
+    mark = {"pass": "pass", "fail": "FAIL", "inconclusive": "inconclusive", "missing": "missing"}[v["verdict"]]
+    value = _fmt(v["value"])
+    if v.get("interval"):
+        value += f" [{_fmt(v['interval'][0])}, {_fmt(v['interval'][1])}]"
+    return f"{value} {mark}"
+
+
 def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name: str | None,
                         baseline: dict[str, Any] | None, selection: dict[str, Any]) -> str:
     strategies = list(verdicts)
     gates = verdicts[strategies[0]] if strategies else []
-    header = ["gate", "required"] + ([f"{baseline_name} (baseline)"] if baseline else []) + strategies
+    header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + strategies
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, gate in enumerate(gates):
         required = f"{gate['op']} {_fmt(gate['threshold'])}"
         if gate["relative_to"] == "baseline":
             required = f"{gate['op']} {_fmt(gate['declared'])} x baseline = {_fmt(gate['threshold'])}"
-        row = [gate["gate"], required]
+        row = [gate["gate"], required, str(gate["n"]) if gate.get("n") else "-"]
         if baseline:
             row.append(_fmt(gate["baseline"]))
-        for s in strategies:
-            v = verdicts[s][i]
-            mark = {True: "pass", False: "FAIL", None: "missing"}[v["pass"]]
-            row.append(f"{_fmt(v['value'])} {mark}")
+        row.extend(_cell(verdicts[s][i]) for s in strategies)
         lines.append("| " + " | ".join(row) + " |")
     best = selection["best"]
     lines.append("")
+    if any(v.get("interval") for vs in verdicts.values() for v in vs):
+        lines.append("Suite values show the 95 % Wilson interval; a gate whose interval (with the baseline's, "
+                     "for relative gates) straddles its threshold is inconclusive: too few prompts to tell.")
+        lines.append("")
     lines.append(f"Selected: **{best}** ({selection['rule']})." if best else
-                 f"No strategy passes every gate ({selection['rule']}).")
+                 f"No strategy passes the gates ({selection['rule']}).")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,8 @@ Scorers:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,9 +110,27 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
             result = await stream_chat(session, base_url, model, messages, suite.max_tokens, tools, extra)
         passed, why = score(suite, item, result)
         return {"prompt": item.prompt, "passed": passed, "why": why, "answer": result.content[:500],
+                "full_answer": result.content, "error": not result.ok,
                 "tool_calls": result.tool_calls, "ttft_ms": round(result.ttft_s * 1000, 2) if result.ttft_s else None}
 
     answers = await asyncio.gather(*(ask(item) for item in items))
+    errors = [a for a in answers if a.pop("error")]
+    if errors:
+        # An answer that never came says nothing about the model: fail the step, never score it.
+        raise RunnerError(f"suite {suite.name}: {len(errors)} of {len(answers)} requests to {base_url} failed "
+                          f"(first: {errors[0]['why']}); no answer was scored, the step is not committed")
     passed = sum(a["passed"] for a in answers)
+    fingerprint = answers_hash(answers)
+    for a in answers:
+        del a["full_answer"]  # `answer` keeps the first 500 characters; the hash covers all of it
     return {"passed": passed, "failed": len(answers) - passed, "total": len(answers),
-            "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened, "items": answers}
+            "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened,
+            "answers_sha256": fingerprint, "items": answers}
+
+
+def answers_hash(answers: list[dict[str, Any]]) -> str:
+    """A fingerprint of what the model said (full text and tool calls, not ids): equal hashes, equal answers."""
+    canonical = [[a["prompt"], a["full_answer"],
+                  [[(c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments")]
+                   for c in a["tool_calls"]]] for a in answers]
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()

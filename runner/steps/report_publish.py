@@ -27,16 +27,19 @@ async def publish(ctx: StepContext) -> StepResult:
     gates = ctx.run_dir.record("gates") or {}  # complete: report, which publish needs, needs it
     best = gates.get("summary", {}).get("selection", {}).get("best")
     if best is None:
-        raise RunnerError("no strategy passed every gate, so there is nothing to publish; "
-                          "see steps/gates/comparison.md")
+        # Not a failure of the pipeline: the run completes and exits with its own status (4).
+        reason = "no strategy passed the gates; see steps/gates/comparison.md"
+        ctx.log.info("publish skipped: %s", reason)
+        return StepResult(summary={"published": False, "skipped": reason, "strategy": None,
+                                   "repo_id": spec.repo_id, "dry_run": spec.dry_run})
     if spec.repo_id is None:
         raise RunnerError("publish.repo_id is not set: name the Hub repository (user/name) to publish to")
     checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
     files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), recipe_yaml(recipe),
                                     ctx.scratch / "upload")
     total = sum(f["bytes"] for f in files)
-    summary = {"repo_id": spec.repo_id, "private": spec.private, "strategy": best, "dry_run": spec.dry_run,
-               "files": files, "total_bytes": total}
+    summary = {"published": not spec.dry_run, "repo_id": spec.repo_id, "private": spec.private, "strategy": best,
+               "dry_run": spec.dry_run, "files": files, "total_bytes": total}
     if spec.dry_run:
         ctx.log.info("dry run: would upload %d files (%d bytes) to %s", len(files), total, spec.repo_id)
         for f in files:

@@ -9,6 +9,7 @@ served the same way). gates judges every candidate against the recipe's gates an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -78,10 +79,11 @@ async def benchmark(ctx: StepContext) -> StepResult:
             ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
             suites[ref.name] = await run_suite(session, server.url, server.model, suite, spec.system_prompt,
                                                ref.hardened_prompt, ref.limit, spec.concurrency)
-            ctx.log.info("suite %s: %d/%d passed", ref.name, suites[ref.name]["passed"], suites[ref.name]["total"])
+            ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
+                         suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed)
     results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed,
-                               "measured_on": measured_on(server.engine)}
+                               "answers_sha256": combined_hash(suites), "measured_on": measured_on(server.engine)}
     if model_dir is not None:
         size = sum(tensor_bytes(model_dir).values())
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
@@ -94,6 +96,12 @@ async def benchmark(ctx: StepContext) -> StepResult:
     summary = {k: v for k, v in results.items() if k != "suites"}
     summary["suites"] = {n: {k: v for k, v in s.items() if k != "items"} for n, s in suites.items()}
     return StepResult(outputs={"results": "results.json"}, summary=summary)
+
+
+def combined_hash(suites: dict[str, dict[str, Any]]) -> str:
+    """One fingerprint of every answer of every suite: two runs with equal hashes gave equal answers."""
+    joined = "".join(f"{name}:{suite['answers_sha256']};" for name, suite in sorted(suites.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def measured_on(engine: str) -> dict[str, Any]:
@@ -124,7 +132,8 @@ async def gates(ctx: StepContext) -> StepResult:
             results[dep.removeprefix("benchmark.")] = data
     gate_specs = [g.model_dump() for g in recipe.gates]
     verdicts = {s: evaluate(gate_specs, r, baseline) for s, r in results.items()}
-    selection = select(verdicts, results, [p.model_dump() for p in recipe.selection.prefer])
+    selection = select(verdicts, results, [p.model_dump() for p in recipe.selection.prefer],
+                       recipe.selection.inconclusive)
     baseline_name = recipe.benchmark.baseline.name if recipe.benchmark.baseline else None
     table = comparison_markdown(verdicts, baseline_name, baseline, selection)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")

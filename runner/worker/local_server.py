@@ -7,6 +7,10 @@ emulation, W4A16 for NVFP4) or an unquantized model as it is. Endpoints: GET /he
 GET /v1/models, POST /v1/chat/completions (streaming or not, `tools`, `chat_template_kwargs`,
 `max_tokens`, `temperature`), with `<tool_call>{...}</tool_call>` blocks in the output returned
 as parsed tool_calls. One request generates at a time.
+
+Answers repeat: generation is greedy unless a request asks for a temperature, torch runs with a
+fixed number of threads (`--threads`; the float summation order of a CPU matmul depends on it) and
+deterministic algorithms, so the same checkpoint gives the same answers on the same machine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -26,12 +31,26 @@ from aiohttp import web
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # fixed, so answers repeat across runs on one machine
+
+
+def make_deterministic(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+
+
 class LocalModel:
-    def __init__(self, model_dir: Path, name: str, dtype: str):
+    def __init__(self, model_dir: Path, name: str, dtype: str, threads: int = DEFAULT_THREADS):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        make_deterministic(threads)
         torch.set_grad_enabled(False)
+        self.threads = threads
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if (model_dir / "hf_quant_config.json").exists():
@@ -76,7 +95,7 @@ def make_app(local: LocalModel) -> web.Application:
     from transformers import TextIteratorStreamer
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "numerics": local.numerics})
+        return web.json_response({"status": "ok", "numerics": local.numerics, "threads": local.threads})
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": local.name, "object": "model"}]})
@@ -149,9 +168,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", "--served-model-name", dest="name", default="local")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (fixed)")
     args = parser.parse_args()
-    local = LocalModel(args.model, args.name, args.dtype)
-    print(f"[local_server] {args.model} ({local.numerics}) on http://{args.host}:{args.port}/v1", flush=True)
+    local = LocalModel(args.model, args.name, args.dtype, args.threads)
+    print(f"[local_server] {args.model} ({local.numerics}, {local.threads} threads) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
     web.run_app(make_app(local), host=args.host, port=args.port, print=None)
 
 
