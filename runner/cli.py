@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--until", action="append", default=[], metavar="STEP",
                    help="stop after these steps (and what they need)")
     p.add_argument("--force", action="store_true", help="re-run the selected steps even if current")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop starting new steps at the first failure (default: a failure stops only its "
+                        "strategy's branch; the others, gates, report and publish still run; exit 1)")
     p.add_argument("--dry-run", action="store_true", help="say what would run; run nothing")
     p.set_defaults(func=cmd_run)
 
@@ -107,9 +110,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 console.print(f"  {problem}", markup=False)
             continue
         recipe = loaded.recipe
+        # auto_quantize feasibility from the model's headers, when the model is already on disk
+        from runner import footprint
+
+        folder, _ = footprint.model_folder(recipe)
+        footprints, problems = [], []
+        if folder is not None:
+            try:
+                footprints = footprint.recipe_footprints(recipe, folder)
+            except (footprint.Unknown, OSError, ValueError) as exc:
+                console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
+            problems = footprint.feasibility_problems(loaded, footprints)
+        if problems:
+            failed += 1
+            console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
+            for problem in problems:
+                console.print(f"  {problem}", markup=False)
+            continue
         names = ", ".join(s.name for s in recipe.enabled_strategies())
         out.print(f"[green]✓[/] {path}: {recipe.name} ({len(loaded.files)} file"
                   f"{'s' if len(loaded.files) != 1 else ''}; strategies: {names})")
+        for fp in footprints:
+            if fp.auto is not None:
+                out.print(f"  {fp.strategy}: effective_bits {fp.auto.target:g} is reachable "
+                          f"({fp.auto.modelopt_min:.4f} to {fp.auto.modelopt_max:.4f} as auto_quantize counts; "
+                          f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
     return EXIT_INVALID if failed else 0
 
 
@@ -144,7 +169,7 @@ def _where(plan, step) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from runner.steps import step_kinds
 
-    _, plan, run_dir = _load_plan(args)
+    loaded, plan, run_dir = _load_plan(args)
     kinds = step_kinds()
     rows = []
     for sid, step in plan.steps.items():
@@ -158,10 +183,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
             state = "to run"
         rows.append({"step": sid, "kind": step.kind, "needs": list(step.deps), "runs_in": _where(plan, step),
                      "state": state, "key": plan.keys[sid]})
+    # What each strategy will weigh, from the model's headers (no torch), before anything runs.
+    from runner import footprint
+    from runner.bits import DEFINITION, MODELOPT_DEFINITION
+
+    recipe = plan.recipe
+    folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys["source"])
+    names = [s.name for s in recipe.quantization.strategies if f"quantize.{s.name}" in plan.steps]
+    footprints, problems, source = [], [], None
+    if folder is not None:
+        try:
+            footprints = footprint.recipe_footprints(recipe, folder, names)
+            source = footprint.source_footprint(recipe, folder)
+        except (footprint.Unknown, OSError, ValueError) as exc:
+            read_from = f"footprint: unknown ({exc})"
+        problems = footprint.feasibility_problems(loaded, footprints)
     if args.json:
-        out.print_json(json.dumps({"recipe": plan.recipe.name, "run_dir": str(run_dir.root), "steps": rows}))
-        return 0
-    table = Table(title=f"{plan.recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
+        out.print_json(json.dumps({
+            "recipe": recipe.name, "run_dir": str(run_dir.root), "steps": rows,
+            "footprint": {fp.strategy: fp.to_json() for fp in footprints},
+            "footprint_info": {"read_from": read_from, "hardware": recipe.benchmark.hardware,
+                               "effective_bits": DEFINITION, "auto_quantize_effective_bits": MODELOPT_DEFINITION,
+                               "source": source.to_json() if source else None},
+            "problems": [str(p) for p in problems]}))
+        return EXIT_INVALID if problems else 0
+    table = Table(title=f"{recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
     for col in ("step", "needs", "runs in", "cache"):
         table.add_column(col)
     colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}
@@ -169,6 +215,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_row(row["step"], ", ".join(row["needs"]), row["runs_in"],
                       f"[{colors[row['state']]}]{row['state']}[/]")
     out.print(table)
+    if folder is None or source is None:
+        out.print(escape(read_from))
+    else:
+        out.print(footprint.table([source, *footprints], f"predicted footprint on {recipe.benchmark.hardware}, "
+                                                         f"read from {escape(read_from)}"))
+        out.print(f"effective bits: {DEFINITION}.", markup=False)
+        if any(fp.auto is not None for fp in footprints):
+            out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
+    if problems:
+        console.print(f"[bold red]invalid recipe[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''}):")
+        for problem in problems:
+            console.print(f"  {problem}", markup=False)
+        return EXIT_INVALID
     return 0
 
 
@@ -182,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not args.dry_run else make_executor("local", run_dir.root))
     runner = Runner(plan, run_dir, executor, console)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
-                         dry_run=args.dry_run)
+                         dry_run=args.dry_run, fail_fast=args.fail_fast)
     if not args.dry_run:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
@@ -235,7 +294,9 @@ def _print_outcome(outcome, root: Path) -> None:
     table.add_column("state")
     for sid, state in outcome.states.items():
         color = colors.get(state, "cyan")
-        table.add_row(sid, f"[{color}]{state}[/]")
+        blocker = outcome.blocked_by.get(sid) if state == "blocked" else None
+        shown = f"{state} ({escape(blocker)} failed)" if blocker else state
+        table.add_row(sid, f"[{color}]{shown}[/]")
     console.print(table)
     comparison = root / "steps" / "gates" / "comparison.md"
     if outcome.states.get("gates") in ("complete", "current") and comparison.exists():

@@ -3,8 +3,11 @@
 A step runs when every step it depends on is complete. At most `execution.max_parallel` steps run at
 once and at most max(gpus, 1) heavy steps (quantize, serve) at once. A step whose key matches its
 committed record is not run again, so a run that was interrupted resumes at the first incomplete
-step. The first failure stops new steps from starting, lets running ones finish and commit, and
-fails the run; a step that is not built yet stops its branch with a message that says so.
+step. A failed step stops its strategy's branch (the steps after it are blocked, naming it) while
+the other strategies' branches run to the end; gates then judges the candidates that exist, report
+and publish follow, and the run still fails (exit 1). With `fail_fast` the first failure stops new
+steps from starting instead; running ones finish and commit. A step that is not built yet stops its
+branch with a message that says so.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import itertools
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from rich.markup import escape
 from runner.containers import load_container
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors import Executor
-from runner.plan import Plan
+from runner.plan import Plan, Step, step_key
 from runner.run_dir import RunDir, host_versions, now, write_json_atomic
 from runner.steps import StepContext, StepKind, StepResult, step_kinds
 
@@ -41,6 +44,7 @@ class RunOptions:
     until: list[str] = field(default_factory=list)
     force: bool = False
     dry_run: bool = False
+    fail_fast: bool = False  # the first failure stops new steps from starting, in every branch
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RunOutcome:
     status: str  # complete | no-candidate | failed | stopped | interrupted | dry-run
     states: dict[str, str]
     messages: list[str] = field(default_factory=list)
+    blocked_by: dict[str, str] = field(default_factory=dict)  # blocked step -> the failed step that stopped it
 
     @property
     def exit_code(self) -> int:
@@ -107,12 +112,17 @@ class Runner:
         self._slots = PrioritySlots(execution.max_parallel)
         self._heavy = PrioritySlots(max(execution.gpus, 1))
         self._priority = branch_first_order(plan)
-        self._halt = False
+        self._fail_fast = False
+        self._halt: str | None = None  # with fail_fast: the step whose failure stops new steps
+        # This run's keys: the plan's, except where a step ran without a failed branch (see _inputs).
+        self.keys = dict(plan.keys)
         self.states: dict[str, str] = {}
+        self.blocked_by: dict[str, str] = {}
         self.messages: list[str] = []
 
     async def run(self, options: RunOptions) -> RunOutcome:
         to_run, forced = select_steps(self.plan, self.run_dir, options)
+        self._fail_fast = options.fail_fast
         self.states = {sid: ("current" if self.run_dir.is_complete(sid, key) else "missing")
                        for sid, key in self.plan.keys.items()}
         if options.dry_run:
@@ -141,10 +151,15 @@ class Runner:
                     self.states[sid] = "interrupted"
             self._write_status("interrupted")
             return RunOutcome("interrupted", self.states, ["interrupted: completed steps are kept; "
-                                                           "run again to resume"])
+                                                           "run again to resume"], self.blocked_by)
         status = "complete"
-        if any(s == "failed" for s in self.states.values()):
+        failed = [sid for sid, state in self.states.items() if state == "failed"]
+        if failed:
             status = "failed"
+            ran_on = " (gates, report and publish ran over the strategies that finished)" if (
+                self.states.get("gates") == "complete") else ""
+            self.messages.append(f"failed: {', '.join(failed)}{ran_on}; fix and run again to resume "
+                                 "at the failed steps")
         elif any(s in ("not built", "blocked") for s in self.states.values()):
             status = "stopped"
         elif "gates" in target_steps(self.plan, options) and self._no_candidate():
@@ -152,7 +167,7 @@ class Runner:
             self.messages.append("no strategy passed the gates, so nothing was published: "
                                  "see steps/gates/comparison.md and the report")
         self._write_status(status)
-        return RunOutcome(status, self.states, self.messages)
+        return RunOutcome(status, self.states, self.messages, self.blocked_by)
 
     def _no_candidate(self) -> bool:
         record = self.run_dir.record("gates")
@@ -163,9 +178,11 @@ class Runner:
         for dep in step.deps:
             await done[dep].wait()
         try:
-            blocking = [d for d in step.deps if self.states.get(d) not in ("current", "complete")]
-            if blocking:
+            runnable, blocker = self._inputs(step)
+            if runnable is None:
                 self.states[sid] = "blocked"
+                if blocker is not None:
+                    self.blocked_by[sid] = blocker
                 return
             kind = self.kinds[step.kind]
             if kind.run is None:
@@ -178,10 +195,11 @@ class Runner:
                 if step.heavy:
                     await self._heavy.acquire(priority)
                 try:
-                    if self._halt:
+                    if self._halt is not None:
                         self.states[sid] = "blocked"
+                        self.blocked_by[sid] = self._halt
                         return
-                    await self._run_step(sid, kind)
+                    await self._run_step(sid, kind, runnable)
                     done[sid].set()
                 finally:
                     if step.heavy:
@@ -191,8 +209,45 @@ class Runner:
         finally:
             done[sid].set()
 
-    async def _run_step(self, sid: str, kind: StepKind) -> None:
-        step = self.plan.steps[sid]
+    def _failure(self, sid: str) -> str | None:
+        """The failed step behind a step that failed or was blocked; None for other states."""
+        return sid if self.states.get(sid) == "failed" else self.blocked_by.get(sid)
+
+    def _inputs(self, step: Step) -> tuple[Step | None, str | None]:
+        """(the step to run, or None when it is blocked; the failed step that blocks it, if any).
+
+        A step outside any branch (gates) runs without a dependency whose own strategy's branch
+        failed: it judges the candidates that exist. Anything else missing blocks it: a failure
+        outside that dependency's branch (benchmark.baseline, source, calibrate), a step not built,
+        or a stop by fail_fast.
+        """
+        missing = [d for d in step.deps if self.states.get(d) not in ("current", "complete")]
+        if not missing:
+            return step, None
+        failed: dict[str, str] = {}
+        for dep in missing:
+            cause = self._failure(dep)
+            branch = self.plan.steps[dep].strategy
+            if (step.strategy is not None or branch is None or cause is None
+                    or self.plan.steps[cause].strategy != branch):
+                return None, cause
+            failed[branch] = cause
+        # The result of a step run without some branches is not the plan's result: its key must
+        # differ, or once the branch is fixed the old partial result (and report's and publish's
+        # after it) would count as current. So the failed branches go into its params, which
+        # step_key hashes, and the keys of the steps after it are chained from that key as plan.py
+        # does. The record keeps this key, so the next run (whose plan has the full key again)
+        # re-runs gates and what follows; a different set of failed branches gives a different key.
+        reduced = replace(step, deps=tuple(d for d in step.deps if d not in missing),
+                          params={**step.params, "failed_branches": dict(sorted(failed.items()))})
+        self.keys[step.id] = step_key(reduced, [self.keys[d] for d in reduced.deps])
+        after = self.plan.dependents(step.id)
+        for sid, later in self.plan.steps.items():
+            if sid in after:
+                self.keys[sid] = step_key(later, [self.keys[d] for d in later.deps])
+        return reduced, None
+
+    async def _run_step(self, sid: str, kind: StepKind, step: Step) -> None:
         self.states[sid] = "running"
         self._write_status("running")
         log_path = self.run_dir.log_path(sid)
@@ -201,7 +256,7 @@ class Runner:
         scratch = self.run_dir.new_scratch(sid)
         started, t0 = now(), time.monotonic()
         self.console.print(f"[bold cyan]▶[/] {sid} [dim]started[/]")
-        logger.info("step %s (key %s) started; scratch %s", sid, self.plan.keys[sid], scratch)
+        logger.info("step %s (key %s) started; scratch %s", sid, self.keys[sid], scratch)
 
         async def run_worker(worker_kind: str, params: dict[str, Any]) -> StepResult:
             container = None
@@ -225,13 +280,14 @@ class Runner:
             self.console.print(f"[bold yellow]■[/] {sid} not built: {escape(str(exc))}")
             return
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails the run, with its message
-            self._halt = True
+            if self._fail_fast and self._halt is None:
+                self._halt = sid
             self.states[sid] = "failed"
             logger.error("step %s failed: %s\n%s", sid, exc, traceback.format_exc())
             detail = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
             self.messages.append(f"{sid} failed: {detail}\n    log: {log_path}")
             write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
-                "step": sid, "key": self.plan.keys[sid], "error": detail, "started_at": started,
+                "step": sid, "key": self.keys[sid], "error": detail, "started_at": started,
                 "failed_at": now(), "scratch": str(scratch)})
             self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s: {escape(detail)}")
             return
@@ -241,10 +297,10 @@ class Runner:
             "step": sid,
             "kind": step.kind,
             "strategy": step.strategy,
-            "key": self.plan.keys[sid],
+            "key": self.keys[sid],
             "status": "complete",
             "params": step.params,
-            "deps": {d: self.plan.keys[d] for d in step.deps},
+            "deps": {d: self.keys[d] for d in step.deps},
             "outputs": result.outputs,
             "summary": result.summary,
             "versions": {**host_versions(), **result.versions},
@@ -264,7 +320,8 @@ class Runner:
             return
         write_json_atomic(self.run_dir.root / "run.json", {
             "recipe": self.plan.recipe.name, "status": status, "updated_at": now(),
-            "steps": {sid: {"state": self.states.get(sid, "?"), "key": self.plan.keys[sid]}
+            "steps": {sid: {"state": self.states.get(sid, "?"), "key": self.keys[sid],
+                            **({"blocked_by": self.blocked_by[sid]} if sid in self.blocked_by else {})}
                       for sid in self.plan.steps},
             "messages": self.messages,
         })

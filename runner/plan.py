@@ -99,7 +99,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         s = strategy.name
         quant_params = {
             "strategy": strategy.model_dump(mode="json"),
-            "exclude": [*recipe.quantization.exclude, *strategy.exclude],
+            "exclude": recipe.quantization.exclusions(strategy),
             "calib_samples": strategy.calib_samples or calib.samples,
             "max_length": calib.max_length,
             "seed": calib.seed,
@@ -113,7 +113,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
                           {"fixups": [f.model_dump(mode="json") for f in recipe.export.fixups]}, s,
                           input_files=fixup_files))
-        steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source"),
+        steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source", f"quantize.{s}"),
                           {"exclude": quant_params["exclude"], "engine": recipe.serve.engine}, s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           {"serve": recipe.serve.model_dump(mode="json"), "hardware": recipe.benchmark.hardware},

@@ -2,6 +2,8 @@
 
 Merge rules (documented in docs/recipes.md):
 - mappings merge key by key, the extending recipe wins;
+- a mapping with a `kind` (a tagged section: calibration.source, model.source, benchmark.baseline)
+  whose `kind` differs from the inherited one's replaces it whole;
 - a list of mappings that all have a `name` merges item by item by name (a new name is appended,
   an existing one is deep-merged in place);
 - any other list is replaced whole;
@@ -105,6 +107,10 @@ def _resolve_base(ref: str, here: Path, loc: Location) -> Path:
 def merge(base: Node, over: Node) -> Node:
     """Deep-merge `over` onto `base` following the module's merge rules."""
     if isinstance(base.value, dict) and isinstance(over.value, dict):
+        if _kind_changes(base, over):
+            # Another kind has other keys: merging the inherited kind's keys in would only make
+            # "unknown key" errors, so the new section replaces the old one.
+            return _resolve_appends(over)
         out = dict(base.value)
         key_locs = dict(base.key_locs)
         for key, child in over.value.items():
@@ -154,6 +160,12 @@ def _resolve_appends(node: Node) -> Node:
     if isinstance(node.value, list):
         return Node([_resolve_appends(item) for item in node.value], node.loc)
     return node
+
+
+def _kind_changes(base: Node, over: Node) -> bool:
+    """Both mappings are tagged with a `kind` and the tags differ."""
+    base_kind, over_kind = base.value.get("kind"), over.value.get("kind")
+    return base_kind is not None and over_kind is not None and base_kind.value != over_kind.value
 
 
 def _is_named_list(node: Node) -> bool:

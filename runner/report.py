@@ -21,6 +21,7 @@ from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 from ruamel.yaml import YAML
 
+from runner.benchmark.gates import first_line
 from runner.errors import RunnerError
 from runner.resources import shipped_dir
 from runner.run_dir import RunDir
@@ -46,12 +47,16 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         bench_path = run_dir.step_dir(f"benchmark.{name}") / "results.json"
         strategies[name] = {
             "spec": strategy.model_dump(mode="json"),
+            "exclude": recipe.quantization.exclusions(strategy),
             "quantize": {k: v for k, v in quantize["summary"].items() if k != "layers"},
             "verify": (run_dir.record(f"verify.{name}") or {}).get("summary", {}),
             "serve": (run_dir.record(f"serve.{name}") or {}).get("summary", {}),
             "benchmark": json.loads(bench_path.read_text()) if bench_path.exists() else None,
             "verdicts": gates_record["summary"]["verdicts"].get(name, []),
         }
+    # Strategies whose branch failed before gates: named in the documents with where and why.
+    failed = {name: {**why, "reason": first_line(why.get("error"))}
+              for name, why in (gates_record["summary"].get("failed") or {}).items()}
     baseline_path = run_dir.step_dir("benchmark.baseline") / "results.json"
     calibrate = run_dir.record("calibrate") or {}
     return {
@@ -63,6 +68,7 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "selection": selection,
         "strategies": strategies,
         "chosen": strategies.get(best) if best else None,
+        "failed": failed,
         "baseline": json.loads(baseline_path.read_text()) if baseline_path.exists() else None,
         "baseline_name": recipe.benchmark.baseline.name if recipe.benchmark.baseline else None,
         "gate_table": (run_dir.step_dir("gates") / "comparison.md").read_text(encoding="utf-8"),

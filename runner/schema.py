@@ -238,6 +238,9 @@ class Strategy(Section):
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
     calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
     batch_size: int | Literal["auto"] = Field("auto", description="Calibration batch size; auto fits memory.")
+    inherit_exclude: bool = Field(
+        True, description="`false`: quantization.exclude does not apply to this strategy, only its own `exclude` "
+        "(for a ModelOpt recipe that encodes the model's whole layout, e.g. NVIDIA's Qwen3.5 W4A16 + FP8 recipe).")
     fold_awq_scales: bool = Field(
         True, description="Fold AWQ's per-channel input scales into the preceding norm or Linear (re-quantizing "
         "where scales must be averaged) so the export is plain NVFP4, which vLLM loads. `false` keeps the raw "
@@ -256,6 +259,10 @@ class QuantizationSpec(Section):
     exclude: list[str] = Field(default_factory=list,
                                description="Glob patterns of module names left unquantized by every strategy.")
     strategies: list[Strategy] = Field(min_length=1)
+
+    def exclusions(self, strategy: Strategy) -> list[str]:
+        """The patterns one strategy leaves unquantized: the recipe's (unless it opts out) and its own."""
+        return [*(self.exclude if strategy.inherit_exclude else []), *strategy.exclude]
 
 
 # --- export fix-ups --------------------------------------------------------------------------

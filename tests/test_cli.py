@@ -46,13 +46,13 @@ def test_plan_shows_steps_executors_and_cache_state(tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     steps = {row["step"]: row for row in plan["steps"]}
-    assert len(steps) == 21
+    assert len(steps) == 26  # 5 per strategy x 4, source, calibrate, the baseline, gates, report, publish
     assert steps["quantize.awq_lite"]["runs_in"] == "container ngc-modelopt"
     assert steps["quantize.awq_lite"]["state"] == "to run"
     assert steps["serve.auto_mixed"]["runs_in"] == "vllm server in container vllm"
     assert steps["publish"]["state"] == "to run" and steps["publish"]["needs"] == ["report"]
     assert steps["gates"]["needs"] == ["benchmark.awq_lite", "benchmark.mlp_only", "benchmark.auto_mixed",
-                                       "benchmark.baseline"]
+                                       "benchmark.nvidia_w4a16_fp8attn", "benchmark.baseline"]
     local = recipe("plan", str(RECIPES / "qwen35-9b-opus.yaml"), "--json", "--executor", "local",
                    "--strategy", "mlp_only", "--run-dir", str(tmp_path))
     steps = {row["step"]: row for row in json.loads(local.stdout)["steps"]}

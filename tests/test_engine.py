@@ -54,7 +54,15 @@ class Recorder:
                     raise RuntimeError(f"{sid} was told to fail")
                 (ctx.scratch / "out.txt").write_text(sid)
                 self.ran.append(sid)
-                return StepResult(outputs={"out": "out.txt"}, summary={"id": sid})
+                outputs, summary = {"out": "out.txt"}, {"id": sid}
+                if ctx.step.kind == "benchmark":  # what the real gates step reads
+                    (ctx.scratch / "results.json").write_text(json.dumps({"name": sid, "suites": {}, "speed": {}}))
+                    outputs["results"] = "results.json"
+                if ctx.step.kind == "gates":
+                    # Like the real step: the first candidate that exists is selected (no gates here).
+                    candidates = [d.removeprefix("benchmark.") for d in ctx.step.deps if d != "benchmark.baseline"]
+                    summary["selection"] = {"best": candidates[0] if candidates else None}
+                return StepResult(outputs=outputs, summary=summary)
             finally:
                 self.running.discard(sid)
 
@@ -199,3 +207,133 @@ def test_one_branch_finishes_before_the_next_starts(write, tmp_path):
     run(plan, run_dir, recorder, until=["verify"])
     assert recorder.ran == ["source", "calibrate", "quantize.max", "export.max", "verify.max",
                             "quantize.b", "export.b", "verify.b", "quantize.c", "export.c", "verify.c"]
+
+
+TWO = MINIMAL + """
+    - {name: b, preset: FP8_DEFAULT_CFG}
+execution:
+  max_parallel: 2
+  gpus: 1
+"""
+BRANCH_B = ["quantize.b", "export.b", "verify.b", "serve.b", "benchmark.b"]
+
+
+def run_with_real_gates(plan, run_dir, recorder, **options):
+    """The fake kinds, but the real gates step (over the fake benchmarks' results.json)."""
+    from runner.steps import step_kinds
+
+    kinds = recorder.kinds(plan)
+    kinds["gates"] = step_kinds()["gates"]
+    return asyncio.run(Runner(plan, run_dir, LocalExecutor(), kinds=kinds).run(RunOptions(**options)))
+
+
+def test_a_failed_branch_stops_only_itself_and_gates_judges_the_rest(write, tmp_path):
+    plan, run_dir = make(write, tmp_path, TWO)
+    recorder = Recorder(fail={"quantize.b"})
+    outcome = run_with_real_gates(plan, run_dir, recorder)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert outcome.states["quantize.b"] == "failed"
+    for sid in BRANCH_B[1:]:
+        assert outcome.states[sid] == "blocked" and outcome.blocked_by[sid] == "quantize.b"
+    for sid in ("quantize.max", "export.max", "verify.max", "serve.max", "benchmark.max", "gates", "report",
+                "publish"):
+        assert outcome.states[sid] == "complete", sid
+    assert {"report", "publish"} <= set(recorder.ran)
+    error = "RuntimeError: quantize.b was told to fail"
+    gates = run_dir.record("gates")
+    assert gates["summary"]["failed"] == {"b": {"step": "quantize.b", "error": error}}
+    assert json.loads((run_dir.step_dir("gates") / "gates.json").read_text())["failed"] == gates["summary"]["failed"]
+    assert gates["summary"]["selection"]["best"] == "max" and set(gates["summary"]["verdicts"]) == {"max"}
+    assert gates["deps"] == {"benchmark.max": plan.keys["benchmark.max"]}
+    table = (run_dir.step_dir("gates") / "comparison.md").read_text()
+    assert table.rstrip("\n").splitlines()[-1] == f"`b` failed at quantize.b: {error}"
+    # Its key says that b was left out, so the result is not current for the full plan.
+    assert gates["key"] != plan.keys["gates"] and not run_dir.is_complete("gates", plan.keys["gates"])
+    assert run_dir.record("report")["deps"] == {"gates": gates["key"]}
+    status = json.loads((run_dir.root / "run.json").read_text())
+    assert status["status"] == "failed" and status["steps"]["benchmark.b"]["blocked_by"] == "quantize.b"
+    assert status["steps"]["gates"]["key"] == gates["key"]
+    assert any(m.startswith("quantize.b failed") for m in outcome.messages)
+    assert any(m.startswith("failed: quantize.b") for m in outcome.messages)
+
+    from runner.report import gather
+
+    facts = gather(plan.recipe, run_dir)
+    assert facts["failed"] == {"b": {"step": "quantize.b", "error": error, "reason": error}}
+
+    # Fixed: only the failed branch runs, then gates (over both now), report and publish.
+    again = Recorder()
+    outcome = run_with_real_gates(plan, run_dir, again)
+    assert outcome.status == "complete" and outcome.exit_code == 0
+    assert set(again.ran) == {*BRANCH_B, "report", "publish"}  # gates is the real step, not recorded
+    assert outcome.states["gates"] == "complete"
+    gates = run_dir.record("gates")
+    assert gates["key"] == plan.keys["gates"] and gates["summary"]["failed"] == {}
+    assert set(gates["summary"]["verdicts"]) == {"max", "b"}
+    assert "failed at" not in (run_dir.step_dir("gates") / "comparison.md").read_text()
+    assert not (run_dir.logs_dir / "quantize.b.failed.json").exists()
+    third = Recorder()
+    assert run_with_real_gates(plan, run_dir, third).status == "complete" and third.ran == []
+
+
+def test_the_gates_key_depends_on_which_branches_failed(write, tmp_path):
+    plan, _ = make(write, tmp_path)
+    keys = {}
+    for name, fail in {"b": {"quantize.b"}, "b again": {"quantize.b"}, "b later": {"serve.b"},
+                       "b and c": {"quantize.b", "export.c"}}.items():
+        run_dir = RunDir(tmp_path / name.replace(" ", "-"))
+        outcome = run(plan, run_dir, Recorder(fail=fail))
+        assert outcome.status == "failed" and outcome.states["gates"] == "complete"
+        keys[name] = run_dir.record("gates")["key"]
+        assert run_dir.record("gates")["params"]["failed_branches"] == {
+            sid.split(".")[1]: sid for sid in sorted(fail, key=lambda s: s.split(".")[1])}
+    assert keys["b"] == keys["b again"]  # deterministic: the same failure gives the same key
+    assert len({keys["b"], keys["b later"], keys["b and c"], plan.keys["gates"]}) == 4
+
+
+def test_fail_fast_stops_every_branch_at_the_first_failure(write, tmp_path):
+    plan, run_dir = make(write, tmp_path, TWO)
+    recorder = Recorder(fail={"quantize.max"})
+    outcome = run(plan, run_dir, recorder, fail_fast=True)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert recorder.ran == ["source", "calibrate"]  # b's branch started nothing
+    for sid in ("quantize.b", "export.max", "gates", "report", "publish"):
+        assert outcome.states[sid] == "blocked", sid
+    assert outcome.blocked_by["quantize.b"] == "quantize.max"
+    assert not run_dir.step_dir("gates").exists()
+    # Without --fail-fast the same failure leaves b's branch, gates, report and publish running.
+    plan, run_dir = make(write, tmp_path / "other", TWO)
+    recorder = Recorder(fail={"quantize.max"})
+    outcome = run(plan, run_dir, recorder)
+    assert outcome.status == "failed"
+    assert {*BRANCH_B, "gates", "report", "publish"} <= set(recorder.ran)
+    assert run_dir.record("gates")["params"]["failed_branches"] == {"max": "quantize.max"}
+
+
+def test_a_failure_outside_a_branch_blocks_gates(write, tmp_path):
+    text = TWO + "benchmark:\n  baseline: {kind: endpoint, name: B, url: 'http://localhost:1/v1', model: m}\n"
+    plan, run_dir = make(write, tmp_path, text)
+    assert "benchmark.baseline" in plan.steps["gates"].deps
+    recorder = Recorder(fail={"benchmark.baseline"})
+    outcome = run(plan, run_dir, recorder)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert outcome.states["benchmark.max"] == outcome.states["benchmark.b"] == "complete"
+    assert outcome.states["gates"] == "blocked" and outcome.blocked_by["gates"] == "benchmark.baseline"
+    assert outcome.states["report"] == outcome.states["publish"] == "blocked"
+    # A strategy's failure with the baseline failing too: still blocked, naming the baseline.
+    plan, run_dir = make(write, tmp_path / "both", text)
+    outcome = run(plan, run_dir, Recorder(fail={"benchmark.baseline", "quantize.b"}))
+    assert outcome.states["gates"] == "blocked" and outcome.blocked_by["gates"] == "benchmark.baseline"
+    # calibrate is no strategy's branch: everything after it is blocked.
+    plan, run_dir = make(write, tmp_path / "calib", text)
+    outcome = run(plan, run_dir, Recorder(fail={"calibrate"}))
+    assert outcome.states["gates"] == "blocked" and outcome.blocked_by["gates"] == "calibrate"
+    assert outcome.states["benchmark.baseline"] == "complete"
+
+
+def test_run_help_shows_fail_fast(capsys):
+    from runner.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--fail-fast" in capsys.readouterr().out

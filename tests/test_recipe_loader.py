@@ -186,9 +186,13 @@ def test_shipped_recipes_validate(path):
 
 def test_the_plan_recipe_has_what_the_plan_asks():
     recipe = load_recipe(RECIPES / "qwen35-9b-opus.yaml").recipe
-    assert [s.name for s in recipe.quantization.strategies] == ["awq_lite", "mlp_only", "auto_mixed"]
+    assert [s.name for s in recipe.quantization.strategies] == ["awq_lite", "mlp_only", "auto_mixed",
+                                                                "nvidia_w4a16_fp8attn"]
     assert recipe.quantization.exclude == ["*linear_attn*", "*layers.0.*", "*layers.31.*", "*embed_tokens*"]
-    assert recipe.quantization.strategies[2].auto_quantize.effective_bits == 4.8
+    nvidia = recipe.quantization.strategies[3]  # NVIDIA's layout quantizes linear attention (FP8) itself
+    assert nvidia.modelopt_recipe == "huggingface/qwen3_5/ptq/w4a16_nvfp4-fp8_attn-kv_fp8_cast"
+    assert recipe.quantization.exclusions(nvidia) == ["*layers.0.*", "*layers.31.*", "*embed_tokens*"]
+    assert recipe.quantization.strategies[2].auto_quantize.effective_bits == 9.4  # reachable at 9B: 8.84 to 11.02
     assert len(recipe.gates) == 7
     assert recipe.benchmark.baseline.name == "Q4_K_M"
     assert "--language-model-only" in recipe.serve.args and "qwen3_coder" in recipe.serve.args
@@ -214,3 +218,33 @@ def test_suite_and_hardware_names_are_checked(write):
     problems = problems_of(path, env={})
     assert {p.path for p in problems} == {("benchmark", "suites", 0, "name"), ("benchmark", "hardware")}
     assert any("'factual'" in p.hint for p in problems) and any("'dgx-spark-gb10'" in p.hint for p in problems)
+
+
+def test_a_tagged_section_whose_kind_changes_replaces_the_inherited_one(write, tmp_path):
+    plan = RECIPES / "qwen35-9b-opus.yaml"
+    path = write("jsonl.yaml", f"""
+        extends: {plan}
+        name: mine
+        calibration:
+          source: {{kind: jsonl, path: calib.jsonl}}
+        """)
+    loaded = load_recipe(path)  # before this rule: 8 "unknown key" errors from the teacher's keys
+    assert set(loaded.data["calibration"]["source"]) == {"kind", "path"}
+    source = loaded.recipe.calibration.source
+    assert source.kind == "jsonl" and source.path == tmp_path / "calib.jsonl"
+    # The rest of the inherited calibration section still merges.
+    assert loaded.recipe.calibration.samples == load_recipe(plan).recipe.calibration.samples
+
+
+def test_a_tagged_section_with_the_same_kind_still_merges(write):
+    plan = RECIPES / "qwen35-9b-opus.yaml"
+    path = write("teacher.yaml", f"""
+        extends: {plan}
+        name: mine
+        calibration:
+          source: {{kind: teacher, concurrency: 4}}
+        """)
+    source = load_recipe(path).recipe.calibration.source
+    inherited = load_recipe(plan).recipe.calibration.source
+    assert source.kind == "teacher" and source.concurrency == 4
+    assert source.endpoint == inherited.endpoint and source.categories == inherited.categories

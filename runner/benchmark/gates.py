@@ -168,7 +168,10 @@ def _cell(v: dict[str, Any]) -> str:
 
 
 def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name: str | None,
-                        baseline: dict[str, Any] | None, selection: dict[str, Any]) -> str:
+                        baseline: dict[str, Any] | None, selection: dict[str, Any],
+                        failed: dict[str, dict[str, str]] | None = None) -> str:
+    """The gate table, the selection, and a line per strategy whose branch failed (`failed`:
+    {strategy: {step, error}}), so the table never silently drops a strategy."""
     strategies = list(verdicts)
     gates = verdicts[strategies[0]] if strategies else []
     header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + strategies
@@ -190,7 +193,17 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
         lines.append("")
     lines.append(f"Selected: **{best}** ({selection['rule']})." if best else
                  f"No strategy passes the gates ({selection['rule']}).")
+    for strategy, why in (failed or {}).items():
+        # A paragraph each: consecutive markdown lines would run together into one.
+        lines.append("")
+        lines.append(f"`{strategy}` failed at {why['step']}: {first_line(why.get('error'))}")
     return "\n".join(lines) + "\n"
+
+
+def first_line(text: str | None) -> str:
+    """The first non-empty line of an error message (tracebacks and logs follow it)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[0] if lines else "no error recorded"
 
 
 def plot_gates(verdicts: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -214,7 +227,8 @@ def plot_gates(verdicts: dict[str, list[dict[str, Any]]], path: Path) -> None:
     ax.set_xticks([i + width * (len(strategies) - 1) / 2 for i in range(len(gates))], gates, rotation=20)
     ax.set_ylabel("value / threshold")
     ax.set_title("gate results by strategy")
-    ax.legend(fontsize=8)
+    if strategies:  # none when every strategy's branch failed
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -237,7 +251,8 @@ def plot_ttft_curve(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("TTFT p50 (ms)")
     ax.set_title("time to first token by prompt length")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no result has a sweep
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

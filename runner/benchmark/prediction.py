@@ -45,6 +45,11 @@ def bytes_per_token(checkpoint: Path) -> int:
     sizes = tensor_bytes(checkpoint)
     if not sizes:
         raise RunnerError(f"no safetensors in {checkpoint}")
+    return bytes_per_token_of(sizes)
+
+
+def bytes_per_token_of(sizes: dict[str, int]) -> int:
+    """Bytes one decoded token reads, from tensor name -> bytes (a checkpoint's, or a predicted one's)."""
     embeddings = {k: v for k, v in sizes.items() if k.endswith("embed_tokens.weight")}
     tied = not any(k.endswith("lm_head.weight") for k in sizes)
     skipped = 0 if tied else sum(embeddings.values())
@@ -52,11 +57,20 @@ def bytes_per_token(checkpoint: Path) -> int:
 
 
 def predict_decode(checkpoint: Path, hardware: str) -> dict[str, Any]:
+    hardware_table_entry(hardware)  # an unknown hardware fails before the checkpoint is read
+    return predict_decode_of(bytes_per_token(checkpoint), hardware)
+
+
+def hardware_table_entry(hardware: str) -> dict[str, Any]:
     table = hardware_table()
     if hardware not in table:
         raise RunnerError(f"benchmark.hardware {hardware!r} is not in recipes/hardware/targets.yaml; known: "
                           f"{', '.join(table)}")
-    bandwidth = float(table[hardware]["memory_bandwidth_gbs"]) * 1e9
-    per_token = bytes_per_token(checkpoint)
+    return table[hardware]
+
+
+def predict_decode_of(per_token: int, hardware: str) -> dict[str, Any]:
+    """The decode-speed prediction for `per_token` bytes read per generated token."""
+    bandwidth = float(hardware_table_entry(hardware)["memory_bandwidth_gbs"]) * 1e9
     return {"hardware": hardware, "memory_bandwidth_gbs": bandwidth / 1e9, "bytes_per_token": per_token,
             "predicted_decode_tok_s": round(bandwidth / per_token, 2)}

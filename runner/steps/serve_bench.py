@@ -3,7 +3,8 @@
 serve.S starts the candidate with the recipe's engine, checks that it answers, records the start-up
 time and the decode speed predicted for the target hardware, and stops it. benchmark.S serves it
 again for the suites and the speed sweep (the baseline is the user's endpoint or the source model
-served the same way). gates judges every candidate against the recipe's gates and names the best.
+served the same way). gates judges every candidate against the recipe's gates and names the best;
+a strategy whose branch failed is no candidate, and gates records where and why it failed.
 """
 
 from __future__ import annotations
@@ -120,8 +121,23 @@ def measured_on(engine: str) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
+def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
+    """{strategy: {step, error}} for the branches the engine left out of this step (they failed)."""
+    failed = {}
+    for strategy, sid in (ctx.step.params.get("failed_branches") or {}).items():
+        error = "no error recorded"
+        path = ctx.run_dir.logs_dir / f"{sid}.failed.json"
+        with contextlib.suppress(OSError, ValueError):
+            error = json.loads(path.read_text(encoding="utf-8")).get("error") or error
+        failed[strategy] = {"step": sid, "error": error}
+    return failed
+
+
 async def gates(ctx: StepContext) -> StepResult:
     recipe = ctx.plan.recipe
+    failed = failed_branches(ctx)
+    for strategy, why in failed.items():
+        ctx.log.info("strategy %s failed at %s, so it is not judged: %s", strategy, why["step"], why["error"])
     results = {}
     baseline = None
     for dep in ctx.step.deps:
@@ -135,7 +151,7 @@ async def gates(ctx: StepContext) -> StepResult:
     selection = select(verdicts, results, [p.model_dump() for p in recipe.selection.prefer],
                        recipe.selection.inconclusive)
     baseline_name = recipe.benchmark.baseline.name if recipe.benchmark.baseline else None
-    table = comparison_markdown(verdicts, baseline_name, baseline, selection)
+    table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
     plot_gates(verdicts, ctx.scratch / "gate_scores.png")
     curves = dict(results)
@@ -148,9 +164,10 @@ async def gates(ctx: StepContext) -> StepResult:
         predicted = (r.get("prediction") or {}).get("predicted_decode_tok_s")
         speed[name] = {"measured_decode_tok_s": measured, "predicted_decode_tok_s": predicted,
                        "measured_over_predicted": round(measured / predicted, 3) if measured and predicted else None}
-    write_json_atomic(ctx.scratch / "gates.json", {"verdicts": verdicts, "selection": selection, "speed": speed})
+    write_json_atomic(ctx.scratch / "gates.json", {"verdicts": verdicts, "selection": selection, "speed": speed,
+                                                   "failed": failed})
     for line in table.splitlines():
         ctx.log.info("%s", line)
     return StepResult(outputs={"gates": "gates.json", "table": "comparison.md", "gate_plot": "gate_scores.png",
                                "ttft_plot": "ttft_curve.png"},
-                      summary={"selection": selection, "verdicts": verdicts, "speed": speed})
+                      summary={"selection": selection, "verdicts": verdicts, "speed": speed, "failed": failed})

@@ -1,0 +1,770 @@
+"""What a strategy will weigh, known before any GPU work: formats per Linear, effective bits, checkpoint
+size, decode speed, and the effective-bits range an auto_quantize strategy can reach.
+
+Read from the model folder's config.json and safetensors headers only (names, dtypes, shapes; no
+torch). Which Linear gets which format follows ModelOpt's own rules, read as data:
+
+- a preset (`NVFP4_AWQ_LITE_CFG`) or a ModelOpt recipe (`general/ptq/...`) is the ordered quant_cfg
+  list of its YAML in the installed `modelopt_recipes` package (ModelOpt >= 0.44 defines its presets
+  there), with the recipe's exclusions appended as `{quantizer_name: GLOB, enable: false}` exactly as
+  the worker does; the entries are applied in order to `<module>.weight_quantizer` and
+  `<module>.input_quantizer` (fnmatch, later entries win), as `set_quantizer_by_cfg` does. Without
+  `modelopt_recipes` on the host, presets fall back to their family (PRESET_FAMILY below) and
+  ModelOpt recipes are "unknown".
+- auto_quantize ignores a preset's own exclusions: the worker passes DEFAULT_DISABLED + the recipe's
+  exclusions as `disabled_layers` (module-name globs), and the search may give every other Linear
+  any of the candidate formats. ModelOpt's effective-bits count (what its constraint enforces) is
+  reproduced in `auto_range`: see runner/bits.py for both definitions.
+
+Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 vision tower: transformers'
+`_keys_to_ignore_on_load_unexpected`) are not part of the export and are left out (and counted in
+`dropped_bytes`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.bits import BITS, DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of
+
+# Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
+# disable the same through configs/ptq/units/default_disabled_quantizers.yaml, but auto_quantize
+# ignores the presets' exclusions). ModelOpt 0.47's own list for auto_quantize recipes
+# (configs/auto_quantize/units/base_disabled_layers.yaml) plus the output head, vision towers and MTP
+# heads, and routers named exactly `mlp.gate` (a module name has no trailing dot).
+DEFAULT_DISABLED = [
+    "*lm_head*", "*router*", "*mlp.gate", "*mlp.gate.*", "*block_sparse_moe.gate*", "*shared_expert_gate*",
+    "*mlp.shared_expert_gate.*", "*linear_attn.conv1d*", "*self_attention.conv1d*", "*mixer.conv1d*",
+    "*linear_attn.in_proj_a*", "*linear_attn.in_proj_b*", "*visual*", "*vision*", "*embed_vision*",
+    "*vision_tower*", "*multi_modal_projector*", "*mtp*", "*output_layer*", "*proj_out.*", "output.*",
+]
+
+# Tensors a causal-LM load ignores (transformers' Qwen3_5ForCausalLM: `^mtp.*`, `^model.visual.*`).
+DROPPED_ON_LOAD = ["mtp.*", "model.mtp.*", "model.visual.*"]
+
+# ModelOpt 0.47's presets -> their YAML under modelopt_recipes/ (modelopt/torch/quantization/config.py
+# loads each preset from one of these files; tests/test_footprint.py checks the table against it).
+PRESET_FILES = {
+    "FP8_DEFAULT_CFG": "model/fp8", "FP8_PER_CHANNEL_PER_TOKEN_CFG": "model/fp8_per_channel_per_token",
+    "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG": "model/fp8_2d_blockwise_weight_only", "FP8_KV_CFG": "kv/fp8",
+    "FP8_AFFINE_KV_CFG": "kv/fp8_affine", "INT8_DEFAULT_CFG": "model/int8",
+    "INT8_SMOOTHQUANT_CFG": "model/int8_smoothquant", "INT8_WEIGHT_ONLY_CFG": "model/int8_weight_only",
+    "INT4_AWQ_CFG": "model/int4_awq", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG": "model/int4_blockwise_weight_only",
+    "W4A8_AWQ_BETA_CFG": "model/w4a8_awq_beta", "MXFP8_DEFAULT_CFG": "model/mxfp8",
+    "MXFP4_DEFAULT_CFG": "model/mxfp4", "MXINT8_DEFAULT_CFG": "model/mxint8", "NVFP4_DEFAULT_CFG": "model/nvfp4",
+    "NVFP4_AWQ_LITE_CFG": "model/nvfp4_awq_lite", "NVFP4_AWQ_CLIP_CFG": "model/nvfp4_awq_clip",
+    "NVFP4_AWQ_FULL_CFG": "model/nvfp4_awq_full", "NVFP4_MLP_ONLY_CFG": "model/nvfp4_mlp_only",
+    "NVFP4_OMLP_ONLY_CFG": "model/nvfp4_omlp_only", "NVFP4_MLP_WEIGHT_ONLY_CFG": "model/nvfp4_mlp_weight_only",
+    "NVFP4_EXPERTS_ONLY_CFG": "model/nvfp4_experts_only", "NVFP4_SVDQUANT_DEFAULT_CFG": "model/nvfp4_svdquant",
+    "W4A16_NVFP4_CFG": "model/w4a16_nvfp4", "NVFP4_KV_CFG": "kv/nvfp4", "NVFP4_AFFINE_KV_CFG": "kv/nvfp4_affine",
+    "NVFP4_KV_ROTATE_CFG": "kv/nvfp4_rotate", "NVFP4_FP8_MHA_CONFIG": "model/nvfp4_fp8_mha",
+}
+
+# The fallback when modelopt_recipes is not installed on the host: a preset's family decides its
+# weight format, whether activations are quantized, and which Linears it covers (first match wins).
+_NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}, "effective_bits": 4.5}
+_FP8 = {"num_bits": (4, 3)}
+_MXFP8 = {"num_bits": (4, 3), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}
+_MXFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}
+_INT4 = {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}
+PRESET_FAMILY: list[tuple[str, dict[str, Any] | None, bool, tuple[str, ...]]] = [
+    # (preset name regex, weight cfg (None: quantizes no Linear), activations too, module scopes)
+    (r".*_KV(_.*)?_CFG$", None, False, ()),
+    (r"^NVFP4_MLP_WEIGHT_ONLY_CFG$", {**_NVFP4, "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (4, 3)}},
+     False, ("*mlp*", "*block_sparse_moe*")),
+    (r"^NVFP4_MLP_ONLY_CFG$", _NVFP4, True, ("*mlp*", "*block_sparse_moe*", "*.experts.*")),
+    (r"^NVFP4_OMLP_ONLY_CFG$", _NVFP4, True, ("*o_proj*", "*mlp*", "*block_sparse_moe*")),
+    (r"^NVFP4_EXPERTS_ONLY_CFG$", _NVFP4, True, ("*block_sparse_moe*", "*.experts.*")),
+    (r"^W4A16_NVFP4_CFG$", _NVFP4, False, ("*",)),
+    (r"^NVFP4_", _NVFP4, True, ("*",)),
+    (r"^FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG$", _FP8, False, ("*",)),
+    (r"^FP8_", _FP8, True, ("*",)),
+    (r"^MXFP8_", _MXFP8, True, ("*",)),
+    (r"^MXFP4_", _MXFP4, True, ("*",)),
+    (r"^(INT4_|W4A8_AWQ)", _INT4, False, ("*",)),
+    (r"^(INT8_|MXINT8_)", {"num_bits": 8}, True, ("*",)),
+]
+
+# ModelOpt's auto_quantize decides these together (algorithms.py, quant_grouping_rules).
+_GROUP_RULES = [
+    re.compile(r"^(.*?)\.(q_proj|k_proj|v_proj)$"),
+    re.compile(r"^(.*?\.mlp\.experts)\.\d+\.(gate_proj|up_proj|down_proj)$"),
+    re.compile(r"^(.*?\.mixer\.experts)\.\d+\.(up_proj|down_proj)$"),
+    re.compile(r"^(.*?\.mlp\.experts\.local_experts)\.\d+\.(linear_fc1|linear_fc2)$"),
+    re.compile(r"^(.*?)\.(gate_proj|up_proj)$"),
+    re.compile(r"^(.*?)\.(\d+\.(w1|w2|w3))$"),
+    re.compile(r"^(.*?)\.((w1_linear|w2_linear|w3_linear)\.\d+)$"),
+]
+_LINEAR_ATTN_QKVZ = re.compile(r"^(.*?\.linear_attn)\.(?:in_proj_qkv|in_proj_z)$")
+_LINEAR_ATTN_BA = re.compile(r"^(.*?\.linear_attn)\.(?:in_proj_a|in_proj_b)$")
+
+_EMBEDDING = re.compile(r"(embed|(^|\.)(wte|wpe)$)")
+_EXMY = re.compile(r"^[Ee](\d+)[Mm](\d+)$")
+UNKNOWN_UNTIL_SOURCE = "footprint: unknown until the source step has run"
+
+
+class Unknown(Exception):
+    """The footprint cannot be predicted; the message says why (never a guessed number)."""
+
+
+# --- the model, from its headers -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # safetensors dtype: BF16, F32, U8, ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * int(DTYPE_BITS.get(self.dtype, 16)) // 8
+
+
+@dataclass
+class Weights:
+    """A model folder as the worker will load it: its tensors, Linear and Conv weights."""
+
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]  # what the causal-LM load keeps
+    linears: dict[str, Tensor]  # module name -> 2-D weight (a tied lm_head included, see tied_head)
+    convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
+    tied_head: bool = False  # lm_head shares the embedding (no lm_head tensor of its own)
+    dropped_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_headers(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of every *.safetensors file in `folder` (sharded or not), from the headers alone."""
+    tensors: dict[str, Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                tensors[name] = Tensor(name, info["dtype"], tuple(info["shape"]))
+    return tensors
+
+
+def load_weights(folder: Path) -> Weights:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise Unknown(f"{folder} has no config.json")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    everything = read_headers(folder)
+    if not everything:
+        raise Unknown(f"no safetensors in {folder}")
+    tensors = {n: t for n, t in everything.items() if not any(fnmatch.fnmatchcase(n, p) for p in DROPPED_ON_LOAD)}
+    linears: dict[str, Tensor] = {}
+    convs: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if not name.endswith(".weight"):
+            continue
+        module = name.removesuffix(".weight")
+        if len(tensor.shape) == 2 and not _EMBEDDING.search(module):
+            linears[module] = tensor
+        elif 3 <= len(tensor.shape) <= 5 and "conv" in module.rsplit(".", 1)[-1]:
+            convs[module] = tensor
+    tied = False
+    if not any(m == "lm_head" or m.endswith(".lm_head") for m in linears):
+        embedding = next((t for n, t in tensors.items() if n.endswith("embed_tokens.weight")), None)
+        if embedding is not None:  # the head exists in the model, sharing the embedding's weight
+            linears["lm_head"] = Tensor("lm_head.weight", embedding.dtype, embedding.shape)
+            tied = True
+    dropped = sum(t.nbytes for n, t in everything.items() if n not in tensors)
+    return Weights(folder, config, tensors, linears, convs, tied, dropped)
+
+
+# --- ModelOpt's configs, read as data ----------------------------------------------------------
+
+
+def recipes_root() -> Path | None:
+    """The installed `modelopt_recipes` package (found, not imported), or None."""
+    try:
+        spec = importlib.util.find_spec("modelopt_recipes")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _exmy(obj: Any) -> Any:
+    """`e2m1` -> (2, 1) under num_bits / scale_bits, as ModelOpt's loader does."""
+    if isinstance(obj, dict):
+        return {k: (_parse_exmy(v) if k in ("num_bits", "scale_bits") and isinstance(v, str) else _exmy(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_exmy(v) for v in obj]
+    return obj
+
+
+def _parse_exmy(text: str) -> Any:
+    m = _EXMY.match(text)
+    return (int(m.group(1)), int(m.group(2))) if m else text
+
+
+def load_modelopt_yaml(root: Path, name: str) -> Any:
+    """A ModelOpt config file with its `imports:` / `$import` resolved (list snippets spliced)."""
+    return _load_yaml(root, name, ())
+
+
+def _load_yaml(root: Path, name: str, seen: tuple[str, ...]) -> Any:
+    from ruamel.yaml import YAML
+
+    path = next((root / f"{name}{ext}" for ext in ("", ".yaml", ".yml") if (root / f"{name}{ext}").is_file()), None)
+    if path is None:
+        raise Unknown(f"ModelOpt config {name!r} is not in {root}")
+    if str(path) in seen:
+        raise Unknown(f"ModelOpt config {name!r} imports itself")
+    docs = [d for d in YAML(typ="safe").load_all(path.read_text(encoding="utf-8"))]
+    if not docs or docs[0] is None:
+        return {}
+    if len(docs) == 2:
+        header, body = docs
+        if isinstance(body, list):
+            imports = (header or {}).get("imports") or {}
+        else:
+            body = {**(header or {}), **(body or {})}
+            imports = body.pop("imports", None) or {}
+    else:
+        body = docs[0]
+        imports = (body.pop("imports", None) or {}) if isinstance(body, dict) else {}
+    body = _exmy(body)
+    loaded = {key: _load_yaml(root, ref, (*seen, str(path))) for key, ref in imports.items()}
+    return _resolve(body, loaded)
+
+
+def _resolve(obj: Any, imports: dict[str, Any]) -> Any:
+    if isinstance(obj, dict):
+        if "$import" in obj:
+            refs = obj["$import"] if isinstance(obj["$import"], list) else [obj["$import"]]
+            merged: dict[str, Any] = {}
+            for ref in refs:
+                if ref not in imports or not isinstance(imports[ref], dict):
+                    raise Unknown(f"cannot resolve $import {ref!r}")
+                merged.update(imports[ref])
+            merged.update({k: v for k, v in obj.items() if k != "$import"})
+            return _resolve(merged, imports)
+        return {k: _resolve(v, imports) for k, v in obj.items()}
+    if isinstance(obj, list):
+        out: list[Any] = []
+        for item in obj:
+            if isinstance(item, dict) and set(item) == {"$import"} and isinstance(item["$import"], str):
+                if item["$import"] not in imports:
+                    raise Unknown(f"cannot resolve $import {item['$import']!r}")
+                value = imports[item["$import"]]
+                out.extend(value if isinstance(value, list) else [value])  # splice a list, append a dict
+            else:
+                out.append(_resolve(item, imports))
+        return out
+    return obj
+
+
+@dataclass
+class QuantConfig:
+    """A quantization config as ModelOpt applies it: ordered quant_cfg entries, algorithm."""
+
+    name: str
+    entries: list[dict[str, Any]]
+    algorithm: Any = None
+    effective_bits: float | None = None  # a recipe-level override of ModelOpt's cost
+    source: str = "modelopt_recipes"  # or "preset family" (the fallback)
+
+    def with_exclusions(self, exclude: list[str]) -> QuantConfig:
+        extra = [{"quantizer_name": p, "enable": False} for p in exclude]
+        return QuantConfig(self.name, [*self.entries, *extra], self.algorithm, self.effective_bits, self.source)
+
+
+def preset_config(preset: str) -> QuantConfig:
+    root = recipes_root()
+    if root is not None and preset in PRESET_FILES:
+        data = load_modelopt_yaml(root, f"configs/ptq/presets/{PRESET_FILES[preset]}")
+        return QuantConfig(preset, _entries(data.get("quant_cfg")), data.get("algorithm"), data.get("effective_bits"))
+    for pattern, weight, activations, scopes in PRESET_FAMILY:
+        if re.search(pattern, preset):
+            entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+            for scope in scopes if weight is not None else ():
+                entries.append({"quantizer_name": f"{scope}weight_quantizer", "cfg": weight})
+                if activations:
+                    entries.append({"quantizer_name": f"{scope}input_quantizer", "cfg": weight})
+            entries += [{"quantizer_name": g if g.endswith("*") else f"{g}.*", "enable": False}
+                        for g in DEFAULT_DISABLED]
+            return QuantConfig(preset, entries, None, None, source="preset family")
+    raise Unknown(f"no rule for preset {preset!r}")
+
+
+def recipe_config(name: str) -> QuantConfig:
+    """A ModelOpt PTQ recipe (`general/ptq/nvfp4_default-kv_fp8_cast`) from the installed wheel."""
+    root = recipes_root()
+    if root is None:
+        raise Unknown("modelopt_recipes is not installed on this host")
+    if (root / name).is_dir():
+        raise Unknown(f"ModelOpt recipe {name!r} is a folder recipe; only single-file recipes are read")
+    data = load_modelopt_yaml(root, name)
+    kind = (data.get("metadata") or {}).get("recipe_type")
+    quantize = data.get("quantize")
+    if kind not in (None, "ptq") or not isinstance(quantize, dict):
+        raise Unknown(f"ModelOpt recipe {name!r} is not a PTQ recipe with a quantize section")
+    return QuantConfig(name, _entries(quantize.get("quant_cfg")), quantize.get("algorithm"),
+                       quantize.get("effective_bits"))
+
+
+def _entries(quant_cfg: Any) -> list[dict[str, Any]]:
+    if not isinstance(quant_cfg, list):
+        raise Unknown("quant_cfg is not a list (ModelOpt >= 0.44 format)")
+    out = []
+    for entry in quant_cfg:
+        if isinstance(entry, dict) and "quantizer_name" in entry:
+            out.append(entry)
+        elif isinstance(entry, dict) and len(entry) == 1:  # the deprecated {"*glob*": cfg} form
+            (glob, cfg), = entry.items()
+            out.append({"quantizer_name": glob, **({"enable": cfg["enable"]} if set(cfg) == {"enable"}
+                                                   else {"cfg": cfg})})
+        else:
+            raise Unknown(f"unreadable quant_cfg entry {entry!r}")
+    return out
+
+
+def quantizer_cfg(config: QuantConfig, quantizer: str, parent: str = "nn.Linear") -> Any | None:
+    """The cfg a quantizer ends up with after the ordered entries (None: disabled)."""
+    enabled, cfg = True, {"num_bits": 8}  # ModelOpt's default quantizer: 8-bit, enabled
+    for entry in config.entries:
+        if entry.get("parent_class") not in (None, parent):
+            continue
+        if not fnmatch.fnmatch(quantizer, entry["quantizer_name"]):
+            continue
+        if entry.get("cfg") is not None:
+            cfg, enabled = entry["cfg"], entry.get("enable", True)
+        elif "enable" in entry:
+            enabled = entry["enable"]
+    if not enabled or (isinstance(cfg, dict) and cfg.get("enable") is False):
+        return None
+    return cfg
+
+
+def format_of(cfg: Any) -> str:
+    """The BITS key of a weight quantizer cfg (as the worker's `_format_of` names formats)."""
+    if isinstance(cfg, list):
+        if not cfg:
+            raise Unknown("an empty sequential quantizer")
+        cfg = cfg[0]
+    bits = cfg.get("num_bits", 8)
+    bits = tuple(bits) if isinstance(bits, list) else bits
+    blocks = cfg.get("block_sizes") or {}
+    scale = blocks.get("scale_bits")
+    scale = tuple(scale) if isinstance(scale, list) else scale
+    block = blocks.get(-1, blocks.get("-1"))
+    if bits == (2, 1) and scale == (4, 3):
+        if block not in (None, 16):
+            raise Unknown(f"NVFP4 with {block}-weight blocks has no entry in the bits table")
+        return "nvfp4"
+    if bits == (2, 1) and scale == (8, 0):
+        return "mxfp4"
+    if bits == (4, 3):
+        return "mxfp8" if scale == (8, 0) else "fp8"
+    if bits == 8:
+        return "int8"
+    if bits == 4:
+        return "int4"
+    raise Unknown(f"weight format num_bits={bits!r} has no entry in the bits table")
+
+
+def module_format(config: QuantConfig, module: str, parent: str = "nn.Linear") -> str | None:
+    """The format a module's weight gets under `config` (None: left unquantized)."""
+    weight = quantizer_cfg(config, f"{module}.weight_quantizer", parent)
+    if weight is None:
+        return None
+    fmt = format_of(weight)
+    if fmt == "nvfp4" and quantizer_cfg(config, f"{module}.input_quantizer", parent) is None:
+        return "w4a16_nvfp4"
+    return fmt
+
+
+def modelopt_cost_bits(config: QuantConfig) -> float:
+    """What ModelOpt's auto_quantize charges a weight in this format (`estimate_quant_compression` x 16)."""
+    if config.effective_bits is not None:
+        return float(config.effective_bits)
+
+    def compression(cfg: Any) -> float:
+        if isinstance(cfg, list):
+            return min((compression(c) for c in cfg), default=1.0)
+        if not cfg.get("enable", True):
+            return 1.0
+        if cfg.get("effective_bits") is not None:
+            return cfg["effective_bits"] / 16
+        bits = cfg.get("num_bits")
+        if bits is None:
+            return 1.0
+        if isinstance(bits, (tuple, list)):
+            return (sum(bits) + 1) / 16
+        if isinstance(bits, int):
+            return bits / 16
+        raise Unknown(f"ModelOpt cannot cost num_bits={bits!r}")
+
+    cfgs = [e["cfg"] for e in config.entries if e.get("enable", True) is not False and e.get("cfg") is not None]
+    return 16 * min((compression(c) for c in cfgs), default=1.0)
+
+
+# --- predictions -----------------------------------------------------------------------------
+
+
+@dataclass
+class AutoRange:
+    """What an auto_quantize strategy can reach, and where its target lands."""
+
+    target: float
+    modelopt_min: float  # ModelOpt's count: what its `effective_bits` constraint enforces
+    modelopt_max: float
+    min_bits: float  # this project's effective bits at the two ends
+    max_bits: float
+    min_bytes: int
+    max_bytes: int
+    cheapest: str
+    dearest: str
+    quantizable: int  # Linear modules the search may quantize
+    disabled: int  # Linear/Conv modules it must leave alone
+    low: dict[str, str | None] = field(default_factory=dict, repr=False)  # Linear -> format at each end
+    high: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def feasible(self) -> bool:
+        return self.modelopt_min - 5e-5 <= self.target <= self.modelopt_max + 5e-5
+
+
+@dataclass
+class Footprint:
+    strategy: str
+    method: str
+    known: bool = True
+    reason: str = ""
+    checkpoint_bytes: int | None = None
+    effective_bits: float | None = None
+    decode_tok_s: float | None = None
+    hardware: str | None = None
+    formats: dict[str, int] = field(default_factory=dict)  # format (or dtype) -> Linear modules
+    auto: AutoRange | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "strategy": self.strategy, "method": self.method, "known": self.known, "reason": self.reason or None,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "size_gb": round(self.checkpoint_bytes / 1e9, 2) if self.checkpoint_bytes else None,
+            "effective_bits": self.effective_bits, "decode_tok_s": self.decode_tok_s, "hardware": self.hardware,
+            "formats": self.formats, "notes": self.notes}
+        if self.auto is not None:
+            a = self.auto
+            out["auto_quantize"] = {
+                "target": a.target, "feasible": a.feasible, "modelopt_min_bits": round(a.modelopt_min, 4),
+                "modelopt_max_bits": round(a.modelopt_max, 4), "min_bits": round(a.min_bits, 3),
+                "max_bits": round(a.max_bits, 3), "min_bytes": a.min_bytes, "max_bytes": a.max_bytes,
+                "cheapest": a.cheapest, "dearest": a.dearest, "quantizable_modules": a.quantizable,
+                "disabled_modules": a.disabled}
+        return out
+
+
+def _stored_bits(tensor: Tensor, dtype: str | None) -> float:
+    """Bits of an unquantized weight as exported: the load dtype for floating tensors, else as stored."""
+    if dtype and tensor.dtype in ("F32", "F16", "BF16"):
+        return bits_of(dtype)
+    return float(DTYPE_BITS.get(tensor.dtype, 16))
+
+
+def _scalar_bytes(fmt: str) -> int:
+    """Per-tensor scales the export adds to a quantized Linear (weight_scale_2 / input_scale, fp32)."""
+    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8}.get(fmt, 0)
+
+
+def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
+            extra: dict[str, int] | None = None) -> tuple[dict[str, int], float]:
+    """Predicted export (tensor name -> bytes) and effective bits for a Linear -> format assignment."""
+    sizes: dict[str, int] = {}
+    for name, tensor in weights.tensors.items():
+        if tensor.dtype in ("F32", "F16", "BF16") and dtype:
+            sizes[name] = tensor.numel * int(bits_of(dtype)) // 8
+        else:
+            sizes[name] = tensor.nbytes
+    used: list[tuple[float, int]] = []
+    for module, tensor in weights.linears.items():
+        fmt = formats.get(module)
+        if fmt is None:
+            used.append((_stored_bits(tensor, dtype), tensor.numel))
+            continue
+        used.append((BITS[fmt], tensor.numel))
+        # a tied head that gets quantized is exported as a tensor of its own
+        sizes[tensor.name] = math.ceil(tensor.numel * BITS[fmt] / 8) + _scalar_bytes(fmt)
+    for name, nbytes in (extra or {}).items():
+        sizes[name] = sizes.get(name, 0) + nbytes
+    total = sum(n for _, n in used)
+    bits = round(sum(b * n for b, n in used) / total, 3) if total else 16.0
+    return sizes, bits
+
+
+def _decode(sizes: dict[str, int], hardware: str | None) -> float | None:
+    if not hardware:
+        return None
+    from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
+
+    return predict_decode_of(bytes_per_token_of(sizes), hardware)["predicted_decode_tok_s"]
+
+
+def _counts(weights: Weights, formats: dict[str, str | None], dtype: str | None) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module, tensor in weights.linears.items():
+        fmt = formats.get(module) or (dtype if dtype and tensor.dtype in ("F32", "F16", "BF16") else tensor.dtype)
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: str | None = None,
+                       dtype: str | None = None) -> Footprint:
+    """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended."""
+    method = (f"preset {strategy.preset}" if strategy.preset else
+              f"modelopt_recipe {strategy.modelopt_recipe}" if strategy.modelopt_recipe else "auto_quantize")
+    fp = Footprint(strategy.name, method, hardware=hardware)
+    try:
+        if strategy.auto_quantize is not None:
+            _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype)
+            return fp
+        base = preset_config(strategy.preset) if strategy.preset else recipe_config(strategy.modelopt_recipe)
+        config = base.with_exclusions(exclude)
+        if base.source != "modelopt_recipes":
+            fp.notes.append(f"formats derived from the preset's family ({base.source}): modelopt_recipes is not "
+                            "installed on this host")
+        formats = {m: module_format(config, m) for m in weights.linears}
+        extra: dict[str, int] = {}
+        algorithm = strategy.algorithm or base.algorithm
+        method_name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+        load_bytes = int(bits_of(dtype)) // 8 if dtype else 2
+        for module, fmt in formats.items():
+            if fmt is None:
+                continue
+            out_features, in_features = weights.linears[module].shape
+            if str(method_name).startswith("awq") and not strategy.fold_awq_scales:
+                extra[f"{module}.pre_quant_scale"] = in_features * load_bytes
+            if method_name == "svdquant":
+                rank = int(algorithm.get("lowrank", 32)) if isinstance(algorithm, dict) else 32
+                extra[f"{module}.lora"] = rank * (in_features + out_features) * load_bytes
+        if extra and method_name == "svdquant":
+            fp.notes.append("SVDQuant's low-rank branches counted at the model dtype")
+        sizes, fp.effective_bits = predict(weights, formats, dtype, extra)
+        fp.checkpoint_bytes = sum(sizes.values())
+        fp.decode_tok_s = _decode(sizes, hardware)
+        fp.formats = _counts(weights, formats, dtype)
+    except Unknown as exc:
+        fp.known, fp.reason = False, str(exc)
+    return fp
+
+
+def _group_key(module: str) -> str:
+    for rule in _GROUP_RULES:
+        m = rule.match(module)
+        if m:
+            return m.group(1)
+    m = _LINEAR_ATTN_QKVZ.match(module)
+    if m:
+        return f"{m.group(1)}/qkvz"
+    m = _LINEAR_ATTN_BA.match(module)
+    return f"{m.group(1)}/ba" if m else module
+
+
+def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | None = None) -> AutoRange:
+    """auto_quantize's reachable effective bits, in ModelOpt's count and in this project's.
+
+    ModelOpt (algorithms.py, 0.47): every QuantLinear/QuantConv module is a decision (lm_head
+    included, embeddings not); modules matching `disabled_layers` (here DEFAULT_DISABLED + the
+    recipe's exclusions, as the worker passes them) cost 16 bits per weight whatever their dtype, and
+    a group (q/k/v, gate/up, linear_attn qkv/z and a/b) is disabled when any member is; the others
+    cost the cheapest candidate's ModelOpt bits at the minimum. We take the most expensive candidate at
+    the maximum (above it ModelOpt would rather leave quantizable layers unquantized).
+    """
+    disabled_globs = [*DEFAULT_DISABLED, *exclude]
+    candidates = {name: preset_config(name) for name in spec.formats}
+    cost = {name: modelopt_cost_bits(c) for name, c in candidates.items()}
+    # This project's format for each candidate, read on a plain decoder-layer Linear (auto_quantize
+    # applies a candidate without its preset's own exclusions).
+    kind = {name: module_format(c, "model.layers.0.mlp.down_proj") for name, c in candidates.items()}
+    for name, fmt in kind.items():
+        if fmt is None:
+            raise Unknown(f"auto_quantize format {name} quantizes no Linear weight")
+    cheapest = min(cost, key=lambda n: (cost[n], BITS[kind[n]]))
+    dearest = max(cost, key=lambda n: (cost[n], BITS[kind[n]]))
+
+    modules = {**weights.linears, **weights.convs}
+    groups: dict[str, list[str]] = {}
+    for module in modules:
+        groups.setdefault(_group_key(module), []).append(module)
+    disabled: set[str] = set()
+    for members in groups.values():
+        if any(fnmatch.fnmatch(m, g) for m in members for g in disabled_globs):
+            disabled.update(members)
+    total = sum(t.numel for t in modules.values())
+    fixed = sum(modules[m].numel for m in disabled) * 16.0
+    free = total - sum(modules[m].numel for m in disabled)
+    mo_min = (fixed + free * cost[cheapest]) / total
+    mo_max = (fixed + free * cost[dearest]) / total
+
+    low = {m: (kind[cheapest] if m not in disabled else None) for m in weights.linears}
+    high = {m: (kind[dearest] if m not in disabled else None) for m in weights.linears}
+    low_sizes, low_bits = predict(weights, low, dtype)
+    high_sizes, high_bits = predict(weights, high, dtype)
+    return AutoRange(
+        target=float(spec.effective_bits), modelopt_min=mo_min, modelopt_max=mo_max, min_bits=low_bits,
+        max_bits=high_bits, min_bytes=sum(low_sizes.values()), max_bytes=sum(high_sizes.values()),
+        cheapest=f"{cheapest} ({kind[cheapest]})", dearest=f"{dearest} ({kind[dearest]})",
+        quantizable=sum(1 for m in weights.linears if m not in disabled), disabled=len(disabled), low=low, high=high)
+
+
+def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[str], hardware: str | None,
+                    dtype: str | None) -> None:
+    rng = auto_range(weights, spec, exclude, dtype)
+    fp.auto = rng
+    if not rng.feasible:
+        fp.known, fp.reason = False, (f"effective_bits {rng.target:g} is outside what auto_quantize can reach: "
+                                      f"{rng.modelopt_min:.4f} to {rng.modelopt_max:.4f}")
+        return
+    # The search spends at most the target's budget (ModelOpt's cost is linear in the weights):
+    # interpolate between the two ends, an upper bound on size and bits (a layer the search leaves
+    # unquantized costs 16 in ModelOpt's count and 16 bits a weight in bf16, so it stays a bound).
+    span = rng.modelopt_max - rng.modelopt_min
+    share = (rng.target - rng.modelopt_min) / span if span > 0 else 0.0
+    share = min(max(share, 0.0), 1.0)
+    fp.checkpoint_bytes = round(rng.min_bytes + share * (rng.max_bytes - rng.min_bytes))
+    fp.effective_bits = round(rng.min_bits + share * (rng.max_bits - rng.min_bits), 3)
+    if hardware:
+        from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
+
+        low = bytes_per_token_of(predict(weights, rng.low, dtype)[0])
+        high = bytes_per_token_of(predict(weights, rng.high, dtype)[0])
+        fp.decode_tok_s = predict_decode_of(round(low + share * (high - low)), hardware)["predicted_decode_tok_s"]
+    fp.notes.append(f"at most (decode: at least): the search fills the budget with {rng.cheapest} and "
+                    f"{rng.dearest}, and may leave layers unquantized")
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None) -> tuple[Path | None, str]:
+    """The model folder a footprint can be read from: the run's current source output, or a local source."""
+    if run_dir is not None and source_key is not None and run_dir.is_complete("source", source_key):
+        try:
+            folder = run_dir.output("source", "model_dir")
+        except KeyError:
+            folder = None
+        if folder is not None and (folder / "config.json").is_file():
+            return folder, f"the run's source step ({folder})"
+    source = recipe.model.source
+    if source.kind == "local" and (source.path / "config.json").is_file():
+        return source.path, f"model.source.path ({source.path})"
+    return None, UNKNOWN_UNTIL_SOURCE
+
+
+def recipe_footprints(recipe: Any, folder: Path, names: list[str] | None = None) -> list[Footprint]:
+    weights = load_weights(folder)
+    out = []
+    for strategy in recipe.quantization.strategies:
+        if (names is not None and strategy.name not in names) or (names is None and not strategy.enabled):
+            continue
+        out.append(strategy_footprint(weights, strategy, exclusions(recipe, strategy), recipe.benchmark.hardware,
+                                      recipe.model.dtype))
+    return out
+
+
+def exclusions(recipe: Any, strategy: Any) -> list[str]:
+    """The exclusion globs the worker appends for a strategy (as runner/plan.py passes them)."""
+    spec = recipe.quantization
+    if hasattr(spec, "exclusions"):
+        return list(spec.exclusions(strategy))
+    return [*spec.exclude, *strategy.exclude]
+
+
+def source_footprint(recipe: Any, folder: Path) -> Footprint:
+    """The unquantized model as the worker loads it, for comparison."""
+    weights = load_weights(folder)
+    formats: dict[str, str | None] = {m: None for m in weights.linears}
+    fp = Footprint("(source)", f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
+    sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
+    fp.checkpoint_bytes = sum(sizes.values())
+    fp.decode_tok_s = _decode(sizes, recipe.benchmark.hardware)
+    fp.formats = _counts(weights, formats, recipe.model.dtype)
+    if weights.dropped_bytes:
+        fp.notes.append(f"{weights.dropped_bytes / 1e9:.2f} GB of source tensors a causal-LM load drops "
+                        f"({', '.join(DROPPED_ON_LOAD)}) are not counted")
+    return fp
+
+
+def feasibility_problems(loaded: Any, footprints: list[Footprint]) -> list[Any]:
+    """An error per auto_quantize strategy whose target lies outside what it can reach, located."""
+    from runner.errors import Problem
+    from runner.recipe_loader import locate
+
+    problems = []
+    index = {s.name: i for i, s in enumerate(loaded.recipe.quantization.strategies)}
+    for fp in footprints:
+        a = fp.auto
+        if a is None or a.feasible:
+            continue
+        path = ("quantization", "strategies", index[fp.strategy], "auto_quantize", "effective_bits")
+        side = ("below the lowest" if a.target < a.modelopt_min else "above the highest")
+        why = ("ModelOpt would stop with 'infeasible' after loading the model" if a.target < a.modelopt_min
+               else "above it auto_quantize leaves quantizable layers unquantized rather than spend the budget")
+        problems.append(Problem(
+            f"strategy {fp.strategy!r}: effective_bits {a.target:g} is {side} effective bits this strategy can "
+            f"reach with its formats and exclusions: lowest {a.modelopt_min:.4f} (every quantizable Linear "
+            f"{a.cheapest}), highest {a.modelopt_max:.4f} (every one {a.dearest}); {why}. Counted as "
+            f"{MODELOPT_DEFINITION}; in this project's effective bits ({DEFINITION}) that is "
+            f"{a.min_bits:.3f} to {a.max_bits:.3f}",
+            path, locate(loaded.locations, path),
+            hint=f"set auto_quantize.effective_bits between {math.ceil(a.modelopt_min * 100) / 100:.2f} and "
+                 f"{math.floor(a.modelopt_max * 100) / 100:.2f}, or exclude fewer layers"))
+    return problems
+
+
+def table(footprints: list[Footprint], title: str) -> Any:
+    """A rich Table of predicted footprints (for `recipe plan`)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("strategy", "how", "formats (Linear modules)", "checkpoint GB", "effective bits", "decode tok/s"):
+        t.add_column(col)
+    for fp in footprints:
+        if fp.auto is not None:
+            a = fp.auto
+            if fp.known:
+                bits = (f"<= {fp.effective_bits:.2f} (reach {a.min_bits:.2f}-{a.max_bits:.2f}); auto_quantize's "
+                        f"count: target {a.target:g} of {a.modelopt_min:.2f}-{a.modelopt_max:.2f}")
+            else:
+                bits = f"[red]target {a.target:g} unreachable: {a.modelopt_min:.2f}-{a.modelopt_max:.2f}[/]"
+            size = (f"<= {fp.checkpoint_bytes / 1e9:.1f} " if fp.known else "") + \
+                f"({a.min_bytes / 1e9:.1f}-{a.max_bytes / 1e9:.1f})"
+            speed = f">= {fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
+            formats = f"{a.quantizable} searched over {a.cheapest.split()[0]}..{a.dearest.split()[0]}, " \
+                      f"{a.disabled} disabled"
+        elif not fp.known:
+            t.add_row(fp.strategy, fp.method, f"unknown: {fp.reason}", "-", "-", "-")
+            continue
+        else:
+            size = f"{fp.checkpoint_bytes / 1e9:.1f}"
+            bits = f"{fp.effective_bits:.2f}"
+            speed = f"{fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
+            formats = ", ".join(f"{k} {v}" for k, v in fp.formats.items())
+        t.add_row(fp.strategy, fp.method, formats, size, bits, speed)
+    return t
