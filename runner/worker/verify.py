@@ -28,6 +28,14 @@ VLLM_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W
 # here understands (issue #5 builds the engine on it).
 LOCAL_QUANT_ALGOS = ("FP8", "NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A16_NVFP4", "MIXED_PRECISION")
 NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
+MIXED_REQUIRED_KEYS = ("quant_algo", "kv_cache_quant_algo", "quantized_layers")
+# The tensors each per-layer format stores next to its weight (dtype of the weight, scale names).
+LAYER_TENSORS = {"NVFP4": ("U8", ("weight_scale", "weight_scale_2", "input_scale")),
+                 "W4A16_NVFP4": ("U8", ("weight_scale", "weight_scale_2")),
+                 "FP8": ("F8_E4M3", ("weight_scale", "input_scale")),
+                 "FP8_PER_CHANNEL_PER_TOKEN": ("F8_E4M3", ("weight_scale",)),
+                 "FP8_PB_WO": ("F8_E4M3", ("weight_scale",)),
+                 "MXFP8": ("F8_E4M3", ("weight_scale",))}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 # Relative RMS error of NVFP4 against the original weight is ~0.1 on real weights; a decoder or
 # layout mismatch (nibble order, scale placement) gives ~1 or more.
@@ -38,7 +46,8 @@ SAMPLED_LAYERS = 8
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     checkpoint = Path(params["checkpoint"])
     report = verify_checkpoint(checkpoint, params.get("exclude", []), params.get("engine", "vllm"),
-                               Path(params["model_dir"]) if params.get("model_dir") else None)
+                               Path(params["model_dir"]) if params.get("model_dir") else None,
+                               smoothed=params.get("smoothed", False))
     (output_dir / "verify_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     for check in report["checks"]:
         print(f"[verify] {check['status']:>4}  {check['name']}: {check['detail']}", flush=True)
@@ -81,7 +90,9 @@ def load_tensor(where: dict[str, Path], key: str) -> Any:
         return fh.get_tensor(key)
 
 
-def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_dir: Path | None) -> dict[str, Any]:
+def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_dir: Path | None,
+                      smoothed: bool = False) -> dict[str, Any]:
+    """`smoothed`: AWQ scales were folded into the weights, so they differ from the source by per-channel factors."""
     report = Report()
     files = sorted(checkpoint.glob("*.safetensors"))
     try:
@@ -95,26 +106,39 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     quant: dict[str, Any] = {}
     if quant_config_path.is_file():
         quant = json.loads(quant_config_path.read_text(encoding="utf-8")).get("quantization", {})
-        algo = quant.get("quant_algo")
-        needed = NVFP4_REQUIRED_KEYS if algo and "NVFP4" in algo else ("quant_algo", "exclude_modules")
+        algo = str(quant.get("quant_algo") or "").upper() or None
+        needed = (MIXED_REQUIRED_KEYS if algo == "MIXED_PRECISION" else
+                  NVFP4_REQUIRED_KEYS if algo and "NVFP4" in algo else ("quant_algo", "exclude_modules"))
         missing = [k for k in needed if k not in quant]
         report.add("hf_quant_config", not missing,
                    f"quant_algo {algo}" + (f"; missing keys {', '.join(missing)}" if missing else ", keys vLLM needs"))
     else:
         report.add("hf_quant_config", False, "hf_quant_config.json is missing")
-    algo = quant.get("quant_algo")
+    algo = str(quant.get("quant_algo") or "").upper() or None  # vLLM compares case-insensitively
     accepted = VLLM_QUANT_ALGOS if engine == "vllm" else LOCAL_QUANT_ALGOS
     report.add("quant_algo_supported", algo in accepted,
                f"{algo} is {'' if algo in accepted else 'NOT '}loadable by the {engine} engine"
                + ("" if algo in accepted else f" (it accepts {', '.join(accepted)})"))
+    smoothing = sorted(k for k in meta if k.endswith(".pre_quant_scale"))
+    if engine == "vllm":
+        report.add("pre_quant_scale", not smoothing,
+                   "no pre_quant_scale tensors" if not smoothing else
+                   f"{len(smoothing)} pre_quant_scale tensors (e.g. {smoothing[0]}): vLLM's ModelOpt loader has no "
+                   "place for them; keep the strategy's fold_awq_scales: true")
 
     weights = {k.removesuffix(".weight"): v for k, v in meta.items() if k.endswith(".weight")}
     quantized = {m: v for m, v in weights.items() if v[0] in ("U8", "F8_E4M3") and f"{m}.weight_scale" in meta}
     excluded_entries = list(quant.get("exclude_modules") or [])
+    per_layer = quant.get("quantized_layers") if algo == "MIXED_PRECISION" else None
 
     def covered(module: str) -> bool:
+        if isinstance(per_layer, dict):  # mixed precision lists what IS quantized
+            return module not in per_layer
         return any(fnmatch.fnmatchcase(module, e) or module == e or module.startswith(e + ".")
                    for e in excluded_entries)
+
+    if isinstance(per_layer, dict):
+        check_mixed_layers(report, per_layer, weights, meta, engine)
 
     # Recipe exclusions: match real modules, listed in exclude_modules, stored unquantized, no scales.
     problems = []
@@ -151,7 +175,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears{sizes}")
 
     # AWQ and SVDQuant scale input channels and fold the inverse elsewhere.
-    awq = any(k.endswith(".pre_quant_scale") for k in meta)
+    awq = smoothed or any(k.endswith(".pre_quant_scale") for k in meta)
     errors = decode_against_source(quantized, where, model_dir, awq)
     if errors is None:
         report.add("nvfp4_decode", None, "no NVFP4 layers or no source model to compare against")
@@ -170,6 +194,34 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
             "tensors": len(meta), "size_bytes": actual, "ideal_bytes": ideal,
             "size_overhead_pct": round((actual / ideal - 1) * 100, 2) if ideal else None,
             "decode_errors": errors}
+
+
+def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[str, Any],
+                       meta: dict[str, Any], engine: str) -> None:
+    """MIXED_PRECISION: each listed layer holds its format's tensors, and every other Linear is unquantized."""
+    problems = []
+    formats: dict[str, int] = {}
+    for layer, config in per_layer.items():
+        layer_algo = str((config or {}).get("quant_algo") or "").upper()
+        formats[layer_algo] = formats.get(layer_algo, 0) + 1
+        expected = LAYER_TENSORS.get(layer_algo)
+        if engine == "vllm" and layer_algo not in VLLM_QUANT_ALGOS:
+            problems.append(f"{layer}: {layer_algo} is not loadable by vLLM")
+        if layer not in weights:
+            problems.append(f"{layer}: listed in quantized_layers but has no weight tensor")
+        elif expected is not None:
+            dtype, scales = expected
+            lacking = [s for s in scales if f"{layer}.{s}" not in meta]
+            if weights[layer][0] != dtype or lacking:
+                problems.append(f"{layer}: {layer_algo} needs a {dtype} weight and {', '.join(scales)}; found "
+                                f"{weights[layer][0]}" + (f", no {', '.join(lacking)}" if lacking else ""))
+    stray = [m for m, (dtype, _) in weights.items() if m not in per_layer
+             and (dtype in ("U8", "F8_E4M3") or f"{m}.weight_scale" in meta)]
+    problems += [f"{m}: stored quantized but not listed in quantized_layers" for m in stray]
+    report.add("mixed_layers", not problems,
+               "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "") if problems
+               else f"{len(per_layer)} listed layers ({', '.join(f'{n} {k}' for k, n in sorted(formats.items()))}) "
+                    "hold their format's tensors; every other Linear is unquantized")
 
 
 BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
