@@ -133,11 +133,13 @@ def main() -> None:
     if run.returncode:
         print(run.stderr[-3000:], flush=True)
 
-    strategies = args.strategy or [s["name"] for s in json.loads((run_dir / "run.json").read_text()).get(
-        "strategies", [])] or sorted({k.split(".", 1)[1] for k in json.loads((run_dir / "run.json").read_text())
-                                      ["steps"] if k.startswith("quantize.")})
+    status = run_dir / "run.json"
+    if not status.exists():
+        raise SystemExit("the run did not start; see the output above")
+    strategies = args.strategy or sorted({k.split(".", 1)[1] for k in json.loads(status.read_text())["steps"]
+                                          if k.startswith("quantize.")})
     header = ("strategy", "quantize s", "export s", "size GB", "eff. bits", "predicted GB/bits", "padding",
-              "batches", "fold", "fold KL / top-1", "verify")
+              "batches", "fold", "fold KL / top-1", "KL to source before/after fold", "verify")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in strategies:
         q = (record(run_dir, f"quantize.{name}") or {}).get("summary", {})
@@ -153,7 +155,9 @@ def main() -> None:
                f"{100 * q['padding_fraction']:.1f} %" if q.get("padding_fraction") is not None else q.get(
                    "padding_tokens"), q.get("batches"),
                json.dumps(fold.get("actions")) if fold else "-",
-               f"{cost.get('kl')} / {cost.get('top1_agreement')}" if cost else "-", verdict)
+               f"{cost.get('kl')} / {cost.get('top1_agreement')}" if cost else "-",
+               f"{cost.get('kl_to_source_before')} / {cost.get('kl_to_source_after')}" if cost else
+               str((q.get("fidelity") or {}).get("kl")), verdict)
         print("| " + " | ".join("n/a" if c is None else str(c) for c in row) + " |", flush=True)
 
 

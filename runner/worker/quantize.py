@@ -43,11 +43,20 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     calib = load_calibration(Path(params["calibration"]), tokenizer, params["calib_samples"], params["max_length"],
                              params["seed"], held_out=HELD_OUT)
     print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
+    from runner.worker import fidelity
+
+    eval_batches, measured_on = held_out_set(calib, device)
+    source = fidelity.snapshot(model, eval_batches, full_logits_kwargs(model))
     result = quantize_model(model, calib, strategy, params["exclude"], device)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
-    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True))
+    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True), source=source)
+    # What the exported model gives up against the source, on the same samples (fake-quant forward).
+    result["fidelity"] = {**fidelity.compare(source, fidelity.snapshot(model, eval_batches,
+                                                                       full_logits_kwargs(model))),
+                          "measured_on": measured_on}
+    del source
     if fold is not None:
         result["awq_fold"] = fold
         print(f"[quantize] AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s: {fold['actions']}; "
@@ -87,8 +96,23 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
 
 
-def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False) -> dict[str, Any] | None:
-    """Fold AWQ's pre_quant_scale away (see awq_fold.py) and measure what it cost on held-out samples.
+def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any]], str]:
+    """Batches to measure fidelity on, and what they are: held-out conversations where the file has them."""
+    batches = calib.held_out_batches(4, device)
+    if batches:
+        return batches, "held-out conversations"
+    # Every conversation was used for calibration: say so rather than pretend.
+    return calib.batches(4, device)[-2:], "calibration samples (the calibration file has no conversation to spare)"
+
+
+def full_logits_kwargs(model: Any) -> dict[str, Any]:
+    return {k: v for k, v in calibration_kwargs(model).items() if k != "logits_to_keep"}
+
+
+def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False,
+                source: list[Any] | None = None) -> dict[str, Any] | None:
+    """Fold AWQ's pre_quant_scale away (see awq_fold.py) and measure what it cost on held-out samples:
+    the fake-quantized model after vs. before, and, given the `source` model's snapshot, each against it.
 
     norms_only: the raw NVFP4_AWQ export; only the folds into norms, which the export would get wrong.
     """
@@ -97,23 +121,22 @@ def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool
     if not any(awq_fold.has_scale(m) for m in model.modules()):
         return None
     t0 = time.monotonic()
-    measured_on = "held-out conversations"
-    batches = calib.held_out_batches(4, device)
-    if not batches:  # every conversation was used for calibration: say so rather than pretend
-        measured_on = "calibration samples (the calibration file has no conversation to spare)"
-        batches = calib.batches(4, device)[-2:]
-    kwargs = {k: v for k, v in calibration_kwargs(model).items() if k != "logits_to_keep"}
+    batches, measured_on = held_out_set(calib, device)
+    kwargs = full_logits_kwargs(model)
     before = fidelity.snapshot(model, batches, kwargs)
     probe = {k: v[:1, :64] for k, v in calib.batches(1, device)[-1].items()}
     records = awq_fold.fold_awq_scales(model, probe, kwargs, norms_only=norms_only)
-    cost = fidelity.compare(before, fidelity.snapshot(model, batches, kwargs))
+    after = fidelity.snapshot(model, batches, kwargs)
+    cost: dict[str, Any] = {**fidelity.compare(before, after), "measured_on": measured_on}
+    if source is not None:
+        cost["kl_to_source_before"] = fidelity.compare(source, before).get("kl")
+        cost["kl_to_source_after"] = fidelity.compare(source, after).get("kl")
     left = sum(awq_fold.has_scale(m) for m in model.modules())
     if left and not norms_only:
         raise SystemExit(f"{left} layers still carry an AWQ pre_quant_scale after folding; set "
                          "fold_awq_scales: false to export NVFP4_AWQ as it is")
     return {"mode": "norms_only" if norms_only else "full", **awq_fold.summarize(records),
-            "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3),
-            "cost": {**cost, "measured_on": measured_on}, "per_layer": records}
+            "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3), "cost": cost, "per_layer": records}
 
 
 def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], exclude: list[str],
@@ -225,8 +248,9 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
     import torch
 
     formats = [copy.deepcopy(getattr(mtq, name)) for name in spec["formats"]]
-    for batch in batches:
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if spec["method"] == "gradient":  # only the gradient method needs a loss; kl_div would pay for one
+        for batch in batches:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
     def forward_step(m: Any, batch: dict[str, Any]) -> Any:
         return m(**batch, use_cache=False)
@@ -300,6 +324,13 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
         del output
     torch.cuda.synchronize()
     per_token = max(torch.cuda.max_memory_allocated() - base, 1) / longest
+    if full_logits:
+        # auto_quantize's kl_div keeps the unquantized log-probabilities in fp32 while it computes
+        # the quantized ones and their log-softmax: about three fp32 vocabulary rows a token more
+        # than the probe's forward shows (at Qwen3.5's 248k vocabulary, 3 MB a token).
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        per_token += 3 * 4 * int(getattr(text, "vocab_size", 0) or 0)
     share = 0.5 if algorithm in (None, "max") else 0.25
     return int(max(longest, min(ceiling, free * share // per_token)))
 
