@@ -237,7 +237,9 @@ class Strategy(Section):
     algorithm: str | None = Field(None, description="Overrides the preset's calibration algorithm.")
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
     calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
-    batch_size: int | Literal["auto"] = Field("auto", description="Calibration batch size; auto fits memory.")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="Calibration batch: `auto` batches by a token budget fitted to GPU memory (length-"
+        "bucketed, little padding); a number is that many samples a batch.")
     inherit_exclude: bool = Field(
         True, description="`false`: quantization.exclude does not apply to this strategy, only its own `exclude` "
         "(for a ModelOpt recipe that encodes the model's whole layout, e.g. NVIDIA's Qwen3.5 W4A16 + FP8 recipe).")
