@@ -28,12 +28,12 @@ import importlib.util
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.bits import BITS, DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of
+from runner.safetensors_headers import Tensor, read_headers
 
 # Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
 # disable the same through configs/ptq/units/default_disabled_quantizers.yaml, but auto_quantize
@@ -118,21 +118,6 @@ class Unknown(Exception):
 # --- the model, from its headers -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str  # safetensors dtype: BF16, F32, U8, ...
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * int(DTYPE_BITS.get(self.dtype, 16)) // 8
-
-
 @dataclass
 class Weights:
     """A model folder as the worker will load it: its tensors, Linear and Conv weights."""
@@ -148,19 +133,6 @@ class Weights:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-
-def read_headers(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of every *.safetensors file in `folder` (sharded or not), from the headers alone."""
-    tensors: dict[str, Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with file.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                tensors[name] = Tensor(name, info["dtype"], tuple(info["shape"]))
-    return tensors
 
 
 def load_weights(folder: Path) -> Weights:

@@ -9,9 +9,6 @@ bound that is tight for short contexts.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +16,7 @@ from ruamel.yaml import YAML
 
 from runner.errors import RunnerError
 from runner.resources import shipped_dir
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1,
-               "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+from runner.safetensors_headers import read_headers
 
 
 def hardware_table() -> dict[str, dict[str, Any]]:
@@ -30,15 +25,7 @@ def hardware_table() -> dict[str, dict[str, Any]]:
 
 def tensor_bytes(checkpoint: Path) -> dict[str, int]:
     """Bytes of every tensor, from the safetensors headers alone."""
-    sizes: dict[str, int] = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with file.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                sizes[name] = math.prod(info["shape"]) * DTYPE_BYTES.get(info["dtype"], 2)
-    return sizes
+    return {name: tensor.nbytes for name, tensor in read_headers(checkpoint).items()}
 
 
 def bytes_per_token(checkpoint: Path) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from runner.bits import effective_bits as bits_per_weight
 from runner.bits import logical_numel
 from runner.footprint import DEFAULT_DISABLED  # ModelOpt's default exclusions, which auto_quantize ignores
-from runner.worker.calib_data import CalibrationSet, load_calibration
+from runner.worker.calib_data import CalibrationSet, load_calibration, pad_batches
 
 HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
 
@@ -45,22 +45,29 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
     from runner.worker import fidelity
 
+    # One set of held-out samples and one snapshot per model state: the source, the quantized model,
+    # and the model after folding AWQ scales (when there were any).
     eval_batches, measured_on = held_out_set(calib, device)
-    source = fidelity.snapshot(model, eval_batches, full_logits_kwargs(model))
+    logits_kwargs = full_logits_kwargs(model)
+    source = fidelity.snapshot(model, eval_batches, logits_kwargs)
     result = quantize_model(model, calib, strategy, params["exclude"], device)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
-    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True), source=source)
-    # What the exported model gives up against the source, on the same samples (fake-quant forward).
-    result["fidelity"] = {**fidelity.compare(source, fidelity.snapshot(model, eval_batches,
-                                                                       full_logits_kwargs(model))),
-                          "measured_on": measured_on}
-    del source
+    quantized = fidelity.snapshot(model, eval_batches, logits_kwargs)
+    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True))
     if fold is not None:
+        folded = fidelity.snapshot(model, eval_batches, logits_kwargs)
+        fold["cost"] = {**fidelity.compare(quantized, folded), "measured_on": measured_on,
+                        "kl_to_source_before": fidelity.compare(source, quantized).get("kl"),
+                        "kl_to_source_after": fidelity.compare(source, folded).get("kl")}
+        quantized = folded
         result["awq_fold"] = fold
         print(f"[quantize] AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s: {fold['actions']}; "
               f"KL {fold['cost'].get('kl')}, top-1 {fold['cost'].get('top1_agreement')}", flush=True)
+    # What the exported model gives up against the source, on the same samples (fake-quant forward).
+    result["fidelity"] = {**fidelity.compare(source, quantized), "measured_on": measured_on}
+    del source, quantized
 
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -109,34 +116,24 @@ def full_logits_kwargs(model: Any) -> dict[str, Any]:
     return {k: v for k, v in calibration_kwargs(model).items() if k != "logits_to_keep"}
 
 
-def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False,
-                source: list[Any] | None = None) -> dict[str, Any] | None:
-    """Fold AWQ's pre_quant_scale away (see awq_fold.py) and measure what it cost on held-out samples:
-    the fake-quantized model after vs. before, and, given the `source` model's snapshot, each against it.
+def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False) -> dict[str, Any] | None:
+    """Fold AWQ's pre_quant_scale away (see awq_fold.py); None when nothing was smoothed.
 
     norms_only: the raw NVFP4_AWQ export; only the folds into norms, which the export would get wrong.
     """
-    from runner.worker import awq_fold, fidelity
+    from runner.worker import awq_fold
 
     if not any(awq_fold.has_scale(m) for m in model.modules()):
         return None
     t0 = time.monotonic()
-    batches, measured_on = held_out_set(calib, device)
-    kwargs = full_logits_kwargs(model)
-    before = fidelity.snapshot(model, batches, kwargs)
-    probe = {k: v[:1, :64] for k, v in calib.batches(1, device)[-1].items()}
-    records = awq_fold.fold_awq_scales(model, probe, kwargs, norms_only=norms_only)
-    after = fidelity.snapshot(model, batches, kwargs)
-    cost: dict[str, Any] = {**fidelity.compare(before, after), "measured_on": measured_on}
-    if source is not None:
-        cost["kl_to_source_before"] = fidelity.compare(source, before).get("kl")
-        cost["kl_to_source_after"] = fidelity.compare(source, after).get("kl")
+    probe = pad_batches([calib.token_ids[0][:64]], calib.pad_id, 1, device)[0]  # the structure probe's input
+    records = awq_fold.fold_awq_scales(model, probe, full_logits_kwargs(model), norms_only=norms_only)
     left = sum(awq_fold.has_scale(m) for m in model.modules())
     if left and not norms_only:
         raise SystemExit(f"{left} layers still carry an AWQ pre_quant_scale after folding; set "
                          "fold_awq_scales: false to export NVFP4_AWQ as it is")
     return {"mode": "norms_only" if norms_only else "full", **awq_fold.summarize(records),
-            "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3), "cost": cost, "per_layer": records}
+            "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3), "per_layer": records}
 
 
 def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], exclude: list[str],

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.bits import DTYPE_BITS
 from runner.worker.nvfp4_format import BLOCK, decode_nvfp4, ideal_bits
 
 # quant_algo values vLLM's ModelOpt loader accepts (vllm/model_executor/layers/quantization/modelopt.py).
@@ -224,9 +225,6 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
                     "hold their format's tensors; every other Linear is unquantized")
 
 
-BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
-
-
 def ideal_size_bytes(meta: dict[str, tuple[str, tuple[int, ...]]], quantized: dict[str, Any]) -> int:
     """4.5 bits per NVFP4 weight, 8 per FP8 weight, every other tensor as stored; scales excluded."""
     import math
@@ -241,7 +239,7 @@ def ideal_size_bytes(meta: dict[str, tuple[str, tuple[int, ...]]], quantized: di
         if key.endswith(".weight") and module in quantized:
             total += ideal_bits(numel * 2) / 8 if dtype == "U8" else numel
         else:
-            total += numel * BYTES.get(dtype, 2)
+            total += numel * DTYPE_BITS.get(dtype, 16) / 8
     return int(total)
 
 
