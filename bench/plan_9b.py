@@ -70,7 +70,12 @@ def write_calibration(path: Path, samples: int, seed: int = 0) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_recipe(path: Path, model_dir: Path, calibration: Path, samples: int) -> None:
+def write_recipe(path: Path, model_dir: Path, calibration: Path, samples: int, score_steps: int | None) -> None:
+    # auto_quantize's kl_div scoring runs one forward per (layer group x format) per score batch:
+    # --score-steps bounds how many batches it scores, so a 10-minute run can finish.
+    scoring = ("" if score_steps is None else
+               f"quantization:\n  strategies:\n    - name: auto_mixed\n      auto_quantize: "
+               f"{{num_score_steps: {score_steps}}}\n")
     path.write_text(f"""# The shipped plan at 9B shape: only the model and the calibration file differ.
 extends: {SHIPPED}
 name: qwen35-9b-bench
@@ -84,7 +89,7 @@ execution:
   executor: local
   max_parallel: 1
   gpus: 1
-""")
+{scoring}""")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,6 +114,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--tokenizer", type=Path, required=True, help="a chat tokenizer folder")
     parser.add_argument("--strategy", action="append", default=[], help="only these strategies (repeatable)")
+    parser.add_argument("--score-steps", type=int, default=None,
+                        help="auto_mixed: score on this many calibration batches (the recipe's num_score_steps)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +124,7 @@ def main() -> None:
     if not calibration.exists():
         write_calibration(calibration, args.samples)
     recipe = work / "recipe.yaml"
-    write_recipe(recipe, work / "model", calibration, args.samples)
+    write_recipe(recipe, work / "model", calibration, args.samples, args.score_steps)
     run_dir = work / "run"
     selection = [a for s in args.strategy for a in ("--strategy", s)]
     plan = cli("plan", str(recipe), "--run-dir", str(run_dir), "--json", *selection)

@@ -220,8 +220,14 @@ class AutoQuantizeSpec(Section):
     effective_bits: float = Field(gt=2, le=16)
     formats: list[str] = Field(default_factory=lambda: ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
     method: Literal["kl_div", "gradient"] = "kl_div"
-    num_calib_steps: int = Field(512, gt=0)
-    num_score_steps: int = Field(128, gt=0)
+    num_calib_steps: int = Field(512, gt=0, description=(
+        "Calibration samples (conversations) per format. ModelOpt counts batches; the worker passes "
+        "the fewest calibration batches that hold this many samples, so the number means the same on "
+        "any GPU."))
+    num_score_steps: int = Field(128, gt=0, description=(
+        "Samples scored for sensitivity (counted like num_calib_steps). kl_div runs one full-logit "
+        "forward per layer group and format on them: at the 9B shape on one H200, ~107 s per ~9 k "
+        "scored tokens (bench/plan_9b.py), so 128 samples of up to 2048 tokens take about half an hour."))
 
 
 class Strategy(Section):

@@ -16,6 +16,7 @@ from runner.worker.calib_data import (
     MAX_PADDING,
     BatchPlan,
     CalibrationSet,
+    batch_overhead_tokens,
     build_batches,
     pad_batches,
     plan_fixed_batches,
@@ -156,3 +157,18 @@ def test_plan_arguments_are_checked():
         plan_token_batches([10], 0)
     with pytest.raises(ValueError):
         build_batches([[1, 2]], 0, plan_fixed_batches([2, 3], 1), "cpu")
+
+
+def test_awq_plans_fewer_batches_within_the_cap():
+    """AWQ's per-batch weight work makes a batch dearer: fewer batches, padding still capped."""
+    rng = random.Random(0)
+    lengths = [rng.randint(64, 2048) for _ in range(128)]
+    max_plan = plan_token_batches(lengths, 200_000, batch_overhead=batch_overhead_tokens(None))
+    awq_plan = plan_token_batches(lengths, 200_000, batch_overhead=batch_overhead_tokens("awq_lite"))
+    assert awq_plan.batches < max_plan.batches
+    assert max_plan.padding_fraction <= MAX_PADDING and awq_plan.padding_fraction <= MAX_PADDING
+
+
+def test_batches_covering_counts_samples():
+    plan = BatchPlan((5, 4, 3, 2, 1), ((0, 1), (2,), (3, 4)), 10)
+    assert [plan.batches_covering(n) for n in (1, 2, 3, 4, 5, 99)] == [1, 1, 2, 3, 3, 3]

@@ -134,13 +134,19 @@ def test_explicit_batch_size_means_samples(captured):
     assert result["padding_tokens"] == calib.padding_tokens(4)
 
 
-def test_auto_quantize_gets_the_same_batches(captured):
+def test_auto_quantize_gets_the_same_batches_and_counts_steps_in_samples(captured):
     calib = mixed_calib()
-    spec = {"formats": ["NVFP4_DEFAULT_CFG"], "effective_bits": 6.0, "method": "kl_div"}
+    spec = {"formats": ["NVFP4_DEFAULT_CFG"], "effective_bits": 6.0, "method": "kl_div",
+            "num_calib_steps": 1000, "num_score_steps": 7}
     result = quantize.quantize_model(None, calib, {"name": "aq", "auto_quantize": spec}, [], torch.device("cpu"))
-    expected = calib.build(calib.plan(token_budget=4096), "cpu")
-    assert captured["spec"] is spec and result["auto_quantize"] == {"score": None}
+    plan = calib.plan(token_budget=4096)
+    expected = calib.build(plan, "cpu")
+    assert result["auto_quantize"] == {"score": None}
     assert [b["input_ids"].tolist() for b in captured["batches"]] == [b["input_ids"].tolist() for b in expected]
+    # ModelOpt gets batches: all of them for calibration, the fewest leading ones holding 7 samples to score.
+    score = captured["spec"]["num_score_steps"]
+    assert captured["spec"]["num_calib_steps"] == plan.batches
+    assert sum(len(g) for g in plan.groups[:score]) >= 7 > sum(len(g) for g in plan.groups[:score - 1])
 
 
 def test_tiny_qwen35_max_on_cpu():

@@ -18,6 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Padding allowed, as a share of the tokens a plan computes (real + padding): the issue's bound. The
+# plan is exact (no noise), so the cap can sit at the bound itself.
+MAX_PADDING = 0.10
+# What one more batch costs, in tokens' worth of compute: a forward's fixed work (kernel launches,
+# DeltaNet's per-chunk loop, weight statistics). From facts.md (9B shape): a 1 x 512 forward took
+# ~0.15 s (H100), a 32 x 512 one 0.83 s (H200), i.e. ~0.13 s fixed a forward, ~3000 tokens' worth;
+# 2048 leans towards less padding.
+BATCH_OVERHEAD_TOKENS = 2048
+# AWQ's search fake-quantizes every weight once per alpha (11 of them) per batch, whatever the batch
+# holds: fitted to the hf_ptq comparison at 9B (bench/quantize_gpu.py, H200: ~6 s a batch against
+# ~0.32 ms a token), a batch costs ~19 k tokens' worth. Fewer, fuller batches, up to the padding cap.
+AWQ_BATCH_OVERHEAD_TOKENS = 16384
+
+
+def batch_overhead_tokens(algorithm: str | None) -> int:
+    """The per-batch cost to plan with, for a calibration algorithm (ModelOpt's name; None = max)."""
+    return AWQ_BATCH_OVERHEAD_TOKENS if algorithm and algorithm.startswith("awq") else BATCH_OVERHEAD_TOKENS
+
 
 @dataclass
 class CalibrationSet:
@@ -39,13 +57,14 @@ class CalibrationSet:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.token_ids]
 
-    def plan(self, token_budget: int | None = None, batch_size: int | None = None) -> BatchPlan:
+    def plan(self, token_budget: int | None = None, batch_size: int | None = None,
+             batch_overhead: int = BATCH_OVERHEAD_TOKENS) -> BatchPlan:
         """How the samples would be batched (no tensors): by token budget, or `batch_size` samples a batch."""
         if (token_budget is None) == (batch_size is None):
             raise ValueError("give exactly one of token_budget and batch_size")
         if batch_size is not None:
             return plan_fixed_batches(self.lengths, batch_size)
-        return plan_token_batches(self.lengths, token_budget)
+        return plan_token_batches(self.lengths, token_budget, batch_overhead=batch_overhead)
 
     def build(self, plan: BatchPlan, device: Any) -> list[dict[str, Any]]:
         """The batches of a plan (of these samples) as right-padded input_ids and attention_mask tensors."""
@@ -64,15 +83,6 @@ class CalibrationSet:
 
     def padding_tokens(self, batch_size: int) -> int:
         return plan_fixed_batches(self.lengths, batch_size).padding_tokens
-
-
-# Padding allowed, as a share of the tokens a plan computes (real + padding); the issue asks for <= 10 %.
-MAX_PADDING = 0.08
-# What one more batch costs, in tokens' worth of compute: a forward's fixed work (kernel launches,
-# DeltaNet's per-chunk loop, weight statistics; AWQ-lite fake-quantizes every weight per batch and
-# search step). From facts.md (9B shape): a 1 x 512 forward took ~0.15 s (H100), a 32 x 512 one 0.83 s
-# (H200), i.e. ~0.13 s fixed a forward, ~3000 tokens' worth; 2048 leans towards less padding.
-BATCH_OVERHEAD_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,19 @@ class BatchPlan:
     @property
     def max_rows(self) -> int:
         return max((len(group) for group in self.groups), default=0)
+
+    def batches_covering(self, samples: int) -> int:
+        """The fewest leading batches holding at least `samples` samples (all batches when there are fewer).
+
+        Recipes count auto_quantize's calibration and scoring in samples, as the plan's batch-1 loop
+        did; ModelOpt counts batches, whose size depends on the GPU's memory.
+        """
+        covered = 0
+        for count, group in enumerate(self.groups, start=1):
+            covered += len(group)
+            if covered >= samples:
+                return count
+        return len(self.groups)
 
     def summary(self) -> dict[str, Any]:
         """The record's view: tokens, padding, batches, budget; batch_size is the most rows in a batch."""

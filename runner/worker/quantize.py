@@ -19,7 +19,7 @@ from typing import Any
 from runner.bits import effective_bits as bits_per_weight
 from runner.bits import logical_numel
 from runner.footprint import DEFAULT_DISABLED  # ModelOpt's default exclusions, which auto_quantize ignores
-from runner.worker.calib_data import CalibrationSet, load_calibration, pad_batches
+from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
 
 HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
 
@@ -151,6 +151,7 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
     config = None if spec else build_config(strategy, exclude)
     batch_size = strategy.get("batch_size", "auto")
     if batch_size == "auto":
+        overhead = batch_overhead_tokens(None)
         if spec:  # scoring passes compute full logits (kl_div) or a loss and gradients (gradient)
             token_budget = auto_batch_size(model, calib, device, algorithm="auto_quantize", full_logits=True,
                                            grad=spec.get("method") == "gradient")
@@ -161,7 +162,8 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
             elif not (algorithm is None or isinstance(algorithm, str)):
                 algorithm = "sequence"  # several algorithms in a row: count as not max
             token_budget = auto_batch_size(model, calib, device, algorithm=algorithm)
-        plan = calib.plan(token_budget=token_budget)
+            overhead = batch_overhead_tokens(algorithm)
+        plan = calib.plan(token_budget=token_budget, batch_overhead=overhead)
     else:
         plan = calib.plan(batch_size=int(batch_size))
     batches = calib.build(plan, device)
@@ -176,7 +178,9 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
     # batch_size: the most rows in a batch; token_budget: None for a fixed number of samples a batch.
     result: dict[str, Any] = {"device": str(device), **plan.summary()}
     if spec:
-        result["auto_quantize"] = quantize_auto(model, batches, spec, exclude)
+        steps = {"num_calib_steps": plan.batches_covering(spec["num_calib_steps"]),
+                 "num_score_steps": plan.batches_covering(spec["num_score_steps"])}
+        result["auto_quantize"] = quantize_auto(model, batches, {**spec, **steps}, exclude)
     else:
         quantize_with_config(model, config, batches)
     if device.type == "cuda":
@@ -260,7 +264,7 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
         "quantization_formats": formats,
         "data_loader": batches,
         "forward_step": forward_step,
-        "num_calib_steps": min(spec["num_calib_steps"], len(batches)),
+        "num_calib_steps": min(spec["num_calib_steps"], len(batches)),  # batches here (quantize_model converts)
         "num_score_steps": min(spec["num_score_steps"], len(batches)),
         "method": spec["method"],
         "disabled_layers": DEFAULT_DISABLED + list(exclude),
@@ -280,6 +284,7 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
                          "fewer layers.") from None
     best = state.get("best", {}) if isinstance(state, dict) else {}
     return {"constraints": {"effective_bits": spec["effective_bits"]},
+            "calib_batches": kwargs["num_calib_steps"], "score_batches": kwargs["num_score_steps"],
             "achieved": {k: float(v) for k, v in (best.get("constraints") or {}).items()
                          if isinstance(v, (int, float))},
             "score": float(best["score"]) if isinstance(best.get("score"), (int, float)) else None}
