@@ -271,17 +271,12 @@ async def _run_cancellable(coro):
 
 
 def _save_resolved_recipe(loaded, path: Path) -> None:
-    from ruamel.yaml import YAML
-
+    from runner.recipe_loader import recipe_to_yaml
     from runner.run_dir import write_json_atomic
 
-    data = loaded.recipe.model_dump(mode="json")
-    yaml = YAML()
-    yaml.default_flow_style = False
     tmp = path.with_suffix(".yaml.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(f"# resolved from {loaded.path} ({', '.join(str(f) for f in loaded.files)})\n")
-        yaml.dump(data, fh)
+    tmp.write_text(f"# resolved from {loaded.path} ({', '.join(str(f) for f in loaded.files)})\n"
+                   + recipe_to_yaml(loaded.recipe), encoding="utf-8")
     tmp.replace(path)
     write_json_atomic(path.with_name("recipe.files.json"), [str(f) for f in loaded.files])
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from functools import cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from runner.resources import shipped_dir
+from runner.resources import available_containers
 from runner.schema import Identifier, Section
 
 
@@ -63,19 +61,6 @@ class ContainerPlugin(Section):
         """Hash of what makes the (derived) image: image and setup."""
         payload = json.dumps({"image": self.image, "setup": self.setup.model_dump()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def containers_dir() -> Path:
-    return shipped_dir("containers")
-
-
-@cache
-def available_containers() -> dict[str, Path]:
-    """Plugin name -> its YAML file: the shipped ones, then folders in RECIPE_RUNNER_CONTAINERS (which win)."""
-    found = {p.stem: p for p in sorted(containers_dir().glob("*.yaml"))}
-    for folder in filter(None, os.environ.get("RECIPE_RUNNER_CONTAINERS", "").split(os.pathsep)):
-        found.update({p.stem: p for p in sorted(Path(folder).glob("*.yaml"))})
-    return found
 
 
 def load_container(name: str) -> ContainerPlugin:

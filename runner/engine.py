@@ -234,12 +234,12 @@ class Runner:
             failed[branch] = cause
         # The result of a step run without some branches is not the plan's result: its key must
         # differ, or once the branch is fixed the old partial result (and report's and publish's
-        # after it) would count as current. So the failed branches go into its params, which
+        # after it) would count as current. So the failed branches go into its input, which
         # step_key hashes, and the keys of the steps after it are chained from that key as plan.py
         # does. The record keeps this key, so the next run (whose plan has the full key again)
         # re-runs gates and what follows; a different set of failed branches gives a different key.
         reduced = replace(step, deps=tuple(d for d in step.deps if d not in missing),
-                          params={**step.params, "failed_branches": dict(sorted(failed.items()))})
+                          inputs=step.inputs.model_copy(update={"failed_branches": dict(sorted(failed.items()))}))
         self.keys[step.id] = step_key(reduced, [self.keys[d] for d in reduced.deps])
         after = self.plan.dependents(step.id)
         for sid, later in self.plan.steps.items():
@@ -264,9 +264,9 @@ class Runner:
                 container = load_container(self.plan.recipe.container_for(kind.container_role))
             return await self.executor.run_worker(
                 worker_kind=worker_kind, params=params, scratch=scratch, log_path=log_path,
-                container=container, heavy=step.heavy)
+                container=container)
 
-        ctx = StepContext(step, self.plan, self.run_dir, scratch, logger, run_worker)
+        ctx = StepContext(step, self.run_dir, scratch, logger, run_worker)
         try:
             assert kind.run is not None
             result = await kind.run(ctx)

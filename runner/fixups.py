@@ -1,7 +1,8 @@
 """Declarative fix-ups applied to an exported checkpoint (recipe `export.fixups`).
 
-Each operation edits JSON files or copies a file; none knows any model. The plan's Qwen3.5 wrapping
-(config nested under text_config with Qwen3_5ForConditionalGeneration on top, a
+Each operation is a recipe model (SetJson, WrapConfig, WriteJson, CopyFile) that carries its own
+`apply()`; `apply_fixups` applies a list of them in order. None knows any model. The plan's
+Qwen3.5 wrapping (config nested under text_config with Qwen3_5ForConditionalGeneration on top, a
 preprocessor_config.json, tokenizer_class Qwen2Tokenizer) is three of these in a recipe.
 """
 
@@ -9,10 +10,101 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from runner.errors import RunnerError
+from runner.schema_base import MODEL_FILE_PREFIX, Section, _resolve_file_ref
+
+
+class SetJson(Section):
+    """Deep-merge `values` into a JSON file of the exported checkpoint."""
+
+    op: Literal["set_json"]
+    file: str
+    values: dict[str, Any]
+
+    def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
+        path = checkpoint / self.file
+        write_json_object(path, deep_merge(read_json_object(path, where) if path.exists() else {}, self.values))
+        return f"set {', '.join(self.values)} in {self.file}"
+
+
+class WrapConfig(Section):
+    """Nest a config under a key (e.g. a text config inside a vision-language wrapper)."""
+
+    op: Literal["wrap_config"]
+    file: str = "config.json"
+    under: str = Field(description="Key that receives the original config, e.g. text_config.")
+    keep_top: list[str] = Field(default_factory=list, description="Keys copied to the top level as well.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Top-level keys of the wrapper.")
+
+    def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
+        path = checkpoint / self.file
+        inner = read_json_object(path, where)
+        wrapped = {key: inner[key] for key in self.keep_top if key in inner}
+        wrapped[self.under] = inner
+        write_json_object(path, deep_merge(wrapped, self.set))
+        return f"wrapped {self.file} under {self.under!r}"
+
+
+class WriteJson(Section):
+    """Write a JSON file into the checkpoint."""
+
+    op: Literal["write_json"]
+    file: str
+    content: dict[str, Any]
+
+    def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
+        write_json_object(checkpoint / self.file, self.content)
+        return f"wrote {self.file}"
+
+
+class CopyFile(Section):
+    """Copy a file into the checkpoint: from a path (relative to the recipe) or from the source model."""
+
+    op: Literal["copy_file"]
+    source: Annotated[str, BeforeValidator(_resolve_file_ref)] = Field(
+        description="A path (relative to the recipe), or `model:NAME` for a file of the source model.")
+    to: str
+
+    @property
+    def model_file(self) -> str | None:
+        """NAME for `model:NAME` (a file of the source model); None for a path."""
+        return self.source.removeprefix(MODEL_FILE_PREFIX) if self.source.startswith(MODEL_FILE_PREFIX) else None
+
+    def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
+        if self.model_file is not None:
+            if model_dir is None:
+                raise RunnerError(f"{where}: {self.source} needs the source model, which is not available")
+            src = model_dir / self.model_file
+        else:
+            src = Path(self.source)
+        if not src.is_file():
+            raise RunnerError(f"{where}: source file {src} does not exist")
+        replace_file(src, checkpoint / self.to)
+        return f"copied {src.name} to {self.to}"
+
+
+Fixup = Annotated[SetJson | WrapConfig | WriteJson | CopyFile, Field(discriminator="op")]
+
+
+def apply_fixups(checkpoint: Path, fixups: Sequence[Any], model_dir: Path | None) -> list[str]:
+    """Apply fix-ups (schema models, or their mappings) in order to the checkpoint folder; one line each."""
+    adapter = TypeAdapter(Fixup)
+    done = []
+    for i, fixup in enumerate(fixups):
+        where = f"export.fixups[{i}] ({fixup['op'] if isinstance(fixup, dict) else fixup.op})"
+        if isinstance(fixup, dict):
+            try:
+                fixup = adapter.validate_python(fixup)
+            except ValidationError as exc:
+                raise RunnerError(f"{where}: {exc.errors()[0]['msg']}") from None
+        done.append(fixup.apply(checkpoint, model_dir, where))
+    return done
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -25,47 +117,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_fixups(checkpoint: Path, fixups: list[dict[str, Any]], model_dir: Path | None) -> list[str]:
-    """Apply fix-ups in order to the checkpoint folder; returns one line per operation done."""
-    done = []
-    for i, op in enumerate(fixups):
-        kind = op["op"]
-        where = f"export.fixups[{i}] ({kind})"
-        if kind == "set_json":
-            path = checkpoint / op["file"]
-            _write(path, deep_merge(_read(path, where) if path.exists() else {}, op["values"]))
-            done.append(f"set {', '.join(op['values'])} in {op['file']}")
-        elif kind == "wrap_config":
-            path = checkpoint / op["file"]
-            inner = _read(path, where)
-            wrapped = {key: inner[key] for key in op["keep_top"] if key in inner}
-            wrapped[op["under"]] = inner
-            wrapped = deep_merge(wrapped, op["set"])
-            _write(path, wrapped)
-            done.append(f"wrapped {op['file']} under {op['under']!r}")
-        elif kind == "write_json":
-            _write(checkpoint / op["file"], op["content"])
-            done.append(f"wrote {op['file']}")
-        elif kind == "copy_file":
-            source = op["source"]
-            if source.startswith("model:"):
-                if model_dir is None:
-                    raise RunnerError(f"{where}: {source} needs the source model, which is not available")
-                src = model_dir / source.removeprefix("model:")
-            else:
-                src = Path(source)
-            if not src.is_file():
-                raise RunnerError(f"{where}: source file {src} does not exist")
-            target = checkpoint / op["to"]
-            target.unlink(missing_ok=True)  # may be a hard link into the quantize step's output
-            shutil.copyfile(src, target)
-            done.append(f"copied {src.name} to {op['to']}")
-        else:
-            raise RunnerError(f"{where}: unknown operation {kind!r}")
-    return done
-
-
-def _read(path: Path, where: str) -> dict[str, Any]:
+def read_json_object(path: Path, where: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -77,7 +129,12 @@ def _read(path: Path, where: str) -> dict[str, Any]:
     return data
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
+def write_json_object(path: Path, data: dict[str, Any]) -> None:
     # Never write through a hard link into another step's committed output.
     path.unlink(missing_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def replace_file(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)  # may be a hard link into the quantize step's output
+    shutil.copyfile(source, target)

@@ -3,9 +3,10 @@
     source -> calibrate -> quantize.S -> export.S -> verify.S -> serve.S -> benchmark.S -+
                                                                  benchmark.baseline ------+-> gates -> report -> publish
 
-One quantize/export/verify/serve/benchmark branch per enabled strategy. A step's cache key is the
-hash of its kind, parameters, input fingerprints and the keys of the steps it depends on, so a
-change anywhere upstream re-runs everything downstream of it and nothing else.
+One quantize/export/verify/serve/benchmark branch per enabled strategy. Each step gets a typed input
+(step_inputs.py) holding exactly what it reads. Its cache key is the hash of its kind, that input,
+the files it reads, its code and the keys of the steps it depends on, so a change re-runs the steps
+that read it and everything downstream of them, and nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +20,25 @@ from typing import Any
 
 from runner import __version__
 from runner.errors import RunnerError
+from runner.fixups import CopyFile
 from runner.schema import Recipe
+from runner.step_inputs import (
+    BenchmarkInput,
+    CalibrateInput,
+    ExportInput,
+    GatesInput,
+    PublishInput,
+    QuantizeInput,
+    ReportInput,
+    ServeInput,
+    ServingInput,
+    SourceInput,
+    StepInput,
+    VerifyInput,
+)
+from runner.steps.code import STEP_CODE
+
+RUNNER_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -27,11 +46,16 @@ class Step:
     id: str
     kind: str
     deps: tuple[str, ...]
-    params: dict[str, Any]
+    inputs: StepInput  # everything the step reads (step_inputs.py); its cache key hashes it
     strategy: str | None = None
     # Files whose content the step reads (fingerprinted into the key).
     input_files: tuple[Path, ...] = ()
     heavy: bool = False  # needs the GPU (or, on a CPU machine, most of the cores and memory)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The input as JSON: what the key hashes and the record keeps."""
+        return self.inputs.key_payload()
 
 
 @dataclass
@@ -80,61 +104,51 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         chosen = [s for s in recipe.quantization.strategies if s.name in strategies]
 
     steps: list[Step] = []
-    source = recipe.model.source
+    model, calib = recipe.model, recipe.calibration
     source_files: tuple[Path, ...] = ()
-    if source.kind == "gguf" and source.path is not None or source.kind == "local":
-        source_files = (source.path,)
-    steps.append(Step("source", "source", (), {"model": recipe.model.model_dump(mode="json")},
-                      input_files=source_files))
-
-    calib = recipe.calibration
-    calib_files: tuple[Path, ...] = ()
-    if calib.source.kind == "jsonl":
-        calib_files = (calib.source.path,)
-    steps.append(Step("calibrate", "calibrate", ("source",), {"calibration": calib.model_dump(mode="json")},
+    if model.source.kind in ("gguf", "local") and model.source.path is not None:
+        source_files = (model.source.path,)
+    steps.append(Step("source", "source", (), SourceInput(
+        source=model.source, architecture=model.architecture, dtype=model.dtype), input_files=source_files))
+    calib_files = (calib.source.path,) if calib.source.kind == "jsonl" else ()
+    steps.append(Step("calibrate", "calibrate", ("source",), CalibrateInput(calibration=calib),
                       input_files=calib_files))
 
+    serving = ServingInput(serve=recipe.serve, dtype=model.dtype, env_names=recipe.execution.env)
+    bench = recipe.benchmark
+    bench_inputs = {"serving": serving, "system_prompt": bench.system_prompt, "suites": bench.suites,
+                    "speed": bench.speed, "concurrency": bench.concurrency}
     bench_ids = []
     for strategy in chosen:
         s = strategy.name
-        quant_params = {
-            "strategy": strategy.model_dump(mode="json"),
-            "exclude": recipe.quantization.exclusions(strategy),
-            "calib_samples": strategy.calib_samples or calib.samples,
-            "max_length": calib.max_length,
-            "seed": calib.seed,
-            "dtype": recipe.model.dtype,
-            "architecture": recipe.model.architecture,
-        }
-        steps.append(Step(f"quantize.{s}", "quantize", ("source", "calibrate"), quant_params, s, heavy=True))
-        fixup_files = tuple(
-            Path(f.source) for f in recipe.export.fixups
-            if f.op == "copy_file" and not f.source.startswith("model:"))
+        exclude = recipe.quantization.exclusions(strategy)
+        steps.append(Step(f"quantize.{s}", "quantize", ("source", "calibrate"), QuantizeInput(
+            strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
+            max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture),
+            s, heavy=True))
+        fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
+                            if isinstance(f, CopyFile) and f.model_file is None)
         steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
-                          {"fixups": [f.model_dump(mode="json") for f in recipe.export.fixups]}, s,
-                          input_files=fixup_files))
+                          ExportInput(fixups=recipe.export.fixups), s, input_files=fixup_files))
         steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source", f"quantize.{s}"),
-                          {"exclude": quant_params["exclude"], "engine": recipe.serve.engine}, s))
+                          VerifyInput(exclude=exclude, engine=recipe.serve.engine), s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
-                          {"serve": recipe.serve.model_dump(mode="json"), "hardware": recipe.benchmark.hardware},
-                          s, heavy=True))
+                          ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
         steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}", f"export.{s}"),
-                          {"benchmark": recipe.benchmark.model_dump(mode="json"),
-                           "serve": recipe.serve.model_dump(mode="json")}, s, heavy=True))
+                          BenchmarkInput(**bench_inputs), s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 
-    if recipe.benchmark.baseline is not None:
+    if bench.baseline is not None:
         steps.append(Step("benchmark.baseline", "benchmark", ("source",),
-                          {"benchmark": recipe.benchmark.model_dump(mode="json"), "baseline": True,
-                           "serve": recipe.serve.model_dump(mode="json")},
-                          heavy=recipe.benchmark.baseline.kind == "served"))
+                          BenchmarkInput(**bench_inputs, baseline=bench.baseline),
+                          heavy=bench.baseline.kind == "served"))
         bench_ids.append("benchmark.baseline")
 
-    steps.append(Step("gates", "gates", tuple(bench_ids),
-                      {"gates": [g.model_dump(mode="json") for g in recipe.gates],
-                       "selection": recipe.selection.model_dump(mode="json")}))
-    steps.append(Step("report", "report", ("gates",), {"report": recipe.report.model_dump(mode="json")}))
-    steps.append(Step("publish", "publish", ("report",), {"publish": recipe.publish.model_dump(mode="json")}))
+    steps.append(Step("gates", "gates", tuple(bench_ids), GatesInput(
+        gates=recipe.gates, selection=recipe.selection,
+        baseline_name=bench.baseline.name if bench.baseline else None)))
+    steps.append(Step("report", "report", ("gates",), ReportInput(recipe=recipe)))
+    steps.append(Step("publish", "publish", ("report",), PublishInput(recipe=recipe)))
 
     plan = Plan(recipe, {step.id: step for step in steps})
     plan.keys = {sid: "" for sid in plan.steps}
@@ -144,15 +158,32 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
 
 
 def step_key(step: Step, dep_keys: list[str]) -> str:
+    """The hash of what decides a step's result: its kind, its input, the files it reads, the keys of
+    the steps it depends on, and the code that executes it (an edited step module re-runs the step)."""
     payload = {
         "kind": step.kind,
-        "params": step.params,
+        "inputs": step.params,
         "deps": dep_keys,
         "files": {str(p): fingerprint(p) for p in step.input_files},
+        "code": code_fingerprint(step.kind),
         "runner": __version__,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def code_fingerprint(kind: str) -> str:
+    """The hash of the source files that execute a step kind (steps.STEP_CODE), read once per process."""
+    if kind not in _code_hashes:
+        digest = hashlib.sha256()
+        for relative in STEP_CODE.get(kind, ()):
+            path = RUNNER_DIR / relative
+            digest.update(relative.encode() + b"\0" + (path.read_bytes() if path.exists() else b"missing") + b"\0")
+        _code_hashes[kind] = digest.hexdigest()
+    return _code_hashes[kind]
+
+
+_code_hashes: dict[str, str] = {}
 
 
 def fingerprint(path: Path) -> str:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import Location, Problem, RecipeError, closest, format_path
-from runner.resources import shipped_dir
+from runner.resources import available_containers, hardware_targets, shipped_dir, shipped_suites
 from runner.schema import Recipe
 from runner.schema_walk import allowed_keys, allowed_literals
 from runner.yaml_tree import KeyPath, Node, read_yaml, to_plain
@@ -291,8 +291,6 @@ def load_yaml_model(path: Path, model: type[M]) -> M:
 
 
 def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> list[Problem]:
-    from runner.containers import available_containers
-
     known = available_containers()
     wanted = {("serve", "container"): recipe.serve.container}
     for step, name in recipe.execution.containers.model_dump().items():
@@ -309,9 +307,8 @@ def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> lis
 
 def _check_shipped_names(recipe: Recipe, locations: dict[KeyPath, Location]) -> list[Problem]:
     """Suites and the hardware target name shipped data files: check they exist."""
-    # Listed here from the files (not through runner.benchmark, which imports aiohttp): validate stays fast.
     problems = []
-    suites = sorted(p.stem for p in (shipped_dir("recipes") / "suites").glob("*.yaml"))
+    suites = shipped_suites()
     for i, ref in enumerate(recipe.benchmark.suites):
         if ref.path is None and ref.name not in suites:
             path = ("benchmark", "suites", i, "name")
@@ -319,8 +316,7 @@ def _check_shipped_names(recipe: Recipe, locations: dict[KeyPath, Location]) -> 
             problems.append(Problem(f"no shipped suite named {ref.name!r}", path, locate(locations, path),
                                     hint=(f"did you mean {guess!r}? " if guess else "")
                                     + f"shipped: {', '.join(suites)}; or give `path:` to your own suite file"))
-    targets = [line.split(":")[0] for line in (shipped_dir("recipes") / "hardware" / "targets.yaml")
-               .read_text(encoding="utf-8").splitlines() if line and not line.startswith(("#", " "))]
+    targets = list(hardware_targets())
     if recipe.benchmark.hardware not in targets:
         path = ("benchmark", "hardware")
         guess = closest(recipe.benchmark.hardware, targets)
@@ -375,3 +371,16 @@ def _value_at(data: Any, path: KeyPath) -> Any:
 
 
 __all__ = ["LoadedRecipe", "load_recipe", "load_yaml_model", "merge", "locate", "format_path"]
+
+
+def recipe_to_yaml(recipe: Recipe, exclude_defaults: bool = False) -> str:
+    """A resolved recipe as YAML (the run directory's copy; the card's, without defaults)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.default_flow_style = False
+    buffer = io.StringIO()
+    yaml.dump(recipe.model_dump(mode="json", exclude_defaults=exclude_defaults), buffer)
+    return buffer.getvalue()

@@ -19,10 +19,10 @@ from typing import Any
 
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
-from ruamel.yaml import YAML
 
 from runner.benchmark.gates import first_line
 from runner.errors import RunnerError
+from runner.recipe_loader import recipe_to_yaml
 from runner.resources import shipped_dir
 from runner.run_dir import RunDir
 from runner.schema import Recipe
@@ -82,13 +82,8 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    import io
-
-    yaml = YAML()
-    yaml.default_flow_style = False
-    buffer = io.StringIO()
-    yaml.dump(recipe.model_dump(mode="json", exclude_defaults=True), buffer)
-    return buffer.getvalue()
+    """The recipe as the card and the upload show it: what the user set, defaults left out."""
+    return recipe_to_yaml(recipe, exclude_defaults=True)
 
 
 def serve_command(recipe: Recipe) -> str:

@@ -7,40 +7,16 @@ metrics, suite names, strategy names) are checked by `Recipe.check()`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from runner.errors import Problem, closest
+from runner.fixups import Fixup
+from runner.metrics import Metric
+from runner.schema_base import Identifier, RecipePath, Section
 
-# --- shared types ----------------------------------------------------------------------------
-
-
-def _resolve_path(value: Any) -> Any:
-    """Relative paths resolve against the directory of the recipe file that wrote them."""
-    if isinstance(value, str):
-        base_dir = getattr(value, "base_dir", None)
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return path
-    return value
-
-
-RecipePath = Annotated[Path, BeforeValidator(_resolve_path)]
-
-
-def _resolve_file_ref(value: Any) -> Any:
-    """`model:NAME` names a file of the source model; anything else is a path like RecipePath."""
-    if isinstance(value, str) and not value.startswith("model:"):
-        return str(_resolve_path(value))
-    return value
-Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# --- shared types: runner/schema_base.py --------------------------------------------------
 
 
 # ModelOpt 0.47's quantization presets (`[n for n in dir(mtq) if n.endswith("CFG")]`), kept here so
@@ -276,44 +252,6 @@ class QuantizationSpec(Section):
 # --- export fix-ups --------------------------------------------------------------------------
 
 
-class SetJson(Section):
-    """Deep-merge `values` into a JSON file of the exported checkpoint."""
-
-    op: Literal["set_json"]
-    file: str
-    values: dict[str, Any]
-
-
-class WrapConfig(Section):
-    """Nest a config under a key (e.g. a text config inside a vision-language wrapper)."""
-
-    op: Literal["wrap_config"]
-    file: str = "config.json"
-    under: str = Field(description="Key that receives the original config, e.g. text_config.")
-    keep_top: list[str] = Field(default_factory=list, description="Keys copied to the top level as well.")
-    set: dict[str, Any] = Field(default_factory=dict, description="Top-level keys of the wrapper.")
-
-
-class WriteJson(Section):
-    """Write a JSON file into the checkpoint."""
-
-    op: Literal["write_json"]
-    file: str
-    content: dict[str, Any]
-
-
-class CopyFile(Section):
-    """Copy a file into the checkpoint: from a path (relative to the recipe) or from the source model."""
-
-    op: Literal["copy_file"]
-    source: Annotated[str, BeforeValidator(_resolve_file_ref)] = Field(
-        description="A path (relative to the recipe), or `model:NAME` for a file of the source model.")
-    to: str
-
-
-Fixup = Annotated[SetJson | WrapConfig | WriteJson | CopyFile, Field(discriminator="op")]
-
-
 class ExportSpec(Section):
     """Declarative fix-ups applied to every exported checkpoint, in order."""
 
@@ -383,10 +321,6 @@ class BenchmarkSpec(Section):
     hardware: str = Field("dgx-spark-gb10", description="Target hardware, for the decode-speed prediction.")
 
 
-SPEED_METRICS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot_p50_ms", "decode_tok_s",
-                 "e2e_p50_ms")
-SUITE_METRICS = ("passed", "failed", "total", "pass_rate")
-SIZE_METRICS = ("bytes", "gb")
 
 
 class Gate(Section):
@@ -542,16 +476,17 @@ class Recipe(Section):
 
 
 def _check_metric(metric: str, suites: list[str], path: tuple[str | int, ...]) -> list[Problem]:
-    group, _, name = metric.partition(".")
-    known = {"speed": SPEED_METRICS, "size": SIZE_METRICS, **{s: SUITE_METRICS for s in suites}}
-    if group not in known:
-        guess = closest(group, list(known))
+    parsed = Metric.parse(metric)
+    known = parsed.known_names(suites)
+    if known is None:
+        groups = ["speed", "size", *suites]
+        guess = closest(parsed.group, groups)
         return [Problem(f"metric {metric!r} names no suite of benchmark.suites, nor speed or size", path,
-                        hint=f"did you mean {guess!r}?" if guess else f"groups: {', '.join(known)}")]
-    if name not in known[group]:
-        guess = closest(name, known[group])
+                        hint=f"did you mean {guess!r}?" if guess else f"groups: {', '.join(groups)}")]
+    if parsed.name not in known:
+        guess = closest(parsed.name, list(known))
         return [Problem(f"unknown metric {metric!r}", path,
-                        hint=(f"did you mean '{group}.{guess}'? " if guess else "")
-                        + f"{group} metrics: {', '.join(known[group])}")]
+                        hint=(f"did you mean '{parsed.group}.{guess}'? " if guess else "")
+                        + f"{parsed.group} metrics: {', '.join(known)}")]
     return []
 

@@ -5,8 +5,9 @@
 - `vllm`: a server in the recipe's serve container plugin (the `vllm` image by default), started
   with `--model /model` and the recipe's flags verbatim, health-checked, labelled, and removed after.
 
-Use as `async with serving(recipe, model_dir, log_path, name) as server: ... server.url ...`; the
-server is stopped on every way out, errors and cancellation included.
+Use as `async with serving(spec, model_dir, run_dir, step_id, name) as server: ... server.url ...`
+(spec: step_inputs.ServingInput); the server is stopped on every way out, errors and cancellation
+included, and its output goes to the step's log.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 import aiohttp
 
 from runner.errors import RunnerError
-from runner.executors.local import terminate_group
-from runner.schema import Recipe
+from runner.processes import terminate_group
+from runner.run_dir import RunDir
+from runner.step_inputs import ServingInput
 
 
 @dataclass
@@ -42,8 +44,9 @@ def free_port() -> int:
 
 
 async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Process | None, log_path: Path,
-                       health: str = "/health", container: object | None = None) -> float:
-    """Seconds until GET /health answers 200; a clear error with the log's tail when it never does."""
+                       health: str = "/health", container: object | None = None, interval_s: float = 0.5) -> float:
+    """Seconds until GET /health answers 200 (asked every interval_s); a clear error with the log's
+    tail when it never does."""
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() - t0 < timeout_s:
@@ -62,7 +65,7 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
                         return time.monotonic() - t0
             except (aiohttp.ClientError, TimeoutError):
                 pass
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(interval_s)
     if container is not None:
         logs = (await asyncio.to_thread(container.logs, tail=12)).decode(errors="replace")  # type: ignore[attr-defined]
         raise RunnerError(f"the server container did not answer {health} within {timeout_s:.0f}s; its last lines:"
@@ -72,26 +75,26 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
 
 
 @contextlib.asynccontextmanager
-async def _serve_in_container(recipe: Recipe, model_dir: Path, log_path: Path, name: str
+async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str
                               ) -> AsyncIterator[RunningServer]:
     """The recipe's server flags, verbatim after `--model /model`, in the serve container plugin."""
     from runner import docker_engine
     from runner.containers import load_container
 
-    plugin = load_container(recipe.serve.container)
+    log_path = run_dir.log_path(step_id)
+    plugin = load_container(spec.serve.container)
     if plugin.runtime != "docker":
         raise RunnerError(f"serve.container {plugin.name!r} is not a docker plugin; the vllm engine serves in a "
                           "container (use serve.engine: local to serve without one)")
     api = await asyncio.to_thread(docker_engine.client)
     image = await asyncio.to_thread(docker_engine.ensure_image, api, plugin)
     port = free_port()
-    args = list(recipe.serve.args)
+    args = list(spec.serve.args)
     if "--served-model-name" not in args:
         args += ["--served-model-name", name]
     volumes = docker_engine.volumes_for([], plugin) | {str(model_dir): {"bind": "/model", "mode": "ro"}}
-    env = docker_engine.environment(plugin, recipe.execution.env) | recipe.serve.env
-    run_root = log_path.parent.parent  # RUN/logs/STEP.log
-    labels = {docker_engine.LABEL: "server", docker_engine.RUN_LABEL: docker_engine.run_label(run_root),
+    env = docker_engine.environment(plugin, spec.env_names) | spec.serve.env
+    labels = {docker_engine.LABEL: "server", docker_engine.RUN_LABEL: docker_engine.run_label(run_dir.root),
               docker_engine.STEP_LABEL: name}
     gpus = docker_engine.device_requests(api, plugin) or None
     container = await asyncio.to_thread(
@@ -100,9 +103,10 @@ async def _serve_in_container(recipe: Recipe, model_dir: Path, log_path: Path, n
         shm_size=plugin.shm_size, ipc_mode=plugin.ipc, device_requests=gpus)
     try:
         health = plugin.health.path if plugin.health else "/health"
-        timeout = min(recipe.serve.startup_timeout_s, plugin.health.timeout_s if plugin.health else 900)
+        timeout = min(spec.serve.startup_timeout_s, plugin.health.timeout_s if plugin.health else 900)
         try:
-            await wait_healthy(f"http://127.0.0.1:{port}", timeout, None, log_path, health, container)
+            await wait_healthy(f"http://127.0.0.1:{port}", timeout, None, log_path, health, container,
+                               plugin.health.interval_s if plugin.health else 0.5)
         finally:
             logs = await asyncio.to_thread(container.logs)
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,23 +125,25 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(recipe: Recipe, model_dir: Path, log_path: Path, name: str) -> AsyncIterator[RunningServer]:
-    engine = recipe.serve.engine
+async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str
+                  ) -> AsyncIterator[RunningServer]:
+    engine = spec.serve.engine
     if engine == "vllm":
-        async with _serve_in_container(recipe, model_dir, log_path, name) as server:
+        async with _serve_in_container(spec, model_dir, run_dir, step_id, name) as server:
             yield server
         return
+    log_path = run_dir.log_path(step_id)
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("a", encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runner.worker.local_server", "--model", str(model_dir), "--port", str(port),
-        "--name", name, "--dtype", recipe.model.dtype,
-        *(["--threads", str(recipe.serve.threads)] if recipe.serve.threads else []),
+        "--name", name, "--dtype", spec.dtype,
+        *(["--threads", str(spec.serve.threads)] if spec.serve.threads else []),
         stdout=log, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, env={**os.environ, **recipe.serve.env})
+        start_new_session=True, env={**os.environ, **spec.serve.env})
     try:
-        await wait_healthy(f"http://127.0.0.1:{port}", recipe.serve.startup_timeout_s, proc, log_path)
+        await wait_healthy(f"http://127.0.0.1:{port}", spec.serve.startup_timeout_s, proc, log_path)
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine)
     finally:
         await terminate_group(proc, grace_s=15)

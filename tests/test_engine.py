@@ -2,7 +2,8 @@
 
 These tests drive the real Runner and RunDir with step kinds defined here (small async functions
 that write real files), so scheduling is tested without a model. Interruption of a real worker
-subprocess is tested in test_cli_run.py.
+subprocess is tested in test_pipeline_cpu.py (and of a container in test_docker.py); what re-keys
+a step is tested in test_step_keys.py.
 """
 
 from __future__ import annotations

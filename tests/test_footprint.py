@@ -12,8 +12,8 @@ from header_checkpoint import qwen35_9b, write_checkpoint
 
 from conftest import PYTHON, REPO, recipe, recipe_cli_env
 from runner import footprint
-from runner.benchmark.prediction import hardware_table
 from runner.bits import BITS, effective_bits, logical_numel
+from runner.resources import hardware_targets
 from runner.schema import AutoQuantizeSpec, Strategy
 
 PLAN_EXCLUDE = ["*linear_attn*", "*layers.0.*", "*layers.31.*", "*embed_tokens*"]
@@ -63,7 +63,7 @@ def test_nvfp4_with_an_exclusion_by_hand(tmp_path, source):
     # 24576 weights at 4.5 bits = 13824 bytes, plus weight_scale_2 and input_scale (fp32) per Linear
     assert fp.checkpoint_bytes == ALL_BF16_BYTES - 2 * 24576 + 13824 + 4 * 8
     # decode reads everything but the embedding (the head is not tied): the bandwidth model of prediction.py
-    bandwidth = hardware_table()["cpu"]["memory_bandwidth_gbs"] * 1e9
+    bandwidth = hardware_targets()["cpu"]["memory_bandwidth_gbs"] * 1e9
     assert fp.decode_tok_s == round(bandwidth / (fp.checkpoint_bytes - 2 * 16384), 2)
 
 

@@ -201,15 +201,18 @@ def test_the_demo_model_served_locally_as_the_teacher(demo_run, tmp_path):
     """The real SmolLM2 behind the local engine is a teacher like any other."""
     from conftest import DEMO
     from runner.recipe_loader import load_recipe
+    from runner.run_dir import RunDir
     from runner.serving import serving
+    from runner.step_inputs import ServingInput
 
     recipe = load_recipe(DEMO).recipe
+    spec_of_serving = ServingInput(serve=recipe.serve, dtype=recipe.model.dtype)
     model_dir = demo_run / "steps" / "source" / "model"
     categories = [{"name": "chat", "count": 3, "prompts": ["Say hello to Priya.", "What is 2 plus 2?",
                                                           "Name a fruit that is yellow."]}]
 
     async def main():
-        async with serving(recipe, model_dir, tmp_path / "logs" / "teacher.log", "smollm2") as server:
+        async with serving(spec_of_serving, model_dir, RunDir(tmp_path), "teacher", "smollm2") as server:
             teacher = spec(server.url, categories, tools=[], tool_results={}, timeout_s=120, concurrency=1,
                            sampling={"temperature": 0, "max_tokens": 40})
             teacher = teacher.model_copy(update={"model": server.model})

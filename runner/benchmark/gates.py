@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from runner.metrics import Metric
+from runner.schema import Gate, Preference
 
 OPS = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge, ">": operator.gt}
 Z95 = 1.959964  # two-sided 95 %
 VERDICTS = ("pass", "fail", "inconclusive", "missing")
-SAMPLED = ("passed", "failed", "pass_rate")  # suite metrics that are proportions of `total`
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -35,27 +38,6 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def metric_value(result: dict[str, Any], metric: str) -> float | None:
-    group, _, name = metric.partition(".")
-    if group == "speed":
-        value = (result.get("speed") or {}).get("summary", {}).get(name)
-    elif group == "size":
-        value = (result.get("size") or {}).get(name)
-    else:
-        value = (result.get("suites") or {}).get(group, {}).get(name)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def metric_sample(result: dict[str, Any], metric: str) -> tuple[int, int, bool] | None:
-    """(count, n, is_rate) behind a suite proportion metric; None for metrics measured directly."""
-    group, _, name = metric.partition(".")
-    suite = (result.get("suites") or {}).get(group)
-    if name not in SAMPLED or not suite or not suite.get("total"):
-        return None
-    count = suite["failed"] if name == "failed" else suite["passed"]
-    return int(count), int(suite["total"]), name == "pass_rate"
 
 
 def _interval(sample: tuple[int, int, bool]) -> tuple[float, float, float]:
@@ -94,52 +76,56 @@ def judge(op: str, value: float, threshold: float, interval: tuple[float, float]
     return "pass" if sure else "fail" if wrong else "inconclusive"
 
 
-def evaluate(gates: list[dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
+def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
              ) -> list[dict[str, Any]]:
-    """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing)."""
+    """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing).
+
+    Gates are the recipe's Gate models (mappings are validated into them)."""
     verdicts = []
-    for gate in gates:
-        metric, op = gate["metric"], gate["op"]
-        value = metric_value(result, metric)
-        base = metric_value(baseline, metric) if baseline else None
-        relative = gate["relative_to"] == "baseline"
-        threshold = (gate["value"] * base if base is not None else None) if relative else gate["value"]
-        sample = metric_sample(result, metric)
-        base_sample = metric_sample(baseline, metric) if baseline and relative else None
+    for spec in gates:
+        gate = spec if isinstance(spec, Gate) else Gate.model_validate(spec)
+        metric, op = Metric.parse(gate.metric), gate.op
+        value = metric.value(result)
+        base = metric.value(baseline) if baseline else None
+        relative = gate.relative_to == "baseline"
+        threshold = (gate.value * base if base is not None else None) if relative else gate.value
+        sample = metric.sample(result)
+        base_sample = metric.sample(baseline) if baseline and relative else None
         if value is None or threshold is None:
             verdict, diff = "missing", None
         else:
-            diff = margin(op, gate["value"] if not relative else threshold, sample, base_sample,
-                          gate["value"] if relative else None)
+            diff = margin(op, gate.value if not relative else threshold, sample, base_sample,
+                          gate.value if relative else None)
             verdict = judge(op, value, threshold, diff)
         interval = None
         if sample is not None:
             low, high = wilson(sample[0], sample[1])
             scale = 1 if sample[2] else sample[1]
             interval = [round(low * scale, 4), round(high * scale, 4)]
-        verdicts.append({"gate": gate["name"], "metric": metric, "op": op, "declared": gate["value"],
+        verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": gate.value,
                          "value": value, "n": sample[1] if sample else None, "interval": interval,
-                         "threshold": threshold, "baseline": base, "relative_to": gate["relative_to"],
+                         "threshold": threshold, "baseline": base, "relative_to": gate.relative_to,
                          "margin": [round(diff[0], 4), round(diff[1], 4)] if diff else None,
                          "verdict": verdict, "pass": {"pass": True, "fail": False}.get(verdict)})
     return verdicts
 
 
 def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]],
-           prefer: list[dict[str, str]], inconclusive: str = "accept") -> dict[str, Any]:
+           prefer: Sequence[Preference | dict[str, str]], inconclusive: str = "accept") -> dict[str, Any]:
     """The strategies no gate rejects, ranked by the preferences in order (ties keep the recipe's
     order); the first is the choice. A missing metric rejects; an inconclusive gate rejects only
     when `inconclusive` is "reject"."""
+    prefer = [p if isinstance(p, Preference) else Preference.model_validate(p) for p in prefer]
     rejecting = {"fail", "missing"} | ({"inconclusive"} if inconclusive == "reject" else set())
     passing = [s for s, vs in verdicts.items() if not any(v["verdict"] in rejecting for v in vs)]
 
     def key(strategy: str) -> tuple[float, ...]:
         out = []
         for pref in prefer:
-            value = metric_value(results[strategy], pref["metric"])
+            value = Metric.parse(pref.metric).value(results[strategy])
             if value is None:
-                value = float("-inf") if pref["order"] == "max" else float("inf")
-            out.append(-value if pref["order"] == "max" else value)
+                value = float("-inf") if pref.order == "max" else float("inf")
+            out.append(-value if pref.order == "max" else value)
         return tuple(out)
 
     ranking = sorted(passing, key=key)
@@ -148,7 +134,7 @@ def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[st
     doubtful = {s: [v["gate"] for v in verdicts[s] if v["verdict"] == "inconclusive"] for s in passing}
     rule = ("no gate fails" + (" or is inconclusive" if inconclusive == "reject" else
                                " (inconclusive gates accepted)")
-            + (", then " + ", ".join(f"{p['order']} {p['metric']}" for p in prefer) if prefer else ""))
+            + (", then " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
     return {"best": ranking[0] if ranking else None, "ranking": ranking, "failing": failing,
             "inconclusive": {s: g for s, g in doubtful.items() if g}, "rule": rule}
 

@@ -12,15 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-
 from runner.errors import RunnerError
-from runner.resources import shipped_dir
+from runner.resources import hardware_targets
 from runner.safetensors_headers import read_headers
-
-
-def hardware_table() -> dict[str, dict[str, Any]]:
-    return YAML(typ="safe").load((shipped_dir("recipes") / "hardware" / "targets.yaml").read_text(encoding="utf-8"))
 
 
 def tensor_bytes(checkpoint: Path) -> dict[str, int]:
@@ -49,7 +43,7 @@ def predict_decode(checkpoint: Path, hardware: str) -> dict[str, Any]:
 
 
 def hardware_table_entry(hardware: str) -> dict[str, Any]:
-    table = hardware_table()
+    table = hardware_targets()
     if hardware not in table:
         raise RunnerError(f"benchmark.hardware {hardware!r} is not in recipes/hardware/targets.yaml; known: "
                           f"{', '.join(table)}")

@@ -21,7 +21,7 @@ from pydantic import Field
 from runner.benchmark.harness import RequestResult, stream_chat
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
-from runner.resources import shipped_dir
+from runner.resources import shipped_dir, shipped_suites
 from runner.schema import Section, SuiteRef, ToolDefinition
 
 # The plan's Phase 4 hardened prompt, appended to the system prompt when a suite asks for it.
@@ -55,16 +55,12 @@ def suites_dir() -> Path:
     return shipped_dir("recipes") / "suites"
 
 
-def available_suites() -> list[str]:
-    return sorted(p.stem for p in suites_dir().glob("*.yaml"))
-
-
 def load_suite(ref: SuiteRef) -> Suite:
     from runner.recipe_loader import load_yaml_model
 
     path = ref.path or suites_dir() / f"{ref.name}.yaml"
     if not path.is_file():
-        raise RunnerError(f"suite {ref.name!r}: {path} not found; shipped suites: {', '.join(available_suites())}")
+        raise RunnerError(f"suite {ref.name!r}: {path} not found; shipped suites: {', '.join(shipped_suites())}")
     return load_yaml_model(path, Suite)
 
 

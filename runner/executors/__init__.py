@@ -7,28 +7,12 @@ file and a result file in the step's scratch folder.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from runner.errors import RunnerError
+from runner.executors.base import RESULT_FILE, SPEC_FILE, Executor
 
-if TYPE_CHECKING:
-    from runner.containers import ContainerPlugin
-    from runner.steps import StepResult
-
-SPEC_FILE = "worker_spec.json"
-RESULT_FILE = "worker_result.json"
-
-
-class Executor(ABC):
-    name: str
-    uses_containers: bool = False
-
-    @abstractmethod
-    async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
-                         container: ContainerPlugin | None, heavy: bool) -> StepResult:
-        """Run `runner.worker` for one step; outputs land in `scratch`. Raises on failure."""
+__all__ = ["RESULT_FILE", "SPEC_FILE", "Executor", "make_executor"]
 
 
 def make_executor(name: str, run_dir: Path, env_names: list[str] | None = None,

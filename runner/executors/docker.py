@@ -16,12 +16,9 @@ from typing import Any
 
 from runner import docker_engine
 from runner.containers import ContainerPlugin
-from runner.executors import SPEC_FILE, Executor
-from runner.executors.local import WorkerFailed, read_result
+from runner.executors.base import SPEC_FILE, Executor, WorkerFailed, read_result
 from runner.run_dir import write_json_atomic
-from runner.steps import StepResult
-
-STOP_TIMEOUT_S = 10
+from runner.steps.base import StepResult
 
 
 def input_paths(params: dict[str, Any]) -> list[Path]:
@@ -53,13 +50,13 @@ class DockerExecutor(Executor):
         self.hf_cache = hf_cache
 
     async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
-                         container: ContainerPlugin | None, heavy: bool) -> StepResult:
+                         container: ContainerPlugin | None) -> StepResult:
         assert container is not None
         if container.runtime == "local":
             from runner.executors.local import LocalExecutor
 
             return await LocalExecutor().run_worker(worker_kind=worker_kind, params=params, scratch=scratch,
-                                                    log_path=log_path, container=container, heavy=heavy)
+                                                    log_path=log_path, container=container)
         spec_path = scratch / SPEC_FILE
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
         image = await asyncio.to_thread(docker_engine.ensure_image, self.api, container)

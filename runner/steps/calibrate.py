@@ -8,11 +8,12 @@ from collections import Counter
 from runner.calibration.generate import generate
 from runner.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.errors import NotImplementedStep
-from runner.steps import StepContext, StepResult
+from runner.step_inputs import CalibrateInput
+from runner.steps.base import StepContext, StepResult, input_of
 
 
 async def run(ctx: StepContext) -> StepResult:
-    calibration = ctx.plan.recipe.calibration
+    calibration = input_of(ctx, CalibrateInput).calibration
     source = calibration.source
     if source.kind == "teacher":
         model_dir = ctx.input("source", "model_dir")

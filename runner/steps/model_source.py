@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from runner.errors import RunnerError
-from runner.steps import StepContext, StepResult
+from runner.step_inputs import SourceInput
+from runner.steps.base import StepContext, StepResult, input_of
 
 
 async def run(ctx: StepContext) -> StepResult:
-    model = ctx.plan.recipe.model
-    source = model.source
+    inputs: SourceInput = input_of(ctx, SourceInput)
+    source = inputs.source
     if source.kind == "local":
         if not (source.path / "config.json").is_file():
             raise RunnerError(f"model.source.path {source.path} is not a Hugging Face model directory "
@@ -20,7 +21,7 @@ async def run(ctx: StepContext) -> StepResult:
         return await asyncio.to_thread(_download, source.repo, source.revision, ctx)
     # GGUF: converting needs torch and transformers, so the worker does it.
     params = {"path": str(source.path) if source.path else None, "package": source.package,
-              "file": source.file, "architecture": model.architecture, "dtype": model.dtype}
+              "file": source.file, "architecture": inputs.architecture, "dtype": inputs.dtype}
     result = await ctx.run_worker("convert_gguf", params)
     return result
 

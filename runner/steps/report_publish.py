@@ -7,11 +7,12 @@ import asyncio
 from runner.errors import RunnerError
 from runner.publish import stage, upload
 from runner.report import append_research_section, recipe_yaml, render_documents
-from runner.steps import StepContext, StepResult
+from runner.step_inputs import PublishInput, ReportInput
+from runner.steps.base import StepContext, StepResult, input_of
 
 
 async def report(ctx: StepContext) -> StepResult:
-    recipe = ctx.plan.recipe
+    recipe = input_of(ctx, ReportInput).recipe
     outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
     summary = {"documents": list(outputs.values())}
     if recipe.report.research_doc is not None:
@@ -22,7 +23,7 @@ async def report(ctx: StepContext) -> StepResult:
 
 
 async def publish(ctx: StepContext) -> StepResult:
-    recipe = ctx.plan.recipe
+    recipe = input_of(ctx, PublishInput).recipe
     spec = recipe.publish
     gates = ctx.run_dir.record("gates") or {}  # complete: report, which publish needs, needs it
     best = gates.get("summary", {}).get("selection", {}).get("best")

@@ -31,48 +31,48 @@ from runner.benchmark.suites import load_suite, run_suite
 from runner.errors import RunnerError
 from runner.run_dir import write_json_atomic
 from runner.serving import RunningServer, serving
-from runner.steps import StepContext, StepResult
+from runner.step_inputs import BenchmarkInput, GatesInput, ServeInput
+from runner.steps.base import StepContext, StepResult, input_of
 
 
 async def serve(ctx: StepContext) -> StepResult:
-    recipe = ctx.plan.recipe
+    inputs: ServeInput = input_of(ctx, ServeInput)
     checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
-    prediction = predict_decode(checkpoint, recipe.benchmark.hardware)
+    prediction = predict_decode(checkpoint, inputs.hardware)
     ctx.log.info("predicted decode on %s: %.1f tok/s (%d bytes a token)", prediction["hardware"],
                  prediction["predicted_decode_tok_s"], prediction["bytes_per_token"])
     t0 = time.monotonic()
-    async with serving(recipe, checkpoint, ctx.run_dir.log_path(ctx.step.id), ctx.step.strategy or "model") as srv:
+    async with serving(inputs.serving, checkpoint, ctx.run_dir, ctx.step.id, ctx.step.strategy or "model") as srv:
         startup_s = time.monotonic() - t0
         async with aiohttp.ClientSession() as session:
             probe = await stream_chat(session, srv.url, srv.model, [{"role": "user", "content": "Say hello."}], 16)
     if not probe.ok:
         raise RunnerError(f"the served candidate did not answer a first request: {probe.error}")
-    return StepResult(summary={"engine": recipe.serve.engine, "startup_s": round(startup_s, 2),
+    return StepResult(summary={"engine": inputs.serving.serve.engine, "startup_s": round(startup_s, 2),
                                "first_answer": probe.content[:200], "prediction": prediction})
 
 
 @contextlib.asynccontextmanager
 async def _candidate(ctx: StepContext) -> AsyncIterator[tuple[RunningServer, Path | None, str]]:
     """The server to benchmark: a served candidate, the served source model, or the user's endpoint."""
-    recipe = ctx.plan.recipe
-    log_path = ctx.run_dir.log_path(ctx.step.id)
+    inputs: BenchmarkInput = input_of(ctx, BenchmarkInput)
     if ctx.step.strategy is None:
-        baseline = recipe.benchmark.baseline
+        baseline = inputs.baseline
         assert baseline is not None
         if baseline.kind == "endpoint":
             yield RunningServer(baseline.url, baseline.model, "endpoint"), None, baseline.name
             return
         model_dir = ctx.input("source", "model_dir")
-        async with serving(recipe, model_dir, log_path, "baseline") as srv:
+        async with serving(inputs.serving, model_dir, ctx.run_dir, ctx.step.id, "baseline") as srv:
             yield srv, model_dir, baseline.name
         return
     checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
-    async with serving(recipe, checkpoint, log_path, ctx.step.strategy) as srv:
+    async with serving(inputs.serving, checkpoint, ctx.run_dir, ctx.step.id, ctx.step.strategy) as srv:
         yield srv, checkpoint, ctx.step.strategy
 
 
 async def benchmark(ctx: StepContext) -> StepResult:
-    spec = ctx.plan.recipe.benchmark
+    spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
     async with _candidate(ctx) as (server, model_dir, name), aiohttp.ClientSession() as session:
         suites = {}
         for ref in spec.suites:
@@ -124,7 +124,7 @@ def measured_on(engine: str) -> dict[str, Any]:
 def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
     """{strategy: {step, error}} for the branches the engine left out of this step (they failed)."""
     failed = {}
-    for strategy, sid in (ctx.step.params.get("failed_branches") or {}).items():
+    for strategy, sid in input_of(ctx, GatesInput).failed_branches.items():
         error = "no error recorded"
         path = ctx.run_dir.logs_dir / f"{sid}.failed.json"
         with contextlib.suppress(OSError, ValueError):
@@ -134,7 +134,7 @@ def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
 
 
 async def gates(ctx: StepContext) -> StepResult:
-    recipe = ctx.plan.recipe
+    inputs: GatesInput = input_of(ctx, GatesInput)
     failed = failed_branches(ctx)
     for strategy, why in failed.items():
         ctx.log.info("strategy %s failed at %s, so it is not judged: %s", strategy, why["step"], why["error"])
@@ -146,11 +146,9 @@ async def gates(ctx: StepContext) -> StepResult:
             baseline = data
         else:
             results[dep.removeprefix("benchmark.")] = data
-    gate_specs = [g.model_dump() for g in recipe.gates]
-    verdicts = {s: evaluate(gate_specs, r, baseline) for s, r in results.items()}
-    selection = select(verdicts, results, [p.model_dump() for p in recipe.selection.prefer],
-                       recipe.selection.inconclusive)
-    baseline_name = recipe.benchmark.baseline.name if recipe.benchmark.baseline else None
+    verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
+    selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.inconclusive)
+    baseline_name = inputs.baseline_name
     table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
     plot_gates(verdicts, ctx.scratch / "gate_scores.png")

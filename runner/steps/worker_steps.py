@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from runner.steps import StepContext, StepResult
+from runner.step_inputs import QuantizeInput, VerifyInput
+from runner.steps.base import StepContext, StepResult, input_of
 
 
 async def quantize(ctx: StepContext) -> StepResult:
     params = {
-        **ctx.step.params,
+        **input_of(ctx, QuantizeInput).key_payload(),
         "model_dir": str(ctx.input("source", "model_dir")),
         "calibration": str(ctx.input("calibrate", "calibration")),
     }
@@ -17,7 +18,7 @@ async def quantize(ctx: StepContext) -> StepResult:
 async def verify(ctx: StepContext) -> StepResult:
     quantized = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {})
     params = {
-        **ctx.step.params,
+        **input_of(ctx, VerifyInput).key_payload(),
         "checkpoint": str(ctx.input(f"export.{ctx.step.strategy}", "checkpoint")),
         "model_dir": str(ctx.input("source", "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from runner.executors.base import RESULT_FILE
+
 WORKER_KINDS = ("convert_gguf", "quantize", "verify")
 
 
@@ -28,9 +30,9 @@ def main(argv: list[str]) -> int:
     result = module.run(spec["params"], output_dir)
     result.setdefault("summary", {})["worker_seconds"] = round(time.monotonic() - t0, 3)
     result.setdefault("versions", {}).update(_versions())
-    tmp = output_dir / "worker_result.json.tmp"
+    tmp = output_dir / f"{RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    tmp.replace(output_dir / "worker_result.json")
+    tmp.replace(output_dir / RESULT_FILE)
     print(f"[worker] {kind} done in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
 

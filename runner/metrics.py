@@ -1,0 +1,56 @@
+"""Metric names, parsed once: `SUITE.passed|failed|total|pass_rate`, `speed.NAME`, `size.bytes|gb`.
+
+The schema checks a recipe's metrics with `Metric.parse` + `problem`, and the gate code reads values
+from benchmark results with `Metric.value` and `Metric.sample`: one reading of the name for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SPEED_METRICS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot_p50_ms", "decode_tok_s",
+                 "e2e_p50_ms")
+SUITE_METRICS = ("passed", "failed", "total", "pass_rate")
+SIZE_METRICS = ("bytes", "gb")
+SAMPLED = ("passed", "failed", "pass_rate")  # suite metrics that are proportions of `total`
+
+
+@dataclass(frozen=True)
+class Metric:
+    group: str  # "speed", "size", or a suite's name
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> Metric:
+        group, _, name = text.partition(".")
+        return cls(group, name)
+
+    def __str__(self) -> str:
+        return f"{self.group}.{self.name}"
+
+    def known_names(self, suites: list[str]) -> tuple[str, ...] | None:
+        """The names this metric's group offers; None when the group is neither speed, size nor a suite."""
+        if self.group == "speed":
+            return SPEED_METRICS
+        if self.group == "size":
+            return SIZE_METRICS
+        return SUITE_METRICS if self.group in suites else None
+
+    def value(self, result: dict[str, Any]) -> float | None:
+        """The metric's value in a benchmark result (results.json); None where it was not measured."""
+        if self.group == "speed":
+            value = (result.get("speed") or {}).get("summary", {}).get(self.name)
+        elif self.group == "size":
+            value = (result.get("size") or {}).get(self.name)
+        else:
+            value = (result.get("suites") or {}).get(self.group, {}).get(self.name)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def sample(self, result: dict[str, Any]) -> tuple[int, int, bool] | None:
+        """(count, n, is_rate) behind a suite proportion; None for metrics measured directly."""
+        suite = (result.get("suites") or {}).get(self.group)
+        if self.name not in SAMPLED or not suite or not suite.get("total"):
+            return None
+        count = suite["failed"] if self.name == "failed" else suite["passed"]
+        return int(count), int(suite["total"]), self.name == "pass_rate"

@@ -1,0 +1,106 @@
+"""What each step kind reads: one frozen, typed input model per kind, built by the planner.
+
+A step receives only its input object (`ctx.inputs`), never the whole recipe, and its cache key is
+the hash of that same object (plus its dependencies' keys, the files it reads and its code; see
+plan.step_key). So what a step can read and what invalidates it are one list: a field a step does
+not read cannot re-run it, and a field it reads always does.
+
+The report and publish steps print the resolved recipe itself (the card embeds it, the upload
+carries recipe.yaml), so they take the whole recipe: any recipe change re-renders the documents,
+and nothing upstream of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runner.schema import (
+    Baseline,
+    CalibrationSpec,
+    Fixup,
+    Gate,
+    ModelSource,
+    Recipe,
+    SelectionSpec,
+    ServeSpec,
+    SpeedSpec,
+    Strategy,
+    SuiteRef,
+)
+
+
+class StepInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def key_payload(self) -> dict[str, Any]:
+        """What the cache key hashes: the input as JSON (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+class SourceInput(StepInput):
+    source: ModelSource
+    architecture: str | None
+    dtype: str  # a GGUF conversion writes this dtype
+
+
+class CalibrateInput(StepInput):
+    calibration: CalibrationSpec
+
+
+class QuantizeInput(StepInput):
+    strategy: Strategy
+    exclude: list[str]  # the recipe's exclusions for this strategy, resolved (QuantizationSpec.exclusions)
+    calib_samples: int
+    max_length: int
+    seed: int
+    dtype: str
+    architecture: str | None
+
+
+class ExportInput(StepInput):
+    fixups: list[Fixup]
+
+
+class VerifyInput(StepInput):
+    exclude: list[str]
+    engine: str  # what the serving engine must be able to load
+
+
+class ServingInput(StepInput):
+    """How a checkpoint is served: shared by serve and benchmark."""
+
+    serve: ServeSpec
+    dtype: str  # the local engine's compute dtype
+    env_names: list[str] = Field(default_factory=list)  # host variables passed into the server container
+
+
+class ServeInput(StepInput):
+    serving: ServingInput
+    hardware: str  # for the decode-speed prediction
+
+
+class BenchmarkInput(StepInput):
+    serving: ServingInput
+    system_prompt: str
+    suites: list[SuiteRef]
+    speed: SpeedSpec
+    concurrency: int
+    baseline: Baseline | None = None  # set for benchmark.baseline only
+
+
+class GatesInput(StepInput):
+    gates: list[Gate]
+    selection: SelectionSpec
+    baseline_name: str | None
+    # Set by the engine when some branches failed: {strategy: the step that failed}.
+    failed_branches: dict[str, str] = Field(default_factory=dict)
+
+
+class ReportInput(StepInput):
+    recipe: Recipe
+
+
+class PublishInput(StepInput):
+    recipe: Recipe

@@ -1,0 +1,103 @@
+"""What re-runs a step: exactly what its typed input reads, its files, its code and its upstream.
+
+Plans are built twice from the shipped demo recipe with one field changed; the keys say which steps
+a real run would redo. No step runs here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO
+from runner import plan as plan_module
+from runner.plan import build_plan
+from runner.recipe_loader import load_recipe
+from runner.schema import Recipe
+from runner.step_inputs import QuantizeInput, ReportInput
+
+UPSTREAM_OF_REPORT = ("source", "calibrate", "quantize.", "export.", "verify.", "serve.", "benchmark.", "gates")
+
+
+@pytest.fixture(scope="module")
+def recipe() -> Recipe:
+    return load_recipe(DEMO).recipe
+
+
+def changed(recipe: Recipe, section: str, **update) -> dict[str, str]:
+    """The plan's keys after `recipe.<section>` gets `update`."""
+    edited = recipe.model_copy(update={section: getattr(recipe, section).model_copy(update=update)})
+    return build_plan(edited).keys
+
+
+def rekeyed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {sid for sid in before if before[sid] != after[sid]}
+
+
+def test_the_same_recipe_gives_the_same_keys(recipe):
+    assert build_plan(recipe).keys == build_plan(recipe).keys
+
+
+@pytest.mark.parametrize(("section", "update"), [
+    ("model", {"license": "mit"}),
+    ("model", {"name": "Another display name"}),
+    ("publish", {"private": True}),
+])
+def test_a_field_only_the_documents_print_leaves_every_upstream_step_alone(recipe, section, update):
+    moved = rekeyed(build_plan(recipe).keys, changed(recipe, section, **update))
+    assert moved == {"report", "publish"}
+
+
+def test_the_description_reruns_only_the_documents(recipe):
+    before = build_plan(recipe).keys
+    after = build_plan(recipe.model_copy(update={"description": "something else"})).keys
+    assert rekeyed(before, after) == {"report", "publish"}
+
+
+def test_repo_id_which_the_card_prints_rekeys_the_card(recipe):
+    moved = rekeyed(build_plan(recipe).keys, changed(recipe, "publish", repo_id="someone/else"))
+    assert "report" in moved and not any(sid.startswith(UPSTREAM_OF_REPORT) for sid in moved)
+
+
+def test_calibration_size_rekeys_calibrate_and_everything_after(recipe):
+    plan = build_plan(recipe)
+    moved = rekeyed(plan.keys, changed(recipe, "calibration", samples=recipe.calibration.samples + 1))
+    assert "source" not in moved and "benchmark.baseline" not in moved
+    assert {"calibrate", "gates", "report", "publish"} <= moved
+    assert all(sid in moved for sid in plan.keys if sid.startswith(("quantize.", "export.", "benchmark.nvfp4")))
+
+
+def test_serve_threads_rekey_serving_not_quantization(recipe):
+    moved = rekeyed(build_plan(recipe).keys, changed(recipe, "serve", threads=3))
+    assert not any(sid.startswith(("source", "calibrate", "quantize.", "export.", "verify.")) for sid in moved)
+    assert {sid for sid in moved if sid.startswith(("serve.", "benchmark."))}
+    assert "benchmark.baseline" in moved  # the baseline is served by the same engine
+
+
+def test_each_step_gets_only_its_own_input(recipe):
+    plan = build_plan(recipe)
+    quantize = next(s for s in plan.steps.values() if s.kind == "quantize")
+    assert isinstance(quantize.inputs, QuantizeInput)
+    assert set(quantize.params) == {"strategy", "exclude", "calib_samples", "max_length", "seed", "dtype",
+                                    "architecture"}
+    assert isinstance(plan.steps["report"].inputs, ReportInput)
+    with pytest.raises(ValueError):  # frozen: a step cannot change what its key was computed from
+        quantize.inputs.seed = 1  # type: ignore[misc]
+
+
+def test_editing_a_step_module_rekeys_that_step_and_what_follows(recipe, tmp_path, monkeypatch):
+    code = tmp_path / "runner"
+    shutil.copytree(Path(plan_module.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(plan_module, "RUNNER_DIR", code)
+    monkeypatch.setattr(plan_module, "_code_hashes", {})
+    before = build_plan(recipe).keys
+    with (code / "steps" / "export.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    monkeypatch.setattr(plan_module, "_code_hashes", {})
+    moved = rekeyed(before, build_plan(recipe).keys)
+    assert {sid for sid in moved if sid.startswith("export.")}
+    assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)
+    assert "benchmark.baseline" not in moved and "gates" in moved
