@@ -248,11 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = asyncio.run(_run_cancellable(runner.run(options)))
     finally:
-        if getattr(executor, "api", None) is not None:
-            # A safety net: whatever happened, no container of this run outlives it.
-            from runner import docker_engine
-
-            docker_engine.remove_containers(executor.api, docker_engine.run_label(run_dir.root))
+        executor.cleanup()
     _print_outcome(outcome, run_dir.root)
     return outcome.exit_code
 

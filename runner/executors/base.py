@@ -26,6 +26,10 @@ class Executor(ABC):
                          container: ContainerPlugin | None) -> StepResult:
         """Run `runner.worker` for one step; outputs land in `scratch`. Raises on failure."""
 
+    def cleanup(self) -> None:
+        """Remove anything of this run the executor may have left (called once the run ends, however)."""
+        return None  # a local subprocess leaves nothing: the engine stops its process group
+
 
 class WorkerFailed(Exception):
     pass

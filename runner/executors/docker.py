@@ -49,6 +49,10 @@ class DockerExecutor(Executor):
         self.env_names = env_names
         self.hf_cache = hf_cache
 
+    def cleanup(self) -> None:
+        """A safety net: whatever happened, no container of this run outlives it."""
+        docker_engine.remove_containers(self.api, self.run_label)
+
     async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
                          container: ContainerPlugin | None) -> StepResult:
         assert container is not None
