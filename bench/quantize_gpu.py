@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from runner.schema import Strategy
 from runner.worker.calib_data import CalibrationSet
 from runner.worker.quantize import build_config, calibration_kwargs, quantize_model
 
@@ -137,7 +138,7 @@ def hf_ptq(model, exclude: list[str], calib: CalibrationSet, calib_seq: int, alg
     from modelopt.torch.utils.dataset_utils import create_forward_loop, get_max_batch_size
     from torch.utils.data import DataLoader
 
-    quant_cfg = build_config({"preset": PRESETS[algorithm]}, exclude)
+    quant_cfg = build_config(Strategy(name=algorithm, preset=PRESETS[algorithm]), exclude)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     # hf_ptq.py: sample_memory_usage_ratio = 2 if "awq" in qformat or "sq" in qformat else 1.1

@@ -144,8 +144,8 @@ def test_auto_quantize_gets_the_same_batches_and_counts_steps_in_samples(capture
     assert result["auto_quantize"] == {"score": None}
     assert [b["input_ids"].tolist() for b in captured["batches"]] == [b["input_ids"].tolist() for b in expected]
     # ModelOpt gets batches: all of them for calibration, the fewest leading ones holding 7 samples to score.
-    score = captured["spec"]["num_score_steps"]
-    assert captured["spec"]["num_calib_steps"] == plan.batches
+    score = captured["spec"].num_score_steps
+    assert captured["spec"].num_calib_steps == plan.batches
     assert sum(len(g) for g in plan.groups[:score]) >= 7 > sum(len(g) for g in plan.groups[:score - 1])
 
 

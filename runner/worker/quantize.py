@@ -19,6 +19,8 @@ from typing import Any
 from runner.bits import effective_bits as bits_per_weight
 from runner.bits import logical_numel
 from runner.footprint import DEFAULT_DISABLED  # ModelOpt's default exclusions, which auto_quantize ignores
+from runner.schema import AutoQuantizeSpec, Strategy
+from runner.step_inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
 
 HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
@@ -28,20 +30,22 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    strategy = params["strategy"]
+    # The planner's QuantizeInput, validated again here: the worker reads models, not dicts.
+    inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields})
+    strategy = inputs.strategy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, params["dtype"])
+    dtype = getattr(torch, inputs.dtype)
     model_dir = Path(params["model_dir"])
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if not getattr(model.config, "architectures", None):
-        model.config.architectures = [params.get("architecture") or type(model).__name__]
+        model.config.architectures = [inputs.architecture or type(model).__name__]
     load_s = time.monotonic() - t0
     print(f"[quantize] loaded {model_dir.name} on {device} in {load_s:.1f}s", flush=True)
 
-    calib = load_calibration(Path(params["calibration"]), tokenizer, params["calib_samples"], params["max_length"],
-                             params["seed"], held_out=HELD_OUT)
+    calib = load_calibration(Path(params["calibration"]), tokenizer, inputs.calib_samples, inputs.max_length,
+                             inputs.seed, held_out=HELD_OUT)
     print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
     from runner.worker import fidelity
 
@@ -50,12 +54,12 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     eval_batches, measured_on = held_out_set(calib, device)
     logits_kwargs = full_logits_kwargs(model)
     source = fidelity.snapshot(model, eval_batches, logits_kwargs)
-    result = quantize_model(model, calib, strategy, params["exclude"], device)
+    result = quantize_model(model, calib, strategy, inputs.exclude, device)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
     quantized = fidelity.snapshot(model, eval_batches, logits_kwargs)
-    fold = fold_scales(model, calib, device, norms_only=not strategy.get("fold_awq_scales", True))
+    fold = fold_scales(model, calib, device, norms_only=not strategy.fold_awq_scales)
     if fold is not None:
         folded = fidelity.snapshot(model, eval_batches, logits_kwargs)
         fold["cost"] = {**fidelity.compare(quantized, folded), "measured_on": measured_on,
@@ -83,7 +87,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     layers = layer_formats(model)
     summary = {
-        "strategy": strategy["name"],
+        "strategy": strategy.name,
         **result,
         "calibration_samples": len(calib.token_ids),
         "calibration_tokens": calib.tokens,
@@ -136,7 +140,7 @@ def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool
             "kept_scales": left, "fold_s": round(time.monotonic() - t0, 3), "per_layer": records}
 
 
-def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], exclude: list[str],
+def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[str, Any], exclude: list[str],
                    device: Any) -> dict[str, Any]:
     """Calibrate and quantize in place.
 
@@ -147,14 +151,15 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
     """
     import torch
 
-    spec = strategy.get("auto_quantize")
+    strategy = Strategy.model_validate(strategy) if isinstance(strategy, dict) else strategy
+    spec = strategy.auto_quantize
     config = None if spec else build_config(strategy, exclude)
-    batch_size = strategy.get("batch_size", "auto")
+    batch_size = strategy.batch_size
     if batch_size == "auto":
         overhead = batch_overhead_tokens(None)
         if spec:  # scoring passes compute full logits (kl_div) or a loss and gradients (gradient)
             token_budget = auto_batch_size(model, calib, device, algorithm="auto_quantize", full_logits=True,
-                                           grad=spec.get("method") == "gradient")
+                                           grad=spec.method == "gradient")
         else:
             algorithm = config.get("algorithm", "max")
             if isinstance(algorithm, dict):
@@ -178,9 +183,9 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
     # batch_size: the most rows in a batch; token_budget: None for a fixed number of samples a batch.
     result: dict[str, Any] = {"device": str(device), **plan.summary()}
     if spec:
-        steps = {"num_calib_steps": plan.batches_covering(spec["num_calib_steps"]),
-                 "num_score_steps": plan.batches_covering(spec["num_score_steps"])}
-        result["auto_quantize"] = quantize_auto(model, batches, {**spec, **steps}, exclude)
+        steps = {"num_calib_steps": plan.batches_covering(spec.num_calib_steps),
+                 "num_score_steps": plan.batches_covering(spec.num_score_steps)}
+        result["auto_quantize"] = quantize_auto(model, batches, spec.model_copy(update=steps), exclude)
     else:
         quantize_with_config(model, config, batches)
     if device.type == "cuda":
@@ -190,16 +195,16 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: dict[str, Any], 
     return result
 
 
-def build_config(strategy: dict[str, Any], exclude: list[str]) -> dict[str, Any]:
+def build_config(strategy: Strategy, exclude: list[str]) -> dict[str, Any]:
     """A ModelOpt quantization config: preset or ModelOpt recipe, algorithm override, exclusions appended."""
     import modelopt.torch.quantization as mtq
 
-    if strategy.get("preset"):
-        config = copy.deepcopy(getattr(mtq, strategy["preset"]))
+    if strategy.preset:
+        config = copy.deepcopy(getattr(mtq, strategy.preset))
     else:
-        config = load_modelopt_recipe(strategy["modelopt_recipe"])
-    if strategy.get("algorithm"):
-        config["algorithm"] = strategy["algorithm"]
+        config = load_modelopt_recipe(strategy.modelopt_recipe)
+    if strategy.algorithm:
+        config["algorithm"] = strategy.algorithm
     # ModelOpt >= 0.44: quant_cfg is an ordered list and later entries win.
     config["quant_cfg"] = list(config["quant_cfg"]) + [{"quantizer_name": p, "enable": False} for p in exclude]
     return config
@@ -244,12 +249,13 @@ def calibration_kwargs(model: Any) -> dict[str, Any]:
     return extra
 
 
-def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any], exclude: list[str]) -> dict:
+def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeSpec, exclude: list[str]) -> dict:
+    """ModelOpt's auto_quantize; spec's step counts are batches here (quantize_model converts samples)."""
     import modelopt.torch.quantization as mtq
     import torch
 
-    formats = [copy.deepcopy(getattr(mtq, name)) for name in spec["formats"]]
-    if spec["method"] == "gradient":  # only the gradient method needs a loss; kl_div would pay for one
+    formats = [copy.deepcopy(getattr(mtq, name)) for name in spec.formats]
+    if spec.method == "gradient":  # only the gradient method needs a loss; kl_div would pay for one
         for batch in batches:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
@@ -260,22 +266,22 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
         return output.loss
 
     kwargs: dict[str, Any] = {
-        "constraints": {"effective_bits": spec["effective_bits"]},
+        "constraints": {"effective_bits": spec.effective_bits},
         "quantization_formats": formats,
         "data_loader": batches,
         "forward_step": forward_step,
-        "num_calib_steps": min(spec["num_calib_steps"], len(batches)),  # batches here (quantize_model converts)
-        "num_score_steps": min(spec["num_score_steps"], len(batches)),
-        "method": spec["method"],
+        "num_calib_steps": min(spec.num_calib_steps, len(batches)),
+        "num_score_steps": min(spec.num_score_steps, len(batches)),
+        "method": spec.method,
         "disabled_layers": DEFAULT_DISABLED + list(exclude),
     }
-    if spec["method"] == "gradient":
+    if spec.method == "gradient":
         kwargs["loss_func"] = loss_func
     else:
         # kl_div compares the quantized model's logits with the unquantized ones.
         kwargs["forward_step"] = lambda m, batch: m(**batch, use_cache=False).logits
     try:
-        with torch.set_grad_enabled(spec["method"] == "gradient"):
+        with torch.set_grad_enabled(spec.method == "gradient"):
             _, state = mtq.auto_quantize(model, **kwargs)
     except ValueError as exc:
         if "infeasible" not in str(exc):
@@ -283,7 +289,7 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: dict[str, Any
         raise SystemExit(f"auto_quantize: {exc} Raise auto_quantize.effective_bits in the recipe, or exclude "
                          "fewer layers.") from None
     best = state.get("best", {}) if isinstance(state, dict) else {}
-    return {"constraints": {"effective_bits": spec["effective_bits"]},
+    return {"constraints": {"effective_bits": spec.effective_bits},
             "calib_batches": kwargs["num_calib_steps"], "score_batches": kwargs["num_score_steps"],
             "achieved": {k: float(v) for k, v in (best.get("constraints") or {}).items()
                          if isinstance(v, (int, float))},
