@@ -165,7 +165,7 @@ def hf_ptq(model, exclude: list[str], calib: CalibrationSet, calib_seq: int, alg
 
 
 def ours(model, exclude: list[str], calib: CalibrationSet, algorithm: str) -> dict[str, Any]:
-    strategy = {"name": algorithm, "preset": PRESETS[algorithm], "batch_size": "auto"}
+    strategy = Strategy(name=algorithm, preset=PRESETS[algorithm], batch_size="auto")
     torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     result = quantize_model(model, calib, strategy, exclude, torch.device("cuda"))

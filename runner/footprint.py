@@ -333,7 +333,7 @@ def quantizer_cfg(config: QuantConfig, quantizer: str, parent: str = "nn.Linear"
 
 
 def format_of(cfg: Any) -> str:
-    """The BITS key of a weight quantizer cfg (as the worker's `_format_of` names formats)."""
+    """The BITS key of a weight quantizer cfg (the quantize worker names live quantizers with it too)."""
     if isinstance(cfg, list):
         if not cfg:
             raise Unknown("an empty sequential quantizer")

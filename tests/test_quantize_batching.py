@@ -131,7 +131,7 @@ def test_explicit_batch_size_means_samples(captured):
                                      [], torch.device("cpu"))
     assert result["batch_size"] == 4 and result["token_budget"] is None and result["batches"] == 10
     assert [b["input_ids"].shape[0] for b in captured["batches"]] == [4] * 10
-    assert result["padding_tokens"] == calib.padding_tokens(4)
+    assert result["padding_tokens"] == calib.plan(batch_size=4).padding_tokens
 
 
 def test_auto_quantize_gets_the_same_batches_and_counts_steps_in_samples(captured):

@@ -70,10 +70,6 @@ class CalibrationSet:
         """The batches of a plan (of these samples) as right-padded input_ids and attention_mask tensors."""
         return build_batches(self.token_ids, self.pad_id, plan, device)
 
-    def token_batches(self, token_budget: int, device: Any) -> list[dict[str, Any]]:
-        """Batches of at most `token_budget` computed tokens (rows x padded width), longest first."""
-        return self.build(self.plan(token_budget=token_budget), device)
-
     def batches(self, batch_size: int, device: Any) -> list[dict[str, Any]]:
         """Right-padded batches of similar-length samples, each with input_ids and attention_mask."""
         return pad_batches(self.token_ids, self.pad_id, batch_size, device)
@@ -81,8 +77,6 @@ class CalibrationSet:
     def held_out_batches(self, batch_size: int, device: Any) -> list[dict[str, Any]]:
         return pad_batches(self.held_out_ids, self.pad_id, batch_size, device)
 
-    def padding_tokens(self, batch_size: int) -> int:
-        return plan_fixed_batches(self.lengths, batch_size).padding_tokens
 
 
 @dataclass(frozen=True)

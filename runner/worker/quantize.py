@@ -18,7 +18,9 @@ from typing import Any
 
 from runner.bits import effective_bits as bits_per_weight
 from runner.bits import logical_numel
-from runner.footprint import DEFAULT_DISABLED  # ModelOpt's default exclusions, which auto_quantize ignores
+
+# DEFAULT_DISABLED: ModelOpt's default exclusions, which auto_quantize ignores.
+from runner.footprint import DEFAULT_DISABLED, Unknown, format_of
 from runner.schema import AutoQuantizeSpec, Strategy
 from runner.step_inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
@@ -59,18 +61,19 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
     quantized = fidelity.snapshot(model, eval_batches, logits_kwargs)
-    fold = fold_scales(model, calib, device, norms_only=not strategy.fold_awq_scales)
+    # What the exported model gives up against the source, on the same samples (fake-quant forward).
+    exported = fidelity.compare(source, quantized)
+    fold = fold_scales(model, calib, device, logits_kwargs, norms_only=not strategy.fold_awq_scales)
     if fold is not None:
         folded = fidelity.snapshot(model, eval_batches, logits_kwargs)
+        before, exported = exported, fidelity.compare(source, folded)
         fold["cost"] = {**fidelity.compare(quantized, folded), "measured_on": measured_on,
-                        "kl_to_source_before": fidelity.compare(source, quantized).get("kl"),
-                        "kl_to_source_after": fidelity.compare(source, folded).get("kl")}
-        quantized = folded
+                        "kl_to_source_before": before.get("kl"), "kl_to_source_after": exported.get("kl")}
         result["awq_fold"] = fold
         print(f"[quantize] AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s: {fold['actions']}; "
               f"KL {fold['cost'].get('kl')}, top-1 {fold['cost'].get('top1_agreement')}", flush=True)
-    # What the exported model gives up against the source, on the same samples (fake-quant forward).
-    result["fidelity"] = {**fidelity.compare(source, quantized), "measured_on": measured_on}
+        del folded
+    result["fidelity"] = {**exported, "measured_on": measured_on}
     del source, quantized
 
     from modelopt.torch.export import export_hf_checkpoint
@@ -88,14 +91,8 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     layers = layer_formats(model)
     summary = {
         "strategy": strategy.name,
-        **result,
+        **result,  # batching (BatchPlan.summary: tokens, padding, batches, budget), time, memory
         "calibration_samples": len(calib.token_ids),
-        "calibration_tokens": calib.tokens,
-        "padding_tokens": result["padding_tokens"],
-        "padding_fraction": result["padding_fraction"],  # of computed tokens (real + padding)
-        "batches": result["batches"],
-        "token_budget": result["token_budget"],  # rows x padded width a batch may compute; None: fixed batch_size
-        "batch_size": result["batch_size"],  # the most rows (samples) in a batch
         "load_s": round(load_s, 3),
         "export_s": round(export_s, 3),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -120,7 +117,8 @@ def full_logits_kwargs(model: Any) -> dict[str, Any]:
     return {k: v for k, v in calibration_kwargs(model).items() if k != "logits_to_keep"}
 
 
-def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool = False) -> dict[str, Any] | None:
+def fold_scales(model: Any, calib: CalibrationSet, device: Any, logits_kwargs: dict[str, Any],
+                norms_only: bool = False) -> dict[str, Any] | None:
     """Fold AWQ's pre_quant_scale away (see awq_fold.py); None when nothing was smoothed.
 
     norms_only: the raw NVFP4_AWQ export; only the folds into norms, which the export would get wrong.
@@ -131,7 +129,7 @@ def fold_scales(model: Any, calib: CalibrationSet, device: Any, norms_only: bool
         return None
     t0 = time.monotonic()
     probe = pad_batches([calib.token_ids[0][:64]], calib.pad_id, 1, device)[0]  # the structure probe's input
-    records = awq_fold.fold_awq_scales(model, probe, full_logits_kwargs(model), norms_only=norms_only)
+    records = awq_fold.fold_awq_scales(model, probe, logits_kwargs, norms_only=norms_only)
     left = sum(awq_fold.has_scale(m) for m in model.modules())
     if left and not norms_only:
         raise SystemExit(f"{left} layers still carry an AWQ pre_quant_scale after folding; set "
@@ -259,8 +257,10 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeS
         for batch in batches:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
+    extra = full_logits_kwargs(model)  # scoring needs every position's logits (kl_div) or a loss
+
     def forward_step(m: Any, batch: dict[str, Any]) -> Any:
-        return m(**batch, use_cache=False)
+        return m(**batch, **extra)
 
     def loss_func(output: Any, batch: dict[str, Any]) -> Any:
         return output.loss
@@ -270,8 +270,8 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeS
         "quantization_formats": formats,
         "data_loader": batches,
         "forward_step": forward_step,
-        "num_calib_steps": min(spec.num_calib_steps, len(batches)),
-        "num_score_steps": min(spec.num_score_steps, len(batches)),
+        "num_calib_steps": spec.num_calib_steps,  # batches, at most len(batches) (BatchPlan.batches_covering)
+        "num_score_steps": spec.num_score_steps,
         "method": spec.method,
         "disabled_layers": DEFAULT_DISABLED + list(exclude),
     }
@@ -279,7 +279,7 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeS
         kwargs["loss_func"] = loss_func
     else:
         # kl_div compares the quantized model's logits with the unquantized ones.
-        kwargs["forward_step"] = lambda m, batch: m(**batch, use_cache=False).logits
+        kwargs["forward_step"] = lambda m, batch: m(**batch, **extra).logits
     try:
         with torch.set_grad_enabled(spec.method == "gradient"):
             _, state = mtq.auto_quantize(model, **kwargs)
@@ -316,10 +316,8 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
     ceiling = longest * len(calib.token_ids)  # a larger budget would batch nothing differently
     if device.type != "cuda":
         return max(1, min(cpu_budget, ceiling))  # a CPU gains little from big batches; keep memory modest
-    kwargs = dict(calibration_kwargs(model))
+    kwargs = full_logits_kwargs(model) if full_logits else calibration_kwargs(model)
     probe = torch.full((1, longest), 100, dtype=torch.long, device=device)
-    if full_logits:
-        kwargs.pop("logits_to_keep", None)
     if grad:
         kwargs["labels"] = probe
     torch.cuda.synchronize()
@@ -344,19 +342,14 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
 
 
 def _format_of(quantizer: Any) -> str | None:
+    """The format a live quantizer applies (None when off), named as footprint.format_of names configs."""
     if quantizer is None or not getattr(quantizer, "is_enabled", False):
         return None
-    bits = getattr(quantizer, "num_bits", None)
-    blocks = getattr(quantizer, "block_sizes", None) or {}
-    if bits == (2, 1):
-        return "nvfp4" if blocks.get("scale_bits") == (4, 3) else "mxfp4"
-    if bits == (4, 3):
-        return "fp8"
-    if bits == 8:
-        return "int8"
-    if bits == 4:
-        return "int4"
-    return str(bits)
+    cfg = {"num_bits": getattr(quantizer, "num_bits", None), "block_sizes": getattr(quantizer, "block_sizes", None)}
+    try:
+        return format_of(cfg)
+    except Unknown:  # a format the bits table does not know: name it by its bits rather than guess
+        return str(cfg["num_bits"])
 
 
 def layer_formats(model: Any) -> dict[str, str]:
@@ -371,9 +364,8 @@ def layer_formats(model: Any) -> dict[str, str]:
         if not isinstance(module, torch.nn.Linear) or getattr(module, "weight", None) is None:
             continue
         weight_format = _format_of(getattr(module, "weight_quantizer", None))
-        input_format = _format_of(getattr(module, "input_quantizer", None))
-        if weight_format == "nvfp4" and input_format is None:
-            weight_format = "w4a16_nvfp4"
+        if weight_format == "nvfp4" and _format_of(getattr(module, "input_quantizer", None)) is None:
+            weight_format = "w4a16_nvfp4"  # footprint.module_format's rule
         out[name] = weight_format or str(module.weight.dtype).removeprefix("torch.")
     return out
 

@@ -107,7 +107,8 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     quant: dict[str, Any] = {}
     if quant_config_path.is_file():
         quant = json.loads(quant_config_path.read_text(encoding="utf-8")).get("quantization", {})
-        algo = str(quant.get("quant_algo") or "").upper() or None
+    algo = str(quant.get("quant_algo") or "").upper() or None  # vLLM compares case-insensitively
+    if quant_config_path.is_file():
         needed = (MIXED_REQUIRED_KEYS if algo == "MIXED_PRECISION" else
                   NVFP4_REQUIRED_KEYS if algo and "NVFP4" in algo else ("quant_algo", "exclude_modules"))
         missing = [k for k in needed if k not in quant]
@@ -115,7 +116,6 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                    f"quant_algo {algo}" + (f"; missing keys {', '.join(missing)}" if missing else ", keys vLLM needs"))
     else:
         report.add("hf_quant_config", False, "hf_quant_config.json is missing")
-    algo = str(quant.get("quant_algo") or "").upper() or None  # vLLM compares case-insensitively
     accepted = VLLM_QUANT_ALGOS if engine == "vllm" else LOCAL_QUANT_ALGOS
     report.add("quant_algo_supported", algo in accepted,
                f"{algo} is {'' if algo in accepted else 'NOT '}loadable by the {engine} engine"
@@ -176,7 +176,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears{sizes}")
 
     # AWQ and SVDQuant scale input channels and fold the inverse elsewhere.
-    awq = smoothed or any(k.endswith(".pre_quant_scale") for k in meta)
+    awq = smoothed or bool(smoothing)
     errors = decode_against_source(quantized, where, model_dir, awq)
     if errors is None:
         report.add("nvfp4_decode", None, "no NVFP4 layers or no source model to compare against")
