@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         footprints, problems = [], []
         if folder is not None:
             try:
-                footprints = footprint.recipe_footprints(recipe, folder)
+                footprints = footprint.recipe_footprints(recipe, footprint.load_weights(folder))
             except (footprint.Unknown, OSError, ValueError) as exc:
                 console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
             problems = footprint.feasibility_problems(loaded, footprints)
@@ -193,8 +193,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     footprints, problems, source = [], [], None
     if folder is not None:
         try:
-            footprints = footprint.recipe_footprints(recipe, folder, names)
-            source = footprint.source_footprint(recipe, folder)
+            weights = footprint.load_weights(folder)  # the headers, read once for every strategy
+            footprints = footprint.recipe_footprints(recipe, weights, names)
+            source = footprint.source_footprint(recipe, weights)
         except (footprint.Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
         problems = footprint.feasibility_problems(loaded, footprints)

@@ -649,28 +649,19 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
     return None, UNKNOWN_UNTIL_SOURCE
 
 
-def recipe_footprints(recipe: Any, folder: Path, names: list[str] | None = None) -> list[Footprint]:
-    weights = load_weights(folder)
+def recipe_footprints(recipe: Any, weights: Weights, names: list[str] | None = None) -> list[Footprint]:
+    """Each chosen (else each enabled) strategy's footprint, with the exclusions the worker applies."""
     out = []
     for strategy in recipe.quantization.strategies:
         if (names is not None and strategy.name not in names) or (names is None and not strategy.enabled):
             continue
-        out.append(strategy_footprint(weights, strategy, exclusions(recipe, strategy), recipe.benchmark.hardware,
-                                      recipe.model.dtype))
+        out.append(strategy_footprint(weights, strategy, recipe.quantization.exclusions(strategy),
+                                      recipe.benchmark.hardware, recipe.model.dtype))
     return out
 
 
-def exclusions(recipe: Any, strategy: Any) -> list[str]:
-    """The exclusion globs the worker appends for a strategy (as runner/plan.py passes them)."""
-    spec = recipe.quantization
-    if hasattr(spec, "exclusions"):
-        return list(spec.exclusions(strategy))
-    return [*spec.exclude, *strategy.exclude]
-
-
-def source_footprint(recipe: Any, folder: Path) -> Footprint:
+def source_footprint(recipe: Any, weights: Weights) -> Footprint:
     """The unquantized model as the worker loads it, for comparison."""
-    weights = load_weights(folder)
     formats: dict[str, str | None] = {m: None for m in weights.linears}
     fp = Footprint("(source)", f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
     sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
