@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -122,24 +121,16 @@ class Unknown(Exception):
 class Weights:
     """A model folder as the worker will load it: its tensors, Linear and Conv weights."""
 
-    folder: Path
-    config: dict[str, Any]
     tensors: dict[str, Tensor]  # what the causal-LM load keeps
-    linears: dict[str, Tensor]  # module name -> 2-D weight (a tied lm_head included, see tied_head)
+    linears: dict[str, Tensor]  # module name -> 2-D weight (a tied lm_head included: it counts in bits)
     convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
-    tied_head: bool = False  # lm_head shares the embedding (no lm_head tensor of its own)
     dropped_bytes: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def load_weights(folder: Path) -> Weights:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise Unknown(f"{folder} has no config.json")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     everything = read_headers(folder)
     if not everything:
         raise Unknown(f"no safetensors in {folder}")
@@ -154,14 +145,12 @@ def load_weights(folder: Path) -> Weights:
             linears[module] = tensor
         elif 3 <= len(tensor.shape) <= 5 and "conv" in module.rsplit(".", 1)[-1]:
             convs[module] = tensor
-    tied = False
     if not any(m == "lm_head" or m.endswith(".lm_head") for m in linears):
         embedding = next((t for n, t in tensors.items() if n.endswith("embed_tokens.weight")), None)
         if embedding is not None:  # the head exists in the model, sharing the embedding's weight
             linears["lm_head"] = Tensor("lm_head.weight", embedding.dtype, embedding.shape)
-            tied = True
     dropped = sum(t.nbytes for n, t in everything.items() if n not in tensors)
-    return Weights(folder, config, tensors, linears, convs, tied, dropped)
+    return Weights(tensors, linears, convs, dropped)
 
 
 # --- ModelOpt's configs, read as data ----------------------------------------------------------

@@ -36,7 +36,7 @@ from runner.step_inputs import (
     StepInput,
     VerifyInput,
 )
-from runner.steps.code import STEP_CODE
+from runner.steps.code import code_files
 
 RUNNER_DIR = Path(__file__).resolve().parent
 
@@ -173,10 +173,10 @@ def step_key(step: Step, dep_keys: list[str]) -> str:
 
 
 def code_fingerprint(kind: str) -> str:
-    """The hash of the source files that execute a step kind (steps.STEP_CODE), read once per process."""
+    """The hash of the source files that execute a step kind (steps/code.py), read once per process."""
     if kind not in _code_hashes:
         digest = hashlib.sha256()
-        for relative in STEP_CODE.get(kind, ()):
+        for relative in code_files(kind, RUNNER_DIR):
             path = RUNNER_DIR / relative
             digest.update(relative.encode() + b"\0" + (path.read_bytes() if path.exists() else b"missing") + b"\0")
         _code_hashes[kind] = digest.hexdigest()

@@ -101,3 +101,22 @@ def test_editing_a_step_module_rekeys_that_step_and_what_follows(recipe, tmp_pat
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)
     assert "benchmark.baseline" not in moved and "gates" in moved
+
+
+def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch):
+    """The code hash follows imports: fixups.py is export's helper, footprint.py quantize's (DEFAULT_DISABLED)."""
+    from runner.steps.code import code_files
+
+    assert "footprint.py" in code_files("quantize") and "fixups.py" in code_files("export")
+    assert "schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
+    code = tmp_path / "runner"
+    shutil.copytree(Path(plan_module.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(plan_module, "RUNNER_DIR", code)
+    monkeypatch.setattr(plan_module, "_code_hashes", {})
+    before = build_plan(recipe).keys
+    with (code / "fixups.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    monkeypatch.setattr(plan_module, "_code_hashes", {})
+    moved = rekeyed(before, build_plan(recipe).keys)
+    assert {sid for sid in moved if sid.startswith("export.")}
+    assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)

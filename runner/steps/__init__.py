@@ -7,8 +7,8 @@ log. Steps that need torch (quantize, verify, GGUF conversion) hand their work t
 or inside the step's container. A kind that is not built yet says so through `pending`, and the
 runner stops before it rather than pretend.
 
-runner/steps/base.py defines the context and result types, runner/steps/code.py the source files
-whose hash is part of each kind's cache key; this module is the registry of kinds.
+runner/steps/base.py defines the context and result types, runner/steps/code.py finds the source
+files whose hash is part of each kind's cache key; this module is the registry of kinds.
 """
 
 from __future__ import annotations
