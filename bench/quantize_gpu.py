@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from runner.schema import Strategy
+from runner.recipe.schema import Strategy
 from runner.worker.calib_data import CalibrationSet
 from runner.worker.quantize import build_config, calibration_kwargs, quantize_model
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from runner.calibration.generate import generate
-from runner.schema import TeacherSource
+from runner.recipe.schema import TeacherSource
 from runner.testing.scripted_server import ScriptedServer
 
 

@@ -96,7 +96,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from runner.recipe_loader import load_recipe
+    from runner.recipe.loader import load_recipe
 
     failed = 0
     for path in args.recipes:
@@ -111,7 +111,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         recipe = loaded.recipe
         # auto_quantize feasibility from the model's headers, when the model is already on disk
-        from runner import footprint
+        from runner.quantization import footprint
 
         folder, _ = footprint.model_folder(recipe)
         footprints, problems = [], []
@@ -140,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _load_plan(args: argparse.Namespace):
     from runner.plan import build_plan
-    from runner.recipe_loader import load_recipe
+    from runner.recipe.loader import load_recipe
     from runner.run_dir import RunDir
 
     loaded = load_recipe(args.recipe)
@@ -184,8 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows.append({"step": sid, "kind": step.kind, "needs": list(step.deps), "runs_in": _where(plan, step),
                      "state": state, "key": plan.keys[sid]})
     # What each strategy will weigh, from the model's headers (no torch), before anything runs.
-    from runner import footprint
-    from runner.bits import DEFINITION, MODELOPT_DEFINITION
+    from runner.quantization import footprint
+    from runner.quantization.bits import DEFINITION, MODELOPT_DEFINITION
 
     recipe = plan.recipe
     folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys["source"])
@@ -233,8 +233,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from runner.engine import Runner, RunOptions
     from runner.executors import make_executor
+    from runner.scheduler import Runner, RunOptions
 
     loaded, plan, run_dir = _load_plan(args)
     execution = plan.recipe.execution
@@ -255,7 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_cancellable(coro):
-    """Run the engine so that SIGINT and SIGTERM cancel it cleanly (workers stopped, state saved)."""
+    """Run the scheduler so that SIGINT and SIGTERM cancel it cleanly (workers stopped, state saved)."""
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -268,7 +268,7 @@ async def _run_cancellable(coro):
 
 
 def _save_resolved_recipe(loaded, path: Path) -> None:
-    from runner.recipe_loader import recipe_to_yaml
+    from runner.recipe.loader import recipe_to_yaml
     from runner.run_dir import write_json_atomic
 
     tmp = path.with_suffix(".yaml.tmp")
@@ -301,9 +301,9 @@ def cmd_card(args: argparse.Namespace) -> int:
     """Documents from the run's records alone: nothing is run again."""
     from ruamel.yaml import YAML
 
-    from runner.report import append_research_section, render_documents
+    from runner.recipe.schema import Recipe
     from runner.run_dir import RunDir
-    from runner.schema import Recipe
+    from runner.steps.report import append_research_section, render_documents
 
     run_dir = RunDir(args.run_dir)
     saved = run_dir.root / "recipe.yaml"
@@ -322,11 +322,11 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     import shutil
 
-    from runner import docker_engine
+    from runner.containers import docker_api
 
-    label = docker_engine.run_label(args.run_dir) if args.run_dir else None
+    label = docker_api.run_label(args.run_dir) if args.run_dir else None
     try:
-        removed = docker_engine.remove_containers(docker_engine.client(), label)
+        removed = docker_api.remove_containers(docker_api.client(), label)
         out.print(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
     except RunnerError as exc:
         console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
@@ -337,9 +337,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from runner.recipe_loader import load_recipe
-    from runner.resources import shipped_dir
-    from runner.yaml_tree import read_yaml
+    from runner.recipe.loader import load_recipe
+    from runner.recipe.resources import shipped_dir
+    from runner.recipe.yaml_tree import read_yaml
 
     root = shipped_dir("recipes")
     table = Table(title=f"shipped recipes ({root})")
@@ -366,10 +366,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from runner.schema import Recipe
+    from runner.recipe.schema import Recipe
 
     if args.markdown:
-        from runner.schema_docs import recipe_reference
+        from runner.recipe.schema_docs import recipe_reference
 
         text = recipe_reference()
     else:

@@ -20,9 +20,10 @@ from typing import Any
 
 from runner import __version__
 from runner.errors import RunnerError
-from runner.fixups import CopyFile
-from runner.schema import Recipe
-from runner.step_inputs import (
+from runner.recipe.schema import Recipe
+from runner.steps.code import code_files
+from runner.steps.fixups import CopyFile
+from runner.steps.inputs import (
     BenchmarkInput,
     CalibrateInput,
     ExportInput,
@@ -36,7 +37,6 @@ from runner.step_inputs import (
     StepInput,
     VerifyInput,
 )
-from runner.steps.code import code_files
 
 RUNNER_DIR = Path(__file__).resolve().parent
 
@@ -114,7 +114,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     steps.append(Step("calibrate", "calibrate", ("source",), CalibrateInput(calibration=calib),
                       input_files=calib_files))
 
-    serving = ServingInput(serve=recipe.serve, dtype=model.dtype, env_names=recipe.execution.env)
+    serving = ServingInput(serve=recipe.serve, container=recipe.container_for("serve"), dtype=model.dtype,
+                           env_names=recipe.execution.env)
     bench = recipe.benchmark
     bench_inputs = {"serving": serving, "system_prompt": bench.system_prompt, "suites": bench.suites,
                     "speed": bench.speed, "concurrency": bench.concurrency}

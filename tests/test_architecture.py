@@ -45,4 +45,4 @@ def test_no_import_cycles():
 
 def test_the_import_graph_is_read_right():
     graph = imports()
-    assert "runner.step_inputs" in graph["runner.plan"] and "runner.schema" in graph["runner.step_inputs"]
+    assert "runner.steps.inputs" in graph["runner.plan"] and "runner.recipe.schema" in graph["runner.steps.inputs"]

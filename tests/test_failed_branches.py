@@ -1,13 +1,13 @@
 """What the documents say about strategies whose branch failed: the gate table, the card, the blog.
 
 Fast: the table from results built here, the shipped templates rendered from facts built here (the
-engine side, a failing branch through gates, is in test_engine.py).
+scheduler side, a failing branch through gates, is in test_scheduler.py).
 """
 
 from __future__ import annotations
 
 from runner.benchmark.gates import comparison_markdown, evaluate, first_line, select
-from runner.report import environment
+from runner.steps.report import environment
 
 ERROR = "RuntimeError: CUDA out of memory\nTraceback (most recent call last): ..."
 FAILED = {"fp8": {"step": "quantize.fp8", "error": ERROR}}

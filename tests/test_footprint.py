@@ -11,10 +11,10 @@ import pytest
 from header_checkpoint import qwen35_9b, write_checkpoint
 
 from conftest import PYTHON, REPO, recipe, recipe_cli_env
-from runner import footprint
-from runner.bits import BITS, effective_bits, logical_numel
-from runner.resources import hardware_targets
-from runner.schema import AutoQuantizeSpec, Strategy
+from runner.quantization import footprint
+from runner.quantization.bits import BITS, effective_bits, logical_numel
+from runner.recipe.resources import hardware_targets
+from runner.recipe.schema import AutoQuantizeSpec, Strategy
 
 PLAN_EXCLUDE = ["*linear_attn*", "*layers.0.*", "*layers.31.*", "*embed_tokens*"]
 

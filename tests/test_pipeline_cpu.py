@@ -218,8 +218,8 @@ def test_local_engine_gives_the_same_answers_in_two_fresh_processes(demo_run):
     import aiohttp
 
     from runner.benchmark.suites import load_suite, run_suite
-    from runner.schema import SuiteRef
-    from runner.serving import free_port
+    from runner.recipe.schema import SuiteRef
+    from runner.steps.serving import free_port
 
     checkpoint = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
     suite = load_suite(SuiteRef(name="factual"))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import MINIMAL, RECIPES
 from runner.errors import RecipeError
-from runner.recipe_loader import load_recipe
+from runner.recipe.loader import load_recipe
 
 
 def problems_of(path: Path, env: dict[str, str] | None = None) -> list:

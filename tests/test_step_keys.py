@@ -14,9 +14,9 @@ import pytest
 from conftest import DEMO
 from runner import plan as plan_module
 from runner.plan import build_plan
-from runner.recipe_loader import load_recipe
-from runner.schema import Recipe
-from runner.step_inputs import QuantizeInput, ReportInput
+from runner.recipe.loader import load_recipe
+from runner.recipe.schema import Recipe
+from runner.steps.inputs import QuantizeInput, ReportInput
 
 UPSTREAM_OF_REPORT = ("source", "calibrate", "quantize.", "export.", "verify.", "serve.", "benchmark.", "gates")
 
@@ -107,14 +107,14 @@ def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch
     """The code hash follows imports: fixups.py is export's helper, footprint.py quantize's (DEFAULT_DISABLED)."""
     from runner.steps.code import code_files
 
-    assert "footprint.py" in code_files("quantize") and "fixups.py" in code_files("export")
-    assert "schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
+    assert "quantization/footprint.py" in code_files("quantize") and "steps/fixups.py" in code_files("export")
+    assert "recipe/schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
     code = tmp_path / "runner"
     shutil.copytree(Path(plan_module.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(plan_module, "RUNNER_DIR", code)
     monkeypatch.setattr(plan_module, "_code_hashes", {})
     before = build_plan(recipe).keys
-    with (code / "fixups.py").open("a") as fh:
+    with (code / "steps" / "fixups.py").open("a") as fh:
         fh.write("\n# an edit\n")
     monkeypatch.setattr(plan_module, "_code_hashes", {})
     moved = rekeyed(before, build_plan(recipe).keys)

@@ -18,7 +18,7 @@ import pytest
 from conftest import MINIMAL, PYTHON, REPO, recipe_cli_env
 from runner.calibration.generate import generate
 from runner.errors import RunnerError
-from runner.schema import TeacherSource
+from runner.recipe.schema import TeacherSource
 from runner.testing.scripted_server import ScriptedServer, ServerThread
 
 LOG = logging.getLogger("test")
@@ -200,13 +200,13 @@ def test_recipe_run_generates_calibration_from_a_teacher(write, tmp_path):
 def test_the_demo_model_served_locally_as_the_teacher(demo_run, tmp_path):
     """The real SmolLM2 behind the local engine is a teacher like any other."""
     from conftest import DEMO
-    from runner.recipe_loader import load_recipe
+    from runner.recipe.loader import load_recipe
     from runner.run_dir import RunDir
-    from runner.serving import serving
-    from runner.step_inputs import ServingInput
+    from runner.steps.inputs import ServingInput
+    from runner.steps.serving import serving
 
     recipe = load_recipe(DEMO).recipe
-    spec_of_serving = ServingInput(serve=recipe.serve, dtype=recipe.model.dtype)
+    spec_of_serving = ServingInput(serve=recipe.serve, container=recipe.container_for("serve"), dtype=recipe.model.dtype)
     model_dir = demo_run / "steps" / "source" / "model"
     categories = [{"name": "chat", "count": 3, "prompts": ["Say hello to Priya.", "What is 2 plus 2?",
                                                           "Name a fruit that is yellow."]}]

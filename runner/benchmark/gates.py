@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.metrics import Metric
-from runner.schema import Gate, Preference
+from runner.recipe.metrics import Metric
+from runner.recipe.schema import Gate, Preference
 
 OPS = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge, ">": operator.gt}
 Z95 = 1.959964  # two-sided 95 %

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.resources import hardware_targets
-from runner.safetensors_headers import read_headers
+from runner.quantization.safetensors_headers import read_headers
+from runner.recipe.resources import hardware_targets
 
 
 def tensor_bytes(checkpoint: Path) -> dict[str, int]:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from runner.benchmark.harness import RequestResult, stream_chat, summarize
-from runner.schema import SpeedSpec
+from runner.recipe.schema import SpeedSpec
 
 WORDS = ["time", "river", "light", "table", "music", "garden", "paper", "window", "story", "morning", "city",
          "number", "family", "water", "market", "season", "letter", "station", "friend", "summer"]

@@ -21,8 +21,8 @@ from pydantic import Field
 from runner.benchmark.harness import RequestResult, stream_chat
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
-from runner.resources import shipped_dir, shipped_suites
-from runner.schema import Section, SuiteRef, ToolDefinition
+from runner.recipe.resources import shipped_dir, shipped_suites
+from runner.recipe.schema import Section, SuiteRef, ToolDefinition
 
 # The plan's Phase 4 hardened prompt, appended to the system prompt when a suite asks for it.
 HARDENED_PROMPT = """CRITICAL RULES (violations will cause errors):
@@ -56,7 +56,7 @@ def suites_dir() -> Path:
 
 
 def load_suite(ref: SuiteRef) -> Suite:
-    from runner.recipe_loader import load_yaml_model
+    from runner.recipe.loader import load_yaml_model
 
     path = ref.path or suites_dir() / f"{ref.name}.yaml"
     if not path.is_file():

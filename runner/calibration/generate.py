@@ -25,13 +25,13 @@ from typing import Any
 
 import aiohttp
 
+from runner.calibration.conversations import write_conversations
 from runner.calibration.prompts import PromptPool
 from runner.calibration.teacher_client import TeacherClient, TeacherError
 from runner.calibration.validate import Filter, histogram_png, token_counter, verification
-from runner.conversations import write_conversations
 from runner.errors import RunnerError
+from runner.recipe.schema import Category, TeacherSource
 from runner.run_dir import write_json_atomic
-from runner.schema import Category, TeacherSource
 
 MAX_TOOL_ROUNDS = 3
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.schema import Category
+from runner.recipe.schema import Category
 
 
 def read_prompt_file(path: Path, field: str | None) -> list[str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from runner.steps.base import StepResult
 
 if TYPE_CHECKING:
-    from runner.containers import ContainerPlugin
+    from runner.containers.plugin import ContainerPlugin
 
 SPEC_FILE = "worker_spec.json"
 RESULT_FILE = "worker_result.json"
@@ -28,7 +28,7 @@ class Executor(ABC):
 
     def cleanup(self) -> None:
         """Remove anything of this run the executor may have left (called once the run ends, however)."""
-        return None  # a local subprocess leaves nothing: the engine stops its process group
+        return None  # a local subprocess leaves nothing: the scheduler stops its process group
 
 
 class WorkerFailed(Exception):

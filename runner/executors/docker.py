@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runner import docker_engine
-from runner.containers import ContainerPlugin
+from runner.containers import docker_api
+from runner.containers.launcher import launched
+from runner.containers.plugin import ContainerPlugin
 from runner.executors.base import SPEC_FILE, Executor, WorkerFailed, read_result
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
@@ -44,14 +45,14 @@ class DockerExecutor(Executor):
     uses_containers = True
 
     def __init__(self, run_dir: Path, env_names: list[str], hf_cache: Path | None):
-        self.api = docker_engine.client()
-        self.run_label = docker_engine.run_label(run_dir)
+        self.api = docker_api.client()
+        self.run_dir = run_dir
         self.env_names = env_names
         self.hf_cache = hf_cache
 
     def cleanup(self) -> None:
         """A safety net: whatever happened, no container of this run outlives it."""
-        docker_engine.remove_containers(self.api, self.run_label)
+        docker_api.remove_containers(self.api, docker_api.run_label(self.run_dir))
 
     async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
                          container: ContainerPlugin | None) -> StepResult:
@@ -63,25 +64,17 @@ class DockerExecutor(Executor):
                                                     log_path=log_path, container=container)
         spec_path = scratch / SPEC_FILE
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
-        image = await asyncio.to_thread(docker_engine.ensure_image, self.api, container)
         mounts = [(scratch, True)] + [(p, False) for p in input_paths(params) if not _inside(p, scratch)]
-        env = docker_engine.environment(container, self.env_names)
+        env = {}
         if self.hf_cache is not None:
             mounts.append((self.hf_cache, False))
             env["HF_HUB_CACHE"] = str(self.hf_cache)
-        handle = await asyncio.to_thread(
-            self.api.containers.run, image, [container.python, "-m", "runner.worker", str(spec_path)],
-            detach=True, volumes=docker_engine.volumes_for(mounts, container), environment=env,
-            labels={docker_engine.LABEL: "worker", docker_engine.RUN_LABEL: self.run_label,
-                    docker_engine.STEP_LABEL: scratch.name},
-            shm_size=container.shm_size, ipc_mode=container.ipc,
-            device_requests=docker_engine.device_requests(self.api, container) or None,
-            user=f"{os.getuid()}:{os.getgid()}", working_dir=str(scratch))
-        try:
+        async with launched(self.api, container, "worker", [container.python, "-m", "runner.worker", str(spec_path)],
+                            run_dir=self.run_dir, step=scratch.name, same_path_mounts=mounts,
+                            env_names=self.env_names, env=env, user=f"{os.getuid()}:{os.getgid()}",
+                            working_dir=str(scratch)) as handle:
             tail = await asyncio.to_thread(_follow_logs, handle, log_path)
             status = await asyncio.to_thread(handle.wait)
-        finally:  # success, failure or cancellation: the container goes
-            await asyncio.to_thread(docker_engine.remove, handle)
         if status.get("StatusCode") != 0:
             raise WorkerFailed(f"worker in container {container.name} exited with status {status.get('StatusCode')}; "
                                "last lines of its log:\n      " + "\n      ".join(tail[-12:]))

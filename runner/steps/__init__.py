@@ -1,7 +1,7 @@
 """Step kinds: what each node of the plan does when it runs.
 
 A step kind is a host-side coroutine that gets a StepContext: its typed input (`ctx.inputs`, see
-runner/step_inputs.py), the committed outputs of the steps it depends on, a scratch folder and a
+runner/steps/inputs.py), the committed outputs of the steps it depends on, a scratch folder and a
 log. Steps that need torch (quantize, verify, GGUF conversion) hand their work to the worker
 (`python -m runner.worker`) through `ctx.run_worker`, which the executor runs as a local subprocess
 or inside the step's container. A kind that is not built yet says so through `pending`, and the

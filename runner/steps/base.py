@@ -12,7 +12,7 @@ from runner.run_dir import RunDir
 
 if TYPE_CHECKING:
     from runner.plan import Step
-    from runner.step_inputs import StepInput
+    from runner.steps.inputs import StepInput
 
 
 @dataclass

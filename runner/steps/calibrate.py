@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from runner.calibration.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.calibration.generate import generate
-from runner.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.errors import NotImplementedStep
-from runner.step_inputs import CalibrateInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.inputs import CalibrateInput
 
 
 async def run(ctx: StepContext) -> StepResult:

@@ -30,9 +30,11 @@ STEP_ENTRIES: dict[str, tuple[str, ...]] = {
 
 # Plumbing and the recipe's own shape: what a step reads of them is its input, hashed as such.
 FRAMEWORK = frozenset({
-    "errors.py", "run_dir.py", "schema.py", "schema_base.py", "schema_walk.py", "step_inputs.py",
-    "recipe_loader.py", "yaml_tree.py", "resources.py", "plan.py", "engine.py", "cli.py",
-    "steps/__init__.py", "steps/base.py", "steps/code.py", "executors/__init__.py", "executors/base.py",
+    "errors.py", "run_dir.py", "plan.py", "scheduler.py", "cli.py", "processes.py",
+    "recipe/__init__.py", "recipe/schema.py", "recipe/schema_base.py", "recipe/schema_walk.py",
+    "recipe/loader.py", "recipe/yaml_tree.py", "recipe/resources.py",
+    "steps/__init__.py", "steps/base.py", "steps/code.py", "steps/inputs.py",
+    "executors/__init__.py", "executors/base.py",
 })
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from runner.fixups import apply_fixups
 from runner.run_dir import link_tree
-from runner.step_inputs import ExportInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.fixups import apply_fixups
+from runner.steps.inputs import ExportInput
 
 
 async def run(ctx: StepContext) -> StepResult:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from runner.errors import RunnerError
-from runner.step_inputs import SourceInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.inputs import SourceInput
 
 
 async def run(ctx: StepContext) -> StepResult:

@@ -1,14 +1,14 @@
-"""The report and publish steps (see runner/report.py and runner/publish.py)."""
+"""The report and publish steps (see runner/steps/report.py and runner/steps/publish.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from runner.errors import RunnerError
-from runner.publish import stage, upload
-from runner.report import append_research_section, recipe_yaml, render_documents
-from runner.step_inputs import PublishInput, ReportInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.inputs import PublishInput, ReportInput
+from runner.steps.publish import stage, upload
+from runner.steps.report import append_research_section, recipe_yaml, render_documents
 
 
 async def report(ctx: StepContext) -> StepResult:

@@ -30,9 +30,9 @@ from runner.benchmark.speed import speed_sweep
 from runner.benchmark.suites import load_suite, run_suite
 from runner.errors import RunnerError
 from runner.run_dir import write_json_atomic
-from runner.serving import RunningServer, serving
-from runner.step_inputs import BenchmarkInput, GatesInput, ServeInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.inputs import BenchmarkInput, GatesInput, ServeInput
+from runner.steps.serving import RunningServer, serving
 
 
 async def serve(ctx: StepContext) -> StepResult:
@@ -122,7 +122,7 @@ def measured_on(engine: str) -> dict[str, Any]:
 
 
 def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
-    """{strategy: {step, error}} for the branches the engine left out of this step (they failed)."""
+    """{strategy: {step, error}} for the branches the scheduler left out of this step (they failed)."""
     failed = {}
     for strategy, sid in input_of(ctx, GatesInput).failed_branches.items():
         error = "no error recorded"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runner.step_inputs import QuantizeInput, VerifyInput
 from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps.inputs import QuantizeInput, VerifyInput
 
 
 async def quantize(ctx: StepContext) -> StepResult:

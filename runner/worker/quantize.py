@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.bits import effective_bits as bits_per_weight
-from runner.bits import logical_numel
+from runner.quantization.bits import effective_bits as bits_per_weight
+from runner.quantization.bits import logical_numel
 
 # DEFAULT_DISABLED: ModelOpt's default exclusions, which auto_quantize ignores.
-from runner.footprint import DEFAULT_DISABLED, Unknown, format_of
-from runner.schema import AutoQuantizeSpec, Strategy
-from runner.step_inputs import QuantizeInput
+from runner.quantization.footprint import DEFAULT_DISABLED, Unknown, format_of
+from runner.recipe.schema import AutoQuantizeSpec, Strategy
+from runner.steps.inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
 
 HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
@@ -355,7 +355,7 @@ def _format_of(quantizer: Any) -> str | None:
 def layer_formats(model: Any) -> dict[str, str]:
     """Linear module name -> the format its weight was stored in (its dtype when left unquantized).
 
-    Only Linear layers (lm_head included): embeddings are not counted (runner/bits.py's definition).
+    Only Linear layers (lm_head included): embeddings are not counted (runner/quantization/bits.py's definition).
     """
     import torch
 
@@ -378,7 +378,8 @@ def format_counts(layers: dict[str, str]) -> dict[str, int]:
 
 
 def effective_bits(model: Any, layers: dict[str, str]) -> float:
-    """runner/bits.py's definition: bits per logical Linear weight (packed exports unpacked), scales included."""
+    """runner/quantization/bits.py's definition: bits per logical Linear weight (packed exports unpacked),
+    scales included."""
     modules = dict(model.named_modules())
     return bits_per_weight((fmt, logical_numel(modules[name].weight.numel(), fmt)
                             if str(modules[name].weight.dtype) == "torch.uint8" else modules[name].weight.numel())

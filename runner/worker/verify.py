@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.bits import DTYPE_BITS
+from runner.quantization.bits import DTYPE_BITS
 from runner.worker.nvfp4_format import BLOCK, decode_nvfp4, ideal_bits
 
 # quant_algo values vLLM's ModelOpt loader accepts (vllm/model_executor/layers/quantization/modelopt.py).

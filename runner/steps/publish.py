@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
+from runner.recipe.schema import Recipe
 from runner.run_dir import link_tree
-from runner.schema import Recipe
 
 
 def stage(checkpoint: Path, report_dir: Path, recipe_yaml: str, target: Path) -> list[dict[str, Any]]:

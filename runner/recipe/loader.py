@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import Location, Problem, RecipeError, closest, format_path
-from runner.resources import available_containers, hardware_targets, shipped_dir, shipped_suites
-from runner.schema import Recipe
-from runner.schema_walk import allowed_keys, allowed_literals
-from runner.yaml_tree import KeyPath, Node, read_yaml, to_plain
+from runner.recipe.resources import available_containers, hardware_targets, shipped_dir, shipped_suites
+from runner.recipe.schema import Recipe
+from runner.recipe.schema_walk import allowed_keys, allowed_literals
+from runner.recipe.yaml_tree import KeyPath, Node, read_yaml, to_plain
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 # Secrets never enter a recipe: they would end up in the run directory, logs and model card.

@@ -9,11 +9,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from runner.schema import Recipe
+from runner.recipe.schema import Recipe
 
 HEADER = """# Recipe reference
 
-Generated from `runner/schema.py` by `recipe schema --markdown -o docs/recipe-reference.md`; a test
+Generated from `runner/recipe/schema.py` by `recipe schema --markdown -o docs/recipe-reference.md`; a test
 fails when this file is out of date. Unknown keys are errors everywhere. For `extends:`, merging and
 `${...}` interpolation see [writing-recipes.md](writing-recipes.md).
 """

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from runner.errors import RunnerError
-from runner.schema_base import MODEL_FILE_PREFIX, Section, _resolve_file_ref
+from runner.recipe.schema_base import MODEL_FILE_PREFIX, Section, _resolve_file_ref
 
 
 class SetJson(Section):

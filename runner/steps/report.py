@@ -22,10 +22,10 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from runner.benchmark.gates import first_line
 from runner.errors import RunnerError
-from runner.recipe_loader import recipe_to_yaml
-from runner.resources import shipped_dir
+from runner.recipe.loader import recipe_to_yaml
+from runner.recipe.resources import shipped_dir
+from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
-from runner.schema import Recipe
 
 PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_lengths.png",)}
 
@@ -88,9 +88,9 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 def serve_command(recipe: Recipe) -> str:
     """The docker run line a user types to serve the published model with the recipe's flags."""
-    from runner.containers import load_container
+    from runner.containers.plugin import load_container
 
-    plugin = load_container(recipe.serve.container) if recipe.serve.engine == "vllm" else None
+    plugin = load_container(recipe.container_for("serve")) if recipe.serve.engine == "vllm" else None
     if plugin is None or plugin.image is None:
         return (f"python -m runner.worker.local_server --model ./{recipe.model.name}-quantized --port 8000  "
                 "# the CPU engine; on a GPU serve with vLLM")

@@ -16,13 +16,13 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from runner.containers import ContainerPlugin
+from runner.containers.plugin import ContainerPlugin
 from runner.errors import RunnerError
 
 LABEL = "recipe-runner"
 RUN_LABEL = "recipe-runner.run"
 STEP_LABEL = "recipe-runner.step"
-PACKAGE_DIR = Path(__file__).resolve().parent  # mounted read-only so the worker code is the host's
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # runner/, mounted read-only so the worker code is the host's
 
 
 def client() -> Any:

@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.bits import DTYPE_BITS
+from runner.quantization.bits import DTYPE_BITS
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import aiohttp
 from runner.errors import RunnerError
 from runner.processes import terminate_group
 from runner.run_dir import RunDir
-from runner.step_inputs import ServingInput
+from runner.steps.inputs import ServingInput
 
 
 @dataclass
@@ -78,30 +78,23 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
 async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str
                               ) -> AsyncIterator[RunningServer]:
     """The recipe's server flags, verbatim after `--model /model`, in the serve container plugin."""
-    from runner import docker_engine
-    from runner.containers import load_container
+    from runner.containers import docker_api
+    from runner.containers.launcher import launched
+    from runner.containers.plugin import load_container
 
     log_path = run_dir.log_path(step_id)
-    plugin = load_container(spec.serve.container)
+    plugin = load_container(spec.container)
     if plugin.runtime != "docker":
         raise RunnerError(f"serve.container {plugin.name!r} is not a docker plugin; the vllm engine serves in a "
                           "container (use serve.engine: local to serve without one)")
-    api = await asyncio.to_thread(docker_engine.client)
-    image = await asyncio.to_thread(docker_engine.ensure_image, api, plugin)
+    api = await asyncio.to_thread(docker_api.client)
     port = free_port()
     args = list(spec.serve.args)
     if "--served-model-name" not in args:
         args += ["--served-model-name", name]
-    volumes = docker_engine.volumes_for([], plugin) | {str(model_dir): {"bind": "/model", "mode": "ro"}}
-    env = docker_engine.environment(plugin, spec.env_names) | spec.serve.env
-    labels = {docker_engine.LABEL: "server", docker_engine.RUN_LABEL: docker_engine.run_label(run_dir.root),
-              docker_engine.STEP_LABEL: name}
-    gpus = docker_engine.device_requests(api, plugin) or None
-    container = await asyncio.to_thread(
-        api.containers.run, image, ["--model", "/model", *args], entrypoint=plugin.entrypoint, detach=True,
-        volumes=volumes, environment=env, ports={f"{plugin.port}/tcp": ("127.0.0.1", port)}, labels=labels,
-        shm_size=plugin.shm_size, ipc_mode=plugin.ipc, device_requests=gpus)
-    try:
+    async with launched(api, plugin, "server", ["--model", "/model", *args], run_dir=run_dir.root, step=name,
+                        binds={model_dir: "/model"}, env_names=spec.env_names, env=spec.serve.env,
+                        ports={f"{plugin.port}/tcp": ("127.0.0.1", port)}) as container:
         health = plugin.health.path if plugin.health else "/health"
         timeout = min(spec.serve.startup_timeout_s, plugin.health.timeout_s if plugin.health else 900)
         try:
@@ -113,8 +106,6 @@ async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunD
             with log_path.open("a", encoding="utf-8") as log:
                 log.write(logs.decode("utf-8", errors="replace"))
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine="vllm")
-    finally:
-        await asyncio.to_thread(docker_engine.remove, container)
 
 
 def _tail(path: Path, lines: int = 12) -> str:

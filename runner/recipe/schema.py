@@ -12,11 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from runner.errors import Problem, closest
-from runner.fixups import Fixup
-from runner.metrics import Metric
-from runner.schema_base import Identifier, RecipePath, Section
+from runner.recipe.metrics import Metric
+from runner.recipe.schema_base import Identifier, RecipePath, Section
+from runner.steps.fixups import Fixup
 
-# --- shared types: runner/schema_base.py --------------------------------------------------
+# --- shared types: runner/recipe/schema_base.py --------------------------------------------------
 
 
 # ModelOpt 0.47's quantization presets (`[n for n in dir(mtq) if n.endswith("CFG")]`), kept here so

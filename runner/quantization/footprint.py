@@ -14,7 +14,7 @@ torch). Which Linear gets which format follows ModelOpt's own rules, read as dat
 - auto_quantize ignores a preset's own exclusions: the worker passes DEFAULT_DISABLED + the recipe's
   exclusions as `disabled_layers` (module-name globs), and the search may give every other Linear
   any of the candidate formats. ModelOpt's effective-bits count (what its constraint enforces) is
-  reproduced in `auto_range`: see runner/bits.py for both definitions.
+  reproduced in `auto_range`: see runner/quantization/bits.py for both definitions.
 
 Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 vision tower: transformers'
 `_keys_to_ignore_on_load_unexpected`) are not part of the export and are left out (and counted in
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.bits import BITS, DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of
-from runner.safetensors_headers import Tensor, read_headers
+from runner.quantization.bits import BITS, DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of
+from runner.quantization.safetensors_headers import Tensor, read_headers
 
 # Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
 # disable the same through configs/ptq/units/default_disabled_quantizers.yaml, but auto_quantize
@@ -666,7 +666,7 @@ def source_footprint(recipe: Any, weights: Weights) -> Footprint:
 def feasibility_problems(loaded: Any, footprints: list[Footprint]) -> list[Any]:
     """An error per auto_quantize strategy whose target lies outside what it can reach, located."""
     from runner.errors import Problem
-    from runner.recipe_loader import locate
+    from runner.recipe.loader import locate
 
     problems = []
     index = {s.name: i for i, s in enumerate(loaded.recipe.quantization.strategies)}

@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from runner.containers import load_container
+from runner.containers.plugin import load_container
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors import Executor
 from runner.plan import Plan, Step, step_key

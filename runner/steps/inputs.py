@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.schema import (
+from runner.recipe.schema import (
     Baseline,
     CalibrationSpec,
     Fixup,
@@ -72,6 +72,7 @@ class ServingInput(StepInput):
     """How a checkpoint is served: shared by serve and benchmark."""
 
     serve: ServeSpec
+    container: str  # the serve container plugin, as Recipe.container_for resolves it
     dtype: str  # the local engine's compute dtype
     env_names: list[str] = Field(default_factory=list)  # host variables passed into the server container
 
@@ -94,7 +95,7 @@ class GatesInput(StepInput):
     gates: list[Gate]
     selection: SelectionSpec
     baseline_name: str | None
-    # Set by the engine when some branches failed: {strategy: the step that failed}.
+    # Set by the scheduler when some branches failed: {strategy: the step that failed}.
     failed_branches: dict[str, str] = Field(default_factory=dict)
 
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from runner.resources import available_containers
-from runner.schema import Identifier, Section
+from runner.recipe.resources import available_containers
+from runner.recipe.schema import Identifier, Section
 
 
 class ContainerSetup(Section):
@@ -65,7 +65,7 @@ class ContainerPlugin(Section):
 
 def load_container(name: str) -> ContainerPlugin:
     from runner.errors import Problem, RecipeError
-    from runner.recipe_loader import load_yaml_model
+    from runner.recipe.loader import load_yaml_model
 
     path = available_containers().get(name)
     if path is None:

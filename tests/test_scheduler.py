@@ -14,12 +14,12 @@ import json
 import pytest
 
 from conftest import MINIMAL
-from runner.engine import Runner, RunOptions, select_steps
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors.local import LocalExecutor
 from runner.plan import build_plan
-from runner.recipe_loader import load_recipe
+from runner.recipe.loader import load_recipe
 from runner.run_dir import RunDir
+from runner.scheduler import Runner, RunOptions, select_steps
 from runner.steps import StepKind, StepResult
 
 THREE = MINIMAL + """
@@ -257,7 +257,7 @@ def test_a_failed_branch_stops_only_itself_and_gates_judges_the_rest(write, tmp_
     assert any(m.startswith("quantize.b failed") for m in outcome.messages)
     assert any(m.startswith("failed: quantize.b") for m in outcome.messages)
 
-    from runner.report import gather
+    from runner.steps.report import gather
 
     facts = gather(plan.recipe, run_dir)
     assert facts["failed"] == {"b": {"step": "quantize.b", "error": error, "reason": error}}

@@ -1,6 +1,6 @@
 """The base of every recipe model: unknown keys are errors, and paths resolve against the recipe
-file that wrote them. Shared by runner/schema.py and the models that live next to their behaviour
-(runner/fixups.py)."""
+file that wrote them. Shared by runner/recipe/schema.py and the models that live next to their behaviour
+(runner/steps/fixups.py)."""
 
 from __future__ import annotations
 
