@@ -126,7 +126,7 @@ def test_awq_lite_exports_plain_nvfp4_that_verifies_for_vllm_and_a_mixed_export_
     verify = record(run_dir, "verify.awq_lite")["summary"]
     assert verify["quant_algo"] == "NVFP4"
     assert verify["checks"]["pre_quant_scale"] == "pass" and verify["checks"]["quant_algo_supported"] == "pass"
-    assert verify["checks"]["nvfp4_decode"] == "pass", verify  # per-channel factors allowed for, codes exact
+    assert verify["checks"]["weights_decode"] == "pass", verify  # per-channel factors allowed for, codes exact
     checkpoint = run_dir / "steps" / "export.awq_lite" / "checkpoint"
     quant = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "NVFP4"

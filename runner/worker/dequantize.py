@@ -1,8 +1,8 @@
 """Load an exported ModelOpt checkpoint as a plain transformers model, its weights dequantized.
 
-This is what the `local` serving engine runs on a CPU: NVFP4 weights decoded with the independent
-decoder (with AWQ's pre_quant_scale and SVDQuant's low-rank part folded back), FP8 weights times
-their scale. Activations stay in bf16, so it emulates weight-only quantization (W4A16 for NVFP4),
+This is what the `local` serving engine runs on a CPU: every weight layout ModelOpt exports decoded
+with the independent decoders of weight_formats.py (with AWQ's pre_quant_scale and SVDQuant's
+low-rank part folded back). Activations stay in bf16, so it emulates weight-only quantization (W4A16 for NVFP4),
 which is also what vLLM runs below Blackwell; it does not emulate NVFP4 activations (W4A4).
 """
 
@@ -12,26 +12,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.worker.nvfp4_format import decode_nvfp4
+from runner.worker.weight_formats import decode, identify
 
 DROP_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale", ".k_scale", ".v_scale",
                  "._svdquant_lora_a", "._svdquant_lora_b")
 
 
+SAFETENSORS_DTYPES = {"uint8": "U8", "int8": "I8", "float8_e4m3fn": "F8_E4M3", "float32": "F32", "float16": "F16",
+                      "bfloat16": "BF16"}
+
+
 def dequantized_state_dict(checkpoint: Path, dtype: Any) -> dict[str, Any]:
-    import torch
     from safetensors.torch import load_file
 
     tensors: dict[str, Any] = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(file))
+    meta = {key: (SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype)), tuple(t.shape))
+            for key, t in tensors.items()}
     out = {}
     for key, tensor in tensors.items():
         if key.endswith(DROP_SUFFIXES):
             continue
         module = key.removesuffix(".weight")
-        if key.endswith(".weight") and tensor.dtype == torch.uint8 and f"{module}.weight_scale" in tensors:
-            weight = decode_nvfp4(tensor, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
+        layout = identify(module, meta) if key.endswith(".weight") else None
+        if isinstance(layout, str):
+            raise SystemExit(f"{module}: {layout} is a layout this engine cannot decode")
+        if layout is not None:
+            weight = decode(layout, {s: tensors[f"{module}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2")
+                                     if f"{module}.{s}" in tensors})
             lora_a = tensors.get(f"{module}.weight_quantizer._svdquant_lora_a")
             if lora_a is not None:
                 weight = weight + tensors[f"{module}.weight_quantizer._svdquant_lora_b"].float() @ lora_a.float()
@@ -39,8 +48,6 @@ def dequantized_state_dict(checkpoint: Path, dtype: Any) -> dict[str, Any]:
                 # The layer computes (x * pre_quant_scale) @ W^T: fold the scale into W's columns.
                 weight = weight * tensors[f"{module}.pre_quant_scale"].float().unsqueeze(0)
             tensor = weight
-        elif key.endswith(".weight") and tensor.dtype == torch.float8_e4m3fn:
-            tensor = tensor.float() * tensors[f"{module}.weight_scale"].float()
         out[key] = tensor.to(dtype)
     return out
 

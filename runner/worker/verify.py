@@ -7,9 +7,12 @@ Checks, each reported as pass / warn / fail with its evidence:
 - every exclusion pattern of the recipe matches real modules, every such module is covered by
   exclude_modules and stored unquantized, with no scale tensors (vllm#40252, vllm#45102);
 - every exclude_modules entry matches a real module (else it is a silent no-op);
-- quantized Linear input sizes are multiples of 16;
-- an independent NVFP4 decoder reproduces the weights: decoded vs. the source model, relative error;
-- checkpoint size vs. the ideal (4.5 bits per NVFP4 weight, 8 per FP8, the rest as stored).
+- each quantized layer's tensors follow a layout the decoders here know (runner/worker/weight_formats.py:
+  NVFP4 at any block size, MXFP4, MXFP8, FP8 per tensor / channel / block, INT4 AWQ, W4A8); a layout
+  they do not know is reported as not checked, by name, never as a crash;
+- quantized layers' input sizes are multiples of their format's block;
+- the independent decoders reproduce the weights: decoded vs. the source model, relative error;
+- checkpoint size vs. the ideal (each format's bits per weight, the rest as stored).
 """
 
 from __future__ import annotations
@@ -19,15 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.quantization.bits import DTYPE_BITS
-from runner.worker.nvfp4_format import BLOCK, decode_nvfp4, ideal_bits
+from runner.quantization.bits import DTYPE_BITS, bits_of
+from runner.quantization.export_formats import LOCAL_QUANT_ALGOS, VLLM_QUANT_ALGOS
+from runner.worker.weight_formats import MAX_RELATIVE_ERROR, Layout, decode, identify
 
-# quant_algo values vLLM's ModelOpt loader accepts (vllm/model_executor/layers/quantization/modelopt.py).
-VLLM_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",
-                    "MIXED_PRECISION")
-# What the local engine (dequantize, then serve with transformers) can read: what the decoder
-# here understands (issue #5 builds the engine on it).
-LOCAL_QUANT_ALGOS = ("FP8", "NVFP4", "NVFP4_AWQ", "NVFP4_SVD", "W4A16_NVFP4", "MIXED_PRECISION")
 NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
 MIXED_REQUIRED_KEYS = ("quant_algo", "kv_cache_quant_algo", "quantized_layers")
 # The tensors each per-layer format stores next to its weight (dtype of the weight, scale names).
@@ -38,9 +36,6 @@ LAYER_TENSORS = {"NVFP4": ("U8", ("weight_scale", "weight_scale_2", "input_scale
                  "FP8_PB_WO": ("F8_E4M3", ("weight_scale",)),
                  "MXFP8": ("F8_E4M3", ("weight_scale",))}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
-# Relative RMS error of NVFP4 against the original weight is ~0.1 on real weights; a decoder or
-# layout mismatch (nibble order, scale placement) gives ~1 or more.
-MAX_RELATIVE_ERROR = 0.25
 SAMPLED_LAYERS = 8
 
 
@@ -57,7 +52,8 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         raise SystemExit("verification failed: " + "; ".join(f"{c['name']}: {c['detail']}" for c in failed))
     return {"outputs": {"report": "verify_report.json"},
             "summary": {k: v for k, v in report.items() if k != "checks"} | {
-                "checks": {c["name"]: c["status"] for c in report["checks"]}}}
+                "checks": {c["name"]: c["status"] for c in report["checks"]},
+                "details": {c["name"]: c["detail"] for c in report["checks"] if c["status"] != "pass"}}}
 
 
 class Report:
@@ -96,6 +92,9 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     """`smoothed`: AWQ scales were folded into the weights, so they differ from the source by per-channel factors."""
     report = Report()
     files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        report.add("safetensors", False, f"no *.safetensors file in {checkpoint.name}")
+        return {"checks": report.checks}
     try:
         meta, where = read_tensors_meta(checkpoint)
         report.add("safetensors", bool(files), f"{len(files)} file(s), {len(meta)} tensors readable")
@@ -128,7 +127,17 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                    "place for them; keep the strategy's fold_awq_scales: true")
 
     weights = {k.removesuffix(".weight"): v for k, v in meta.items() if k.endswith(".weight")}
-    quantized = {m: v for m, v in weights.items() if v[0] in ("U8", "F8_E4M3") and f"{m}.weight_scale" in meta}
+    layouts = {m: found for m in weights if (found := identify(m, meta)) is not None}
+    quantized = {m: weights[m] for m in layouts}
+    known = {m: layout for m, layout in layouts.items() if isinstance(layout, Layout)}
+    unknown = {m: what for m, what in layouts.items() if isinstance(what, str)}
+    counts: dict[str, int] = {}
+    for layout in known.values():
+        counts[layout.name] = counts.get(layout.name, 0) + 1
+    report.add("formats", None if unknown else True,
+               (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no quantized layer")
+               + ("; not checked (a layout the decoders here do not know): "
+                  + "; ".join(f"{m}: {w}" for m, w in list(unknown.items())[:3]) if unknown else ""))
     excluded_entries = list(quant.get("exclude_modules") or [])
     per_layer = quant.get("quantized_layers") if algo == "MIXED_PRECISION" else None
 
@@ -167,28 +176,31 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                f"{len(excluded_entries)} entries" + (f"; match no tensor: {', '.join(dangling)} (harmless when "
                                                      "the module is tied or absent)" if dangling else ""))
 
-    bad_sizes = []
-    for module, (dtype, shape) in quantized.items():
-        in_features = shape[1] * 2 if dtype == "U8" else shape[1]
-        if in_features % BLOCK:
-            bad_sizes.append(f"{module} in_features {in_features}")
-    sizes = f"; not multiples of {BLOCK}: {', '.join(bad_sizes[:5])}" if bad_sizes else f", all multiples of {BLOCK}"
-    report.add("input_sizes", not bad_sizes, f"{len(quantized)} quantized Linears{sizes}")
+    bad_sizes = [f"{m} in_features {layout.in_features} (blocks of {layout.block})" for m, layout in known.items()
+                 if layout.block and layout.family != "fp8_pb_wo" and layout.in_features % layout.block]
+    report.add("input_sizes", not bad_sizes,
+               f"{len(known)} quantized layers" + (f"; not multiples of their block: {', '.join(bad_sizes[:5])}"
+                                                   if bad_sizes else ", input sizes fit their blocks"))
 
     # AWQ and SVDQuant scale input channels and fold the inverse elsewhere.
     awq = smoothed or bool(smoothing)
-    errors = decode_against_source(quantized, where, model_dir, awq)
+    errors, limits = decode_against_source(known, where, model_dir, awq)
     if errors is None:
-        report.add("nvfp4_decode", None, "no NVFP4 layers or no source model to compare against")
+        report.add("weights_decode", None, "no quantized layer of a known layout, or no source model to compare with")
     else:
+        over = {m: e for m, e in errors.items() if e > limits[m]}
         worst = max(errors.values()) if errors else 0.0
-        report.add("nvfp4_decode", worst <= MAX_RELATIVE_ERROR,
-                   f"independent decoder vs source weights over {len(errors)} layers"
+        per_format = ", ".join(sorted({f"{known[m].family} {limits[m]}" for m in errors}))
+        beyond = ", ".join(f"{m} {e:.3f}" for m, e in list(over.items())[:3])
+        report.add("weights_decode", not over,
+                   f"independent decoders vs source weights over {len(errors)} layers"
                    + (" (after fitting the per-channel scales AWQ folds in)" if awq else "")
-                   + f": relative RMS error max {worst:.4f}, limit {MAX_RELATIVE_ERROR}")
+                   + f": relative RMS error max {worst:.4f}"
+                   + (f"; over their format's limit: {beyond}" if over
+                      else f", within each format's limit ({per_format})"))
 
     actual = sum(f.stat().st_size for f in files)
-    ideal = ideal_size_bytes(meta, quantized)
+    ideal = ideal_size_bytes(meta, known)
     report.add("size", None if ideal and actual > 1.1 * ideal else True,
                f"{actual / 1e6:.1f} MB on disk vs ideal {ideal / 1e6:.1f} MB ({(actual / ideal - 1) * 100:+.1f} %)")
     return {"checks": report.checks, "quant_algo": algo, "quantized_layers": len(quantized),
@@ -212,6 +224,9 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
             problems.append(f"{layer}: listed in quantized_layers but has no weight tensor")
         elif expected is not None:
             dtype, scales = expected
+            # Activation scales matter to an engine that quantizes activations (vLLM); the local engine
+            # serves weights dequantized.
+            scales = tuple(s for s in scales if s != "input_scale" or engine == "vllm")
             lacking = [s for s in scales if f"{layer}.{s}" not in meta]
             if weights[layer][0] != dtype or lacking:
                 problems.append(f"{layer}: {layer_algo} needs a {dtype} weight and {', '.join(scales)}; found "
@@ -225,53 +240,64 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
                     "hold their format's tensors; every other Linear is unquantized")
 
 
-def ideal_size_bytes(meta: dict[str, tuple[str, tuple[int, ...]]], quantized: dict[str, Any]) -> int:
-    """4.5 bits per NVFP4 weight, 8 per FP8 weight, every other tensor as stored; scales excluded."""
+def ideal_size_bytes(meta: dict[str, tuple[str, tuple[int, ...]]], known: dict[str, Layout]) -> int:
+    """Each quantized weight at its format's bits (runner/quantization/bits.py), every other tensor as
+    stored; scales excluded."""
     import math
 
     total = 0.0
-    scale_keys = {f"{m}.{s}" for m in quantized for s in SCALE_SUFFIXES}
+    scale_keys = {f"{m}.{s}" for m in known for s in SCALE_SUFFIXES}
     for key, (dtype, shape) in meta.items():
         if key in scale_keys:
             continue
-        numel = math.prod(shape)
         module = key.removesuffix(".weight")
-        if key.endswith(".weight") and module in quantized:
-            total += ideal_bits(numel * 2) / 8 if dtype == "U8" else numel
+        if key.endswith(".weight") and module in known:
+            layout = known[module]
+            total += layout.out_features * layout.in_features * bits_of(layout.name) / 8
         else:
-            total += numel * DTYPE_BITS.get(dtype, 16) / 8
+            total += math.prod(shape) * DTYPE_BITS.get(dtype, 16) / 8
     return int(total)
 
 
-def decode_against_source(quantized: dict[str, Any], where: dict[str, Path], model_dir: Path | None,
-                          awq: bool = False) -> dict[str, float] | None:
-    """Relative RMS error of the decoded NVFP4 weight against the source weight, for sampled layers."""
+def decode_against_source(known: dict[str, Layout], where: dict[str, Path], model_dir: Path | None,
+                          awq: bool = False) -> tuple[dict[str, float] | None, dict[str, float]]:
+    """Relative RMS error of each sampled layer's decoded weight against the source weight, and the
+    limit of its format."""
     import torch
 
-    nvfp4 = sorted(m for m, (dtype, _) in quantized.items() if dtype == "U8")
-    if not nvfp4 or model_dir is None:
-        return None
+    modules = sorted(known)
+    if not modules or model_dir is None:
+        return None, {}
     source_meta, source_where = read_tensors_meta(model_dir)
-    step = max(1, len(nvfp4) // SAMPLED_LAYERS)
-    errors = {}
-    for module in nvfp4[::step][:SAMPLED_LAYERS]:
+    # Sample across formats: every format present gets layers of its own.
+    by_family: dict[str, list[str]] = {}
+    for module in modules:
+        by_family.setdefault(known[module].family, []).append(module)
+    sampled = []
+    for members in by_family.values():
+        step = max(1, len(members) // SAMPLED_LAYERS)
+        sampled += members[::step][:SAMPLED_LAYERS]
+    errors, limits = {}, {}
+    for module in sampled:
         source_key = _source_key(module, source_meta)
         if source_key is None:
             continue
-        decoded = decode_nvfp4(load_tensor(where, f"{module}.weight"), load_tensor(where, f"{module}.weight_scale"),
-                               load_tensor(where, f"{module}.weight_scale_2"))
+        layout = known[module]
+        names = [s for s in ("weight", "weight_scale", "weight_scale_2") if f"{module}.{s}" in where]
+        decoded = decode(layout, {s: load_tensor(where, f"{module}.{s}") for s in names})
         lora_a, lora_b = (f"{module}.weight_quantizer._svdquant_lora_{x}" for x in "ab")
         if lora_a in where and lora_b in where:
             # SVDQuant keeps a low-rank part in high precision: W ~ decode(codes) + B @ A.
             decoded = decoded + load_tensor(where, lora_b).float() @ load_tensor(where, lora_a).float()
         original = load_tensor(source_where, source_key).float()
+        limits[module] = MAX_RELATIVE_ERROR[layout.family]
         if original.shape != decoded.shape:
             errors[module] = float("inf")
             continue
         if awq:
             original = fit_channel_scales(original, decoded)
         errors[module] = round(float(torch.linalg.norm(decoded - original) / torch.linalg.norm(original)), 5)
-    return errors
+    return errors, limits
 
 
 def fit_channel_scales(original: Any, decoded: Any, rounds: int = 4) -> Any:
