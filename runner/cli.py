@@ -110,8 +110,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 console.print(f"  {problem}", markup=False)
             continue
         recipe = loaded.recipe
-        # auto_quantize feasibility from the model's headers, when the model is already on disk
+        # auto_quantize feasibility and what each strategy does to this model, from its headers, when
+        # the model is already on disk
         from runner.quantization import footprint
+        from runner.quantization.preflight import recipe_problems
 
         folder, _ = footprint.model_folder(recipe)
         footprints, problems = [], []
@@ -120,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 footprints = footprint.recipe_footprints(recipe, footprint.load_weights(folder))
             except (footprint.Unknown, OSError, ValueError) as exc:
                 console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
-            problems = footprint.feasibility_problems(loaded, footprints)
+            problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder)
         if problems:
             failed += 1
             console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
@@ -186,6 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # What each strategy will weigh, from the model's headers (no torch), before anything runs.
     from runner.quantization import footprint
     from runner.quantization.bits import DEFINITION, MODELOPT_DEFINITION
+    from runner.quantization.preflight import recipe_problems
 
     recipe = plan.recipe
     folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys["source"])
@@ -198,7 +201,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             source = footprint.source_footprint(recipe, weights)
         except (footprint.Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
-        problems = footprint.feasibility_problems(loaded, footprints)
+        problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder)
     if args.json:
         out.print_json(json.dumps({
             "recipe": recipe.name, "run_dir": str(run_dir.root), "steps": rows,

@@ -212,7 +212,7 @@ def test_footprints_never_import_torch(write, tmp_path):
 
 
 def test_bits_definition_counts_logical_weights():
-    assert BITS["nvfp4"] == 4.5 and BITS["fp8"] == 8 and BITS["int4"] == 4.25 and BITS["mxfp8"] == 8.25
+    assert BITS["nvfp4"] == 4.5 and BITS["fp8"] == 8 and BITS["int4_awq"] == 4.125 and BITS["mxfp4"] == 4.25 and BITS["mxfp8"] == 8.25
     # an NVFP4 weight exported as uint8 [out, in/2] holds out x in weights
     assert logical_numel(64 * 32, "nvfp4") == 64 * 64 and logical_numel(100, "fp8") == 100
     assert effective_bits([("nvfp4", 3000), ("bfloat16", 1000)]) == 7.375

@@ -50,7 +50,7 @@ def test_demo_exports_verify(demo_run):
         assert "model.layers.0*" in quant["exclude_modules"]
         assert (checkpoint / "tokenizer.json").exists()
     nvfp4 = record(demo_run, "verify.nvfp4_max")["summary"]
-    assert nvfp4["checks"]["nvfp4_decode"] == "pass"
+    assert nvfp4["checks"]["weights_decode"] == "pass"
     assert 0 < max(nvfp4["decode_errors"].values()) < 0.25
     assert abs(nvfp4["size_overhead_pct"]) < 5
 
@@ -93,7 +93,7 @@ TINY_STRATEGIES = {  # strategy -> (quant_algo, format of model.layers.1.mlp.up_
     "nvfp4_max": ("NVFP4", "nvfp4"),
     "nvfp4_awq": ("NVFP4", "nvfp4"),  # AWQ scales folded away (awq_fold.py)
     "mlp_only": ("NVFP4", "nvfp4"),
-    "svdquant": ("NVFP4_SVD", "nvfp4"),
+    "svdquant": ("NVFP4_SVD", "nvfp4_svdquant"),  # ModelOpt's own name for the format
     "modelopt_recipe": ("NVFP4", "nvfp4"),
     "auto_mixed": ("FP8", None),  # auto_quantize picks per layer; at this budget FP8 only
 }
@@ -119,7 +119,7 @@ def test_tiny_qwen35_every_strategy_kind_exclusions_and_wrapping(demo_run, tmp_p
         verify = record(run_dir, f"verify.{strategy}")["summary"]
         assert verify["quant_algo"] == algo and verify["checks"]["exclusions"] == "pass", (strategy, verify)
         if "NVFP4" in algo:
-            assert verify["checks"]["nvfp4_decode"] == "pass", (strategy, verify)
+            assert verify["checks"]["weights_decode"] == "pass", (strategy, verify)
         checkpoint = run_dir / "steps" / f"export.{strategy}" / "checkpoint"
         config = json.loads((checkpoint / "config.json").read_text())
         assert config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
@@ -180,8 +180,8 @@ def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
     model_dir = demo_run / "steps" / "source" / "model"
     good = verify_checkpoint(source, [], "vllm", model_dir)
     bad = verify_checkpoint(broken, [], "vllm", model_dir)
-    assert next(c for c in good["checks"] if c["name"] == "nvfp4_decode")["status"] == "pass"
-    assert next(c for c in bad["checks"] if c["name"] == "nvfp4_decode")["status"] == "fail"
+    assert next(c for c in good["checks"] if c["name"] == "weights_decode")["status"] == "pass"
+    assert next(c for c in bad["checks"] if c["name"] == "weights_decode")["status"] == "fail"
     assert min(bad["decode_errors"].values()) > 0.5
 
 

@@ -17,6 +17,7 @@ Imports nothing but the standard library: the worker (torch side) and the host b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 DEFINITION = ("bits per Linear weight over all Linear weights (lm_head included, embeddings not), per-block "
@@ -24,14 +25,44 @@ DEFINITION = ("bits per Linear weight over all Linear weights (lm_head included,
 MODELOPT_DEFINITION = ("auto_quantize counts them: every Linear and Conv weight (lm_head included, embeddings not), "
                        "disabled or excluded layers at 16 bits whatever their dtype, NVFP4 at 4.5, FP8 at 8")
 
-# Bits a weight costs in each format, per-block scales included, global scales ignored.
-#   nvfp4 / w4a16_nvfp4: 4-bit E2M1 code + one E4M3 scale per 16 weights = 4 + 8/16
-#   fp8: E4M3, per-tensor scale (ignored);  int8: per-channel scales are per row, negligible
-#   int4: 4-bit code + 16-bit scale per block; 4.25 is the figure for 64-weight blocks (ModelOpt's
-#         INT4 presets use 128-weight blocks, 4.125 bits: 4.25 over-counts them slightly)
-#   mxfp4: E2M1 + one E8M0 scale per 32 = 4.25;  mxfp8: E4M3 + one E8M0 scale per 32 = 8.25
-BITS: dict[str, float] = {"nvfp4": 4.5, "w4a16_nvfp4": 4.5, "fp8": 8.0, "int8": 8.0, "int4": 4.25, "mxfp4": 4.25,
-                          "mxfp8": 8.25}
+# Weight formats, named as ModelOpt's export names them (modelopt/torch/export/model_config.py,
+# QUANTIZATION_*): (bits a code, bits a block scale, weights a block by default). A block size other
+# than the default is written as a suffix: `nvfp4_b32` is NVFP4 with one scale per 32 weights.
+#   nvfp4 family: E2M1 code + E4M3 scale per 16 (4.5); mxfp4: E2M1 + E8M0 per 32 (4.25); mxfp8: E4M3 +
+#   E8M0 per 32 (8.25); int4_awq / w4a8_awq: INT4 + a 16-bit scale per 128 (4.125); fp8_pb_wo: E4M3 + an
+#   fp32 scale per 128x128 block (its suffix names the side); fp8, fp8_pc_pt, int8: per-tensor or
+#   per-row scales, negligible.
+# Per-tensor global scales (weight_scale_2, input_scale) are ignored.
+LAYOUTS: dict[str, tuple[int, int, int]] = {
+    "nvfp4": (4, 8, 16), "w4a16_nvfp4": (4, 8, 16), "nvfp4_awq": (4, 8, 16), "nvfp4_svdquant": (4, 8, 16),
+    "w4a8_nvfp4_fp8": (4, 8, 16), "mxfp4": (4, 8, 32), "w4a8_mxfp4_fp8": (4, 8, 32), "mxfp8": (8, 8, 32),
+    "int4_awq": (4, 16, 128), "w4a8_awq": (4, 16, 128), "fp8_pb_wo": (8, 32, 128),
+    "fp8": (8, 0, 1), "fp8_pc_pt": (8, 0, 1), "int8_sq": (8, 0, 1), "int8_wo": (8, 0, 1),
+}
+SQUARE_BLOCKS = ("fp8_pb_wo",)  # the block is N x N weights
+_BLOCK_SUFFIX = re.compile(r"^(.*)_b(\d+)$")
+
+
+def format_name(fmt: str, block: int | None) -> str:
+    """`nvfp4` with 32-weight blocks is `nvfp4_b32`; the default block size adds nothing."""
+    if block is None or fmt not in LAYOUTS or LAYOUTS[fmt][1] == 0 or block == LAYOUTS[fmt][2]:
+        return fmt
+    return f"{fmt}_b{block}"
+
+
+def _format_bits(fmt: str) -> float | None:
+    base, block = fmt, None
+    match = _BLOCK_SUFFIX.match(fmt)
+    if match and match.group(1) in LAYOUTS:
+        base, block = match.group(1), int(match.group(2))
+    if base not in LAYOUTS:
+        return None
+    code, scale, default = LAYOUTS[base]
+    weights = (block or default) ** (2 if base in SQUARE_BLOCKS else 1)
+    return code + (scale / weights if scale else 0.0)
+
+
+BITS: dict[str, float] = {fmt: _format_bits(fmt) or 0.0 for fmt in LAYOUTS}
 
 # Bits of unquantized storage, by torch dtype name and by safetensors dtype name.
 DTYPE_BITS: dict[str, float] = {
@@ -42,22 +73,25 @@ DTYPE_BITS: dict[str, float] = {
 }
 
 # Logical weights per stored element when a format is exported packed (two 4-bit codes a byte).
-PACKED: dict[str, int] = {"nvfp4": 2, "w4a16_nvfp4": 2, "mxfp4": 2, "int4": 2}
+PACKED_FAMILIES = ("nvfp4", "w4a16_nvfp4", "nvfp4_awq", "nvfp4_svdquant", "w4a8_nvfp4_fp8", "mxfp4",
+                   "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq")
 
 
 def bits_of(fmt: str) -> float:
     """Bits a weight costs: a quantization format (BITS) or a storage dtype (`bfloat16`, `BF16`)."""
     key = fmt.removeprefix("torch.")
-    if key in BITS:
-        return BITS[key]
+    bits = _format_bits(key)
+    if bits is not None:
+        return bits
     if key in DTYPE_BITS:
         return float(DTYPE_BITS[key])
-    raise KeyError(f"unknown weight format or dtype {fmt!r}; known: {', '.join([*BITS, *DTYPE_BITS])}")
+    raise KeyError(f"unknown weight format or dtype {fmt!r}; known: {', '.join([*LAYOUTS, *DTYPE_BITS])}")
 
 
 def logical_numel(stored_numel: int, fmt: str) -> int:
     """Weights a stored tensor holds: an NVFP4 weight exported as uint8 [out, in/2] holds out x in."""
-    return stored_numel * PACKED.get(fmt, 1)
+    match = _BLOCK_SUFFIX.match(fmt)
+    return stored_numel * (2 if (match.group(1) if match else fmt) in PACKED_FAMILIES else 1)
 
 
 def effective_bits(weights: Iterable[tuple[str, int]]) -> float:

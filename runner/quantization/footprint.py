@@ -24,14 +24,14 @@ Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 visi
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.quantization.bits import BITS, DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of
+from runner.quantization.bits import DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of, format_name
+from runner.quantization.modelopt_recipes import recipes_root
 from runner.quantization.safetensors_headers import Tensor, read_headers
 
 # Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
@@ -154,17 +154,6 @@ def load_weights(folder: Path) -> Weights:
 
 
 # --- ModelOpt's configs, read as data ----------------------------------------------------------
-
-
-def recipes_root() -> Path | None:
-    """The installed `modelopt_recipes` package (found, not imported), or None."""
-    try:
-        spec = importlib.util.find_spec("modelopt_recipes")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _exmy(obj: Any) -> Any:
@@ -321,31 +310,45 @@ def quantizer_cfg(config: QuantConfig, quantizer: str, parent: str = "nn.Linear"
     return cfg
 
 
-def format_of(cfg: Any) -> str:
-    """The BITS key of a weight quantizer cfg (the quantize worker names live quantizers with it too)."""
-    if isinstance(cfg, list):
-        if not cfg:
-            raise Unknown("an empty sequential quantizer")
-        cfg = cfg[0]
-    bits = cfg.get("num_bits", 8)
-    bits = tuple(bits) if isinstance(bits, list) else bits
-    blocks = cfg.get("block_sizes") or {}
-    scale = blocks.get("scale_bits")
-    scale = tuple(scale) if isinstance(scale, list) else scale
-    block = blocks.get(-1, blocks.get("-1"))
-    if bits == (2, 1) and scale == (4, 3):
-        if block not in (None, 16):
-            raise Unknown(f"NVFP4 with {block}-weight blocks has no entry in the bits table")
-        return "nvfp4"
-    if bits == (2, 1) and scale == (8, 0):
-        return "mxfp4"
-    if bits == (4, 3):
-        return "mxfp8" if scale == (8, 0) else "fp8"
-    if bits == 8:
-        return "int8"
+def format_of(weight: Any, activation: Any = None) -> str:
+    """A Linear's format from its weight and input quantizer cfgs (None: input not quantized), named as
+    ModelOpt's export names it (`get_quantization_format`), with a `_bN` suffix for a block size other
+    than the format's usual one. The quantize worker names live quantizers with it too."""
+    first = weight[0] if isinstance(weight, list) and weight else weight
+    if isinstance(weight, list):
+        if len(weight) != 2:
+            raise Unknown(f"a sequential weight quantizer of {len(weight)} stages has no export format")
+        return format_name("w4a8_awq", _block(first))
+    bits = _tuple(first.get("num_bits", 8))
+    blocks = first.get("block_sizes") or {}
+    scale = _tuple(blocks.get("scale_bits"))
+    block = _block(first)
+    act_bits = _tuple(activation.get("num_bits", 8)) if isinstance(activation, dict) else None
     if bits == 4:
-        return "int4"
-    raise Unknown(f"weight format num_bits={bits!r} has no entry in the bits table")
+        return format_name("int4_awq", block)
+    if bits == 8:
+        return "int8_sq" if activation is not None else "int8_wo"
+    if bits == (4, 3):
+        if blocks:
+            return "mxfp8" if scale == (8, 0) and blocks.get("type") == "dynamic" else "fp8_pb_wo"
+        return "fp8_pc_pt" if first.get("axis") == 0 else "fp8"
+    if bits == (2, 1):
+        if scale == (8, 0):
+            return format_name("w4a8_mxfp4_fp8" if act_bits == (4, 3) else "mxfp4", block)
+        if activation is None:
+            return format_name("w4a16_nvfp4", block)
+        return format_name("w4a8_nvfp4_fp8" if act_bits == (4, 3) else "nvfp4", block)
+    raise Unknown(f"weight format num_bits={bits!r} has no export format")
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _block(cfg: Any) -> int | None:
+    blocks = (cfg or {}).get("block_sizes") or {}
+    block = blocks.get(-1, blocks.get("-1"))
+    return int(block) if block else None
 
 
 def module_format(config: QuantConfig, module: str, parent: str = "nn.Linear") -> str | None:
@@ -353,10 +356,7 @@ def module_format(config: QuantConfig, module: str, parent: str = "nn.Linear") -
     weight = quantizer_cfg(config, f"{module}.weight_quantizer", parent)
     if weight is None:
         return None
-    fmt = format_of(weight)
-    if fmt == "nvfp4" and quantizer_cfg(config, f"{module}.input_quantizer", parent) is None:
-        return "w4a16_nvfp4"
-    return fmt
+    return format_of(weight, quantizer_cfg(config, f"{module}.input_quantizer", parent))
 
 
 def modelopt_cost_bits(config: QuantConfig) -> float:
@@ -451,7 +451,7 @@ def _stored_bits(tensor: Tensor, dtype: str | None) -> float:
 
 def _scalar_bytes(fmt: str) -> int:
     """Per-tensor scales the export adds to a quantized Linear (weight_scale_2 / input_scale, fp32)."""
-    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8}.get(fmt, 0)
+    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8, "w4a8_nvfp4_fp8": 8}.get(fmt.split("_b")[0], 0)
 
 
 def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
@@ -469,9 +469,9 @@ def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
         if fmt is None:
             used.append((_stored_bits(tensor, dtype), tensor.numel))
             continue
-        used.append((BITS[fmt], tensor.numel))
+        used.append((bits_of(fmt), tensor.numel))
         # a tied head that gets quantized is exported as a tensor of its own
-        sizes[tensor.name] = math.ceil(tensor.numel * BITS[fmt] / 8) + _scalar_bytes(fmt)
+        sizes[tensor.name] = math.ceil(tensor.numel * bits_of(fmt) / 8) + _scalar_bytes(fmt)
     for name, nbytes in (extra or {}).items():
         sizes[name] = sizes.get(name, 0) + nbytes
     total = sum(n for _, n in used)
@@ -566,8 +566,8 @@ def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | Non
     for name, fmt in kind.items():
         if fmt is None:
             raise Unknown(f"auto_quantize format {name} quantizes no Linear weight")
-    cheapest = min(cost, key=lambda n: (cost[n], BITS[kind[n]]))
-    dearest = max(cost, key=lambda n: (cost[n], BITS[kind[n]]))
+    cheapest = min(cost, key=lambda n: (cost[n], bits_of(kind[n])))
+    dearest = max(cost, key=lambda n: (cost[n], bits_of(kind[n])))
 
     modules = {**weights.linears, **weights.convs}
     groups: dict[str, list[str]] = {}

@@ -78,7 +78,14 @@ class ModelSpec(Section):
     architecture: str | None = Field(
         None, description="Overrides config.architectures when the checkpoint lacks it (export needs it).")
     license: str | None = Field(None, description="License id for the model card, e.g. apache-2.0.")
+    base_model: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$",
+        description="The Hub id this model is a quantization of (card metadata `base_model`, so the Hub's model "
+        "tree links it). Defaults to the source's repo for a huggingface source; set it for local and GGUF sources.")
     trust_remote_code: bool = False
+
+    def hub_base_model(self) -> str | None:
+        return self.base_model or (self.source.repo if self.source.kind == "huggingface" else None)
 
 
 # --- calibration -----------------------------------------------------------------------------
@@ -440,6 +447,12 @@ class Recipe(Section):
                     problems.append(Problem(
                         f"unknown ModelOpt preset {preset!r}", ppath,
                         hint=f"did you mean {guess!r}?" if guess else f"one of: {', '.join(MODELOPT_PRESETS)}"))
+            if strategy.modelopt_recipe:
+                from runner.quantization.modelopt_recipes import check_recipe_name
+
+                wrong = check_recipe_name(strategy.modelopt_recipe)
+                if wrong is not None:
+                    problems.append(Problem(wrong.message, (*path, "modelopt_recipe"), hint=wrong.hint))
             if strategy.algorithm and strategy.algorithm not in CALIBRATION_ALGORITHMS:
                 guess = closest(strategy.algorithm, CALIBRATION_ALGORITHMS)
                 problems.append(Problem(

@@ -9,6 +9,7 @@ export with `export_hf_checkpoint`, copy the tokenizer, and summarise which laye
 from __future__ import annotations
 
 import copy
+import fnmatch
 import inspect
 import resource
 import shutil
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization.bits import effective_bits as bits_per_weight
-from runner.quantization.bits import logical_numel
+from runner.quantization.bits import format_name, logical_numel
 
 # DEFAULT_DISABLED: ModelOpt's default exclusions, which auto_quantize ignores.
-from runner.quantization.footprint import DEFAULT_DISABLED, Unknown, format_of
+from runner.quantization.footprint import DEFAULT_DISABLED
 from runner.recipe.schema import AutoQuantizeSpec, Strategy
 from runner.steps.inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
@@ -60,6 +61,10 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
+    warnings = unmatched_patterns(model, strategy, inputs.exclude)
+    for warning in warnings:
+        print(f"[quantize] warning: {warning}", flush=True)
+    require_quantized(model, strategy, inputs.exclude)
     quantized = fidelity.snapshot(model, eval_batches, logits_kwargs)
     # What the exported model gives up against the source, on the same samples (fake-quant forward).
     exported = fidelity.compare(source, quantized)
@@ -100,8 +105,66 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         "formats": format_counts(layers),
         "effective_bits": effective_bits(model, layers),
         "layers": layers,
+        "warnings": warnings,
     }
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
+
+
+def quantizer_names(model: Any) -> list[str]:
+    """The names ModelOpt's quant_cfg patterns are matched against (`...down_proj.weight_quantizer`)."""
+    return [name for name, module in model.named_modules() if type(module).__name__.endswith("Quantizer")]
+
+
+def unmatched_patterns(model: Any, strategy: Strategy, exclude: list[str]) -> list[str]:
+    """Patterns that name no quantizer of this model: the recipe's exclusions, and the ModelOpt
+    config's entries that ask for quantization (a disable that matches nothing is harmless)."""
+    names = quantizer_names(model)
+
+    def matches(pattern: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for name in names)
+
+    warnings = [f"exclusion {pattern!r} matches no layer of this model (a typo, or a module it does not have)"
+                for pattern in exclude if not matches(pattern) and not matches(f"{pattern}*")]
+    if strategy.auto_quantize is None:
+        source = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
+        missed: list[str] = []
+        for entry in build_config(strategy, [])["quant_cfg"]:
+            if not isinstance(entry, dict) or entry.get("enable") is False or entry.get("parent_class"):
+                continue
+            pattern, cfg = entry.get("quantizer_name"), entry.get("cfg")
+            if pattern and cfg is not None and not (isinstance(cfg, dict) and cfg.get("enable") is False) \
+                    and not matches(pattern):
+                # one line for a module pattern, whichever of its quantizers the entries name
+                stem = pattern.removesuffix("weight_quantizer").removesuffix("input_quantizer").rstrip(".") or pattern
+                missed += [] if stem in missed else [stem]
+        if missed:
+            shown = ", ".join(repr(m) for m in missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+            warnings.append(f"{source}: {len(missed)} of its patterns match no layer of this model ({shown}); the "
+                            "layers they were written for are missing, so nothing of this model gets their format")
+    return warnings
+
+
+def require_quantized(model: Any, strategy: Strategy, exclude: list[str]) -> None:
+    """Fail, naming the cause, when the strategy left every weight unquantized."""
+    if not any(weight_format(module, name) for name, module, _ in quantized_weights(model)):
+        raise SystemExit(nothing_quantized(model, strategy, exclude))
+
+
+def nothing_quantized(model: Any, strategy: Strategy, exclude: list[str], modelopt_says: str = "") -> str:
+    """Why a strategy quantized no weight: the recipe's exclusions when they cover every layer, else
+    the preset's or recipe's patterns (with the ones ModelOpt names)."""
+    names = [name for name, _, _ in quantized_weights(model)]
+    if exclude and all(any(fnmatch.fnmatch(f"{n}.weight_quantizer", p) for p in exclude) for n in names):
+        return (f"strategy {strategy.name} quantized no layer: the recipe's exclusions {exclude} "
+                "(quantization.exclude and the strategy's exclude) cover every layer; narrow them")
+    if strategy.auto_quantize is not None:
+        return (f"strategy {strategy.name} quantized no layer: auto_quantize kept every layer in 16 bits "
+                f"(effective_bits {strategy.auto_quantize.effective_bits} leaves it no reason to quantize)")
+    asked = [line.strip() for line in modelopt_says.splitlines()[1:] if line.startswith("  ")][:4]
+    what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
+    return (f"strategy {strategy.name} quantized no layer: the {what}'s patterns"
+            + (f" ({', '.join(asked)})" if asked else "")
+            + " match none of this model's layers; pick a preset or recipe written for this architecture")
 
 
 def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any]], str]:
@@ -185,7 +248,12 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[
                  "num_score_steps": plan.batches_covering(spec.num_score_steps)}
         result["auto_quantize"] = quantize_auto(model, batches, spec.model_copy(update=steps), exclude)
     else:
-        quantize_with_config(model, config, batches)
+        try:
+            quantize_with_config(model, config, batches)
+        except RuntimeError as exc:  # ModelOpt 0.47 refuses a config that quantizes no weight
+            if "nothing would be quantized" not in str(exc):
+                raise
+            raise SystemExit(nothing_quantized(model, strategy, exclude, str(exc))) from None
     if device.type == "cuda":
         torch.cuda.synchronize()
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -341,33 +409,52 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
     return int(max(longest, min(ceiling, free * share // per_token)))
 
 
-def _format_of(quantizer: Any) -> str | None:
-    """The format a live quantizer applies (None when off), named as footprint.format_of names configs."""
-    if quantizer is None or not getattr(quantizer, "is_enabled", False):
-        return None
-    cfg = {"num_bits": getattr(quantizer, "num_bits", None), "block_sizes": getattr(quantizer, "block_sizes", None)}
+def quantized_weights(model: Any) -> list[tuple[str, Any, Any]]:
+    """(name, module, weight tensor) of every weight a quantizer may cover: each Linear's `weight`
+    (lm_head included) and the fused expert tensors of MoE blocks (`experts.gate_up_proj`: ModelOpt
+    gives those a `<tensor>_weight_quantizers` list)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if getattr(module, "weight", None) is not None:
+                found.append((name, module, module.weight))
+            continue
+        for child, _ in module.named_children():
+            tensor_name = child.removesuffix("_weight_quantizers").removesuffix("_weight_quantizer")
+            if tensor_name != child and isinstance(getattr(module, tensor_name, None), torch.Tensor):
+                found.append((f"{name}.{tensor_name}", module, getattr(module, tensor_name)))
+    return found
+
+
+def weight_format(module: Any, tensor_name: str) -> str | None:
+    """The export format ModelOpt gives this weight (its own `get_quantization_format`), with a `_bN`
+    suffix for an unusual block size; None when it stays unquantized."""
+    from modelopt.torch.export.quant_utils import get_quantization_format
+
     try:
-        return format_of(cfg)
-    except Unknown:  # a format the bits table does not know: name it by its bits rather than guess
-        return str(cfg["num_bits"])
+        fmt = get_quantization_format(module)
+    except (AssertionError, AttributeError, KeyError) as exc:  # a quantizer layout the exporter rejects
+        return f"unknown ({type(exc).__name__})"
+    if fmt is None:
+        return None
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is None:
+        plural = getattr(module, f"{tensor_name.rsplit('.', 1)[-1]}_weight_quantizers", None)
+        quantizer = plural[0] if plural is not None and len(plural) else None
+    first = quantizer[0] if hasattr(quantizer, "__getitem__") and not hasattr(quantizer, "num_bits") else quantizer
+    blocks = getattr(first, "block_sizes", None) or {}
+    block = blocks.get(-1) if isinstance(blocks, dict) else None
+    return format_name(fmt, int(block) if block else None)
 
 
 def layer_formats(model: Any) -> dict[str, str]:
-    """Linear module name -> the format its weight was stored in (its dtype when left unquantized).
-
-    Only Linear layers (lm_head included): embeddings are not counted (runner/quantization/bits.py's definition).
-    """
-    import torch
-
-    out = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or getattr(module, "weight", None) is None:
-            continue
-        weight_format = _format_of(getattr(module, "weight_quantizer", None))
-        if weight_format == "nvfp4" and _format_of(getattr(module, "input_quantizer", None)) is None:
-            weight_format = "w4a16_nvfp4"  # footprint.module_format's rule
-        out[name] = weight_format or str(module.weight.dtype).removeprefix("torch.")
-    return out
+    """Weight name -> the format it was stored in (its dtype when left unquantized): every Linear
+    (lm_head included) and every fused MoE expert tensor. Embeddings are not counted
+    (runner/quantization/bits.py's definition)."""
+    return {name: weight_format(module, name) or str(tensor.dtype).removeprefix("torch.")
+            for name, module, tensor in quantized_weights(model)}
 
 
 def format_counts(layers: dict[str, str]) -> dict[str, int]:
@@ -378,9 +465,11 @@ def format_counts(layers: dict[str, str]) -> dict[str, int]:
 
 
 def effective_bits(model: Any, layers: dict[str, str]) -> float:
-    """runner/quantization/bits.py's definition: bits per logical Linear weight (packed exports unpacked),
+    """runner/quantization/bits.py's definition: bits per logical weight (packed exports unpacked),
     scales included."""
-    modules = dict(model.named_modules())
-    return bits_per_weight((fmt, logical_numel(modules[name].weight.numel(), fmt)
-                            if str(modules[name].weight.dtype) == "torch.uint8" else modules[name].weight.numel())
-                           for name, fmt in layers.items())
+    import torch
+
+    tensors = {name: tensor for name, _, tensor in quantized_weights(model)}
+    return bits_per_weight(
+        (fmt, logical_numel(tensors[name].numel(), fmt) if tensors[name].dtype in (torch.uint8, torch.int8)
+         else tensors[name].numel()) for name, fmt in layers.items() if not fmt.startswith("unknown"))

@@ -1,0 +1,148 @@
+"""Checks a strategy must pass before a quantize worker starts, read from the model's config.json and
+safetensors headers and from ModelOpt's recipe files (no torch):
+
+- a ModelOpt recipe written for one model type (`huggingface/qwen3_5_moe/ptq/...`) on another;
+- a strategy that would quantize none of this model's Linear layers (an experts-only recipe on a
+  dense model, exclusions that cover everything);
+- a calibration ModelOpt runs only on CUDA, on a machine without an NVIDIA GPU.
+
+Each refusal is one sentence that names the cause and what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from runner.quantization import footprint
+
+
+def host_has_gpu() -> bool:
+    """An NVIDIA GPU on this machine (both executors run their workers here)."""
+    return Path("/dev/nvidia0").exists() or (shutil.which("nvidia-smi") is not None
+                                             and os.environ.get("CUDA_VISIBLE_DEVICES") != "")
+
+
+def model_type(model_dir: Path) -> str | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type")
+
+
+def recipe_model_type(name: str) -> str | None:
+    """`huggingface/qwen3_5_moe/ptq/x` is written for model_type qwen3_5_moe."""
+    parts = name.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "huggingface" else None
+
+
+def needs_cuda(config: footprint.QuantConfig) -> str | None:
+    """What in a config ModelOpt 0.47 calibrates only on CUDA, or None."""
+    algorithm = config.algorithm
+    method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    if method in CUDA_ONLY_ALGORITHMS:
+        return f"the {method} calibration algorithm"
+    for entry in config.entries:
+        cfg = entry.get("cfg")
+        for item in cfg if isinstance(cfg, list) else [cfg]:
+            if not isinstance(item, dict) or entry.get("enable") is False:
+                continue
+            blocks = item.get("block_sizes") or {}
+            bits = item.get("num_bits")
+            bits = tuple(bits) if isinstance(bits, list) else bits
+            scale = blocks.get("scale_bits")
+            scale = tuple(scale) if isinstance(scale, list) else scale
+            if bits == (2, 1) and scale == (4, 3) and blocks.get("type") == "static":
+                return "static NVFP4 weight scales (ModelOpt computes them with a CUDA kernel)"
+            if scale == (8, 0):
+                return "MX block scaling (ModelOpt's MX kernels are a CUDA extension)"
+    return None
+
+
+# Calibration algorithms whose ModelOpt 0.47 implementation needs CUDA (measured with
+# bench/modelopt_recipes_cpu.py on a CPU-only machine).
+CUDA_ONLY_ALGORITHMS: set[str] = set()
+
+
+# Our format names (runner/quantization/bits.py) -> the quant_algo ModelOpt's exporter writes for them.
+EXPORT_ALGO = {"nvfp4": "NVFP4", "w4a16_nvfp4": "W4A16_NVFP4", "nvfp4_awq": "NVFP4_AWQ", "fp8": "FP8",
+               "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_pb_wo": "FP8_PB_WO", "mxfp8": "MXFP8", "mxfp4": "MXFP4",
+               "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "w4a8_nvfp4_fp8": "W4A8_NVFP4_FP8",
+               "w4a8_mxfp4_fp8": "W4A8_MXFP4_FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int8_wo": "INT8_WO"}
+
+
+def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, gpus: int | None = None,
+                     engine: str | None = None, check_machine: bool = True) -> str | None:
+    """Why this strategy cannot run on this model here (or serve on `engine`), or None. `gpus` 0
+    means no GPU whatever the machine has; None asks the machine. `check_machine` False leaves the
+    GPU question out (recipe validate/plan may run on another machine than the run)."""
+    if strategy.auto_quantize is not None:
+        return None
+    try:
+        config = (footprint.preset_config(strategy.preset) if strategy.preset
+                  else footprint.recipe_config(strategy.modelopt_recipe))
+    except footprint.Unknown:
+        return None  # not readable here (no modelopt_recipes on this host): the worker decides
+    what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
+    if strategy.modelopt_recipe and model_dir is not None:
+        wanted, actual = recipe_model_type(strategy.modelopt_recipe), model_type(model_dir)
+        # A VL model's language model alone says `<type>_text` (qwen3_5_text): the same family.
+        if wanted and actual and wanted != actual.removesuffix("_text"):
+            return (f"{what} is written for {wanted} models (its module names and layout); this model is "
+                    f"{actual}: use a general/ptq/ recipe or one under huggingface/{actual}/")
+    has_gpu = host_has_gpu() if gpus is None else gpus > 0 and host_has_gpu()
+    cuda_only = needs_cuda(config)
+    if cuda_only and not has_gpu and check_machine:
+        return (f"{what} uses {cuda_only}, which ModelOpt runs only on a CUDA GPU, and this machine has none: "
+                "run it on a GPU machine, or use a dynamic-scale recipe (e.g. general/ptq/nvfp4_default-kv_fp8)")
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return None
+    try:
+        weights = footprint.load_weights(model_dir)
+    except (footprint.Unknown, OSError, ValueError):
+        return None
+    with_exclusions = config.with_exclusions(exclude)
+    formats = {f for m in weights.linears if (f := footprint.module_format(with_exclusions, m))}
+    if formats:
+        if engine == "vllm":
+            from runner.quantization.export_formats import VLLM_QUANT_ALGOS
+
+            algos = {EXPORT_ALGO.get(f.split("_b")[0], f.upper()) for f in formats}
+            refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
+            weight_only_fp8 = sorted(m for m in weights.linears if footprint.module_format(with_exclusions, m) == "fp8"
+                                     and footprint.quantizer_cfg(with_exclusions, f"{m}.input_quantizer") is None)
+            if weight_only_fp8 and not refused:
+                return (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale (weight-only "
+                        f"FP8, e.g. {weight_only_fp8[0]}), which vLLM's ModelOpt FP8 path cannot load: choose another "
+                        "recipe, or serve.engine: local")
+            if refused:
+                return (f"{what} exports {', '.join(refused)}, which vLLM's ModelOpt loader does not load (it loads "
+                        f"{', '.join(VLLM_QUANT_ALGOS)}): choose another recipe, or serve.engine: local")
+        return None
+    if exclude and any(footprint.module_format(config, m) for m in weights.linears):
+        return (f"strategy {strategy.name} would quantize no layer: the recipe's exclusions {exclude} cover "
+                "every layer the " + what + " quantizes; narrow them")
+    return (f"strategy {strategy.name} would quantize no layer: the {what}'s patterns match none of this "
+            "model's Linear layers (e.g. an experts-only recipe on a dense model); pick one written for it")
+
+
+def recipe_problems(loaded: Any, model_dir: Path | None) -> list[Any]:
+    """A located error per enabled strategy that cannot run on this model here (recipe validate/plan)."""
+    from runner.errors import Problem
+    from runner.recipe.loader import locate
+
+    recipe = loaded.recipe
+    problems = []
+    for i, strategy in enumerate(recipe.quantization.strategies):
+        if not strategy.enabled:
+            continue
+        why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir,
+                               engine=recipe.serve.engine, check_machine=False)
+        if why is not None:
+            path = ("quantization", "strategies", i)
+            problems.append(Problem(f"strategy {strategy.name!r}: {why}", path, locate(loaded.locations, path)))
+    return problems
