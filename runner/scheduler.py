@@ -285,11 +285,12 @@ class Runner:
             self.states[sid] = "failed"
             logger.error("step %s failed: %s\n%s", sid, exc, traceback.format_exc())
             detail = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
-            self.messages.append(f"{sid} failed: {detail}\n    log: {log_path}")
+            self.messages.append(f"{sid} failed: {detail}\n    log (with the traceback): {log_path}")
             write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
                 "step": sid, "key": self.keys[sid], "error": detail, "started_at": started,
                 "failed_at": now(), "scratch": str(scratch)})
-            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s: {escape(detail)}")
+            # The reason is printed once, in the run's closing messages; the traceback is in the log.
+            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s")
             return
         finally:
             _close_logger(logger)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 SPEC_FILE = "worker_spec.json"
 RESULT_FILE = "worker_result.json"
+ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its traceback is in the log)
 
 
 class Executor(ABC):
@@ -33,6 +34,15 @@ class Executor(ABC):
 
 class WorkerFailed(Exception):
     pass
+
+
+def worker_failure(scratch: Path, status: int | None, tail: list[str]) -> WorkerFailed:
+    """The worker's own one-line reason when it wrote one; else its exit status and the log's last lines."""
+    try:
+        return WorkerFailed(json.loads((scratch / ERROR_FILE).read_text(encoding="utf-8"))["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return WorkerFailed(f"worker exited with status {status}; last lines of its log:\n      "
+                            + "\n      ".join(tail[-12:]))
 
 
 def read_result(scratch: Path, tail: deque[str]) -> StepResult:

@@ -17,7 +17,7 @@ from typing import Any
 from runner.containers import docker_api
 from runner.containers.launcher import launched
 from runner.containers.plugin import ContainerPlugin
-from runner.executors.base import SPEC_FILE, Executor, WorkerFailed, read_result
+from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
 
@@ -76,8 +76,7 @@ class DockerExecutor(Executor):
             tail = await asyncio.to_thread(_follow_logs, handle, log_path)
             status = await asyncio.to_thread(handle.wait)
         if status.get("StatusCode") != 0:
-            raise WorkerFailed(f"worker in container {container.name} exited with status {status.get('StatusCode')}; "
-                               "last lines of its log:\n      " + "\n      ".join(tail[-12:]))
+            raise worker_failure(scratch, status.get("StatusCode"), tail)
         return read_result(scratch, tail)
 
 

@@ -9,10 +9,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from runner.executors.base import SPEC_FILE, Executor, WorkerFailed, read_result
+from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
 from runner.processes import terminate_group
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds runner/
 
 
 class LocalExecutor(Executor):
@@ -22,19 +24,27 @@ class LocalExecutor(Executor):
                          container: Any) -> StepResult:
         spec_path = scratch / SPEC_FILE
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
-        tail = await run_logged([sys.executable, "-m", "runner.worker", str(spec_path)], log_path)
+        # The worker runs in its scratch folder, on this very runner package (whatever the cwd was).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+        rc, tail = await run_logged([sys.executable, "-m", "runner.worker", str(spec_path)], log_path, env=env,
+                                    cwd=scratch)
+        if rc != 0:
+            raise worker_failure(scratch, rc, list(tail))
         return read_result(scratch, tail)
 
 
-async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> deque[str]:
-    """Run a command in its own process group, appending its output to the log; raise on failure.
+async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                     cwd: Path | None = None) -> tuple[int, deque[str]]:
+    """Run a command in its own process group, appending its output to the log; its exit status and
+    last lines.
 
     On cancellation (Ctrl-C, SIGTERM of the runner) the whole group gets SIGTERM, then SIGKILL.
     """
     tail: deque[str] = deque(maxlen=30)
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, env=env if env is not None else dict(os.environ))
+        start_new_session=True, env=env if env is not None else dict(os.environ), cwd=cwd)
     try:
         assert proc.stdout is not None
         with log_path.open("a", encoding="utf-8") as log:
@@ -47,7 +57,4 @@ async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None
     except asyncio.CancelledError:
         await terminate_group(proc)
         raise
-    if rc != 0:
-        raise WorkerFailed(f"worker exited with status {rc}; last lines of its log:\n      "
-                           + "\n      ".join(list(tail)[-12:]))
-    return tail
+    return rc, tail

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from runner.executors.base import RESULT_FILE
+from runner.executors.base import ERROR_FILE, RESULT_FILE
 
 WORKER_KINDS = ("convert_gguf", "quantize", "verify")
 
@@ -24,10 +27,25 @@ def main(argv: list[str]) -> int:
         print(f"unknown worker kind {kind!r}; known: {', '.join(WORKER_KINDS)}", file=sys.stderr)
         return 2
     output_dir = Path(spec["output_dir"])
-    module = importlib.import_module(f"runner.worker.{kind}")
+    # Libraries that write to relative paths (ModelOpt's GPTQ `checkpoint_dir: output/...`) write
+    # here, inside the step's scratch folder, and it is removed before the step commits.
+    work_dir = output_dir / ".work"
+    work_dir.mkdir(exist_ok=True)
+    os.chdir(work_dir)
     t0 = time.monotonic()
     print(f"[worker] {kind} starting", flush=True)
-    result = module.run(spec["params"], output_dir)
+    try:
+        module = importlib.import_module(f"runner.worker.{kind}")
+        result = module.run(spec["params"], output_dir)
+    except BaseException as exc:  # noqa: BLE001 - the message goes to the runner, the traceback to the log
+        traceback.print_exc()
+        message = explain(exc)
+        (output_dir / ERROR_FILE).write_text(json.dumps({"error": message}), encoding="utf-8")
+        print(f"[worker] {kind} failed: {message}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        os.chdir(output_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
     result.setdefault("summary", {})["worker_seconds"] = round(time.monotonic() - t0, 3)
     result.setdefault("versions", {}).update(_versions())
     tmp = output_dir / f"{RESULT_FILE}.tmp"
@@ -35,6 +53,29 @@ def main(argv: list[str]) -> int:
     tmp.replace(output_dir / RESULT_FILE)
     print(f"[worker] {kind} done in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
+
+
+# Messages of libraries that mean "this needs a CUDA GPU" (ModelOpt's Triton kernels, CUDA-only
+# calibration paths, torch without CUDA).
+NEEDS_GPU = ("requires triton", "install with pip install triton", "torch not compiled with cuda",
+             "no cuda gpus are available", "found no nvidia driver", "cuda is not available", "requires cuda",
+             "needs a gpu", "only supported on cuda", "cuda device")
+
+
+def explain(exc: BaseException) -> str:
+    """One line for the user: what failed, in words that say what to do when the cause is known."""
+    if isinstance(exc, SystemExit) and isinstance(exc.code, str):
+        return exc.code
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0].rstrip(".")
+    name = type(exc).__name__
+    if any(marker in text.lower() for marker in NEEDS_GPU):
+        import torch
+
+        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else "the GPU path failed"
+        return (f"needs a CUDA GPU ({where}): {name}: {first}. Run this strategy on a GPU machine, or pick "
+                "one whose calibration runs on CPU (e.g. preset NVFP4_DEFAULT_CFG with algorithm max)")
+    return f"{name}: {first}"
 
 
 def _versions() -> dict[str, str]:
