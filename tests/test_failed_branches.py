@@ -35,8 +35,10 @@ def test_card_and_blog_say_which_strategies_failed_and_why():
         "model": {"name": "Mini"}, "title": "Mini NVFP4", "best": None,
         "selection": {"rule": "no gate fails", "failing": {}}, "strategies": {}, "chosen": None,
         "failed": failed, "baseline": None, "baseline_name": None, "gate_table": "| gate |\n",
-        "speed": {}, "calibration": {}, "exclusions": [], "serve_command": "serve it", "hardware": "h",
-        "repo_id": None,
+        "speed": {}, "calibration": {}, "source_bytes": None, "usage": None, "hardware": "h",
+        "hardware_description": None, "repo_id": None, "suggested_repo_id": None, "verify_rows": [],
+        "base_model": None, "source_description": "a local bfloat16 checkpoint", "format": None,
+        "baseline_description": None,
     }
     env = environment(None)
     card = env.get_template("model_card.md.j2").render(**facts)

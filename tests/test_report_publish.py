@@ -129,7 +129,15 @@ def test_card_metadata_reads_back_and_every_number_comes_from_records(finished_r
     quantize = record(finished_run, "quantize.nvfp4_max")["summary"]
     assert f"{quantize['calibration_tokens']} tokens" in text and str(quantize["effective_bits"]) in text
     assert "transformers on the CPU" in text  # speed labelled with the kernel path it was measured on
-    assert "python -m runner.worker.local_server" in text  # the exact serving command
+    # What a Hub user needs: the base model linked, how to serve it, what it is for, no local paths.
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.to_dict()["base_model_relation"] == "quantized"
+    assert "vllm serve demo/SmolLM2-135M-Instruct-NVFP4" in text and "docker run" in text
+    assert "## Intended use and limitations" in text and "Q4_1" in text  # the source was a 4-bit GGUF
+    staged_recipe = (finished_run / "steps" / "publish" / "upload" / "recipe.yaml").read_text()
+    for document in (text, staged_recipe, (report / "blog.md").read_text()):
+        assert str(REPO) not in document and str(finished_run) not in document
+        assert "path: calibration.jsonl" in staged_recipe
     assert "preset: NVFP4_DEFAULT_CFG" in text and "*layers.29.*" in text  # the recipe, for reproduction
     blog = (report / "blog.md").read_text()
     for heading in ("## The problem", "## The journey", "## The finding", "## The fix", "## The recipe"):

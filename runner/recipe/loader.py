@@ -374,7 +374,11 @@ __all__ = ["LoadedRecipe", "load_recipe", "load_yaml_model", "merge", "locate", 
 
 
 def recipe_to_yaml(recipe: Recipe, exclude_defaults: bool = False) -> str:
-    """A resolved recipe as YAML (the run directory's copy; the card's, without defaults)."""
+    """A resolved recipe as YAML (the run directory's copy)."""
+    return dump_yaml(recipe.model_dump(mode="json", exclude_defaults=exclude_defaults))
+
+
+def dump_yaml(data: Any) -> str:
     import io
 
     from ruamel.yaml import YAML
@@ -382,5 +386,5 @@ def recipe_to_yaml(recipe: Recipe, exclude_defaults: bool = False) -> str:
     yaml = YAML()
     yaml.default_flow_style = False
     buffer = io.StringIO()
-    yaml.dump(recipe.model_dump(mode="json", exclude_defaults=exclude_defaults), buffer)
+    yaml.dump(data, buffer)
     return buffer.getvalue()

@@ -22,12 +22,117 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from runner.benchmark.gates import first_line
 from runner.errors import RunnerError
-from runner.recipe.loader import recipe_to_yaml
-from runner.recipe.resources import shipped_dir
+from runner.quantization.export_formats import VLLM_QUANT_ALGOS
+from runner.recipe.loader import dump_yaml
+from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
 
 PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_lengths.png",)}
+
+
+# An export's quant_algo (hf_quant_config.json) in words: the name in titles and repo names, its Hub
+# tags, and what the checkpoint stores.
+EXPORT_FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "NVFP4": ("NVFP4", ("nvfp4",), "NVFP4 weights and activations (W4A4): 4-bit E2M1 values with an FP8 scale "
+              "per 16 values and one FP32 scale per tensor; activations are quantized the same way at run time"),
+    "NVFP4_AWQ": ("NVFP4-AWQ", ("nvfp4", "awq"), "NVFP4 W4A4 with AWQ's per-channel pre-quantization scales kept "
+                  "in the checkpoint (pre_quant_scale), for engines that apply them"),
+    "W4A16_NVFP4": ("NVFP4-W4A16", ("nvfp4", "w4a16"), "NVFP4 weights (4-bit E2M1, an FP8 scale per 16 values) "
+                    "with 16-bit activations: weight-only quantization"),
+    "FP8": ("FP8", ("fp8",), "FP8 (E4M3) weights and activations with one scale per tensor"),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("FP8-Dynamic", ("fp8",), "FP8 (E4M3) weights with a scale per output channel; "
+                                  "activations quantized per token at run time"),
+    "FP8_PB_WO": ("FP8-Block", ("fp8",), "FP8 (E4M3) weights with a scale per 128x128 block; 16-bit activations"),
+    "MXFP8": ("MXFP8", ("mxfp8",), "MXFP8: E4M3 values with a power-of-two (E8M0) scale per 32 values"),
+    "MXFP4": ("MXFP4", ("mxfp4",), "MXFP4: E2M1 values with a power-of-two (E8M0) scale per 32 values"),
+    "W4A16_AWQ": ("INT4-AWQ", ("int4", "awq", "w4a16"), "INT4 weights with a 16-bit scale per block (AWQ), 16-bit "
+                  "activations"),
+    "W4A8_AWQ": ("W4A8-AWQ", ("int4", "awq", "w4a8"), "INT4 weights (AWQ, scale per block) with FP8 activations"),
+    "W8A8_SQ_PER_CHANNEL": ("INT8-SmoothQuant", ("int8",), "INT8 weights and activations after SmoothQuant"),
+}
+FORMAT_TAGS = {"nvfp4", "fp8", "mxfp8", "mxfp4", "int4", "int8", "awq", "w4a16", "w4a8", "fp4"}
+# Words in a repository name that claim a format.
+_FORMAT_WORDS = {"NVFP4", "FP8", "MXFP8", "MXFP4", "INT4", "INT8", "AWQ", "W4A16", "W4A8", "FP4", "MIXED", "BLOCK",
+                 "DYNAMIC", "SMOOTHQUANT"}
+# Layer formats (the quantize record's names) in titles and tags, for mixed-precision exports.
+_LAYER_FORMAT_WORDS = {"nvfp4": "NVFP4", "w4a16_nvfp4": "NVFP4", "nvfp4_awq": "NVFP4", "fp8": "FP8",
+                       "fp8_pc_pt": "FP8", "fp8_pb_wo": "FP8", "mxfp8": "MXFP8", "mxfp4": "MXFP4", "int4_awq": "INT4",
+                       "w4a8_awq": "INT4", "int8_sq": "INT8", "int8_wo": "INT8"}
+
+
+def export_format(quant_algo: str | None, layer_formats: dict[str, int] | None) -> dict[str, Any]:
+    """The selected export's format in words: {"name", "tags", "description"}."""
+    algo = (quant_algo or "").upper()
+    if algo == "MIXED_PRECISION":
+        counts = {k: v for k, v in (layer_formats or {}).items() if k.split("_b")[0] in _LAYER_FORMAT_WORDS
+                  or k in _LAYER_FORMAT_WORDS}
+        words = list(dict.fromkeys(_LAYER_FORMAT_WORDS.get(k, k.upper()) for k in
+                                   sorted(counts, key=lambda k: -counts[k])))
+        parts = ", ".join(f"{n} in {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return {"name": "-".join(words) + "-Mixed", "tags": [w.lower() for w in words] + ["mixed-precision"],
+                "description": f"mixed precision chosen per layer: Linear layers {parts}; the rest 16-bit"}
+    name, tags, description = EXPORT_FORMATS.get(algo, (algo or "unknown", (algo.lower(),) if algo else (),
+                                                        f"ModelOpt export format {algo or 'not recorded'}"))
+    return {"name": name, "tags": list(tags), "description": description}
+
+
+def repo_name_mismatch(repo_id: str | None, format_name: str) -> str | None:
+    """A repository name that claims another format than the export's: the name it should have."""
+    if not repo_id:
+        return None
+    owner, name = repo_id.split("/", 1)
+    parts = re.split(r"([-_.])", name)
+    claimed = [i for i, part in enumerate(parts) if part.upper() in _FORMAT_WORDS]
+    if not claimed or {parts[i].upper() for i in claimed} == set(format_name.upper().split("-")):
+        return None
+    first, last = claimed[0], claimed[-1]
+    return f"{owner}/{''.join(parts[:first])}{format_name}{''.join(parts[last + 1:])}"
+
+
+def name_for_export(recipe: Recipe, run_dir: RunDir) -> str | None:
+    """The repository name publish.repo_id should have when it claims another format than the
+    selected strategy's export (None when it does not, or nothing was selected)."""
+    selection = ((run_dir.record("gates") or {}).get("summary") or {}).get("selection") or {}
+    best = selection.get("best")
+    if best is None:
+        return None
+    verify = (run_dir.record(f"verify.{best}") or {}).get("summary", {})
+    quantize = (run_dir.record(f"quantize.{best}") or {}).get("summary", {})
+    fmt = export_format(verify.get("quant_algo"), quantize.get("formats"))
+    return repo_name_mismatch(recipe.publish.repo_id, fmt["name"])
+
+
+def source_description(recipe: Recipe, source_summary: dict[str, Any]) -> str:
+    """Where the weights that were quantized came from, in words."""
+    source = recipe.model.source
+    if source.kind == "huggingface":
+        return f"[{source.repo}](https://huggingface.co/{source.repo}) at revision `{source.revision}`"
+    if source.kind == "gguf":
+        types = source_summary.get("gguf_weight_types") or {}
+        stored = ", ".join(f"{n} tensors in {k}" for k, n in types.items())
+        lossy = [k for k in types if k.startswith(("Q", "IQ"))]
+        return (f"the GGUF file `{source_summary.get('gguf_file') or source.file or Path(str(source.path)).name}`"
+                + (f" ({stored})" if stored else "")
+                + (f": its weights were already quantized ({', '.join(lossy)}) and were dequantized to "
+                   f"{recipe.model.dtype} before this quantization, so this model and the baseline carry that "
+                   "earlier rounding too" if lossy else ""))
+    return f"a local {recipe.model.dtype} checkpoint"
+
+
+def source_bytes(run_dir: RunDir) -> int | None:
+    """The safetensors bytes of the model as the source step wrote it (what was quantized)."""
+    try:
+        folder = run_dir.output("source", "model_dir")
+    except KeyError:  # no source output: the card says n/a
+        return None
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) or None
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
@@ -59,50 +164,124 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
               for name, why in (gates_record["summary"].get("failed") or {}).items()}
     baseline_path = run_dir.step_dir("benchmark.baseline") / "results.json"
     calibrate = run_dir.record("calibrate") or {}
+    source_summary = (run_dir.record("source") or {}).get("summary", {})
+    chosen = strategies.get(best) if best else None
+    fmt = export_format(chosen["verify"].get("quant_algo"), chosen["quantize"].get("formats")) if chosen else None
+    title = recipe.report.title or (f"{recipe.model.name} {fmt['name']}" if fmt else
+                                    f"{recipe.model.name} (no strategy passed the gates)")
+    baseline = recipe.benchmark.baseline
+    baseline_description = (
+        None if baseline is None else
+        f"`{baseline.name}`: the source model as this run loaded it ({recipe.model.dtype}"
+        + (", dequantized from the GGUF file" if recipe.model.source.kind == "gguf" else "")
+        + f"), served by the same `{recipe.serve.engine}` engine" if baseline.kind == "served" else
+        f"`{baseline.name}`: an OpenAI-compatible endpoint the user runs (model `{baseline.model}`)")
+    repo_id = recipe.publish.repo_id
     return {
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": scrub_paths(recipe.model_dump(mode="json")),
         "recipe_yaml": recipe_yaml(recipe),
-        "model": recipe.model.model_dump(mode="json"),
-        "title": recipe.report.title or f"{recipe.model.name} NVFP4 ({best or 'no strategy selected'})",
+        "model": scrub_paths(recipe.model.model_dump(mode="json")),
+        "base_model": recipe.model.hub_base_model(),
+        "source_description": source_description(recipe, source_summary),
+        "title": title,
+        "format": fmt,
         "best": best,
         "selection": selection,
         "strategies": strategies,
-        "chosen": strategies.get(best) if best else None,
+        "chosen": chosen,
         "failed": failed,
         "baseline": json.loads(baseline_path.read_text()) if baseline_path.exists() else None,
-        "baseline_name": recipe.benchmark.baseline.name if recipe.benchmark.baseline else None,
+        "baseline_name": baseline.name if baseline else None,
+        "baseline_description": baseline_description,
         "gate_table": (run_dir.step_dir("gates") / "comparison.md").read_text(encoding="utf-8"),
         "speed": gates_record["summary"].get("speed", {}),
         "calibration": calibrate.get("summary", {}),
-        "exclusions": recipe.quantization.exclude,
-        "serve_command": serve_command(recipe),
+        "source_bytes": source_bytes(run_dir),
+        "usage": usage(recipe, repo_id, chosen),
         "hardware": recipe.benchmark.hardware,
-        "repo_id": recipe.publish.repo_id,
+        "hardware_description": hardware_targets().get(recipe.benchmark.hardware or "", {}).get("description"),
+        "repo_id": repo_id,
+        "suggested_repo_id": repo_name_mismatch(repo_id, fmt["name"]) if fmt else None,
+        "verify_rows": verify_rows(chosen["verify"]) if chosen else [],
     }
 
 
+# Each verify check in plain words (the card's table).
+VERIFY_CHECKS = {
+    "safetensors": "the weight files open and every tensor is readable",
+    "hf_quant_config": "hf_quant_config.json has the keys the serving engine reads",
+    "quant_algo_supported": "the serving engine loads this quantization format",
+    "pre_quant_scale": "no AWQ pre-quantization scales that vLLM cannot apply",
+    "mixed_layers": "each per-layer format holds the tensors that format needs",
+    "exclusions": "the layers the recipe keeps in 16 bits are stored unquantized",
+    "exclusion_patterns_match": "every exclusion pattern matches a module of this model",
+    "exclude_modules_match": "every entry of exclude_modules names a real module",
+    "input_sizes": "quantized layers' input sizes fit the format's block size",
+    "weights_decode": "independent decoders turn the stored weights back into the source weights",
+    "formats": "every quantized layer is in a format these checks can read",
+    "size": "the checkpoint is no larger than its formats should make it",
+}
+STATUS_WORDS = {"pass": "yes", "warn": "not fully (see note)", "fail": "no"}
+
+
+def verify_rows(verify: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    details = verify.get("details") or {}
+    for name, status in (verify.get("checks") or {}).items():
+        rows.append({"check": VERIFY_CHECKS.get(name, name.replace("_", " ")),
+                     "result": STATUS_WORDS.get(status, status),
+                     "note": details.get(name, "") if status != "pass" else ""})
+    return rows
+
+
+def usage(recipe: Recipe, repo_id: str | None, chosen: dict[str, Any] | None) -> dict[str, str] | None:
+    """How to serve the published model with vLLM, when vLLM loads its export format."""
+    algo = ((chosen or {}).get("verify") or {}).get("quant_algo")
+    if not algo or algo.upper() not in VLLM_QUANT_ALGOS:
+        return None
+    model = repo_id or f"./{recipe.model.name}-quantized"
+    args = list(recipe.serve.args) if recipe.serve.engine == "vllm" else []
+    flags = " ".join(shlex.quote(a) for a in args)
+    return {"vllm": f"vllm serve {model}" + (f" {flags}" if flags else ""),
+            "docker": serve_command(recipe, model, args)}
+
+
 def recipe_yaml(recipe: Recipe) -> str:
-    """The recipe as the card and the upload show it: what the user set, defaults left out."""
-    return recipe_to_yaml(recipe, exclude_defaults=True)
+    """The recipe as the card and the upload show it: what the user set, defaults left out, and no
+    path of this machine (an absolute path is shown as its file name)."""
+    return dump_yaml(scrub_paths(recipe.model_dump(mode="json", exclude_defaults=True)))
 
 
-def serve_command(recipe: Recipe) -> str:
-    """The docker run line a user types to serve the published model with the recipe's flags."""
+def scrub_paths(value: Any) -> Any:
+    """A JSON value with each absolute local path replaced by its last component."""
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        return Path(value).name
+    return value
+
+
+def serve_command(recipe: Recipe, model: str, args: list[str]) -> str:
+    """The docker run line that serves the published model in the recipe's vLLM container."""
     from runner.containers.plugin import load_container
 
-    plugin = load_container(recipe.container_for("serve")) if recipe.serve.engine == "vllm" else None
-    if plugin is None or plugin.image is None:
-        return (f"python -m runner.worker.local_server --model ./{recipe.model.name}-quantized --port 8000  "
-                "# the CPU engine; on a GPU serve with vLLM")
+    plugin = load_container(recipe.container_for("serve") if recipe.serve.engine == "vllm" else "vllm")
+    image = plugin.image or "vllm/vllm-openai:latest"
     parts = ["docker run -d --name vllm-model"]
-    if plugin.gpus != "none":
+    if plugin.gpus != "none" or recipe.serve.engine != "vllm":
         parts.append("--runtime=nvidia --gpus all")
-    parts.append(f"-v /path/to/model:/model -p {plugin.port}:{plugin.port}")
     if plugin.shm_size:
         parts.append(f"--shm-size={plugin.shm_size}")
-    parts.append(plugin.image)
-    parts.append("--model /model " + " ".join(shlex.quote(a) for a in recipe.serve.args))
-    return " \\\n  ".join(parts)
+    local = model.count("/") != 1 or model.startswith(".")
+    if local:
+        parts.append(f"-v {model}:/model")
+    else:
+        parts.append("-v ~/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN")
+    parts.append(f"-p {plugin.port}:{plugin.port} {image}")
+    parts.append(("--model /model " if local else f"--model {model} ") + " ".join(shlex.quote(a) for a in args))
+    return " \\\n  ".join(p.rstrip() for p in parts)
 
 
 def card_data(recipe: Recipe, facts: dict[str, Any]) -> Any:
@@ -115,14 +294,17 @@ def card_data(recipe: Recipe, facts: dict[str, Any]) -> Any:
             results.append(EvalResult(task_type="text-generation", dataset_type=f"recipe-runner/{suite}",
                                       dataset_name=suite, metric_type="pass_rate",
                                       metric_value=outcome["pass_rate"], metric_name=f"{suite} pass rate"))
-    source = recipe.model.source
-    base_model = source.repo if source.kind == "huggingface" else None
+    fmt = facts["format"]
     arch = (chosen or {}).get("quantize", {}).get("architecture") or recipe.model.architecture
-    tags = list(dict.fromkeys([*recipe.report.tags, "nvfp4", "modelopt", "recipe-runner"]
+    # The format tags are the export's; a recipe's own tags that name another format are dropped.
+    own = [tag for tag in recipe.report.tags if tag.lower() not in FORMAT_TAGS]
+    tags = list(dict.fromkeys([*own, *(fmt["tags"] if fmt else []), "modelopt", "recipe-runner"]
                               + ([arch] if arch else [])))
-    return ModelCardData(base_model=base_model, license=recipe.model.license, tags=tags,
-                         pipeline_tag="text-generation", library_name="transformers",
-                         model_name=facts["repo_id"] or facts["title"], eval_results=results or None)
+    base_model = facts["base_model"]
+    return ModelCardData(base_model=base_model, base_model_relation="quantized" if base_model else None,
+                         license=recipe.model.license, tags=tags, pipeline_tag="text-generation",
+                         library_name="modelopt", model_name=facts["repo_id"] or facts["title"],
+                         eval_results=results or None)
 
 
 def environment(templates_dir: Path | None) -> SandboxedEnvironment:
@@ -132,6 +314,7 @@ def environment(templates_dir: Path | None) -> SandboxedEnvironment:
                                trim_blocks=True, lstrip_blocks=True, autoescape=False)
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"
     env.filters["num"] = lambda v, d=1: "n/a" if v is None else f"{v:.{d}f}"
+    env.filters["size"] = human_bytes
     return env
 
 

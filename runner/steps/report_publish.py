@@ -8,13 +8,19 @@ from runner.errors import RunnerError
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import PublishInput, ReportInput
 from runner.steps.publish import stage, upload
-from runner.steps.report import append_research_section, recipe_yaml, render_documents
+from runner.steps.report import append_research_section, name_for_export, recipe_yaml, render_documents
 
 
 async def report(ctx: StepContext) -> StepResult:
     recipe = input_of(ctx, ReportInput).recipe
     outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
-    summary = {"documents": list(outputs.values())}
+    summary: dict = {"documents": list(outputs.values()), "warnings": []}
+    suggested = name_for_export(recipe, ctx.run_dir)
+    if suggested is not None:
+        warning = (f"publish.repo_id {recipe.publish.repo_id} names another format than the selected export holds; "
+                   f"a name that says what it holds: {suggested}")
+        summary["warnings"].append(warning)
+        ctx.log.warning(warning)
     if recipe.report.research_doc is not None:
         section = (ctx.scratch / "research_section.md").read_text(encoding="utf-8")
         changed = append_research_section(recipe.report.research_doc, recipe.name, section)
@@ -35,6 +41,11 @@ async def publish(ctx: StepContext) -> StepResult:
                                    "repo_id": spec.repo_id, "dry_run": spec.dry_run})
     if spec.repo_id is None:
         raise RunnerError("publish.repo_id is not set: name the Hub repository (user/name) to publish to")
+    suggested = name_for_export(recipe, ctx.run_dir)
+    if suggested is not None and not spec.dry_run:
+        raise RunnerError(f"publish.repo_id {spec.repo_id} names another format than the selected strategy {best} "
+                          f"exported: set publish.repo_id to {suggested} (or a name of your own that does not "
+                          "claim another format)")
     checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
     files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), recipe_yaml(recipe),
                                     ctx.scratch / "upload")

@@ -118,7 +118,16 @@ def measured_on(engine: str) -> dict[str, Any]:
         "endpoint": "the user's own server (its hardware is not recorded here)",
     }
     return {"engine": engine, "kernel_path": kernels.get(engine, engine), "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+            "cpu": cpu_name(), "cores": os.cpu_count()}
+
+
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC 7B13"), not just its architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:

@@ -50,5 +50,18 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     return {"outputs": {"model_dir": "model"},
-            "summary": {"gguf": str(gguf), "architecture": model.config.architectures[0], "parameters": n_params,
+            "summary": {"gguf": str(gguf), "gguf_file": gguf.name, "gguf_weight_types": gguf_weight_types(gguf),
+                        "architecture": model.config.architectures[0], "parameters": n_params,
                         "dtype": str(dtype).removeprefix("torch.")}}
+
+
+def gguf_weight_types(path: Path) -> dict[str, int]:
+    """How the GGUF stores its tensors ({"Q4_1": 211, "F32": 61}): the card says the source was
+    already quantized, and the baseline is its dequantization, not an original BF16 model."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(path).tensors:
+        name = tensor.tensor_type.name
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
