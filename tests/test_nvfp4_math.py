@@ -90,3 +90,14 @@ def test_modelopt_nvfp4_forward_runs_on_cpu_with_the_fallback():
     layer = model[0]
     expected = nvfp4_fake_quant(layer.weight.detach(), 16, layer.weight_quantizer.amax)
     assert torch.equal(layer.weight_quantizer(layer.weight.detach()), expected)
+
+
+def test_arithmetic_e2m1_rounding_matches_modelopt_buckets_at_every_midpoint():
+    from runner.worker.nvfp4_cpu import E2M1_BOUNDS, E2M1_VALUES, ODD_BOUNDS, round_e2m1
+
+    grid = torch.cat([torch.linspace(-7, 7, 20001), torch.tensor(E2M1_BOUNDS), -torch.tensor(E2M1_BOUNDS)])
+    magnitude = grid.abs()
+    codes = torch.bucketize(magnitude, torch.tensor(E2M1_BOUNDS))
+    codes += torch.isin(magnitude, torch.tensor(ODD_BOUNDS)).to(codes.dtype)
+    buckets = torch.tensor(E2M1_VALUES)[codes] * torch.sign(grid)
+    assert torch.equal(round_e2m1(grid), buckets)

@@ -46,12 +46,20 @@ def nvfp4_fake_quant(inputs: Any, block_size: int, amax: Any) -> Any:
     block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
     block_scale = block_scale.clamp(min=2**-9, max=E4M3_MAX).to(torch.float8_e4m3fn).float()
     scaled = x / (block_scale * global_scale)
-    magnitude = scaled.abs()
-    codes = torch.bucketize(magnitude, torch.tensor(E2M1_BOUNDS))
-    codes += torch.isin(magnitude, torch.tensor(ODD_BOUNDS)).to(codes.dtype)
-    values = torch.tensor(E2M1_VALUES)[codes]
-    values = torch.where(scaled < 0, -values, values)
+    values = round_e2m1(scaled)
     return (values * (block_scale * global_scale)).reshape(shape).to(dtype)
+
+
+def round_e2m1(scaled: Any) -> Any:
+    """The nearest E2M1 value (0, 0.5 ... 6), as ModelOpt rounds (E2M1_BOUNDS, ODD_BOUNDS): the grid's
+    step is 0.5 below 2, 1 below 4 and 2 up to 6, and round-half-to-even on the step count lands every
+    midpoint where ModelOpt's buckets do. Arithmetic only, so it runs on any device without lookup
+    tables (the local engine quantizes every layer's input this way at each generated token)."""
+    import torch
+
+    magnitude = scaled.abs().clamp(max=E2M1_MAX)
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    return torch.round(magnitude / step) * step * torch.sign(scaled)
 
 
 def _fake_quant_via_qtensor(inputs: Any, block_size: int, amax: Any) -> Any:

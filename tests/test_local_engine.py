@@ -1,0 +1,267 @@
+"""The local serving engine: the export's real numerics, and the OpenAI API as the official `openai`
+client uses it.
+
+Numerics: a tiny random Llama is quantized by ModelOpt on the CPU (the project's CPU NVFP4 path) and
+exported; the engine's layer (QuantizedLinear, built from the export alone) must give ModelOpt's own
+fake-quant layer output for the same input: relative RMS difference under 3 % (the decoded weight
+and ModelOpt's fake-quantized weight can differ by one E2M1 step where bf16 rounds a tie; the
+activation quantization is the same arithmetic), and closer to ModelOpt than the weight-only view.
+
+API: the engine runs as a real server on loopback with the same tiny model and a chat template
+with a tools section; what it answers is random text, so the tests assert mechanics only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("modelopt")
+openai = pytest.importorskip("openai")
+
+from conftest import REPO  # noqa: E402
+from runner.steps.serving import free_port  # noqa: E402
+
+LAYER = "model.layers.1.mlp.down_proj"
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_export(folder: Path, tokenizer_dir: Path, preset: str, probe: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+    """A tiny random Llama quantized by ModelOpt with `preset` and exported to `folder`; returns
+    ModelOpt's fake-quant output of LAYER for `probe` (computed before the export packs the weights)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from runner.worker.nvfp4_cpu import install_cpu_nvfp4
+
+    install_cpu_nvfp4()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    cfg = copy.deepcopy(getattr(mtq, preset))
+    cfg["quant_cfg"] = [*cfg["quant_cfg"], {"quantizer_name": "*lm_head*", "enable": False}]
+    ids = torch.randint(0, 500, (4, 48))
+    mtq.quantize(model, cfg, forward_loop=lambda m: m(ids))
+    reference = None
+    if probe is not None:
+        with torch.no_grad():
+            reference = model.get_submodule(LAYER)(probe)
+    export_hf_checkpoint(model, export_dir=folder)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return reference
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize(("preset", "activations"), [
+    ("NVFP4_DEFAULT_CFG", "nvfp4"), ("W4A16_NVFP4_CFG", None), ("FP8_DEFAULT_CFG", "fp8")])
+def test_engine_layers_compute_what_modelopt_fake_quant_computes(preset, activations, tmp_path, demo_tokenizer):
+    from runner.worker.dequantize import load_dequantized, load_quantized
+    from runner.worker.quantized_linear import QuantizedLinear
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 256, dtype=torch.bfloat16) * 0.5  # down_proj's input: intermediate_size 256
+    reference = tiny_export(tmp_path / "export", demo_tokenizer, preset, probe=x)
+    engine, numerics = load_quantized(tmp_path / "export")
+    layer = engine.get_submodule(LAYER)
+    assert isinstance(layer, QuantizedLinear) and (layer.quant.kind if layer.quant else None) == activations
+    with torch.no_grad():
+        ours = layer(x)
+        weight_only = load_dequantized(tmp_path / "export").get_submodule(LAYER)(x)
+    assert relative(ours, reference) < 0.03, (preset, relative(ours, reference))
+    if activations:  # the activation quantization is what the weight-only view misses
+        assert relative(ours, reference) < 0.5 * relative(weight_only, reference)
+        assert "activations" in numerics
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_tokenizer):
+    folder = tmp_path_factory.mktemp("engine") / "export"
+    tiny_export(folder, demo_tokenizer, "NVFP4_DEFAULT_CFG")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder), "--port",
+                             str(port), "--name", "tiny", "--threads", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            time.sleep(0.5)
+    yield client, proc, folder
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def test_models_and_unknown_model_names(server):
+    client, _, _ = server
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_bad_requests_are_4xx_json_errors_and_leave_the_server_serving(server):
+    client, _, _ = server
+    for kwargs in ({"messages": [], "max_tokens": 2}, {"messages": HELLO, "max_tokens": -5},
+                   {"messages": HELLO, "max_tokens": 0}, {"messages": HELLO, "n": 2},
+                   {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny", **kwargs)
+        assert caught.value.status_code == 400 and caught.value.body["message"], kwargs
+    import urllib.request
+
+    request = urllib.request.Request(str(client.base_url) + "chat/completions", data=b"{not json",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(request)
+    assert raw.value.code == 400 and "error" in json.loads(raw.value.read())
+    answer = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+    assert answer.choices[0].finish_reason in ("length", "stop") and answer.usage.completion_tokens <= 3
+
+
+def test_finish_reason_length_stop_strings_and_text_parts(server):
+    client, _, _ = server
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    full = client.chat.completions.create(model="tiny", messages=parts, max_tokens=24)
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24)
+    assert full.choices[0].message.content == plain.choices[0].message.content  # parts are joined text
+    text = full.choices[0].message.content
+    if full.usage.completion_tokens == 24:
+        assert full.choices[0].finish_reason == "length"
+    words = text.split()
+    if len(words) >= 3:  # greedy and deterministic: the same answer again, cut where the stop string starts
+        stop = words[len(words) // 2]
+        cut = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, stop=[stop])
+        assert cut.choices[0].message.content == text[:text.find(stop)].strip() or \
+            cut.choices[0].message.content == text[:text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_streaming_sends_usage_only_when_asked(server):
+    client, _, _ = server
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, stream=True))
+    assert all(chunk.choices for chunk in chunks)  # the canonical chunk.choices[0] loop never breaks
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5)
+    assert text == plain.choices[0].message.content or text.strip() == (plain.choices[0].message.content or "")
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    with_usage = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens <= 5
+
+
+def test_tool_call_round_trip_and_tools_on_a_template_without_them(server, tmp_path):
+    client, _, folder = server
+    tools = [{"type": "function", "function": {"name": "web_search", "description": "search",
+                                               "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+    history = [{"role": "user", "content": "search cats"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "web_search", "arguments": '{"q": "cats"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"results": ["cats are mammals"]}'}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=tools, max_tokens=4)
+    assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    from runner.worker.local_server import ApiError, parse_request
+
+    with pytest.raises(ApiError) as caught:
+        parse_request({"messages": HELLO, "tools": tools}, "tiny", template_has_tools=False)
+    assert caught.value.status == 400 and "no tools section" in caught.value.message
+
+
+def test_a_failing_generation_is_a_500_and_the_next_request_is_served(demo_tokenizer, tmp_path):
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from runner.worker.local_server import LocalModel, make_app
+
+    tiny_export(tmp_path / "export", demo_tokenizer, "FP8_DEFAULT_CFG")
+    local = LocalModel(tmp_path / "export", "tiny", "bfloat16", threads=2)
+    real = local.generate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory in the middle of a generation")
+        return real(*args, **kwargs)
+
+    local.generate = flaky
+
+    async def scenario() -> tuple[int, dict, int, int]:
+        async with TestClient(TestServer(make_app(local))) as client:
+            body = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+            first = await client.post("/v1/chat/completions", json=body)
+            error = await first.json()
+            second = await client.post("/v1/chat/completions", json=body)
+            health = await client.get("/health")
+            return first.status, error, second.status, health.status
+
+    status, error, next_status, health = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert status == 500 and "out of memory" in error["error"]["message"]
+    assert next_status == 200 and health == 200
+
+
+def test_sigterm_stops_the_server_within_seconds_mid_generation(server):
+    _, _, folder = server
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder), "--port",
+                             str(port), "--name", "tiny", "--threads", "1"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        long = threading.Thread(target=_swallow, args=(lambda: client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=100000),), daemon=True)
+        long.start()
+        time.sleep(2)  # generating now
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _swallow(call) -> None:
+    with contextlib.suppress(Exception):  # the server goes away under it, on purpose
+        call()
