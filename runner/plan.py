@@ -135,7 +135,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
                           VerifyInput(exclude=exclude, engine=recipe.serve.engine), s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
-        steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}", f"export.{s}"),
+        steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}", f"export.{s}", f"quantize.{s}"),
                           BenchmarkInput(**bench_inputs), s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 

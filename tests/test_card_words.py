@@ -1,4 +1,4 @@
-"""The card's words for what was exported (fast: no run needed)."""
+"""The words the documents and the scorers use (fast: no run needed)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_a_repo_name_that_claims_another_format_gets_a_truthful_one():
 def test_absolute_paths_become_file_names():
     data = {"calibration": {"source": {"path": "/home/me/data/calib.jsonl"}}, "tags": ["/x/y", "a/b"], "n": 3}
     assert scrub_paths(data) == {"calibration": {"source": {"path": "calib.jsonl"}}, "tags": ["y", "a/b"], "n": 3}
+
+
+def test_factual_answers_are_checked_not_searched_for_a_keyword():
+    from runner.benchmark.suites import score_answer
+
+    assert score_answer("The capital of France is Paris.", ["Paris"], ["Grand Paris"])[0]
+    assert not score_answer("Le Grand Paris is the capital of France", ["Paris"], ["Grand Paris"])[0]
+    assert not score_answer("Jupiter, but it's actually Saturn that's the largest", ["Jupiter"], ["Saturn"])[0]
+    assert not score_answer("It is not Paris, it is Lyon.", ["Paris"], [])[0]
+    assert not score_answer("Parisian cafés are lovely.", ["Paris"], [])[0]  # a whole word, not a substring
+    assert score_answer("A leap year has 366 days.", ["366"], [])[0]
+    assert not score_answer("It has 1366 days.", ["366"], [])[0]

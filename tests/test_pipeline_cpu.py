@@ -193,7 +193,7 @@ def test_demo_serves_benchmarks_and_gates_against_the_baseline(demo_run):
     assert serve["prediction"]["hardware"] == "cpu" and serve["prediction"]["predicted_decode_tok_s"] > 0
     bench = json.loads((demo_run / "steps" / "benchmark.nvfp4_max" / "results.json").read_text())
     assert bench["suites"]["factual"]["total"] == 5 and bench["suites"]["markdown"]["total"] == 5
-    assert bench["speed"]["summary"]["successful"] == 4 and bench["speed"]["summary"]["ttft_p50_ms"] > 0
+    assert bench["speed"]["summary"]["successful"] == 3 and bench["speed"]["summary"]["ttft_p50_ms"] > 0
     assert set(bench["speed"]["sweep"]) == {"32", "256"}
     assert bench["size"]["bytes"] < json.loads((demo_run / "steps" / "benchmark.baseline" / "results.json")
                                                .read_text())["size"]["bytes"]

@@ -86,7 +86,8 @@ def test_plan_has_one_branch_per_strategy(write, tmp_path):
     assert list(plan.steps)[:2] == ["source", "calibrate"]
     for s in ("max", "b", "c"):
         assert plan.steps[f"quantize.{s}"].deps == ("source", "calibrate")
-        assert plan.steps[f"benchmark.{s}"].deps == (f"serve.{s}", f"export.{s}")
+        # quantize too: the kl metrics are its fidelity to the source
+        assert plan.steps[f"benchmark.{s}"].deps == (f"serve.{s}", f"export.{s}", f"quantize.{s}")
     assert plan.steps["gates"].deps == ("benchmark.max", "benchmark.b", "benchmark.c")
     assert list(plan.steps)[-3:] == ["gates", "report", "publish"]
     only_b, _ = make(write, tmp_path, strategies=["b"])

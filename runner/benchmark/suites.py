@@ -4,7 +4,9 @@ Scorers:
 - no_thinking: no <think> tags, no reasoning phrases, no reasoning field, while thinking is disabled;
 - no_markdown: plain prose (no bold, headings, bullets, code, tables, links);
 - tool_call: the expected function was called with JSON arguments that match its schema;
-- contains: the answer contains one of the accepted strings (case-insensitive).
+- contains: the answer names one of the accepted answers (a whole word, case-insensitive, not negated:
+  "not Paris" fails) and names none of the prompt's `reject` answers ("Jupiter, but it's actually
+  Saturn" fails on Saturn; "Le Grand Paris" fails when `Grand Paris` is listed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +38,8 @@ HARDENED_PROMPT = """CRITICAL RULES (violations will cause errors):
 class SuitePrompt(Section):
     prompt: str
     expect: list[str] = Field(default_factory=list, description="Accepted answers (scorer contains).")
+    reject: list[str] = Field(default_factory=list, description=(
+        "Wrong answers that fail the item wherever they appear, even next to an accepted one (scorer contains)."))
     expect_tool: str | None = Field(None, description="The function that must be called (scorer tool_call).")
 
 
@@ -85,9 +90,25 @@ def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool,
             return False, f"expected {item.expect_tool}, called {called or 'nothing'}"
         problem = tool_call_problem(calls[0], tools)
         return (False, problem) if problem else (True, f"called {item.expect_tool}")
-    lowered = text.lower()
-    hit = next((e for e in item.expect if e.lower() in lowered), None)
-    return (True, f"contains {hit!r}") if hit else (False, f"none of {item.expect}")
+    return score_answer(text, item.expect, item.reject)
+
+
+def _named(text: str, answer: str) -> re.Match[str] | None:
+    """`answer` as a whole word (or phrase) of `text`, case-insensitive."""
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, re.IGNORECASE)
+
+
+def score_answer(text: str, expect: list[str], reject: list[str]) -> tuple[bool, str]:
+    """A factual answer: names an accepted answer, does not negate it, names no wrong one."""
+    wrong = next((r for r in reject if _named(text, r)), None)
+    if wrong is not None:
+        return False, f"names the wrong answer {wrong!r}"
+    hit = next((e for e in expect if _named(text, e)), None)
+    if hit is None:
+        return False, f"none of {expect}"
+    if re.search(rf"\b(?:not|isn't|is not|never)\s+(?:the\s+|a\s+)?{re.escape(hit)}(?!\w)", text, re.IGNORECASE):
+        return False, f"negates {hit!r}"
+    return True, f"names {hit!r}"
 
 
 async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,

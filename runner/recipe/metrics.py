@@ -1,4 +1,6 @@
-"""Metric names, parsed once: `SUITE.passed|failed|total|pass_rate`, `speed.NAME`, `size.bytes|gb`.
+"""Metric names, parsed once: `SUITE.passed|failed|total|pass_rate`, `speed.NAME`, `size.bytes|gb`,
+`kl.kl|top1_agreement` (a candidate's logits against the source model's on held-out conversations,
+computed in the quantize worker; the baseline is the source itself: KL 0, agreement 1).
 
 The schema checks a recipe's metrics with `Metric.parse` + `problem`, and the gate code reads values
 from benchmark results with `Metric.value` and `Metric.sample`: one reading of the name for both.
@@ -13,12 +15,13 @@ SPEED_METRICS = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms", "tpot
                  "e2e_p50_ms")
 SUITE_METRICS = ("passed", "failed", "total", "pass_rate")
 SIZE_METRICS = ("bytes", "gb")
+KL_METRICS = ("kl", "top1_agreement")
 SAMPLED = ("passed", "failed", "pass_rate")  # suite metrics that are proportions of `total`
 
 
 @dataclass(frozen=True)
 class Metric:
-    group: str  # "speed", "size", or a suite's name
+    group: str  # "speed", "size", "kl", or a suite's name
     name: str
 
     @classmethod
@@ -35,14 +38,16 @@ class Metric:
             return SPEED_METRICS
         if self.group == "size":
             return SIZE_METRICS
+        if self.group == "kl":
+            return KL_METRICS
         return SUITE_METRICS if self.group in suites else None
 
     def value(self, result: dict[str, Any]) -> float | None:
         """The metric's value in a benchmark result (results.json); None where it was not measured."""
         if self.group == "speed":
             value = (result.get("speed") or {}).get("summary", {}).get(self.name)
-        elif self.group == "size":
-            value = (result.get("size") or {}).get(self.name)
+        elif self.group in ("size", "kl"):
+            value = (result.get(self.group) or {}).get(self.name)
         else:
             value = (result.get("suites") or {}).get(self.group, {}).get(self.name)
         return float(value) if isinstance(value, (int, float)) else None

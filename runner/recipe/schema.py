@@ -308,6 +308,9 @@ class SuiteRef(Section):
     path: RecipePath | None = None
     hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
     limit: int | None = Field(None, gt=0, description="Ask only the first N prompts (quick runs).")
+    max_tokens: int | None = Field(None, gt=0, description=(
+        "Cap each answer at this many tokens instead of the suite's own max_tokens (quick runs: a leak or "
+        "markdown shows in the first tokens)."))
 
 
 class SpeedSpec(Section):
@@ -492,9 +495,9 @@ def _check_metric(metric: str, suites: list[str], path: tuple[str | int, ...]) -
     parsed = Metric.parse(metric)
     known = parsed.known_names(suites)
     if known is None:
-        groups = ["speed", "size", *suites]
+        groups = ["speed", "size", "kl", *suites]
         guess = closest(parsed.group, groups)
-        return [Problem(f"metric {metric!r} names no suite of benchmark.suites, nor speed or size", path,
+        return [Problem(f"metric {metric!r} names no suite of benchmark.suites, nor speed, size or kl", path,
                         hint=f"did you mean {guess!r}?" if guess else f"groups: {', '.join(groups)}")]
     if parsed.name not in known:
         guess = closest(parsed.name, list(known))

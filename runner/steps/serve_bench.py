@@ -77,17 +77,21 @@ async def benchmark(ctx: StepContext) -> StepResult:
         suites = {}
         for ref in spec.suites:
             suite = load_suite(ref)
+            if ref.max_tokens:
+                suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
             ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
             suites[ref.name] = await run_suite(session, server.url, server.model, suite, spec.system_prompt,
                                                ref.hardened_prompt, ref.limit, spec.concurrency)
             ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed)
+        where = measured_on(server.engine) | {"numerics": await served_numerics(session, server)}
     results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed,
-                               "answers_sha256": combined_hash(suites), "measured_on": measured_on(server.engine)}
+                               "answers_sha256": combined_hash(suites), "measured_on": where}
     if model_dir is not None:
         size = sum(tensor_bytes(model_dir).values())
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
+    results["kl"] = fidelity_to_source(ctx)
     if ctx.step.strategy is not None:
         serve_record = ctx.input_record(f"serve.{ctx.step.strategy}")
         prediction = serve_record.get("summary", {}).get("prediction")
@@ -99,10 +103,37 @@ async def benchmark(ctx: StepContext) -> StepResult:
     return StepResult(outputs={"results": "results.json"}, summary=summary)
 
 
+def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
+    """The `kl` metrics: the candidate's logits against the source model's, as the quantize worker
+    measured them (held-out conversations where the calibration file has them); the baseline served
+    from the source is the source (KL 0, top-1 agreement 1); an endpoint baseline is not measured."""
+    if ctx.step.strategy is None:
+        baseline = input_of(ctx, BenchmarkInput).baseline
+        return {"kl": 0.0, "top1_agreement": 1.0, "measured_on": "the source itself"} \
+            if baseline is not None and baseline.kind == "served" else None
+    fidelity = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {}).get("fidelity") or {}
+    if fidelity.get("kl") is None:
+        return None
+    return {"kl": fidelity["kl"], "top1_agreement": fidelity.get("top1_agreement"), "tokens": fidelity.get("tokens"),
+            "measured_on": fidelity.get("measured_on")}
+
+
 def combined_hash(suites: dict[str, dict[str, Any]]) -> str:
     """One fingerprint of every answer of every suite: two runs with equal hashes gave equal answers."""
     joined = "".join(f"{name}:{suite['answers_sha256']};" for name, suite in sorted(suites.items()))
     return hashlib.sha256(joined.encode()).hexdigest()
+
+
+async def served_numerics(session: aiohttp.ClientSession, server: RunningServer) -> str | None:
+    """What the server computes with, as it says on /health (the local engine does; others: None)."""
+    if server.engine != "local":
+        return None
+    try:
+        async with session.get(server.url.removesuffix("/v1") + "/health",
+                               timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return (await resp.json()).get("numerics")
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
 
 
 def measured_on(engine: str) -> dict[str, Any]:
@@ -113,7 +144,8 @@ def measured_on(engine: str) -> dict[str, Any]:
                                text=True)
         gpu = probe.stdout.strip().splitlines()[0] if probe.returncode == 0 and probe.stdout.strip() else None
     kernels = {
-        "local": "transformers on the CPU, NVFP4/FP8 weights dequantized to bf16 (weight-only emulation)",
+        "local": "transformers on this machine, the export's numerics emulated layer by layer (runner/worker/"
+                 "quantized_linear.py): the quantized values, not the speed of quantized kernels",
         "vllm": "vLLM ModelOpt kernels (native NVFP4 on Blackwell; W4A16 through Marlin on older GPUs)",
         "endpoint": "the user's own server (its hardware is not recorded here)",
     }
