@@ -246,28 +246,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(plan, run_dir, executor, console)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
                          dry_run=args.dry_run, fail_fast=args.fail_fast)
-    if not args.dry_run:
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-        _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
-    try:
+    if args.dry_run:  # writes nothing: no claim, no lock
         outcome = asyncio.run(_run_cancellable(runner.run(options)))
-    finally:
-        executor.cleanup()
+        _print_outcome(outcome, run_dir.root)
+        return outcome.exit_code
+    run_dir.claim()
+    with run_dir.locked():
+        _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
+        try:
+            outcome = asyncio.run(_run_cancellable(runner.run(options)))
+        finally:
+            executor.cleanup()
     _print_outcome(outcome, run_dir.root)
     return outcome.exit_code
 
 
 async def _run_cancellable(coro):
-    """Run the scheduler so that SIGINT and SIGTERM cancel it cleanly (workers stopped, state saved)."""
+    """Run the scheduler so that SIGINT, SIGTERM and SIGHUP (a closed terminal) cancel it cleanly
+    (workers stopped, state saved)."""
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, task.cancel)
     try:
         return await task
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _save_resolved_recipe(loaded, path: Path) -> None:
@@ -323,9 +331,8 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    import shutil
-
     from runner.containers import docker_api
+    from runner.run_dir import MARKER, RunDir
 
     label = docker_api.run_label(args.run_dir) if args.run_dir else None
     try:
@@ -333,9 +340,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
         out.print(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
     except RunnerError as exc:
         console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
-    if args.run_dir and (args.run_dir / ".scratch").is_dir():
-        shutil.rmtree(args.run_dir / ".scratch")
-        out.print(f"removed {args.run_dir / '.scratch'}")
+    if args.run_dir:
+        run_dir = RunDir(args.run_dir)
+        if not run_dir.is_run_dir():
+            raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}); nothing was removed")
+        removed = run_dir.remove_scratch()
+        out.print(f"removed {len(removed)} scratch folder(s) the runner made under {run_dir.root / '.scratch'}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Stopping a child process and everything it started (workers, local servers)."""
+"""Child processes (workers, local servers): they die with the runner, and stop with their group."""
 
 from __future__ import annotations
 
@@ -6,6 +6,28 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the child sent SIGTERM when the runner dies, SIGKILL included (Linux's
+    parent-death signal), so no worker or local server outlives `recipe run`. None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the runner died before the signal was armed
+            os._exit(1)
+
+    return arm
+
 
 # How long a process gets to exit after SIGTERM before it is killed.
 TERMINATE_GRACE_S = 10.0

@@ -1,5 +1,7 @@
 """The run directory: committed step outputs, their JSON records, logs, and scratch space.
 
+    RUN/.recipe-runner-run   the marker: this folder is a run directory (written when it is made)
+    RUN/.recipe-runner.lock  held (flock) by the one `recipe run` writing here; the OS releases it
     RUN/recipe.yaml          the resolved recipe (what was asked)
     RUN/run.json             the latest run's status per step
     RUN/steps/ID/            a committed step: its outputs and record.json
@@ -8,24 +10,34 @@
 
 A step's outputs become visible only by one atomic rename of its scratch folder into steps/, with
 record.json already inside; so a folder in steps/ is always complete, whatever happens mid-step.
+
+The runner writes and deletes only in a folder it made: `claim()` refuses a non-empty folder without
+the marker (a user's project, `--run-dir .`), and scratch folders carry a marker of their own, so
+cleaning never removes a file the runner did not create.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from runner import __version__
+from runner.errors import RunnerError
 
 RECORD = "record.json"
+MARKER = ".recipe-runner-run"
+LOCK = ".recipe-runner.lock"
+SCRATCH_MARKER = ".recipe-runner-scratch"
 
 
 def now() -> str:
@@ -94,16 +106,73 @@ class RunDir:
         path = Path(value)
         return path if path.is_absolute() else self.step_dir(step_id) / path
 
+    def is_run_dir(self) -> bool:
+        """Marked as a run directory, or one made before the marker existed (the runner's run.json,
+        with its status and steps, next to steps/)."""
+        if (self.root / MARKER).is_file():
+            return True
+        try:
+            status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(status, dict) and {"status", "steps"} <= set(status) and (self.root / "steps").is_dir()
+
+    def claim(self) -> None:
+        """Make the folder a run directory (new or empty), or refuse one that is someone else's."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunnerError(f"run directory {self.root} is a file; choose another --run-dir")
+        if self.root.is_dir() and not self.is_run_dir() and any(self.root.iterdir()):
+            raise RunnerError(
+                f"{self.root} is not empty and is not a run directory (no {MARKER}): the runner writes and "
+                "deletes files in its run directory, so it takes only a new or empty folder, or one it made. "
+                "Choose another --run-dir (or execution.run_dir); nothing was written")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MARKER).is_file():
+            write_json_atomic(self.root / MARKER, {"created": now(), "runner": __version__})
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's lock for one writer; another `recipe run` is told who holds it."""
+        import fcntl
+
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                raise RunnerError(f"another `recipe run` (pid {holder}) is writing to {self.root}; wait for it "
+                                  "to finish or stop it (plan and card still work meanwhile)") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock; a crash releases it too
+
     def new_scratch(self, step_id: str) -> Path:
         base = self.root / ".scratch"
         base.mkdir(parents=True, exist_ok=True)
-        # Leftovers of an interrupted attempt are never reused: start clean.
+        # Leftovers of an interrupted attempt are never reused: start clean (only folders the runner made).
         for old in base.glob(f"{step_id}.*"):
-            shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(dir=base, prefix=f"{step_id}."))
+            if (old / SCRATCH_MARKER).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(dir=base, prefix=f"{step_id}."))
+        (scratch / SCRATCH_MARKER).touch()
+        return scratch
+
+    def remove_scratch(self) -> list[Path]:
+        """Delete the scratch folders the runner made (marked), nothing else; returns them."""
+        base = self.root / ".scratch"
+        removed = [d for d in base.glob("*") if d.is_dir() and (d / SCRATCH_MARKER).is_file()] if base.is_dir() else []
+        for folder in removed:
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            base.rmdir()  # only when nothing else is left in it
+        return removed
 
     def commit(self, step_id: str, scratch: Path, record: dict[str, Any]) -> Path:
         """Atomically publish a finished step: record into scratch, then one rename into steps/."""
+        (scratch / SCRATCH_MARKER).unlink(missing_ok=True)
         write_json_atomic(scratch / RECORD, record)
         target = self.step_dir(step_id)
         self.steps_dir.mkdir(parents=True, exist_ok=True)

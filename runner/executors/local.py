@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
-from runner.processes import terminate_group
+from runner.processes import die_with_parent, terminate_group
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
 
@@ -44,7 +44,8 @@ async def run_logged(argv: list[str], log_path: Path, env: dict[str, str] | None
     tail: deque[str] = deque(maxlen=30)
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, env=env if env is not None else dict(os.environ), cwd=cwd)
+        start_new_session=True, env=env if env is not None else dict(os.environ), cwd=cwd,
+        preexec_fn=die_with_parent())
     try:
         assert proc.stdout is not None
         with log_path.open("a", encoding="utf-8") as log:

@@ -17,14 +17,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from runner.errors import RunnerError
-from runner.recipe.schema_base import MODEL_FILE_PREFIX, Section, _resolve_file_ref
+from runner.recipe.schema_base import MODEL_FILE_PREFIX, CheckpointFile, Section, _resolve_file_ref
 
 
 class SetJson(Section):
     """Deep-merge `values` into a JSON file of the exported checkpoint."""
 
     op: Literal["set_json"]
-    file: str
+    file: CheckpointFile
     values: dict[str, Any]
 
     def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
@@ -37,7 +37,7 @@ class WrapConfig(Section):
     """Nest a config under a key (e.g. a text config inside a vision-language wrapper)."""
 
     op: Literal["wrap_config"]
-    file: str = "config.json"
+    file: CheckpointFile = "config.json"
     under: str = Field(description="Key that receives the original config, e.g. text_config.")
     keep_top: list[str] = Field(default_factory=list, description="Keys copied to the top level as well.")
     set: dict[str, Any] = Field(default_factory=dict, description="Top-level keys of the wrapper.")
@@ -55,7 +55,7 @@ class WriteJson(Section):
     """Write a JSON file into the checkpoint."""
 
     op: Literal["write_json"]
-    file: str
+    file: CheckpointFile
     content: dict[str, Any]
 
     def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
@@ -69,7 +69,7 @@ class CopyFile(Section):
     op: Literal["copy_file"]
     source: Annotated[str, BeforeValidator(_resolve_file_ref)] = Field(
         description="A path (relative to the recipe), or `model:NAME` for a file of the source model.")
-    to: str
+    to: CheckpointFile
 
     @property
     def model_file(self) -> str | None:

@@ -1,7 +1,7 @@
 """Serving engines behind one interface: start a candidate, wait until it answers, stop it.
 
-- `local`: runner.worker.local_server as a subprocess of this Python environment (CPU; dequantized
-  weights, weight-only emulation).
+- `local`: runner.worker.local_server as a subprocess of this Python environment (CPU or CUDA; the
+  export's numerics emulated layer by layer: NVFP4 W4A4, W4A16, FP8, mixed).
 - `vllm`: a server in the recipe's serve container plugin (the `vllm` image by default), started
   with `--model /model` and the recipe's flags verbatim, health-checked, labelled, and removed after.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from runner.errors import RunnerError
-from runner.processes import terminate_group
+from runner.processes import die_with_parent, terminate_group
 from runner.run_dir import RunDir
 from runner.steps.inputs import ServingInput
 
@@ -132,7 +132,7 @@ async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id:
         "--name", name, "--dtype", spec.dtype,
         *(["--threads", str(spec.serve.threads)] if spec.serve.threads else []),
         stdout=log, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, env={**os.environ, **spec.serve.env})
+        start_new_session=True, env={**os.environ, **spec.serve.env}, preexec_fn=die_with_parent())
     try:
         await wait_healthy(f"http://127.0.0.1:{port}", spec.serve.startup_timeout_s, proc, log_path)
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine)
