@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MINIMAL, RECIPES
+from conftest import DEMO, MINIMAL, RECIPES
 from runner.errors import RecipeError
 from runner.recipe.loader import load_recipe
 
@@ -248,3 +248,11 @@ def test_a_tagged_section_with_the_same_kind_still_merges(write):
     inherited = load_recipe(plan).recipe.calibration.source
     assert source.kind == "teacher" and source.concurrency == 4
     assert source.endpoint == inherited.endpoint and source.categories == inherited.categories
+
+
+@pytest.mark.parametrize("repo_id", ["../..", "user/name.git", "user/" + "a" * 120])
+def test_publish_repo_ids_are_checked_by_the_hubs_own_rule(write, repo_id):
+    path = write("r.yaml", f"extends: {DEMO}\npublish:\n  repo_id: '{repo_id}'\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert "r.yaml:3" in str(caught.value) and "repo" in str(caught.value).lower()

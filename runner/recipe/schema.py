@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from runner.errors import Problem, closest
 from runner.recipe.metrics import Metric
@@ -373,8 +373,21 @@ class ReportSpec(Section):
     title: str | None = None
 
 
+def _hub_repo_id(value: str | None) -> str | None:
+    """huggingface_hub's own rule for repository ids (no `..`, no `.git`, at most 96 characters)."""
+    if value is None:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ValueError(f"{value!r} is not a valid Hub repository id: {exc}") from None
+    return value
+
+
 class PublishSpec(Section):
-    repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
+    repo_id: Annotated[str | None, AfterValidator(_hub_repo_id)] = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
     private: bool = False
     dry_run: bool = Field(True, description="Show what would be uploaded without uploading.")
     token_env: str = Field("HF_TOKEN", description="Environment variable with the token (never the token).")
