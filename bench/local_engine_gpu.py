@@ -24,7 +24,6 @@ Needs CUDA, torch, transformers and ModelOpt 0.47.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -32,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama_9b_shapes import quantized_linears, quantized_llama  # noqa: E402  (bench/, next to this script)
+
 FORMATS = ["NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG"]
 
 
 def main() -> int:
-    import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from runner.worker.dequantize import load_dequantized, load_quantized
     from runner.worker.quantized_linear import QuantizedLinear
@@ -47,26 +46,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=FORMATS)
     args = parser.parse_args()
-    config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=12288, num_hidden_layers=2,
-                         num_attention_heads=16, num_key_value_heads=4, head_dim=256, tie_word_embeddings=False,
-                         architectures=["LlamaForCausalLM"])
     rows = []
     for preset in args.formats:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
-        cfg = copy.deepcopy(getattr(mtq, preset))
-        cfg["quant_cfg"] = [*cfg["quant_cfg"], {"quantizer_name": "*lm_head*", "enable": False}]
-        ids = torch.randint(0, 1024, (4, 256), device="cuda")
-        mtq.quantize(model, cfg, forward_loop=lambda m, ids=ids: m(ids))
+        model = quantized_llama(preset)
         probes, reference = {}, {}
         with torch.no_grad():
-            for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and getattr(module, "weight_quantizer", None) is not None \
-                        and module.weight_quantizer.is_enabled:
-                    amax = getattr(module.input_quantizer, "amax", None)
-                    scale = float(amax.max()) / 3 if amax is not None else 1.0
-                    probe = torch.randn(2, 64, module.in_features, device="cuda", dtype=torch.bfloat16) * scale
-                    probes[name], reference[name] = probe, module(probe).float()
+            for name, module in quantized_linears(model).items():
+                amax = getattr(module.input_quantizer, "amax", None)
+                scale = float(amax.max()) / 3 if amax is not None else 1.0
+                probe = torch.randn(2, 64, module.in_features, device="cuda", dtype=torch.bfloat16) * scale
+                probes[name], reference[name] = probe, module(probe).float()
         with tempfile.TemporaryDirectory() as tmp:
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp)
             del model

@@ -26,7 +26,6 @@ Needs CUDA, torch, transformers and ModelOpt 0.47.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -35,41 +34,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama_9b_shapes import quantized_linears, quantized_llama  # noqa: E402  (bench/, next to this script)
+
 FORMATS = ["NVFP4_DEFAULT_CFG", "W4A16_NVFP4_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
            "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "MXFP8_DEFAULT_CFG", "MXFP4_DEFAULT_CFG",
            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG"]
 
 
 def main() -> int:
-    import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
     from safetensors import safe_open
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from runner.worker.weight_formats import Layout, decode, identify
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=FORMATS)
     args = parser.parse_args()
-    config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=12288, num_hidden_layers=2,
-                         num_attention_heads=16, num_key_value_heads=4, head_dim=256, tie_word_embeddings=False,
-                         architectures=["LlamaForCausalLM"])
     rows = []
     for preset in args.formats:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
-        cfg = copy.deepcopy(getattr(mtq, preset))
-        cfg["quant_cfg"] = [*cfg["quant_cfg"], {"quantizer_name": "*lm_head*", "enable": False}]
-        ids = torch.randint(0, 1024, (4, 256), device="cuda")
-        mtq.quantize(model, cfg, forward_loop=lambda m, ids=ids: m(ids))
+        model = quantized_llama(preset)
         reference, source = {}, {}
         with torch.no_grad():
-            for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and getattr(module, "weight_quantizer", None) is not None \
-                        and module.weight_quantizer.is_enabled:
-                    reference[name] = module.weight_quantizer(module.weight).float().cpu()
-                    source[name] = module.weight.float().cpu()
+            for name, module in quantized_linears(model).items():
+                reference[name] = module.weight_quantizer(module.weight).float().cpu()
+                source[name] = module.weight.float().cpu()
         with tempfile.TemporaryDirectory() as tmp:
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp)
             quant = json.loads((Path(tmp) / "hf_quant_config.json").read_text())["quantization"]

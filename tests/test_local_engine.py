@@ -97,15 +97,13 @@ def test_engine_layers_compute_what_modelopt_fake_quant_computes(preset, activat
         assert "activations" in numerics
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_tokenizer):
-    folder = tmp_path_factory.mktemp("engine") / "export"
-    tiny_export(folder, demo_tokenizer, "NVFP4_DEFAULT_CFG")
+def start_server(folder: Path, threads: int) -> tuple[subprocess.Popen, openai.OpenAI]:
+    """The engine as a real server on a free loopback port, and an openai client once it answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder), "--port",
-                             str(port), "--name", "tiny", "--threads", "2"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+                             str(port), "--name", "tiny", "--threads", str(threads)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -113,6 +111,14 @@ def server(tmp_path_factory, demo_tokenizer):
             break
         except openai.APIConnectionError:
             time.sleep(0.5)
+    return proc, client
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_tokenizer):
+    folder = tmp_path_factory.mktemp("engine") / "export"
+    tiny_export(folder, demo_tokenizer, "NVFP4_DEFAULT_CFG")
+    proc, client = start_server(folder, threads=2)
     yield client, proc, folder
     proc.terminate()
     proc.wait(timeout=30)
@@ -236,19 +242,8 @@ def test_a_failing_generation_is_a_500_and_the_next_request_is_served(demo_token
 
 def test_sigterm_stops_the_server_within_seconds_mid_generation(server):
     _, _, folder = server
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder), "--port",
-                             str(port), "--name", "tiny", "--threads", "1"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, client = start_server(folder, threads=1)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.5)
         long = threading.Thread(target=_swallow, args=(lambda: client.chat.completions.create(
             model="tiny", messages=HELLO, max_tokens=100000),), daemon=True)
         long.start()

@@ -88,16 +88,21 @@ def test_each_step_gets_only_its_own_input(recipe):
         quantize.inputs.seed = 1  # type: ignore[misc]
 
 
-def test_editing_a_step_module_rekeys_that_step_and_what_follows(recipe, tmp_path, monkeypatch):
+def rekeyed_by_editing(relative: str, recipe, tmp_path, monkeypatch) -> set[str]:
+    """The steps whose keys change when one runner source file (relative to runner/) is edited."""
     code = tmp_path / "runner"
     shutil.copytree(Path(plan_module.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(plan_module, "RUNNER_DIR", code)
     monkeypatch.setattr(plan_module, "_code_hashes", {})
     before = build_plan(recipe).keys
-    with (code / "steps" / "export.py").open("a") as fh:
+    with (code / relative).open("a") as fh:
         fh.write("\n# an edit\n")
     monkeypatch.setattr(plan_module, "_code_hashes", {})
-    moved = rekeyed(before, build_plan(recipe).keys)
+    return rekeyed(before, build_plan(recipe).keys)
+
+
+def test_editing_a_step_module_rekeys_that_step_and_what_follows(recipe, tmp_path, monkeypatch):
+    moved = rekeyed_by_editing("steps/export.py", recipe, tmp_path, monkeypatch)
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)
     assert "benchmark.baseline" not in moved and "gates" in moved
@@ -109,14 +114,6 @@ def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch
 
     assert "quantization/footprint.py" in code_files("quantize") and "steps/fixups.py" in code_files("export")
     assert "recipe/schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
-    code = tmp_path / "runner"
-    shutil.copytree(Path(plan_module.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(plan_module, "RUNNER_DIR", code)
-    monkeypatch.setattr(plan_module, "_code_hashes", {})
-    before = build_plan(recipe).keys
-    with (code / "steps" / "fixups.py").open("a") as fh:
-        fh.write("\n# an edit\n")
-    monkeypatch.setattr(plan_module, "_code_hashes", {})
-    moved = rekeyed(before, build_plan(recipe).keys)
+    moved = rekeyed_by_editing("steps/fixups.py", recipe, tmp_path, monkeypatch)
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)

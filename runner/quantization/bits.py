@@ -50,11 +50,21 @@ def format_name(fmt: str, block: int | None) -> str:
     return f"{fmt}_b{block}"
 
 
-def _format_bits(fmt: str) -> float | None:
-    base, block = fmt, None
+def split_format(fmt: str) -> tuple[str, int | None]:
+    """`nvfp4_b32` -> ("nvfp4", 32); a name without a block suffix -> (name, None)."""
     match = _BLOCK_SUFFIX.match(fmt)
     if match and match.group(1) in LAYOUTS:
-        base, block = match.group(1), int(match.group(2))
+        return match.group(1), int(match.group(2))
+    return fmt, None
+
+
+def base_format(fmt: str) -> str:
+    """The format without its block-size suffix (`nvfp4_b32` -> `nvfp4`)."""
+    return split_format(fmt)[0]
+
+
+def _format_bits(fmt: str) -> float | None:
+    base, block = split_format(fmt)
     if base not in LAYOUTS:
         return None
     code, scale, default = LAYOUTS[base]
@@ -90,8 +100,7 @@ def bits_of(fmt: str) -> float:
 
 def logical_numel(stored_numel: int, fmt: str) -> int:
     """Weights a stored tensor holds: an NVFP4 weight exported as uint8 [out, in/2] holds out x in."""
-    match = _BLOCK_SUFFIX.match(fmt)
-    return stored_numel * (2 if (match.group(1) if match else fmt) in PACKED_FAMILIES else 1)
+    return stored_numel * (2 if base_format(fmt) in PACKED_FAMILIES else 1)
 
 
 def effective_bits(weights: Iterable[tuple[str, int]]) -> float:

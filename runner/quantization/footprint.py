@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.quantization.bits import DEFINITION, DTYPE_BITS, MODELOPT_DEFINITION, bits_of, format_name
+from runner.quantization.bits import (
+    DEFINITION,
+    DTYPE_BITS,
+    MODELOPT_DEFINITION,
+    base_format,
+    bits_of,
+    format_name,
+)
 from runner.quantization.modelopt_recipes import recipes_root
 from runner.quantization.safetensors_headers import Tensor, read_headers
 
@@ -451,7 +458,7 @@ def _stored_bits(tensor: Tensor, dtype: str | None) -> float:
 
 def _scalar_bytes(fmt: str) -> int:
     """Per-tensor scales the export adds to a quantized Linear (weight_scale_2 / input_scale, fp32)."""
-    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8, "w4a8_nvfp4_fp8": 8}.get(fmt.split("_b")[0], 0)
+    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8, "w4a8_nvfp4_fp8": 8}.get(base_format(fmt), 0)
 
 
 def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,

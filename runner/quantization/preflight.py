@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization import footprint
+from runner.quantization.bits import base_format
 
 
 def host_has_gpu() -> bool:
@@ -106,14 +107,14 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
     except (footprint.Unknown, OSError, ValueError):
         return None
     with_exclusions = config.with_exclusions(exclude)
-    formats = {f for m in weights.linears if (f := footprint.module_format(with_exclusions, m))}
+    formats = {m: f for m in weights.linears if (f := footprint.module_format(with_exclusions, m))}
     if formats:
         if engine == "vllm":
             from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 
-            algos = {EXPORT_ALGO.get(f.split("_b")[0], f.upper()) for f in formats}
+            algos = {EXPORT_ALGO.get(base_format(f), f.upper()) for f in formats.values()}
             refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
-            weight_only_fp8 = sorted(m for m in weights.linears if footprint.module_format(with_exclusions, m) == "fp8"
+            weight_only_fp8 = sorted(m for m, f in formats.items() if f == "fp8"
                                      and footprint.quantizer_cfg(with_exclusions, f"{m}.input_quantizer") is None)
             if weight_only_fp8 and not refused:
                 return (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale (weight-only "

@@ -22,6 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from runner.benchmark.gates import first_line
 from runner.errors import RunnerError
+from runner.quantization.bits import base_format
 from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 from runner.recipe.loader import dump_yaml
 from runner.recipe.resources import hardware_targets, shipped_dir
@@ -65,9 +66,8 @@ def export_format(quant_algo: str | None, layer_formats: dict[str, int] | None) 
     """The selected export's format in words: {"name", "tags", "description"}."""
     algo = (quant_algo or "").upper()
     if algo == "MIXED_PRECISION":
-        counts = {k: v for k, v in (layer_formats or {}).items() if k.split("_b")[0] in _LAYER_FORMAT_WORDS
-                  or k in _LAYER_FORMAT_WORDS}
-        words = list(dict.fromkeys(_LAYER_FORMAT_WORDS.get(k, k.upper()) for k in
+        counts = {k: v for k, v in (layer_formats or {}).items() if base_format(k) in _LAYER_FORMAT_WORDS}
+        words = list(dict.fromkeys(_LAYER_FORMAT_WORDS[base_format(k)] for k in
                                    sorted(counts, key=lambda k: -counts[k])))
         parts = ", ".join(f"{n} in {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         return {"name": "-".join(words) + "-Mixed", "tags": [w.lower() for w in words] + ["mixed-precision"],
