@@ -98,3 +98,20 @@ def test_table_shows_n_interval_and_verdict():
     assert "| gate | required | n | BF16 (baseline) | x | y |" in table
     assert "| factual | >= 1 x baseline = 4 | 5 | 4 | 5 [2.83, 5] inconclusive | 0 [0, 2.17] FAIL |" in table
     assert "Selected: **x**" in table and "Wilson" in table
+
+
+def paired(speed: float, base: float, low: float, high: float) -> dict:
+    out = result(5, speed=speed)
+    out["speed"]["paired_baseline"] = {"summary": {"decode_tok_s": base}, "pairs": 3,
+                                       "ratios": {"decode_tok_s": {"median": speed / base, "min": low, "max": high}}}
+    return out
+
+
+@pytest.mark.parametrize("low, high, verdict", [(0.6, 0.8, "pass"), (0.3, 0.45, "fail"), (0.4, 0.7, "inconclusive")])
+def test_a_paired_speed_gate_judges_the_per_pair_ratios(low, high, verdict):
+    # The separately measured baseline (30 tok/s) is not used: the one measured alongside (20) is.
+    (v,) = evaluate([gate("speed.decode_tok_s", ">=", 0.5, relative=True)], paired(12.0, 20.0, low, high),
+                    result(5, speed=30.0))
+    assert v["verdict"] == verdict and v["baseline"] == 20.0 and v["threshold"] == 10.0 and v["n"] == 3
+    table = comparison_markdown({"s": [v]}, "base", result(5), select({"s": [v]}, {"s": result(5)}, []))
+    assert "in the same run" in table and f"x{low:g}-{high:g} over 3 pairs" in table

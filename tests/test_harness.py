@@ -112,3 +112,48 @@ def test_answers_hash_is_stable_and_changes_with_any_answer():
     other = asyncio.run(_run_suite(ScriptedServer(), ["one", "two"]))
     assert (first["passed"], first["failed"], first["total"]) == (1, 1, 2)
     assert first["answers_sha256"] == again["answers_sha256"] != other["answers_sha256"]
+
+
+def test_paired_speed_alternates_with_the_baseline_and_reports_the_ratio_spread():
+    from runner.benchmark.speed import speed_sweep
+    from runner.recipe.schema import SpeedSpec
+
+    candidate, baseline = ScriptedServer(model="cand", itl_s=0.02), ScriptedServer(model="base", itl_s=0.01)
+    spec = SpeedSpec(warmup_requests=1, requests=4, prompt_tokens=[16, 64], output_tokens=12)
+
+    async def main():
+        await candidate.start()
+        await baseline.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await speed_sweep(session, candidate.url, "cand", spec, paired_with=(baseline.url, "base"))
+        finally:
+            await candidate.stop()
+            await baseline.stop()
+
+    speed = asyncio.run(main())
+    paired = speed["paired_baseline"]
+    assert paired["order"] == "ABBA" and paired["pairs"] == 4
+    assert baseline.requests == 1 + 4  # warm-up and the gate's level only; the 64-token level is not paired
+    assert candidate.requests == (1 + 4) * 2
+    ratio = paired["ratios"]["decode_tok_s"]
+    assert 0.4 < ratio["min"] <= ratio["median"] <= ratio["max"] < 0.6  # 20 ms against 10 ms a token
+    assert speed["summary"]["decode_tok_s"] < paired["summary"]["decode_tok_s"]
+
+
+def test_a_failed_speed_request_fails_the_sweep_instead_of_reporting_a_speed():
+    import pytest
+
+    from runner.benchmark.speed import speed_sweep
+    from runner.errors import RunnerError
+    from runner.recipe.schema import SpeedSpec
+    from runner.steps.serving import free_port
+
+    spec = SpeedSpec(warmup_requests=0, requests=2, prompt_tokens=[16], output_tokens=4)
+
+    async def main():  # nothing listens on the port: every request fails to connect
+        async with aiohttp.ClientSession() as session:
+            return await speed_sweep(session, f"http://127.0.0.1:{free_port()}/v1", "m", spec)
+
+    with pytest.raises(RunnerError, match="speed requests to .* failed"):
+        asyncio.run(main())

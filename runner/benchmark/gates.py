@@ -10,7 +10,8 @@ carries a 95 % Wilson interval, and an inequality gate on it is judged on the in
 interval is on the wrong side, "inconclusive" when it straddles (noise could flip it). For a gate
 relative to the baseline the baseline's own noise counts too: the interval of `p1 - k * p2` is
 built from both Wilson intervals (Newcombe's / Zou's MOVER method). `==` gates, speed and size are
-compared as measured.
+compared as measured, except a relative speed gate of a candidate measured interleaved with the
+baseline (speed.paired_baseline): it judges the per-pair ratios, "inconclusive" when they disagree.
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ def judge(op: str, value: float, threshold: float, interval: tuple[float, float]
     return "pass" if sure else "fail" if wrong else "inconclusive"
 
 
+def _paired_ratio(metric: Metric, result: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+    """(the baseline's value, the candidate/baseline ratio's median, min, max and pairs) where the
+    candidate's speed was measured interleaved with the baseline (speed.paired_baseline)."""
+    paired = (result.get("speed") or {}).get("paired_baseline")
+    if metric.group != "speed" or not paired:
+        return None
+    base = paired["summary"].get(metric.name)
+    ratio = (paired.get("ratios") or {}).get(metric.name)
+    if not isinstance(base, (int, float)) or not ratio:
+        return None
+    return float(base), {**ratio, "pairs": paired.get("pairs")}
+
+
+def judge_spread(op: str, factor: float, spread: dict[str, Any]) -> str:
+    """A relative speed gate on per-pair ratios: pass when every pair is on the right side of the
+    factor, fail when none is, inconclusive when the pairs disagree (the machine's noise decides)."""
+    if op == "==":
+        return "pass" if spread["median"] == factor else "fail"
+    ends = [OPS[op](spread["min"], factor), OPS[op](spread["max"], factor)]
+    return "pass" if all(ends) else "fail" if not any(ends) else "inconclusive"
+
+
 def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
              ) -> list[dict[str, Any]]:
     """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing).
@@ -91,6 +114,16 @@ def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], bas
         threshold = (gate.value * base if base is not None else None) if relative else gate.value
         sample = metric.sample(result)
         base_sample = metric.sample(baseline) if baseline and relative else None
+        paired = _paired_ratio(metric, result) if relative else None
+        if paired is not None and value is not None:
+            base, spread = paired
+            threshold = gate.value * base
+            verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": gate.value,
+                             "value": value, "n": spread["pairs"], "interval": None, "threshold": threshold,
+                             "baseline": base, "relative_to": gate.relative_to, "margin": None,
+                             "paired": spread, "verdict": (verdict := judge_spread(op, gate.value, spread)),
+                             "pass": {"pass": True, "fail": False}.get(verdict)})
+            continue
         if value is None or threshold is None:
             verdict, diff = "missing", None
         else:
@@ -150,6 +183,10 @@ def _cell(v: dict[str, Any]) -> str:
     value = _fmt(v["value"])
     if v.get("interval"):
         value += f" [{_fmt(v['interval'][0])}, {_fmt(v['interval'][1])}]"
+    if v.get("paired"):
+        p = v["paired"]
+        value += (f" (x{_fmt(p['median'])} of the baseline's {_fmt(v['baseline'])} in the same run, "
+                  f"x{_fmt(p['min'])}-{_fmt(p['max'])} over {p['pairs']} pairs)")
     return f"{value} {mark}"
 
 
@@ -166,6 +203,8 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
         required = f"{gate['op']} {_fmt(gate['threshold'])}"
         if gate["relative_to"] == "baseline":
             required = f"{gate['op']} {_fmt(gate['declared'])} x baseline = {_fmt(gate['threshold'])}"
+            if gate.get("paired"):  # each candidate has its own baseline measurement
+                required = f"{gate['op']} {_fmt(gate['declared'])} x baseline (in the same run)"
         row = [gate["gate"], required, str(gate["n"]) if gate.get("n") else "-"]
         if baseline:
             row.append(_fmt(gate["baseline"]))
@@ -176,6 +215,11 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
     if any(v.get("interval") for vs in verdicts.values() for v in vs):
         lines.append("Suite values show the 95 % Wilson interval; a gate whose interval (with the baseline's, "
                      "for relative gates) straddles its threshold is inconclusive: too few prompts to tell.")
+        lines.append("")
+    if any(v.get("paired") for vs in verdicts.values() for v in vs):
+        lines.append("Relative speed gates compare each candidate with the baseline served alongside it in the same "
+                     "run, requests alternating; the spread is the per-pair ratio's, and a gate the pairs disagree "
+                     "on is inconclusive.")
         lines.append("")
     lines.append(f"Selected: **{best}** ({selection['rule']})." if best else
                  f"No strategy passes the gates ({selection['rule']}).")

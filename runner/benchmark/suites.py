@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,13 +113,16 @@ def score_answer(text: str, expect: list[str], reject: list[str]) -> tuple[bool,
 
 
 async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,
-                    hardened: bool, limit: int | None, concurrency: int) -> dict[str, Any]:
-    """Ask every prompt, score every answer; passed/failed/total/pass_rate plus each item."""
+                    hardened: bool, limit: int | None, concurrency: int,
+                    on_answer: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Ask every prompt, score every answer; passed/failed/total/pass_rate plus each item.
+    `on_answer(done, total)` is told of each answer (progress)."""
     system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
     items = suite.items()[:limit] if limit else suite.items()
     tools = [t.model_dump() for t in suite.tools] or None
     extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
     slots = asyncio.Semaphore(concurrency)
+    answered: list[SuitePrompt] = []
 
     async def ask(item: SuitePrompt) -> dict[str, Any]:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -126,6 +130,9 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
         async with slots:
             result = await stream_chat(session, base_url, model, messages, suite.max_tokens, tools, extra)
         passed, why = score(suite, item, result)
+        answered.append(item)
+        if on_answer is not None:
+            on_answer(len(answered), len(items))
         return {"prompt": item.prompt, "passed": passed, "why": why, "answer": result.content[:500],
                 "full_answer": result.content, "error": not result.ok,
                 "tool_calls": result.tool_calls, "ttft_ms": round(result.ttft_s * 1000, 2) if result.ttft_s else None}

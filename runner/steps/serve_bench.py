@@ -9,6 +9,7 @@ a strategy whose branch failed is no candidate, and gates records where and why 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -71,20 +72,42 @@ async def _candidate(ctx: StepContext) -> AsyncIterator[tuple[RunningServer, Pat
         yield srv, checkpoint, ctx.step.strategy
 
 
+@contextlib.asynccontextmanager
+async def _paired_baseline(ctx: StepContext) -> AsyncIterator[RunningServer | None]:
+    """The source model served next to the candidate, for the interleaved speed run (or None)."""
+    inputs: BenchmarkInput = input_of(ctx, BenchmarkInput)
+    if ctx.step.strategy is None or not inputs.paired_baseline:
+        yield None
+        return
+    async with serving(inputs.serving, ctx.input("source", "model_dir"), ctx.run_dir, ctx.step.id,
+                       "baseline", pin_port=False) as srv:
+        ctx.log.info("speed: interleaved with the baseline served alongside (A B B A ...)")
+        yield srv
+
+
 async def benchmark(ctx: StepContext) -> StepResult:
     spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
-    async with _candidate(ctx) as (server, model_dir, name), aiohttp.ClientSession() as session:
+    async with contextlib.AsyncExitStack() as stack:
+        # The two servers start side by side: most of a start is single-threaded imports and loading.
+        async with asyncio.TaskGroup() as starting:
+            candidate = starting.create_task(stack.enter_async_context(_candidate(ctx)))
+            paired = starting.create_task(stack.enter_async_context(_paired_baseline(ctx)))
+        (server, model_dir, name), baseline = candidate.result(), paired.result()
+        session = await stack.enter_async_context(aiohttp.ClientSession())
         suites = {}
         for ref in spec.suites:
             suite = load_suite(ref)
             if ref.max_tokens:
                 suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
             ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
-            suites[ref.name] = await run_suite(session, server.url, server.model, suite, spec.system_prompt,
-                                               ref.hardened_prompt, ref.limit, spec.concurrency)
+            suites[ref.name] = await run_suite(
+                session, server.url, server.model, suite, spec.system_prompt, ref.hardened_prompt, ref.limit,
+                spec.concurrency, lambda done, total, n=ref.name: ctx.log.info("suite %s: %d/%d answered", n, done,
+                                                                                 total))
             ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
-        speed = await speed_sweep(session, server.url, server.model, spec.speed)
+        speed = await speed_sweep(session, server.url, server.model, spec.speed,
+                                  paired_with=(baseline.url, baseline.model) if baseline else None)
         where = measured_on(server.engine) | {"numerics": await served_numerics(session, server)}
     results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed,
                                "answers_sha256": combined_hash(suites), "measured_on": where}

@@ -114,12 +114,13 @@ def load_quantized(checkpoint: Path, dtype_name: str = "bfloat16") -> tuple[Any,
     sentence naming the numerics."""
     import torch
 
-    from runner.worker.quantized_linear import QuantizedLinear, activation_quant, numerics_summary
+    from runner.worker.quantized_linear import LastInput, QuantizedLinear, activation_quant, numerics_summary
 
     dtype = _dtype(dtype_name)
     state, layouts, tensors = dequantized_state_dict(checkpoint, dtype, fold_pre_quant_scale=False)
     model, renames = _build(checkpoint, dtype_name, state)
     replaced: dict[str, QuantizedLinear] = {}
+    last_input = LastInput()
     for module, layout in layouts.items():
         name = renames[f"{module}.weight"].removesuffix(".weight")
         linear = model.get_submodule(name)
@@ -129,7 +130,7 @@ def load_quantized(checkpoint: Path, dtype_name: str = "bfloat16") -> tuple[Any,
         quant = activation_quant(layout.family, scale is not None, float(scale) if scale is not None else None)
         pqs = tensors.get(f"{module}.pre_quant_scale")
         layer = QuantizedLinear(linear.weight.data, None if linear.bias is None else linear.bias.data, quant,
-                                None if pqs is None else pqs.to(dtype), layout.name)
+                                None if pqs is None else pqs.to(dtype), layout.name, last_input)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         replaced[name] = layer

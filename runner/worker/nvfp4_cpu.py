@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 CHECKED_MODELOPT = "0.47."
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -42,24 +44,31 @@ def nvfp4_fake_quant(inputs: Any, block_size: int, amax: Any) -> Any:
         return _fake_quant_via_qtensor(inputs, block_size, amax)
     x = inputs.float().reshape(-1, block_size)
     global_scale = amax.float().amax() / (E2M1_MAX * E4M3_MAX)
-    block_scale = x.abs().amax(dim=1, keepdim=True) / (E2M1_MAX * global_scale)
-    block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
-    block_scale = block_scale.clamp(min=2**-9, max=E4M3_MAX).to(torch.float8_e4m3fn).float()
-    scaled = x / (block_scale * global_scale)
-    values = round_e2m1(scaled)
-    return (values * (block_scale * global_scale)).reshape(shape).to(dtype)
+    # ModelOpt replaces a zero block scale by 1; the clamp's 2^-9 gives the same result, since every
+    # value of such a block is 0.
+    block_scale = (x.abs().amax(dim=1, keepdim=True) / (E2M1_MAX * global_scale)).clamp_(min=2**-9, max=E4M3_MAX)
+    scale = block_scale.to(torch.float8_e4m3fn).float().mul_(global_scale)
+    return round_e2m1(x / scale).mul_(scale).reshape(shape).to(dtype)
+
+
+# Bucket bounds for torch.bucketize (a value equal to a bound goes to the lower bucket): an odd
+# midpoint is moved one float below itself, so that a value on it goes up, to the even code.
+_BUCKET_BOUNDS = tuple(float(np.nextafter(np.float32(b), np.float32(0))) if b in ODD_BOUNDS else b
+                       for b in E2M1_BOUNDS)
+_tables: dict[Any, tuple[Any, Any]] = {}
 
 
 def round_e2m1(scaled: Any) -> Any:
-    """The nearest E2M1 value (0, 0.5 ... 6), as ModelOpt rounds (E2M1_BOUNDS, ODD_BOUNDS): the grid's
-    step is 0.5 below 2, 1 below 4 and 2 up to 6, and round-half-to-even on the step count lands every
-    midpoint where ModelOpt's buckets do. Arithmetic only, so it runs on any device without lookup
-    tables (the local engine quantizes every layer's input this way at each generated token)."""
+    """The nearest E2M1 value (0, 0.5 ... 6, saturating), as ModelOpt rounds (E2M1_BOUNDS, ODD_BOUNDS):
+    one bucketize and one lookup, on any device (the local engine quantizes every layer's input this
+    way at each generated token, so its cost is the engine's overhead over bf16)."""
     import torch
 
-    magnitude = scaled.abs().clamp(max=E2M1_MAX)
-    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
-    return torch.round(magnitude / step) * step * torch.sign(scaled)
+    if scaled.device not in _tables:
+        _tables[scaled.device] = (torch.tensor(_BUCKET_BOUNDS, dtype=torch.float32, device=scaled.device),
+                                  torch.tensor(E2M1_VALUES, dtype=torch.float32, device=scaled.device))
+    bounds, values = _tables[scaled.device]
+    return values[torch.bucketize(scaled.abs(), bounds)].copysign_(scaled)
 
 
 def _fake_quant_via_qtensor(inputs: Any, block_size: int, amax: Any) -> Any:

@@ -71,12 +71,33 @@ def _to_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
 
 
+class LastInput:
+    """The last quantized input of a model's layers. q/k/v (and gate/up) read the same tensor and, in
+    ModelOpt's exports, share one input_scale (the fused kernels need it): quantizing it once for the
+    three is the same result at a third of the cost. Holding the tensor keeps its identity unique."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.version = -1
+        self.quant: ActivationQuant | None = None
+        self.out: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor, quant: ActivationQuant) -> torch.Tensor | None:
+        if self.x is x and self.version == x._version and self.quant == quant:
+            return self.out
+        return None
+
+    def put(self, x: torch.Tensor, quant: ActivationQuant, out: torch.Tensor) -> None:
+        self.x, self.version, self.quant, self.out = x, x._version, quant, out
+
+
 class QuantizedLinear(torch.nn.Module):
     """y = quantize_input(x * pre_quant_scale) @ decoded_weight.T + bias."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: ActivationQuant | None,
-                 pre_quant_scale: torch.Tensor | None, fmt: str):
+                 pre_quant_scale: torch.Tensor | None, fmt: str, last_input: LastInput | None = None):
         super().__init__()
+        self.last_input = last_input if pre_quant_scale is None else None  # AWQ scales make each input its own
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.register_buffer("pre_quant_scale", pre_quant_scale)
@@ -91,7 +112,12 @@ class QuantizedLinear(torch.nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)
         if self.quant is not None:
-            x = quantize_input(x, self.quant, self.activation_amax)
+            shared = self.last_input.get(x, self.quant) if self.last_input is not None else None
+            if shared is None:
+                shared = quantize_input(x, self.quant, self.activation_amax)
+                if self.last_input is not None:
+                    self.last_input.put(x, self.quant, shared)
+            x = shared
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
