@@ -36,6 +36,7 @@ from runner.steps.inputs import (
     SourceInput,
     StepInput,
     VerifyInput,
+    calibrate_step,
 )
 
 RUNNER_DIR = Path(__file__).resolve().parent
@@ -110,9 +111,14 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         source_files = (model.source.path,)
     steps.append(Step("source", "source", (), SourceInput(
         source=model.source, architecture=model.architecture, dtype=model.dtype), input_files=source_files))
-    calib_files = (calib.source.path,) if calib.source.kind == "jsonl" else ()
-    steps.append(Step("calibrate", "calibrate", ("source",), CalibrateInput(calibration=calib),
-                      input_files=calib_files))
+    # The recipe's set, and each alternative set a chosen strategy names: one calibrate step each.
+    sets = {None: calib.source} | {s.calibration: calib.alternatives[s.calibration]
+                                   for s in chosen if s.calibration is not None}
+    for name, source in sets.items():
+        files = (source.path,) if source.kind in ("jsonl", "text") else ()
+        spec = calib.model_copy(update={"source": source, "alternatives": {}})
+        steps.append(Step(calibrate_step(name), "calibrate", ("source",), CalibrateInput(calibration=spec),
+                          input_files=files))
 
     serving = ServingInput(serve=recipe.serve, container=recipe.container_for("serve"), dtype=model.dtype,
                            env_names=recipe.execution.env)
@@ -123,10 +129,11 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     for strategy in chosen:
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
-        steps.append(Step(f"quantize.{s}", "quantize", ("source", "calibrate"), QuantizeInput(
+        calib_deps = tuple(dict.fromkeys(("calibrate", calibrate_step(strategy.calibration))))
+        steps.append(Step(f"quantize.{s}", "quantize", ("source", *calib_deps), QuantizeInput(
             strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
-            max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture),
-            s, heavy=True))
+            max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture,
+            held_out=calib.held_out, held_out_after=calib.samples), s, heavy=True))
         fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
                             if isinstance(f, CopyFile) and f.model_file is None)
         steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
@@ -135,8 +142,10 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
                           VerifyInput(exclude=exclude, engine=recipe.serve.engine), s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
-        steps.append(Step(f"benchmark.{s}", "benchmark", (f"serve.{s}", f"export.{s}", f"quantize.{s}"),
-                          BenchmarkInput(**bench_inputs), s, heavy=True))
+        paired = paired_speed(recipe)
+        steps.append(Step(f"benchmark.{s}", "benchmark",
+                          (f"serve.{s}", f"export.{s}", f"quantize.{s}", *(("source",) if paired else ())),
+                          BenchmarkInput(**bench_inputs, paired_baseline=paired), s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 
     if bench.baseline is not None:
@@ -156,6 +165,14 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     for sid, step in plan.steps.items():
         plan.keys[sid] = step_key(step, [plan.keys[d] for d in step.deps])
     return plan
+
+
+def paired_speed(recipe: Recipe) -> bool:
+    """Whether candidates measure their speed interleaved with the served baseline (SpeedSpec.paired_baseline)."""
+    bench = recipe.benchmark
+    if bench.baseline is None or bench.baseline.kind != "served" or bench.speed.paired_baseline == "off":
+        return False
+    return bench.speed.paired_baseline == "on" or recipe.serve.engine == "local"
 
 
 def step_key(step: Step, dep_keys: list[str]) -> str:

@@ -1,13 +1,24 @@
-"""The `calibrate` step: a checked calibration set in the run directory, whatever its source."""
+"""The `calibrate` step: a checked calibration set in the run directory, whatever its source.
+
+`calibrate` makes the recipe's set (`calibration.source`); `calibrate.NAME` an alternative set a strategy
+names (`calibration.alternatives`). The output is JSONL, one sample a line, in one of three forms the
+quantize worker reads: a conversation ({"messages": ...}, rendered with the chat template), plain text
+({"text": ...}, tokenized as it is) or token ids ({"token_ids": [...]}).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import random
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 from runner.calibration.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.calibration.generate import generate
-from runner.errors import NotImplementedStep
+from runner.errors import NotImplementedStep, RunnerError
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import CalibrateInput
 
@@ -26,6 +37,17 @@ async def run(ctx: StepContext) -> StepResult:
     if source.kind == "dataset":
         raise NotImplementedStep("named datasets need the Hugging Face Hub, which this build does not fetch "
                                  "yet; export the data to JSONL and use `source: {kind: jsonl}`")
+    if source.kind == "text":
+        samples = await asyncio.to_thread(read_paragraphs, source.path)
+        return _samples_result(ctx, [{"text": p} for p in samples], {"source": str(source.path), "kind": "text",
+                                                                       "paragraphs": len(samples)})
+    if source.kind == "random_tokens":
+        vocab = vocab_size(ctx.input("source", "model_dir"))
+        rng = random.Random(calibration.seed)
+        length = min(source.tokens or calibration.max_length, calibration.max_length)
+        rows = [{"token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(calibration.samples)]
+        return _samples_result(ctx, rows, {"kind": "random_tokens", "vocab_size": vocab,
+                                           "tokens_per_sample": length})
     conversations = await asyncio.to_thread(read_conversations, source.path)
     target = ctx.scratch / "calibration.jsonl"
     sha256 = await asyncio.to_thread(write_conversations, target, conversations)
@@ -42,3 +64,38 @@ async def run(ctx: StepContext) -> StepResult:
         ctx.log.warning("the file has %d conversations; calibration.samples asks for %d: all are used",
                         len(conversations), calibration.samples)
     return StepResult(outputs={"calibration": "calibration.jsonl"}, summary=summary)
+
+
+def read_paragraphs(path: Path) -> list[str]:
+    """The blank-line separated paragraphs of a UTF-8 text file; an error names the file (and line)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise RunnerError(f"cannot read the calibration text {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise RunnerError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); calibration text must be UTF-8") from None
+    paragraphs = [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
+    if not paragraphs:
+        raise RunnerError(f"{path}: no text in the file")
+    return paragraphs
+
+
+def vocab_size(model_dir: Path) -> int:
+    """The model's vocabulary size from config.json (text_config for multimodal models)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(size, int) or size <= 0:
+        raise RunnerError(f"{model_dir / 'config.json'} names no vocab_size: random-token calibration needs it")
+    return size
+
+
+def _samples_result(ctx: StepContext, rows: list[dict[str, Any]], summary: dict[str, Any]) -> StepResult:
+    digest = hashlib.sha256()
+    with (ctx.scratch / "calibration.jsonl").open("w", encoding="utf-8") as fh:
+        for row in rows:
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            fh.write(line)
+            digest.update(line.encode())
+    return StepResult(outputs={"calibration": "calibration.jsonl"},
+                      summary={**summary, "samples": len(rows), "sha256": digest.hexdigest()})

@@ -45,6 +45,11 @@ class SourceInput(StepInput):
     dtype: str  # a GGUF conversion writes this dtype
 
 
+def calibrate_step(alternative: str | None) -> str:
+    """The step that makes a calibration set: `calibrate`, or `calibrate.NAME` for an alternative."""
+    return "calibrate" if alternative is None else f"calibrate.{alternative}"
+
+
 class CalibrateInput(StepInput):
     calibration: CalibrationSpec
 
@@ -57,6 +62,11 @@ class QuantizeInput(StepInput):
     seed: int
     dtype: str
     architecture: str | None
+    # Fidelity is measured on `held_out` conversations of the recipe's set that follow the first
+    # `held_out_after` (calibration.samples) of its seeded shuffle: never calibrated on, the same for
+    # every strategy whatever set it calibrates on.
+    held_out: int = 8
+    held_out_after: int = 512
 
 
 class ExportInput(StepInput):
@@ -89,6 +99,8 @@ class BenchmarkInput(StepInput):
     speed: SpeedSpec
     concurrency: int
     baseline: Baseline | None = None  # set for benchmark.baseline only
+    # A candidate's gate-level speed runs interleaved with the source model served alongside it
+    paired_baseline: bool = False
 
 
 class GatesInput(StepInput):

@@ -7,7 +7,7 @@ import asyncio
 from runner.errors import RunnerError
 from runner.quantization.preflight import strategy_refusal
 from runner.steps.base import StepContext, StepResult, input_of
-from runner.steps.inputs import QuantizeInput, VerifyInput
+from runner.steps.inputs import QuantizeInput, VerifyInput, calibrate_step
 
 
 async def quantize(ctx: StepContext) -> StepResult:
@@ -21,7 +21,8 @@ async def quantize(ctx: StepContext) -> StepResult:
     params = {
         **inputs.key_payload(),
         "model_dir": str(model_dir),
-        "calibration": str(ctx.input("calibrate", "calibration")),
+        "calibration": str(ctx.input(calibrate_step(inputs.strategy.calibration), "calibration")),
+        "held_out_from": str(ctx.input("calibrate", "calibration")),
     }
     return await ctx.run_worker("quantize", params)
 

@@ -260,17 +260,41 @@ def render(tokenizer: Any, conversation: dict[str, Any]) -> str:
     return tokenizer.apply_chat_template(messages, tools=conversation.get("tools") or None, tokenize=False)
 
 
-def load_calibration(path: Path, tokenizer: Any, samples: int, max_length: int, seed: int,
-                     held_out: int = 0) -> CalibrationSet:
-    conversations = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    random.Random(seed).shuffle(conversations)
-    # Fewer conversations than samples: reuse them (the record says how many were distinct).
-    chosen = [conversations[i % len(conversations)] for i in range(samples)]
-    spare = conversations[samples:samples + held_out]
+# No token is longer than this many characters in the tokenizers we meet (BPE merges of spaces run to
+# ~16); text is cut here before tokenizing, so a 50 MB line costs what max_length tokens cost.
+CHARS_PER_TOKEN_BOUND = 32
 
-    def ids_of(conv: dict[str, Any]) -> list[int]:
-        text = render(tokenizer, conv)
+
+def load_calibration(path: Path, tokenizer: Any, samples: int, max_length: int, seed: int,
+                     held_out: int = 0, held_out_from: Path | None = None, held_out_after: int | None = None
+                     ) -> CalibrationSet:
+    """`samples` samples of a calibration file (seeded shuffle; reused when the file has fewer) and
+    `held_out` conversations never calibrated on: those after the first `held_out_after` of
+    `held_out_from`'s shuffle (by default the ones after the chosen samples of this file)."""
+    after = samples if held_out_after is None else held_out_after
+    rows = read_rows(path)
+    random.Random(seed).shuffle(rows)
+    if held_out_from is None or held_out_from == path:
+        spare = rows[after:after + held_out]
+        rows = rows[:after] + rows[after + held_out:]  # the held-out ones are never calibrated on
+    else:
+        others = read_rows(held_out_from)
+        random.Random(seed).shuffle(others)
+        spare = others[after:after + held_out]
+    # Fewer samples than asked: reuse them (the record says how many were distinct).
+    chosen = [rows[i % len(rows)] for i in range(samples)]
+
+    def ids_of(row: dict[str, Any]) -> list[int]:
+        if "token_ids" in row:
+            return [int(t) for t in row["token_ids"][:max_length]]
+        text = row["text"] if "text" in row else render(tokenizer, row)
+        text = text[:max_length * CHARS_PER_TOKEN_BOUND]
         return list(tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return CalibrationSet([ids_of(c) for c in chosen], pad_id, [ids_of(c) for c in spare])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The samples of a calibration file the calibrate step wrote (conversation, text or token ids)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

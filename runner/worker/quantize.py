@@ -26,8 +26,6 @@ from runner.recipe.schema import AutoQuantizeSpec, Strategy
 from runner.steps.inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
 
-HELD_OUT = 8  # conversations kept out of calibration to measure what folding AWQ scales costs
-
 
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     import torch
@@ -48,7 +46,9 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] loaded {model_dir.name} on {device} in {load_s:.1f}s", flush=True)
 
     calib = load_calibration(Path(params["calibration"]), tokenizer, inputs.calib_samples, inputs.max_length,
-                             inputs.seed, held_out=HELD_OUT)
+                             inputs.seed, held_out=inputs.held_out,
+                             held_out_from=Path(params.get("held_out_from") or params["calibration"]),
+                             held_out_after=inputs.held_out_after)
     print(f"[quantize] {len(calib.token_ids)} samples, {calib.tokens} tokens", flush=True)
     from runner.worker import fidelity
 
@@ -171,7 +171,7 @@ def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any
     """Batches to measure fidelity on, and what they are: held-out conversations where the file has them."""
     batches = calib.held_out_batches(4, device)
     if batches:
-        return batches, "held-out conversations"
+        return batches, f"{len(calib.held_out_ids)} held-out conversations of the recipe's calibration set"
     # Every conversation was used for calibration: say so rather than pretend.
     return calib.batches(4, device)[-2:], "calibration samples (the calibration file has no conversation to spare)"
 
@@ -293,11 +293,15 @@ def quantize_with_config(model: Any, config: dict[str, Any], batches: list[dict[
     import torch
 
     extra = calibration_kwargs(model)
+    passes = 0
 
     def forward_loop(m: Any) -> None:
+        nonlocal passes
+        passes += 1  # max calibrates in one pass; AWQ's search runs several
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches, start=1):
                 m(**batch, **extra)
+                print(f"[quantize] calibration pass {passes}: batch {i}/{len(batches)}", flush=True)
 
     mtq.quantize(model, config, forward_loop=forward_loop)
 
