@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check recipes; nothing runs")
     p.add_argument("recipes", nargs="+", type=Path)
+    p.add_argument("--schema-only", action="store_true",
+                   help="check the recipe alone, not what it needs from this machine (its model and calibration "
+                   "files, the publish token): for recipes written for another machine")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show the step graph with each step's executor and cache state")
@@ -96,7 +100,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from runner.recipe.loader import load_recipe
+    from runner.recipe.loader import input_problems, load_recipe
 
     failed = 0
     for path in args.recipes:
@@ -123,6 +127,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             except (footprint.Unknown, OSError, ValueError) as exc:
                 console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
             problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder)
+        if not args.schema_only:
+            problems = input_problems(loaded) + problems
         if problems:
             failed += 1
             console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
@@ -212,12 +218,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "problems": [str(p) for p in problems]}))
         return EXIT_INVALID if problems else 0
     table = Table(title=f"{recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
-    for col in ("step", "needs", "runs in", "cache"):
-        table.add_column(col)
     colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}
-    for row in rows:
-        table.add_row(row["step"], ", ".join(row["needs"]), row["runs_in"],
-                      f"[{colors[row['state']]}]{row['state']}[/]")
+    if len(rows) <= STEP_TABLE_ROWS:
+        for col in ("step", "needs", "runs in", "cache"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(row["step"], ", ".join(row["needs"]), row["runs_in"],
+                          f"[{colors[row['state']]}]{row['state']}[/]")
+    else:  # thousands of rows help nobody (and take rich seconds to lay out): one row per kind of step
+        for col in ("steps", "kind", "runs in", "cache"):
+            table.add_column(col)
+        groups = Counter((row["kind"], row["runs_in"], row["state"]) for row in rows)
+        for (kind, runs_in, state), count in groups.items():
+            table.add_row(str(count), kind, runs_in, f"[{colors[state]}]{state}[/]")
+        table.caption = "`recipe plan --json` lists every step"
     out.print(table)
     if folder is None or source is None:
         out.print(escape(read_from))
@@ -250,8 +264,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = asyncio.run(_run_cancellable(runner.run(options)))
         _print_outcome(outcome, run_dir.root)
         return outcome.exit_code
+    from runner.recipe.loader import input_problems
+
+    # Missing inputs stop the run before anything is written (the token only when publish will run).
+    problems = [p for p in input_problems(loaded)
+                if p.path[:1] != ("publish",) or not (args.until or args.only)]
+    if problems:
+        raise RecipeError(problems)
     run_dir.claim()
+    previous = run_dir.run_status()
     with run_dir.locked():
+        if previous and previous.get("status") == "died":
+            console.print(f"[yellow]the previous run here died without a word[/] ({escape(previous['note'])}); "
+                          "resuming at the first step it did not finish")
         _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
         try:
             outcome = asyncio.run(_run_cancellable(runner.run(options)))
@@ -280,13 +305,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def _save_resolved_recipe(loaded, path: Path) -> None:
     from runner.recipe.loader import recipe_to_yaml
-    from runner.run_dir import write_json_atomic
+    from runner.run_dir import write_json_atomic, write_text_atomic
 
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(f"# resolved from {loaded.path} ({', '.join(str(f) for f in loaded.files)})\n"
-                   + recipe_to_yaml(loaded.recipe), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, f"# resolved from {loaded.path} ({', '.join(str(f) for f in loaded.files)})\n"
+                      + recipe_to_yaml(loaded.recipe))
     write_json_atomic(path.with_name("recipe.files.json"), [str(f) for f in loaded.files])
+
+
+# Beyond this many steps, `plan` and `run` print a summary instead of a row per step.
+STEP_TABLE_ROWS = 120
 
 
 def _print_outcome(outcome, root: Path) -> None:
@@ -295,7 +322,13 @@ def _print_outcome(outcome, root: Path) -> None:
     table = Table(title=f"run {outcome.status}: {root}")
     table.add_column("step")
     table.add_column("state")
-    for sid, state in outcome.states.items():
+    states = outcome.states
+    if len(states) > STEP_TABLE_ROWS:  # the steps that went wrong, and a count of the rest
+        settled = Counter(state for state in states.values()
+                          if state not in ("failed", "blocked", "interrupted", "not built"))
+        states = {sid: state for sid, state in states.items() if state not in settled}
+        table.caption = ", ".join(f"{n} more {state}" for state, n in settled.items()) or None
+    for sid, state in states.items():
         color = colors.get(state, "cyan")
         blocker = outcome.blocked_by.get(sid) if state == "blocked" else None
         shown = f"{state} ({escape(blocker)} failed)" if blocker else state
@@ -332,6 +365,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from runner.containers import docker_api
+    from runner.processes import processes_of, stop_processes
     from runner.run_dir import MARKER, RunDir
 
     label = docker_api.run_label(args.run_dir) if args.run_dir else None
@@ -344,7 +378,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
         run_dir = RunDir(args.run_dir)
         if not run_dir.is_run_dir():
             raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}); nothing was removed")
-        removed = run_dir.remove_scratch()
+        with run_dir.locked():  # a live run is left alone: its lock says so
+            stray = processes_of(run_dir.root)
+            stop_processes([pid for pid, _ in stray])
+            for pid, cmdline in stray:
+                out.print(f"stopped process {pid} left by a crashed run: {escape(cmdline[:160])}")
+            if not stray:
+                out.print("no worker or server process of this run directory is left")
+            run_dir.mark_died()
+            removed = run_dir.remove_scratch()
         out.print(f"removed {len(removed)} scratch folder(s) the runner made under {run_dir.root / '.scratch'}")
     return 0
 

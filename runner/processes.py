@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -45,3 +46,53 @@ async def terminate_group(proc: asyncio.subprocess.Process, grace_s: float = TER
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+
+
+# Every worker and local server carries its run directory in its environment, so that `recipe clean`
+# can find what a crashed run left behind (should the parent-death signal not have reached it).
+RUN_DIR_ENV = "RECIPE_RUN_DIR"
+
+
+def tagged_env(run_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(env if env is not None else os.environ), RUN_DIR_ENV: str(run_dir.resolve())}
+
+
+def processes_of(run_dir: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of this user's processes tagged with `run_dir` (Linux /proc)."""
+    wanted = f"{RUN_DIR_ENV}={run_dir.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone, or another user's
+            continue
+        found.append((int(entry.name), cmdline))
+    return found
+
+
+def stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is still there after `grace_s`."""
+    import time
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

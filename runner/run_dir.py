@@ -19,6 +19,7 @@ cleaning never removes a file the runner did not create.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -46,18 +47,44 @@ def now() -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see the old file or the new one, never half of one; the
+    temporary file is removed on any failure, and a full disk is a RunnerError naming the path."""
+    blob = text.encode("utf-8")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise disk_error(path, exc, len(blob)) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise disk_error(path, exc, len(blob)) from None
         raise
+
+
+def disk_error(path: Path, exc: OSError, needed: int | None = None) -> Exception:
+    """A full disk (or quota) as a clear RunnerError with the path, the space needed and what is free;
+    any other OSError as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    return RunnerError(f"no space left on the device writing {path}"
+                       + (f" (needs {needed} bytes" if needed is not None else " (")
+                       + (f"; {free} bytes free)" if free is not None else ")")
+                       + ": free some space and run again; every completed step is kept")
 
 
 def host_versions() -> dict[str, str]:
@@ -148,6 +175,46 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # closing releases the lock; a crash releases it too
+
+    def is_locked(self) -> bool:
+        """Whether a `recipe run` holds this run directory now (alive: the OS drops a dead one's lock)."""
+        import fcntl
+
+        if not (self.root / LOCK).is_file():
+            return False
+        fd = os.open(self.root / LOCK, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def run_status(self) -> dict[str, Any] | None:
+        """run.json, with "running" corrected to "died" when no live process holds the directory (a run
+        killed with SIGKILL, or a machine that went down, could not write its last status)."""
+        try:
+            status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(status, dict) and status.get("status") == "running" and not self.is_locked():
+            status["status"] = "died"
+            status["note"] = (f"run.json said running (pid {status.get('pid', '?')}, last update "
+                              f"{status.get('updated_at', '?')}) but no process holds the run directory")
+        return status
+
+    def mark_died(self) -> None:
+        """Call holding the lock (recipe clean): a run.json that says "running" is a dead run's, and says
+        so from now on."""
+        try:
+            status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(status, dict) and status.get("status") == "running":
+            status |= {"status": "died", "note": f"marked by recipe clean at {now()}: no process held the run "
+                       f"directory (last update {status.get('updated_at', '?')})"}
+            write_json_atomic(self.root / "run.json", status)
 
     def new_scratch(self, step_id: str) -> Path:
         base = self.root / ".scratch"

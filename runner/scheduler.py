@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from runner.containers.plugin import load_container
 from runner.errors import NotImplementedStep, RunnerError
 from runner.executors import Executor
 from runner.plan import Plan, Step, step_key
-from runner.run_dir import RunDir, host_versions, now, write_json_atomic
+from runner.run_dir import RunDir, disk_error, host_versions, now, write_json_atomic
 from runner.steps import StepContext, StepKind, StepResult, step_kinds
 
 
@@ -90,10 +91,11 @@ def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list
     if options.force:
         forced |= set(targets)
     to_run = [s for s in targets if s in forced or not run_dir.is_complete(s, plan.keys[s])]
+    running = set(to_run)
     # Everything a selected step needs must be selected too, or already complete and current.
     for sid in to_run:
         for dep in plan.steps[sid].deps:
-            if dep not in to_run and not run_dir.is_complete(dep, plan.keys[dep]):
+            if dep not in running and not run_dir.is_complete(dep, plan.keys[dep]):
                 raise RunnerError(
                     f"step {sid} needs {dep}, which has no current result in {run_dir.root}; "
                     f"run without --only/--from, or add {dep} to --only")
@@ -119,6 +121,7 @@ class Runner:
         self.states: dict[str, str] = {}
         self.blocked_by: dict[str, str] = {}
         self.messages: list[str] = []
+        self._started: dict[str, float] = {}  # when each step began (the live view's clock)
 
     async def run(self, options: RunOptions) -> RunOutcome:
         to_run, forced = select_steps(self.plan, self.run_dir, options)
@@ -140,6 +143,7 @@ class Runner:
                 done[sid].set()
         self._write_status("running")
         tasks = [asyncio.create_task(self._run_when_ready(sid, done), name=sid) for sid in to_run]
+        ticker = asyncio.create_task(self._show_progress()) if self.console.is_terminal else None
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
@@ -152,6 +156,10 @@ class Runner:
             self._write_status("interrupted")
             return RunOutcome("interrupted", self.states, ["interrupted: completed steps are kept; "
                                                            "run again to resume"], self.blocked_by)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
         status = "complete"
         failed = [sid for sid, state in self.states.items() if state == "failed"]
         if failed:
@@ -168,6 +176,28 @@ class Runner:
                                  "see steps/gates/comparison.md and the report")
         self._write_status(status)
         return RunOutcome(status, self.states, self.messages, self.blocked_by)
+
+    async def _show_progress(self) -> None:
+        """A live view (terminals only) of the running steps: elapsed time and the last line each one
+        logged (teacher progress, quantize batches, benchmark answers)."""
+        from rich.live import Live
+
+        with Live(console=self.console, transient=True, refresh_per_second=2) as live:
+            while True:
+                live.update(self._progress_view())
+                await asyncio.sleep(0.5)
+
+    def _progress_view(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        view = Table.grid(padding=(0, 1))
+        for sid, started in sorted(self._started.items()):
+            if self.states.get(sid) == "running":
+                view.add_row(Text(f"▶ {sid}", style="cyan"), Text(f"{time.monotonic() - started:.0f}s", style="dim"),
+                             Text(last_line(self.run_dir.log_path(sid)), style="dim", overflow="ellipsis",
+                                  no_wrap=True))
+        return view
 
     def _no_candidate(self) -> bool:
         record = self.run_dir.record("gates")
@@ -255,6 +285,7 @@ class Runner:
         logger = _step_logger(sid, log_path)
         scratch = self.run_dir.new_scratch(sid)
         started, t0 = now(), time.monotonic()
+        self._started[sid] = t0
         self.console.print(f"[bold cyan]▶[/] {sid} [dim]started[/]")
         logger.info("step %s (key %s) started; scratch %s", sid, self.keys[sid], scratch)
 
@@ -284,11 +315,16 @@ class Runner:
                 self._halt = sid
             self.states[sid] = "failed"
             logger.error("step %s failed: %s\n%s", sid, exc, traceback.format_exc())
+            if isinstance(exc, OSError):
+                exc = disk_error(Path(exc.filename or scratch), exc)  # a full disk, said plainly
             detail = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
             self.messages.append(f"{sid} failed: {detail}\n    log (with the traceback): {log_path}")
-            write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
-                "step": sid, "key": self.keys[sid], "error": detail, "started_at": started,
-                "failed_at": now(), "scratch": str(scratch)})
+            try:
+                write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
+                    "step": sid, "key": self.keys[sid], "error": detail, "started_at": started,
+                    "failed_at": now(), "scratch": str(scratch)})
+            except (OSError, RunnerError) as exc2:  # a full disk: the message still reaches the console
+                self.messages.append(f"{sid}: could not record the failure: {exc2}")
             # The reason is printed once, in the run's closing messages; the traceback is in the log.
             self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s")
             return
@@ -319,8 +355,16 @@ class Runner:
     def _write_status(self, status: str) -> None:
         if not self.run_dir.root.exists():
             return
+        try:
+            self._write_status_file(status)
+        except (OSError, RunnerError) as exc:
+            # A full disk must not turn a step's clear failure into a traceback; run.json keeps its last
+            # status, and `recipe run` on it later sees that no process holds the directory.
+            self.console.print(f"[bold red]could not update run.json:[/] {escape(str(exc))}")
+
+    def _write_status_file(self, status: str) -> None:
         write_json_atomic(self.run_dir.root / "run.json", {
-            "recipe": self.plan.recipe.name, "status": status, "updated_at": now(),
+            "recipe": self.plan.recipe.name, "status": status, "updated_at": now(), "pid": os.getpid(),
             "steps": {sid: {"state": self.states.get(sid, "?"), "key": self.keys[sid],
                             **({"blocked_by": self.blocked_by[sid]} if sid in self.blocked_by else {})}
                       for sid in self.plan.steps},
@@ -365,15 +409,15 @@ class PrioritySlots:
 
 def branch_first_order(plan: Plan) -> dict[str, int]:
     """Finish one strategy's branch before starting the next: a verified checkpoint comes sooner."""
-    strategies = [s.name for s in plan.recipe.quantization.strategies]
-    ids = list(plan.steps)
+    strategies = {s.name: i for i, s in enumerate(plan.recipe.quantization.strategies)}
+    position = {sid: i for i, sid in enumerate(plan.steps)}  # dicts: linear in the number of steps
 
     def rank(sid: str) -> tuple[int, int]:
         strategy = plan.steps[sid].strategy
-        branch = strategies.index(strategy) if strategy in strategies else (-1 if not plan.steps[sid].deps else 0)
-        return (branch, ids.index(sid))
+        branch = strategies[strategy] if strategy in strategies else (-1 if not plan.steps[sid].deps else 0)
+        return (branch, position[sid])
 
-    return {sid: i for i, sid in enumerate(sorted(ids, key=rank))}
+    return {sid: i for i, sid in enumerate(sorted(position, key=rank))}
 
 
 def _step_logger(sid: str, path: Path) -> logging.Logger:
@@ -390,3 +434,18 @@ def _close_logger(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def last_line(path: Path, limit: int = 120) -> str:
+    """The last thing a step logged (a progress bar's latest state included), without the timestamp."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [part.strip() for line in tail.splitlines() for part in line.split("\r") if part.strip()]
+    text = lines[-1] if lines else ""
+    if len(text) > 24 and text[4] == "-" and text[19] == ",":  # "2026-11-28 11:18:36,344 INFO ..."
+        text = text[24:].split(" ", 1)[-1]
+    return text[:limit]

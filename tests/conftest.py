@@ -44,6 +44,17 @@ quantization:
 """
 
 
+def placeholder_model(folder: Path) -> Path:
+    """A model folder the source step accepts (config.json, a valid safetensors file with no tensor),
+    for tests that stop before anything loads the weights."""
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    return folder
+
+
 def recipe_cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import MINIMAL, PYTHON, REPO, recipe_cli_env
+from conftest import MINIMAL, PYTHON, REPO, placeholder_model, recipe_cli_env
 from runner.calibration.generate import generate
 from runner.errors import RunnerError
 from runner.recipe.schema import TeacherSource
@@ -175,8 +175,7 @@ def test_concurrency_is_bounded_by_the_recipe(tmp_path):
 
 
 def test_recipe_run_generates_calibration_from_a_teacher(write, tmp_path):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    placeholder_model(tmp_path / "model")
     with ServerThread(ScriptedServer()) as server:
         teacher = (f"{{kind: teacher, endpoint: '{server.url}', model: scripted-teacher, "
                    "tools: [{function: {name: search_memory, parameters: {type: object, properties: {query: {type: string}}}}}], "
@@ -224,3 +223,33 @@ def test_the_demo_model_served_locally_as_the_teacher(demo_run, tmp_path):
     assert summary["token_counts"] == "model tokenizer"
     kept = lines(tmp_path / "out" / "calibration.jsonl")
     assert all(c["messages"][-1]["role"] == "assistant" and c["messages"][-1]["content"] for c in kept)
+
+
+def test_non_json_replies_are_retried_and_counted_huge_replies_refused_before_parsing(tmp_path):
+    categories = [
+        {"name": "proxy", "count": 1, "prompts": ["[html:2] a"]},  # two HTML pages, then a real answer
+        {"name": "html", "count": 1, "prompts": ["[html:9] b"]},  # never JSON: counted, named
+        {"name": "huge", "count": 1, "prompts": ["[huge:3] c"]},  # 3 MB over a 1 MB cap
+    ]
+    summary = run_generation(ScriptedServer(), lambda url: spec(url, categories, retries=3,
+                                                                max_reply_bytes=1024 * 1024), tmp_path)
+    assert summary["per_category"]["proxy"]["kept"] == 1
+    assert summary["failed_requests"] == {"bad_json": 1, "too_large": 1}
+    assert summary["retries"] >= 2 + 3
+
+
+def test_a_silent_teacher_trips_the_circuit_breaker_and_keeps_what_was_generated(tmp_path, caplog):
+    categories = [{"name": "fine", "count": 2, "prompts": ["a"]},
+                  {"name": "silent", "count": 40, "prompts": ["[slow:3] b"]}]
+    server = ScriptedServer()
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO), pytest.raises(RunnerError) as err:
+        run_generation(server, lambda url: spec(url, categories, timeout_s=0.3, retries=1, concurrency=4,
+                                                circuit_breaker=6), tmp_path)
+    assert time.monotonic() - t0 < 10  # 40 silent conversations x 2 attempts x 0.3 s would be 24 s
+    message = str(err.value)
+    assert "failed 6 attempts in a row" in message and server.url.removesuffix("/v1") in message
+    assert "2 conversations are kept" in message
+    assert "timeout" in message
+    assert any("teacher:" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)  # progress
+    assert any("retrying" in r.getMessage() for r in caplog.records)  # no silent retries

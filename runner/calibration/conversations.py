@@ -44,8 +44,13 @@ def read_conversations(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RunnerError(f"calibration file not found: {path} (calibration.source.path)")
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RunnerError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line); a calibration "
+                                  "file is JSONL, one conversation a line") from None
             if not line.strip():
                 continue
             try:

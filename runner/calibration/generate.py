@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import statistics
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,12 @@ async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir
     connector = aiohttp.TCPConnector(limit=spec.concurrency)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
-            client = TeacherClient(spec.endpoint, spec.model, session, spec.timeout_s, spec.retries, spec.api_key_env)
+            client = TeacherClient(spec.endpoint, spec.model, session, spec.timeout_s, spec.retries, spec.api_key_env,
+                                   spec.circuit_breaker, spec.max_reply_bytes, log)
             if jobs:
                 await client.check_reachable()
             slots = asyncio.Semaphore(spec.concurrency)
+            progress = Progress(len(jobs), log)
 
             async def one(category: Category, index: int) -> None:
                 async with slots:
@@ -164,17 +167,44 @@ async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir
                         conversation = await converse(client, spec, pools[category.name], category, index)
                     except TeacherError as exc:
                         failures[exc.reason] += 1
-                        log.warning("%s-%05d failed: %s", category.name, index, exc)
+                        progress.step(failed=True)
+                        if exc.reason != "circuit_open":
+                            log.warning("%s-%05d failed: %s", category.name, index, exc)
                         return
                 partial.append({"id": f"{category.name}-{index:05d}", **conversation})
+                progress.step()
 
             await asyncio.gather(*(one(c, i) for c, i in jobs))
             retries = client.retried
     finally:
         partial.close()
+    if client.broken:
+        raise RunnerError(f"{client.broken}. {len(partial.records)} conversations are kept in {partial.path}; "
+                          f"failed requests: {dict(failures)}")
     if jobs and sum(failures.values()) == len(jobs):
         raise RunnerError(f"every request to the teacher failed ({dict(failures)}); see the step log")
     return _filter_and_write(spec, partial.records, output_dir, model_dir, failures, reused, retries, log)
+
+
+class Progress:
+    """done/total, rate and failures in the step log: every 10 % and at least every 30 s."""
+
+    def __init__(self, total: int, log: logging.Logger, every_s: float = 30.0):
+        self.total, self.log, self.every_s = total, log, every_s
+        self.done = self.failed = 0
+        self.started = self.last = time.monotonic()
+        self.next_share = 0.1
+
+    def step(self, failed: bool = False) -> None:
+        self.done += 1
+        self.failed += failed
+        now = time.monotonic()
+        if self.done == self.total or self.done >= self.next_share * self.total or now - self.last >= self.every_s:
+            rate = self.done / max(now - self.started, 1e-9)
+            self.log.info("teacher: %d/%d conversations (%.2f/s), %d failed", self.done, self.total, rate,
+                          self.failed)
+            self.last = now
+            self.next_share = (int(self.done * 10 / max(self.total, 1)) + 1) / 10
 
 
 def _filter_and_write(spec: TeacherSource, records: dict[str, dict[str, Any]], output_dir: Path,

@@ -1,13 +1,21 @@
-"""An OpenAI-compatible chat client for the teacher: timeouts, retries with backoff, a clear first failure.
+"""An OpenAI-compatible chat client for the teacher: deadlines, retries with backoff, a circuit
+breaker, bounded replies, and failures that name the endpoint.
 
-Retried: connection errors, timeouts, 429 (honouring Retry-After) and 5xx, up to `retries` times
-with exponential backoff. Any other HTTP error fails that request at once. The API key, if any, is
-read from the environment variable the recipe names and never appears in errors or logs.
+Retried: connection errors, timeouts, 429 (honouring Retry-After), 5xx, and replies that are not the
+JSON of a chat completion (an HTML error page from a proxy, a reply cut short), up to `retries` times
+with exponential backoff. Any other HTTP error and a reply over `max_reply_bytes` fail that request at
+once. Each attempt has a deadline from sending to the last byte, so a server that accepts the
+connection and stays silent costs `timeout_s`, not forever. After `circuit_breaker` failed attempts
+in a row (no success between them) every request stops: the teacher is down, and the step says so
+instead of spending hours on it. The API key, if any, is read from the environment variable the
+recipe names and never appears in errors or logs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +27,7 @@ from runner.errors import RunnerError
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 20.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 class TeacherError(Exception):
@@ -29,6 +38,12 @@ class TeacherError(Exception):
         self.reason = reason
 
 
+class _Retryable(Exception):
+    def __init__(self, reason: str, detail: str, delay: float | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.delay = reason, detail, delay
+
+
 @dataclass
 class TeacherClient:
     endpoint: str
@@ -37,7 +52,12 @@ class TeacherClient:
     timeout_s: float = 120.0
     retries: int = 4
     api_key_env: str | None = None
+    circuit_breaker: int = 12
+    max_reply_bytes: int = 8 * 1024 * 1024
+    log: logging.Logger | None = None
     retried: int = 0  # how many retries happened, for the record
+    failed_in_a_row: int = 0
+    broken: str | None = None  # why the circuit breaker opened
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -67,33 +87,82 @@ class TeacherClient:
             body["tools"] = tools
         attempt = 0
         while True:
+            if self.broken:
+                raise TeacherError("circuit_open", self.broken)
             try:
-                async with self.session.post(self._url("/chat/completions"), json=body, headers=self._headers,
-                                             timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                    if resp.status == 200:
-                        data = await resp.json(content_type=None)
-                        return _first_message(data)
-                    text = (await resp.text())[:200]
-                    if resp.status not in RETRY_STATUSES or attempt >= self.retries:
-                        raise TeacherError(f"http_{resp.status}", text)
-                    delay = _retry_after(resp) or _backoff(attempt)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                message = await self._attempt(body)
+            except _Retryable as exc:
+                self._failed(exc.reason, exc.detail)
                 if attempt >= self.retries:
-                    reason = "timeout" if isinstance(exc, TimeoutError) else "connection"
-                    raise TeacherError(reason, f"{type(exc).__name__} after {attempt + 1} attempts") from None
-                delay = _backoff(attempt)
-            attempt += 1
-            self.retried += 1
-            await asyncio.sleep(delay)
+                    raise TeacherError(exc.reason, f"{exc.detail} (after {attempt + 1} attempts)") from None
+                delay = exc.delay if exc.delay is not None else _backoff(attempt)
+                if self.log:
+                    self.log.warning("teacher %s: %s; retrying in %.1fs", self.endpoint, exc.detail, delay)
+                attempt += 1
+                self.retried += 1
+                await asyncio.sleep(delay)
+                continue
+            except TeacherError as exc:
+                self._failed(exc.reason, str(exc))
+                raise
+            self.failed_in_a_row = 0
+            return message
+
+    def _failed(self, reason: str, detail: str) -> None:
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= self.circuit_breaker and not self.broken:
+            self.broken = (f"the teacher at {self.endpoint} failed {self.failed_in_a_row} attempts in a row "
+                           f"(last: {detail}); check that it is up and answering, then run again: what was "
+                           "generated is kept (calibration.source.circuit_breaker sets the limit)")
+
+    async def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=CONNECT_TIMEOUT_S)
+        try:
+            async with self.session.post(self._url("/chat/completions"), json=body, headers=self._headers,
+                                         timeout=timeout) as resp:
+                if resp.status != 200:
+                    text = (await resp.content.read(300)).decode("utf-8", errors="replace")[:200]
+                    if resp.status in RETRY_STATUSES:
+                        raise _Retryable(f"http_{resp.status}", f"{self.endpoint} answered {resp.status}: {text}",
+                                         _retry_after(resp))
+                    raise TeacherError(f"http_{resp.status}", f"{self.endpoint} answered {resp.status}: {text}")
+                raw = await self._read_capped(resp)
+        except TimeoutError:
+            raise _Retryable("timeout", f"{self.endpoint} sent no complete reply within {self.timeout_s:g}s "
+                             "(calibration.source.timeout_s)") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise _Retryable("connection", f"{self.endpoint}: {type(exc).__name__}: {exc}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            start = raw[:80].decode("utf-8", errors="replace")
+            raise _Retryable("bad_json", f"{self.endpoint} answered with something that is not JSON "
+                             f"({len(raw)} bytes, starting {start!r})") from None
+        return _first_message(data, self.endpoint)
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, refused as soon as it passes max_reply_bytes (never held whole in memory)."""
+        declared = resp.content_length
+        if declared is not None and declared > self.max_reply_bytes:
+            raise TeacherError("too_large", f"{self.endpoint} sent a {declared}-byte reply, over "
+                               f"max_reply_bytes {self.max_reply_bytes}")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self.max_reply_bytes:
+                raise TeacherError("too_large", f"{self.endpoint} sent a reply over max_reply_bytes "
+                                   f"{self.max_reply_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
-def _first_message(data: Any) -> dict[str, Any]:
+def _first_message(data: Any, endpoint: str) -> dict[str, Any]:
     try:
         message = data["choices"][0]["message"]
     except (KeyError, IndexError, TypeError):
-        raise TeacherError("bad_response", "no choices[0].message in the teacher's answer") from None
+        raise _Retryable("bad_response", f"{endpoint}: no choices[0].message in the reply") from None
     if not isinstance(message, dict):
-        raise TeacherError("bad_response", "choices[0].message is not an object")
+        raise _Retryable("bad_response", f"{endpoint}: choices[0].message is not an object")
     return message
 
 

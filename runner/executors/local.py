@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
-from runner.processes import die_with_parent, terminate_group
+from runner.processes import die_with_parent, tagged_env, terminate_group
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
 
@@ -25,7 +25,7 @@ class LocalExecutor(Executor):
         spec_path = scratch / SPEC_FILE
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
         # The worker runs in its scratch folder, on this very runner package (whatever the cwd was).
-        env = dict(os.environ)
+        env = tagged_env(scratch.parent.parent)  # RUN/.scratch/STEP.xxx: the run directory is two up
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         rc, tail = await run_logged([sys.executable, "-m", "runner.worker", str(spec_path)], log_path, env=env,
                                     cwd=scratch)

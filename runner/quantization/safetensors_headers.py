@@ -37,3 +37,35 @@ def read_headers(folder: Path) -> dict[str, Tensor]:
             if name != "__metadata__":
                 tensors[name] = Tensor(name, info["dtype"], tuple(info["shape"]))
     return tensors
+
+
+def check_files(folder: Path) -> list[str]:
+    """What is wrong with the *.safetensors files of a folder, file by file, from their headers and sizes
+    alone: a header that is not one, tensors whose data runs past the end of the file (a truncated
+    copy or download), no weights at all. Empty when the checkpoint is whole."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return [f"{folder} holds no *.safetensors file"]
+    problems = []
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as fh:
+                raw = fh.read(8)
+                if len(raw) < 8:
+                    raise ValueError("shorter than a safetensors header")
+                (length,) = struct.unpack("<Q", raw)
+                if length > size - 8:
+                    raise ValueError(f"its header claims {length} bytes, the file has {size}")
+                header = json.loads(fh.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            end = max((int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+            problems.append(f"{file}: not a readable safetensors file ({exc})")
+            continue
+        if 8 + length + end > size:
+            problems.append(f"{file}: truncated: its tensors need {8 + length + end} bytes, the file has {size} "
+                            f"({8 + length + end - size} missing); copy or download it again")
+    return problems

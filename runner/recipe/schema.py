@@ -161,8 +161,15 @@ class TeacherSource(Section):
     categories: list[Category]
     sampling: Sampling = Field(default_factory=Sampling)
     concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(120, gt=0)
+    timeout_s: float = Field(120, gt=0, description=(
+        "Deadline of one attempt, from sending to the last byte of the reply (a server that accepts the "
+        "connection and says nothing fails here); connecting has its own 10 s."))
     retries: int = Field(4, ge=0)
+    circuit_breaker: int = Field(12, ge=1, description=(
+        "Stop the step after this many failed attempts in a row with no success between them (a dead or "
+        "silent teacher): what was generated is kept for the next run."))
+    max_reply_bytes: int = Field(8 * 1024 * 1024, gt=0, description=(
+        "A reply larger than this is refused before it is parsed (counted as too_large)."))
     validation: Validation = Field(default_factory=Validation)
 
 
@@ -182,7 +189,26 @@ class DatasetSource(Section):
     text_field: str = "text"
 
 
-CalibrationSource = Annotated[TeacherSource | JsonlSource | DatasetSource, Field(discriminator="kind")]
+class TextSource(Section):
+    """Plain text (generic prose, say): each paragraph (blank-line separated) is one sample, tokenized as
+    it is, without the chat template. For comparing calibration sets; a chat model is calibrated best
+    on its own kind of conversations."""
+
+    kind: Literal["text"]
+    path: RecipePath
+
+
+class RandomTokensSource(Section):
+    """Uniformly random token ids from the model's vocabulary, `calibration.max_length` a sample
+    (seeded by calibration.seed): the control of a calibration-set comparison."""
+
+    kind: Literal["random_tokens"]
+    tokens: int | None = Field(None, gt=0, description=(
+        "Tokens a sample (default calibration.max_length); match the other sets' lengths for a fair comparison."))
+
+
+CalibrationSource = Annotated[TeacherSource | JsonlSource | DatasetSource | TextSource | RandomTokensSource,
+                              Field(discriminator="kind")]
 
 
 class CalibrationSpec(Section):
@@ -192,6 +218,12 @@ class CalibrationSpec(Section):
     samples: int = Field(512, gt=0, description="Conversations used for calibration.")
     max_length: int = Field(2048, gt=0, description="Tokens per sample; longer samples are truncated.")
     seed: int = 0
+    held_out: int = Field(8, ge=0, description=(
+        "Conversations of this set never used for calibration: every strategy's KL and top-1 agreement "
+        "against the source model are measured on them (when the set has more than `samples`)."))
+    alternatives: dict[Identifier, CalibrationSource] = Field(default_factory=dict, description=(
+        "Other calibration sets a strategy can name with `calibration: NAME` (same samples and max_length), "
+        "to compare sets: fidelity is still measured on the held-out conversations of `source`."))
 
 
 # --- quantization ----------------------------------------------------------------------------
@@ -226,6 +258,8 @@ class Strategy(Section):
     algorithm: str | None = Field(None, description="Overrides the preset's calibration algorithm.")
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
     calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
+    calibration: Identifier | None = Field(
+        None, description="Calibrate on `calibration.alternatives.NAME` instead of `calibration.source`.")
     batch_size: int | Literal["auto"] = Field(
         "auto", description="Calibration batch: `auto` batches by a token budget fitted to GPU memory (length-"
         "bucketed, little padding); a number is that many samples a batch.")
@@ -271,7 +305,9 @@ class ExportSpec(Section):
 class ServeSpec(Section):
     engine: Literal["vllm", "local"] = "vllm"
     container: str = Field("vllm", description="Container plugin that serves (containers/NAME.yaml).")
-    port: int = Field(8000, gt=0, lt=65536)
+    port: int | None = Field(None, gt=0, lt=65536, description=(
+        "Host port the candidate's server listens on (127.0.0.1); default: a free one. A port something "
+        "else already listens on is an error before the server starts."))
     args: list[str] = Field(default_factory=list, description="Server flags, passed verbatim.")
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(900, gt=0)
@@ -320,6 +356,11 @@ class SpeedSpec(Section):
     prompt_tokens: list[int] = Field(default_factory=lambda: [128, 512, 2048, 8192],
                                      description="Prompt-length sweep for the TTFT curve.")
     output_tokens: int = Field(128, gt=0)
+    paired_baseline: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Measure each candidate's gate-level speed interleaved with the served baseline (A B B A ...) in "
+        "the same step, so that a busy shared machine slows both alike; relative speed gates then judge "
+        "the per-pair ratios and show their spread. `auto`: on for the local engine with a served "
+        "baseline (both fit one machine); a vLLM server usually holds the whole GPU."))
 
 
 class BenchmarkSpec(Section):
@@ -474,6 +515,18 @@ class Recipe(Section):
                 problems.append(Problem(
                     f"unknown calibration algorithm {strategy.algorithm!r}", (*path, "algorithm"),
                     hint=f"did you mean {guess!r}?" if guess else f"one of: {', '.join(CALIBRATION_ALGORITHMS)}"))
+            alternatives = list(self.calibration.alternatives)
+            if strategy.calibration is not None and strategy.calibration not in alternatives:
+                guess = closest(strategy.calibration, alternatives)
+                problems.append(Problem(
+                    f"calibration {strategy.calibration!r} names no entry of calibration.alternatives",
+                    (*path, "calibration"), hint=f"did you mean {guess!r}?" if guess
+                    else f"alternatives: {', '.join(alternatives) or 'none'}"))
+        for name, alternative in self.calibration.alternatives.items():
+            if alternative.kind == "teacher":
+                problems.append(Problem("an alternative calibration set cannot be generated by a teacher (only "
+                                        "`calibration.source` can)", ("calibration", "alternatives", name, "kind"),
+                                        hint="write it to JSONL and use `kind: jsonl`"))
         source = self.calibration.source
         if source.kind == "teacher":
             tools = [t.function.name for t in source.tools]

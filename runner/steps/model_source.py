@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from runner.errors import RunnerError
+from runner.quantization.safetensors_headers import check_files
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import SourceInput
 
@@ -16,6 +17,9 @@ async def run(ctx: StepContext) -> StepResult:
         if not (source.path / "config.json").is_file():
             raise RunnerError(f"model.source.path {source.path} is not a Hugging Face model directory "
                               "(no config.json); point it at the folder that holds config.json")
+        problems = await asyncio.to_thread(check_files, source.path)
+        if problems:
+            raise RunnerError("the model's weights are not whole:\n  " + "\n  ".join(problems))
         return StepResult(outputs={"model_dir": str(source.path)}, summary={"kind": "local"})
     if source.kind == "huggingface":
         return await asyncio.to_thread(_download, source.repo, source.revision, ctx)

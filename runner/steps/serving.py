@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from runner.errors import RunnerError
-from runner.processes import die_with_parent, terminate_group
+from runner.processes import die_with_parent, tagged_env, terminate_group
 from runner.run_dir import RunDir
 from runner.steps.inputs import ServingInput
 
@@ -43,10 +44,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def host_port(wanted: int | None) -> int:
+    """`serve.port` when it is free, else a clear error; a free port when the recipe names none."""
+    if wanted is None:
+        return free_port()
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            raise RunnerError(f"serve.port {wanted} is in use by another process on this machine; stop it, pick "
+                              "another port, or leave serve.port unset to use a free one") from None
+    return wanted
+
+
 async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Process | None, log_path: Path,
-                       health: str = "/health", container: object | None = None, interval_s: float = 0.5) -> float:
+                       health: str = "/health", container: object | None = None, interval_s: float = 0.5,
+                       token: str | None = None) -> float:
     """Seconds until GET /health answers 200 (asked every interval_s); a clear error with the log's
-    tail when it never does."""
+    tail when it never does. With `token`, the answer must echo it: a server on the port that is not
+    the one we started (another process got there first) is an error, never measured."""
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() - t0 < timeout_s:
@@ -62,6 +78,13 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
             try:
                 async with session.get(f"{base}{health}", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
+                        if token is not None:
+                            echoed = await _echoed_token(resp)
+                            if echoed != token:
+                                raise RunnerError(
+                                    f"something else answers {base}{health} (it does not echo this run's server "
+                                    f"token: {'a different token' if echoed else 'no token'}); another process "
+                                    "listens on that port: stop it or change serve.port")
                         return time.monotonic() - t0
             except (aiohttp.ClientError, TimeoutError):
                 pass
@@ -75,8 +98,8 @@ async def wait_healthy(base: str, timeout_s: float, proc: asyncio.subprocess.Pro
 
 
 @contextlib.asynccontextmanager
-async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str
-                              ) -> AsyncIterator[RunningServer]:
+async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str,
+                              pin_port: bool) -> AsyncIterator[RunningServer]:
     """The recipe's server flags, verbatim after `--model /model`, in the serve container plugin."""
     from runner.containers import docker_api
     from runner.containers.launcher import launched
@@ -88,7 +111,7 @@ async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunD
         raise RunnerError(f"serve.container {plugin.name!r} is not a docker plugin; the vllm engine serves in a "
                           "container (use serve.engine: local to serve without one)")
     api = await asyncio.to_thread(docker_api.client)
-    port = free_port()
+    port = host_port(spec.serve.port if pin_port else None)
     args = list(spec.serve.args)
     if "--served-model-name" not in args:
         args += ["--served-model-name", name]
@@ -105,7 +128,30 @@ async def _serve_in_container(spec: ServingInput, model_dir: Path, run_dir: RunD
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a", encoding="utf-8") as log:
                 log.write(logs.decode("utf-8", errors="replace"))
+        await check_served_name(f"http://127.0.0.1:{port}/v1", name)
         yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine="vllm")
+
+
+async def _echoed_token(resp: aiohttp.ClientResponse) -> str | None:
+    try:
+        body = await resp.json(content_type=None)
+    except ValueError:
+        return None
+    return body.get("token") if isinstance(body, dict) else None
+
+
+async def check_served_name(base_v1: str, name: str) -> None:
+    """A vLLM server lists the name it was started with; anything else on the port does not."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"{base_v1}/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            body = await resp.json(content_type=None)
+        names = [m.get("id") for m in body.get("data", [])] if isinstance(body, dict) else []
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        names = []
+    if name not in names:
+        raise RunnerError(f"the server at {base_v1} does not serve {name!r} (it lists {names or 'nothing'}): it is "
+                          "not the one this step started; is another server on that port?")
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -116,15 +162,18 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str
-                  ) -> AsyncIterator[RunningServer]:
+async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str,
+                  pin_port: bool = True) -> AsyncIterator[RunningServer]:
+    """`pin_port`: listen on serve.port when the recipe sets one (False for a second server started
+    alongside, e.g. the paired baseline)."""
     engine = spec.serve.engine
     if engine == "vllm":
-        async with _serve_in_container(spec, model_dir, run_dir, step_id, name) as server:
+        async with _serve_in_container(spec, model_dir, run_dir, step_id, name, pin_port) as server:
             yield server
         return
     log_path = run_dir.log_path(step_id)
-    port = free_port()
+    port = host_port(spec.serve.port if pin_port else None)
+    token = secrets.token_hex(16)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("a", encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
@@ -132,10 +181,20 @@ async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id:
         "--name", name, "--dtype", spec.dtype,
         *(["--threads", str(spec.serve.threads)] if spec.serve.threads else []),
         stdout=log, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True, env={**os.environ, **spec.serve.env}, preexec_fn=die_with_parent())
+        start_new_session=True, preexec_fn=die_with_parent(),
+        env=tagged_env(run_dir.root, {**os.environ, **spec.serve.env, "RECIPE_SERVER_TOKEN": token}))
     try:
-        await wait_healthy(f"http://127.0.0.1:{port}", spec.serve.startup_timeout_s, proc, log_path)
-        yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine)
+        await wait_healthy(f"http://127.0.0.1:{port}", spec.serve.startup_timeout_s, proc, log_path, token=token)
+        try:
+            yield RunningServer(f"http://127.0.0.1:{port}/v1", name, engine)
+        except RunnerError as exc:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 1)  # a dead server is reaped within a moment
+            if proc.returncode is None:
+                raise
+            # The server died under the step: say so, with its last words, not just "requests failed".
+            raise RunnerError(f"{exc}\n    the server exited with status {proc.returncode} during the step; last "
+                              f"lines of {log_path}:\n      " + _tail(log_path)) from None
     finally:
         await terminate_group(proc, grace_s=15)
         log.close()

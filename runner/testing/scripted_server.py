@@ -11,6 +11,8 @@ for exactly the behaviour it needs from a real HTTP server:
     [slow:S]         wait S seconds before answering
     [fail:CODE:N]    answer HTTP CODE to the first N requests for this prompt (429 adds Retry-After)
     [words:N]        answer with about N words
+    [html:N]         answer the first N requests for this prompt with a 200 HTML page (a proxy's error page)
+    [huge:MB]        answer with a JSON body of about MB megabytes
 
 Streaming (`"stream": true`): the answer goes out one word a chunk, the first after `ttft_s` and
 each next one `itl_s` later; with `[stall:K:S]` the gap before chunk K is S seconds. The server
@@ -115,6 +117,17 @@ class ScriptedServer:
                 headers = {"Retry-After": "0.05"} if code == "429" else {}
                 return web.json_response({"error": {"message": f"scripted {code}"}}, status=int(code),
                                          headers=headers)
+        if "html" in markers:
+            key = f"html|{prompt}|{len(messages)}"
+            if key not in self.failures_left:
+                self.failures_left[key] = int(markers["html"][0] or 1)
+            if self.failures_left[key] > 0:
+                self.failures_left[key] -= 1
+                return web.Response(text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                    content_type="text/html")
+        if "huge" in markers:
+            padding = "x" * int(float(markers["huge"][0] or 20) * 1024 * 1024)
+            return web.json_response({"choices": [{"message": {"role": "assistant", "content": padding}}]})
         if "slow" in markers:
             await asyncio.sleep(float(markers["slow"][0] or 1))
         clean = MARKER.sub("", prompt).strip()
