@@ -118,11 +118,11 @@ def test_awq_lite_exports_plain_nvfp4_that_verifies_for_vllm_and_a_mixed_export_
 
     fold = record(run_dir, "quantize.awq_lite")["summary"]["awq_fold"]
     assert fold["layers"] == len(fold["per_layer"]) > 0 and sum(fold["actions"].values()) == fold["layers"]
-    assert fold["cost"]["measured_on"] == "held-out conversations" and fold["cost"]["tokens"] > 0
+    assert "held-out conversations" in fold["cost"]["measured_on"] and fold["cost"]["tokens"] > 0
     assert fold["cost"]["kl"] >= 0 and 0 <= fold["cost"]["top1_agreement"] <= 1
     assert fold["cost"]["kl_to_source_before"] >= 0 and fold["cost"]["kl_to_source_after"] >= 0
     fidelity = record(run_dir, "quantize.awq_lite")["summary"]["fidelity"]
-    assert fidelity["kl"] == fold["cost"]["kl_to_source_after"] and fidelity["measured_on"] == "held-out conversations"
+    assert fidelity["kl"] == fold["cost"]["kl_to_source_after"] and "held-out conversations" in fidelity["measured_on"]
     verify = record(run_dir, "verify.awq_lite")["summary"]
     assert verify["quant_algo"] == "NVFP4"
     assert verify["checks"]["pre_quant_scale"] == "pass" and verify["checks"]["quant_algo_supported"] == "pass"

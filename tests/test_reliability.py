@@ -253,3 +253,16 @@ def test_run_json_of_a_live_run_says_running(tmp_path):
                                  f"print(RunDir(Path({str(run_dir.root)!r})).run_status()['status'])"],
                                 capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert holder.stdout.strip() == "running", holder.stderr
+
+
+def test_the_live_view_shows_each_running_step_with_its_latest_progress_line(tmp_path):
+    from runner.scheduler import last_line
+
+    log = tmp_path / "quantize.max.log"
+    log.write_text("2026-11-28 11:18:36,344 INFO step quantize.max started\n"
+                   "[quantize] calibration pass 1: batch 1/3\n"
+                   "Loading weights:  10%|#  | 27/272\rLoading weights: 100%|##| 272/272\n")
+    assert last_line(log) == "Loading weights: 100%|##| 272/272"  # a progress bar's latest state
+    log.write_text("2026-11-28 11:18:56,217 INFO suite factual: 3/5 answered\n")
+    assert last_line(log) == "suite factual: 3/5 answered"  # without the timestamp
+    assert last_line(tmp_path / "missing.log") == ""

@@ -32,7 +32,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The planner's QuantizeInput, validated again here: the worker reads models, not dicts.
-    inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields})
+    inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields if name in params})
     strategy = inputs.strategy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, inputs.dtype)
