@@ -137,7 +137,8 @@ def test_paired_speed_alternates_with_the_baseline_and_reports_the_ratio_spread(
     assert baseline.requests == 1 + 4  # warm-up and the gate's level only; the 64-token level is not paired
     assert candidate.requests == (1 + 4) * 2
     ratio = paired["ratios"]["decode_tok_s"]
-    assert 0.4 < ratio["min"] <= ratio["median"] <= ratio["max"] < 0.6  # 20 ms against 10 ms a token
+    # 20 ms against 10 ms a token: 0.5, pulled up towards 1 by the same HTTP overhead on both sides
+    assert 0.4 < ratio["min"] <= ratio["median"] <= ratio["max"] < 0.75
     assert speed["summary"]["decode_tok_s"] < paired["summary"]["decode_tok_s"]
 
 
