@@ -138,11 +138,8 @@ class RunDir:
         with its status and steps, next to steps/)."""
         if (self.root / MARKER).is_file():
             return True
-        try:
-            status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(status, dict) and {"status", "steps"} <= set(status) and (self.root / "steps").is_dir()
+        status = self._read_status()
+        return status is not None and {"status", "steps"} <= set(status) and (self.root / "steps").is_dir()
 
     def claim(self) -> None:
         """Make the folder a run directory (new or empty), or refuse one that is someone else's."""
@@ -194,24 +191,25 @@ class RunDir:
     def run_status(self) -> dict[str, Any] | None:
         """run.json, with "running" corrected to "died" when no live process holds the directory (a run
         killed with SIGKILL, or a machine that went down, could not write its last status)."""
-        try:
-            status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if isinstance(status, dict) and status.get("status") == "running" and not self.is_locked():
+        status = self._read_status()
+        if status is not None and status.get("status") == "running" and not self.is_locked():
             status["status"] = "died"
             status["note"] = (f"run.json said running (pid {status.get('pid', '?')}, last update "
                               f"{status.get('updated_at', '?')}) but no process holds the run directory")
         return status
 
-    def mark_died(self) -> None:
-        """Call holding the lock (recipe clean): a run.json that says "running" is a dead run's, and says
-        so from now on."""
+    def _read_status(self) -> dict[str, Any] | None:
         try:
             status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return
-        if isinstance(status, dict) and status.get("status") == "running":
+            return None
+        return status if isinstance(status, dict) else None
+
+    def mark_died(self) -> None:
+        """Call holding the lock (recipe clean): a run.json that says "running" is a dead run's, and says
+        so from now on."""
+        status = self._read_status()
+        if status is not None and status.get("status") == "running":
             status |= {"status": "died", "note": f"marked by recipe clean at {now()}: no process held the run "
                        f"directory (last update {status.get('updated_at', '?')})"}
             write_json_atomic(self.root / "run.json", status)

@@ -85,6 +85,20 @@ def demo_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+def build_tiny_llama(folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with the demo's tokenizer: quantized or served in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_qwen35(folder: Path, tokenizer_dir: Path, layer_types: list[str] | None = None) -> None:
     """A tiny random Qwen3.5 (hidden 128, 4 heads over 2 KV heads) saved with the demo's tokenizer."""
     import torch

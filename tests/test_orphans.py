@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from runner.processes import alive
 
 PARENT = r"""
 import asyncio, sys
@@ -37,17 +37,8 @@ def test_a_child_dies_when_its_parent_is_killed_with_sigkill():
     parent.send_signal(signal.SIGKILL)
     parent.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and running(child):
+    while time.monotonic() < deadline and alive(child):
         time.sleep(0.1)
-    if running(child):
+    if alive(child):
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its SIGKILLed parent")
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a dead child of a dead parent waits for init to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

@@ -25,29 +25,14 @@ import signal
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import MINIMAL, REPO, recipe
+from conftest import MINIMAL, REPO, build_tiny_llama, recipe
 from runner.errors import RunnerError
 from runner.run_dir import RunDir, write_json_atomic
-
-
-def tiny_model(folder: Path, tokenizer_dir: Path) -> Path:
-    """A tiny random Llama with the demo's tokenizer: a real model the local engine serves in seconds."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def serving_input(port: int | None = None):
@@ -108,7 +93,7 @@ def test_a_server_that_dies_mid_benchmark_fails_the_step_with_its_last_words(tmp
     from runner.benchmark.suites import Suite, run_suite
     from runner.steps.serving import serving
 
-    model = tiny_model(tmp_path / "model", demo_tokenizer)
+    model = build_tiny_llama(tmp_path / "model", demo_tokenizer)
     run_dir = RunDir(tmp_path / "run")
     run_dir.claim()
     suite = Suite.model_validate({"name": "factual", "scorer": "contains", "max_tokens": 4, "prompts": [

@@ -114,18 +114,15 @@ def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], bas
         threshold = (gate.value * base if base is not None else None) if relative else gate.value
         sample = metric.sample(result)
         base_sample = metric.sample(baseline) if baseline and relative else None
-        paired = _paired_ratio(metric, result) if relative else None
-        if paired is not None and value is not None:
+        # A candidate measured alongside the baseline is judged against that measurement, pair by pair.
+        paired = _paired_ratio(metric, result) if relative and value is not None else None
+        diff = None
+        if paired is not None:
             base, spread = paired
             threshold = gate.value * base
-            verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": gate.value,
-                             "value": value, "n": spread["pairs"], "interval": None, "threshold": threshold,
-                             "baseline": base, "relative_to": gate.relative_to, "margin": None,
-                             "paired": spread, "verdict": (verdict := judge_spread(op, gate.value, spread)),
-                             "pass": {"pass": True, "fail": False}.get(verdict)})
-            continue
-        if value is None or threshold is None:
-            verdict, diff = "missing", None
+            verdict = judge_spread(op, gate.value, spread)
+        elif value is None or threshold is None:
+            verdict = "missing"
         else:
             diff = margin(op, gate.value if not relative else threshold, sample, base_sample,
                           gate.value if relative else None)
@@ -135,10 +132,12 @@ def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], bas
             low, high = wilson(sample[0], sample[1])
             scale = 1 if sample[2] else sample[1]
             interval = [round(low * scale, 4), round(high * scale, 4)]
+        n = paired[1]["pairs"] if paired else sample[1] if sample else None
         verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": gate.value,
-                         "value": value, "n": sample[1] if sample else None, "interval": interval,
+                         "value": value, "n": n, "interval": interval,
                          "threshold": threshold, "baseline": base, "relative_to": gate.relative_to,
                          "margin": [round(diff[0], 4), round(diff[1], 4)] if diff else None,
+                         **({"paired": paired[1]} if paired else {}),
                          "verdict": verdict, "pass": {"pass": True, "fail": False}.get(verdict)})
     return verdicts
 

@@ -9,7 +9,6 @@ quantize worker reads: a conversation ({"messages": ...}, rendered with the chat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 from collections import Counter
@@ -91,11 +90,6 @@ def vocab_size(model_dir: Path) -> int:
 
 
 def _samples_result(ctx: StepContext, rows: list[dict[str, Any]], summary: dict[str, Any]) -> StepResult:
-    digest = hashlib.sha256()
-    with (ctx.scratch / "calibration.jsonl").open("w", encoding="utf-8") as fh:
-        for row in rows:
-            line = json.dumps(row, ensure_ascii=False) + "\n"
-            fh.write(line)
-            digest.update(line.encode())
+    sha256 = write_conversations(ctx.scratch / "calibration.jsonl", rows)  # any JSON rows, one a line
     return StepResult(outputs={"calibration": "calibration.jsonl"},
-                      summary={**summary, "samples": len(rows), "sha256": digest.hexdigest()})
+                      summary={**summary, "samples": len(rows), "sha256": sha256})
