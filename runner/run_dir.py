@@ -114,9 +114,12 @@ class RunDir:
 
     def record(self, step_id: str) -> dict[str, Any] | None:
         """The committed record of a step, or None if the step has not completed."""
-        path = self.step_dir(step_id) / RECORD
+        # A string path: plan and dry run ask this for each of tens of thousands of steps, most of
+        # which have no record yet, and pathlib's joins cost more than the failed open.
+        path = os.path.join(self.root, "steps", step_id, RECORD)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
         except (OSError, ValueError):
             return None
 

@@ -66,6 +66,28 @@ def test_yaml_syntax_error_is_located(write):
     assert "YAML syntax error" in problem.message
 
 
+def test_yaml_reading_keeps_yaml_12_scalars_merge_keys_and_refuses_duplicates(tmp_path):
+    from runner.recipe.yaml_tree import read_yaml, to_plain
+
+    path = tmp_path / "r.yaml"
+    path.write_text("a: yes\nb: 0o12\nc: 1_000\nd: on\ne: '7'\nf: ~\n"
+                    "base: &b {k: 1, j: 2}\nmerged:\n  <<: *b\n  j: 3\n", encoding="utf-8")
+    data, locs = to_plain(read_yaml(path))
+    # YAML 1.2: yes/on are strings, 0o12 is octal, quoted numbers stay strings.
+    assert data["a"] == "yes" and data["d"] == "on" and data["b"] == 10 and data["c"] == 1000
+    assert data["e"] == "7" and data["f"] is None
+    assert data["merged"] == {"k": 1, "j": 3}
+    assert (locs[("b",)].line, locs[("b",)].column) == (2, 4)
+    assert (locs[("merged", "j", "<key>")].line, locs[("merged", "j", "<key>")].column) == (10, 3)
+
+    path.write_text("name: x\nmodel: {}\nname: y\n", encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    [problem] = info.value.problems
+    assert "duplicate key 'name'" in problem.message and "line 1" in problem.message
+    assert (problem.location.line, problem.location.column) == (3, 1)
+
+
 def test_every_problem_is_reported_at_once(write):
     text = MINIMAL.replace("samples: 4", "samples: -1").replace("name: max", "name: max\n      bogus: 1")
     path = write("r.yaml", text)
