@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="only this run's containers and scratch (default: every run's)")
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("list", help="the shipped recipes with one-line descriptions")
+    p = sub.add_parser("list", help="the shipped recipes, each strategy's predicted size and GB10 decode speed")
+    p.add_argument("--markdown", action="store_true", help="the catalogue page (docs/recipes.md) instead")
+    p.add_argument("-o", "--output", type=Path, help="write to this file")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("schema", help="JSON Schema of recipe files (for editor validation)")
@@ -414,31 +416,46 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from runner.recipe.loader import load_recipe
+    from runner.catalogue import LIST_HARDWARE, catalogue, markdown
     from runner.recipe.resources import shipped_dir
-    from runner.recipe.yaml_tree import read_yaml
 
-    root = shipped_dir("recipes")
-    table = Table(title=f"shipped recipes ({root})")
-    table.add_column("recipe")
-    table.add_column("description")
-    for path in sorted(root.rglob("*.yaml")):
-        rel = path.relative_to(root)
-        if rel.parts[0] in ("suites", "hardware"):
+    entries = catalogue()
+    if args.markdown or args.output:
+        text = markdown(entries)
+        if args.output:
+            args.output.write_text(text, encoding="utf-8")
+            console.print(f"wrote {args.output}")
+        else:
+            out.print(text, markup=False, end="")
+        return 0
+    table = Table(title=f"shipped recipes ({shipped_dir('recipes')}); predictions for {LIST_HARDWARE}")
+    table.add_column("recipe", no_wrap=True)  # the name to type: never cut
+    for col in ("model / source", "strategy", "GB", "bits", "decode tok/s"):
+        table.add_column(col, overflow="fold")  # wraps on a narrow terminal, never cut
+    for e in entries:
+        if e.kind == "base":
+            table.add_row(f"[dim]{e.path}[/]", f"[dim](base) {escape(e.description)}[/]", "", "", "", "")
             continue
-        if rel.parts[0] == "base":
-            node = read_yaml(path)
-            desc = node.value.get("description") if isinstance(node.value, dict) else None
-            text = desc.value if desc is not None else ""
-            table.add_row(f"[dim]{rel}[/]", f"[dim](base) {text.strip().splitlines()[0] if text else ''}[/]")
+        if e.error:
+            table.add_row(e.path, f"[red]invalid: {escape(e.error)}[/]", "", "", "", "")
             continue
-        try:
-            recipe = load_recipe(path).recipe
-            first = recipe.description.strip().splitlines()[0] if recipe.description.strip() else ""
-            table.add_row(str(rel), first)
-        except RecipeError as exc:
-            table.add_row(str(rel), f"[red]invalid: {exc.problems[0]}[/]")
+        first = True
+        license_text = f", {escape(e.license)}" if e.license else ""
+        source_row = f"{escape(e.model)}\n[dim]{escape(e.source)}{license_text}[/]"
+        if e.source_gb is not None:
+            table.add_row(e.path, source_row, "[dim](BF16 source)[/]", f"{e.source_gb:.1f}", "16",
+                          f"{e.source_tok_s:.1f}" if e.source_tok_s else "-")
+            first = False
+        for s in e.strategies:
+            known = s.size_gb is not None
+            table.add_row(e.path if first else "", source_row if first else "", s.name,
+                          f"{s.size_gb:.1f}" if known else "?", f"{s.effective_bits:.2f}" if known else "?",
+                          f"{s.decode_tok_s:.1f}" if known and s.decode_tok_s else "?")
+            first = False
+        table.add_section()
     out.print(table)
+    out.print("sizes and speeds are predictions from each recipe's model.shapes (single-stream decode upper "
+              "bound: bytes read per token / memory bandwidth); `?`: no shapes, known once the source step ran")
     return 0
 
 

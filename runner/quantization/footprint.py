@@ -24,8 +24,10 @@ Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 visi
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,13 +134,21 @@ class Weights:
     linears: dict[str, Tensor]  # module name -> 2-D weight (a tied lm_head included: it counts in bits)
     convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
     dropped_bytes: int = 0
+    expert_fraction: float | None = None  # a MoE token reads this share of the routed experts' bytes
+
+
+LISTING = "tensors.json"
 
 
 def load_weights(folder: Path) -> Weights:
+    """The model's weights from its safetensors headers, or, in a folder without weights, from the
+    tensor listing the worker made on the meta device (recipes/models/*/tensors.json)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise Unknown(f"{folder} has no config.json")
     everything = read_headers(folder)
+    if not everything and (folder / LISTING).is_file():
+        everything = read_listing(folder / LISTING)
     if not everything:
         raise Unknown(f"no safetensors in {folder}")
     tensors = {n: t for n, t in everything.items() if not any(fnmatch.fnmatchcase(n, p) for p in DROPPED_ON_LOAD)}
@@ -157,7 +167,34 @@ def load_weights(folder: Path) -> Weights:
         if embedding is not None:  # the head exists in the model, sharing the embedding's weight
             linears["lm_head"] = Tensor("lm_head.weight", embedding.dtype, embedding.shape)
     dropped = sum(t.nbytes for n, t in everything.items() if n not in tensors)
-    return Weights(tensors, linears, convs, dropped)
+    from runner.benchmark.prediction import active_expert_fraction
+
+    return Weights(tensors, linears, convs, dropped, active_expert_fraction(folder / "config.json"))
+
+
+def read_listing(path: Path) -> dict[str, Tensor]:
+    """A tensor listing (runner/worker/model_loading.py) as the export names its tensors.
+
+    transformers keeps a MoE layer's experts fused (`experts.gate_up_proj` [E, 2I, H],
+    `experts.down_proj` [E, H, I]); ModelOpt quantizes and exports them as one Linear per expert and
+    projection (`experts.0.gate_proj`, ...), which is what formats and sizes are counted over.
+    """
+    import json
+
+    listing = json.loads(path.read_text(encoding="utf-8"))
+    out: dict[str, Tensor] = {}
+    for name, (dtype, shape) in listing["tensors"].items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".experts") and len(shape) == 3:
+            experts, rows, cols = shape
+            parts = [("gate_proj", rows // 2), ("up_proj", rows // 2)] if leaf == "gate_up_proj" else [(leaf, rows)]
+            for e in range(experts):
+                for part, part_rows in parts:
+                    key = f"{prefix}.{e}.{part}.weight"
+                    out[key] = Tensor(key, dtype, (part_rows, cols))
+        else:
+            out[name] = Tensor(name, dtype, tuple(shape))
+    return out
 
 
 # --- ModelOpt's configs, read as data ----------------------------------------------------------
@@ -300,13 +337,20 @@ def _entries(quant_cfg: Any) -> list[dict[str, Any]]:
     return out
 
 
+@functools.cache
+def _glob(pattern: str) -> Callable[[str], Any]:
+    """A compiled fnmatch (ModelOpt matches quantizer names with fnmatch; on POSIX it is case-sensitive).
+    A MoE model has tens of thousands of expert Linears and each is matched against every entry."""
+    return re.compile(fnmatch.translate(pattern)).match
+
+
 def quantizer_cfg(config: QuantConfig, quantizer: str, parent: str = "nn.Linear") -> Any | None:
     """The cfg a quantizer ends up with after the ordered entries (None: disabled)."""
     enabled, cfg = True, {"num_bits": 8}  # ModelOpt's default quantizer: 8-bit, enabled
     for entry in config.entries:
         if entry.get("parent_class") not in (None, parent):
             continue
-        if not fnmatch.fnmatch(quantizer, entry["quantizer_name"]):
+        if not _glob(entry["quantizer_name"])(quantizer):
             continue
         if entry.get("cfg") is not None:
             cfg, enabled = entry["cfg"], entry.get("enable", True)
@@ -356,6 +400,40 @@ def _block(cfg: Any) -> int | None:
     blocks = (cfg or {}).get("block_sizes") or {}
     block = blocks.get(-1, blocks.get("-1"))
     return int(block) if block else None
+
+
+_EXPERT_INDEX = re.compile(r"(\.experts\.)\d+(\.)")
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def _blind_to_expert_index(config: QuantConfig) -> bool:
+    """No entry can tell two routed experts of a layer apart: its glob has no `?` or `[`, and each digit
+    run in it follows a letter (`conv1d`) or `layers.` (a layer index), neither of which can stand
+    where an expert index does (after `experts.`). An expert index is then matched by `*` alone, so
+    every index gives the same result."""
+    for entry in config.entries:
+        pattern = entry["quantizer_name"]
+        if "?" in pattern or "[" in pattern:
+            return False
+        for m in _DIGIT_RUN.finditer(pattern):
+            before = pattern[:m.start()]
+            if not (before.endswith("layers.") or (before and (before[-1].isalpha() or before[-1] == "_"))):
+                return False
+    return True
+
+
+def module_formats(config: QuantConfig, modules: list[str]) -> dict[str, str | None]:
+    """module_format for many modules; a MoE layer's experts (hundreds a layer) are matched once when
+    the config cannot tell them apart."""
+    blind = _blind_to_expert_index(config)
+    seen: dict[str, str | None] = {}
+    out: dict[str, str | None] = {}
+    for module in modules:
+        key = _EXPERT_INDEX.sub(r"\g<1>0\g<2>", module) if blind else module
+        if key not in seen:
+            seen[key] = module_format(config, key)
+        out[module] = seen[key]
+    return out
 
 
 def module_format(config: QuantConfig, module: str, parent: str = "nn.Linear") -> str | None:
@@ -486,12 +564,12 @@ def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
     return sizes, bits
 
 
-def _decode(sizes: dict[str, int], hardware: str | None) -> float | None:
+def _decode(sizes: dict[str, int], hardware: str | None, weights: Weights) -> float | None:
     if not hardware:
         return None
     from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
 
-    return predict_decode_of(bytes_per_token_of(sizes), hardware)["predicted_decode_tok_s"]
+    return predict_decode_of(bytes_per_token_of(sizes, weights.expert_fraction), hardware)["predicted_decode_tok_s"]
 
 
 def _counts(weights: Weights, formats: dict[str, str | None], dtype: str | None) -> dict[str, int]:
@@ -517,7 +595,7 @@ def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hard
         if base.source != "modelopt_recipes":
             fp.notes.append(f"formats derived from the preset's family ({base.source}): modelopt_recipes is not "
                             "installed on this host")
-        formats = {m: module_format(config, m) for m in weights.linears}
+        formats = module_formats(config, list(weights.linears))
         extra: dict[str, int] = {}
         algorithm = strategy.algorithm or base.algorithm
         method_name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
@@ -535,7 +613,7 @@ def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hard
             fp.notes.append("SVDQuant's low-rank branches counted at the model dtype")
         sizes, fp.effective_bits = predict(weights, formats, dtype, extra)
         fp.checkpoint_bytes = sum(sizes.values())
-        fp.decode_tok_s = _decode(sizes, hardware)
+        fp.decode_tok_s = _decode(sizes, hardware, weights)
         fp.formats = _counts(weights, formats, dtype)
     except Unknown as exc:
         fp.known, fp.reason = False, str(exc)
@@ -620,8 +698,8 @@ def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[st
     if hardware:
         from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
 
-        low = bytes_per_token_of(predict(weights, rng.low, dtype)[0])
-        high = bytes_per_token_of(predict(weights, rng.high, dtype)[0])
+        low = bytes_per_token_of(predict(weights, rng.low, dtype)[0], weights.expert_fraction)
+        high = bytes_per_token_of(predict(weights, rng.high, dtype)[0], weights.expert_fraction)
         fp.decode_tok_s = predict_decode_of(round(low + share * (high - low)), hardware)["predicted_decode_tok_s"]
     fp.notes.append(f"at most (decode: at least): the search fills the budget with {rng.cheapest} and "
                     f"{rng.dearest}, and may leave layers unquantized")
@@ -642,6 +720,9 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
     source = recipe.model.source
     if source.kind == "local" and (source.path / "config.json").is_file():
         return source.path, f"model.source.path ({source.path})"
+    shapes = recipe.model.shapes
+    if shapes is not None and (shapes / "config.json").is_file() and (shapes / LISTING).is_file():
+        return shapes, f"model.shapes ({shapes}: the model's config, no weights)"
     return None, UNKNOWN_UNTIL_SOURCE
 
 
@@ -662,7 +743,7 @@ def source_footprint(recipe: Any, weights: Weights) -> Footprint:
     fp = Footprint("(source)", f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
     sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
     fp.checkpoint_bytes = sum(sizes.values())
-    fp.decode_tok_s = _decode(sizes, recipe.benchmark.hardware)
+    fp.decode_tok_s = _decode(sizes, recipe.benchmark.hardware, weights)
     fp.formats = _counts(weights, formats, recipe.model.dtype)
     if weights.dropped_bytes:
         fp.notes.append(f"{weights.dropped_bytes / 1e9:.2f} GB of source tensors a causal-LM load drops "

@@ -83,6 +83,11 @@ class ModelSpec(Section):
         description="The Hub id this model is a quantization of (card metadata `base_model`, so the Hub's model "
         "tree links it). Defaults to the source's repo for a huggingface source; set it for local and GGUF sources.")
     trust_remote_code: bool = False
+    shapes: RecipePath | None = Field(
+        None, description="A folder with the model's config.json and tensors.json (its tensors' names, dtypes and "
+        "shapes, made on the meta device by `python -m runner.worker.model_loading`): `recipe list`, `plan` and "
+        "`init` predict sizes and speeds from it before the weights are downloaded. The shipped recipes point "
+        "at recipes/models/.")
 
     def hub_base_model(self) -> str | None:
         return self.base_model or (self.source.repo if self.source.kind == "huggingface" else None)

@@ -29,7 +29,9 @@ from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load
 
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from runner.worker.model_loading import load_model
 
     # The planner's QuantizeInput, validated again here: the worker reads models, not dicts.
     inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields if name in params})
@@ -39,7 +41,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     model_dir = Path(params["model_dir"])
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = load_model(model_dir, dtype).to(device).eval()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [inputs.architecture or type(model).__name__]
     load_s = time.monotonic() - t0
