@@ -1,6 +1,6 @@
 """Declarative fix-ups applied to an exported checkpoint (recipe `export.fixups`).
 
-Each operation is a recipe model (SetJson, WrapConfig, WriteJson, CopyFile) that carries its own
+Each operation is a recipe model (SetJson, WrapConfig, WriteJson, CopyFile, RenameTensors) that carries its own
 `apply()`; `apply_fixups` applies a list of them in order. None knows any model. The plan's
 Qwen3.5 wrapping (config nested under text_config with Qwen3_5ForConditionalGeneration on top, a
 preprocessor_config.json, tokenizer_class Qwen2Tokenizer) is three of these in a recipe.
@@ -89,7 +89,52 @@ class CopyFile(Section):
         return f"copied {src.name} to {self.to}"
 
 
-Fixup = Annotated[SetJson | WrapConfig | WriteJson | CopyFile, Field(discriminator="op")]
+class RenameTensors(Section):
+    """Rename tensors in the checkpoint's safetensors files (headers rewritten, data copied as is).
+
+    For names the export spells differently from what the engine's loader reads, e.g. transformers
+    5.14 saving Nemotron-H's `backbone.embeddings.weight` as `backbone.embedding.weight`."""
+
+    op: Literal["rename_tensors"]
+    rename: dict[str, str] = Field(description="Old tensor name -> new name.")
+
+    def apply(self, checkpoint: Path, model_dir: Path | None, where: str) -> str:
+        done: list[str] = []
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            done += rename_in_safetensors(file, self.rename)
+        missing = [old for old, new in self.rename.items() if old not in done]
+        index = checkpoint / "model.safetensors.index.json"
+        if index.is_file() and done:
+            data = read_json_object(index, where)
+            data["weight_map"] = {self.rename.get(k, k): v for k, v in (data.get("weight_map") or {}).items()}
+            write_json_object(index, data)
+        if not done:
+            return f"renamed no tensor ({', '.join(missing)}: not in the export)"
+        return f"renamed {', '.join(f'{old} -> {self.rename[old]}' for old in done)}"
+
+
+def rename_in_safetensors(file: Path, rename: dict[str, str]) -> list[str]:
+    """Rewrite one safetensors file with renamed header keys; returns the old names renamed."""
+    import struct
+
+    with file.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        found = [name for name in header if name in rename]
+        if not found:
+            return []
+        header = {rename.get(k, k): v for k, v in header.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+        tmp = file.with_name(file.name + ".tmp")
+        with tmp.open("wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            shutil.copyfileobj(fh, out, 1 << 24)
+    tmp.replace(file)  # a new inode: the quantize step's hard-linked original is untouched
+    return found
+
+
+Fixup = Annotated[SetJson | WrapConfig | WriteJson | CopyFile | RenameTensors, Field(discriminator="op")]
 
 
 def apply_fixups(checkpoint: Path, fixups: Sequence[Any], model_dir: Path | None) -> list[str]:

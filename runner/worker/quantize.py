@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import json
+import re
 import resource
 import shutil
 import time
@@ -85,9 +87,16 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     from modelopt.torch.export import export_hf_checkpoint
 
+    # Formats and bits from the live quantizers: the export unpacks fused MoE experts into plain
+    # modules without quantizers, so after it they could not be told apart from unquantized ones.
+    layers = layer_formats(model)
+    bits = effective_bits(model, layers)
     t2 = time.monotonic()
     checkpoint = output_dir / "checkpoint"
     export_hf_checkpoint(model, export_dir=checkpoint)
+    repaired = repair_exclude_modules(checkpoint)
+    if repaired:
+        print(f"[quantize] exclude_modules repaired: {repaired}", flush=True)
     tokenizer.save_pretrained(checkpoint)
     for extra in ("chat_template.jinja", "tokenizer_config.json"):
         if (model_dir / extra).exists():
@@ -95,7 +104,6 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     export_s = time.monotonic() - t2
     print(f"[quantize] exported in {export_s:.1f}s", flush=True)
 
-    layers = layer_formats(model)
     summary = {
         "strategy": strategy.name,
         **result,  # batching (BatchPlan.summary: tokens, padding, batches, budget), time, memory
@@ -105,11 +113,53 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()),
         "formats": format_counts(layers),
-        "effective_bits": effective_bits(model, layers),
+        "effective_bits": bits,
         "layers": layers,
         "warnings": warnings,
+        **({"exclude_modules_repaired": repaired} if repaired else {}),
     }
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
+
+
+# `.` + NUL + a name ending in `sentinel`: what ModelOpt's name mapping leaves inside an entry.
+_SENTINEL = re.compile(r"\.?\x00[^*]*")
+
+
+def repair_exclude_modules(checkpoint: Path) -> list[str]:
+    """Cut the sentinel ModelOpt leaves on exclude_modules entries when it maps module names back
+    through transformers' checkpoint renaming (seen with Nemotron-H: `lm_head.\x00backbone.pt_name_sentinel`
+    for `lm_head`, ModelOpt 0.47 + transformers 5.14). vLLM matches these names against its modules;
+    a mangled one leaves the module (a Mamba conv1d, the head) expected quantized. Fixed in both
+    hf_quant_config.json and config.json's quantization_config; returns the entries changed."""
+    changed: list[str] = []
+
+    def clean(entries: list[Any]) -> list[Any]:
+        out = []
+        for entry in entries:
+            if isinstance(entry, str) and "\x00" in entry:
+                fixed = _SENTINEL.sub("", entry)
+                changed.append(f"{entry!r} -> {fixed!r}")
+                entry = fixed
+            out.append(entry)
+        return out
+
+    for name, keys in (("hf_quant_config.json", ("quantization",)), ("config.json", ("quantization_config",))):
+        path = checkpoint / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        section = data
+        for key in keys:
+            section = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            continue
+        before = len(changed)
+        for field_name in ("exclude_modules", "ignore"):
+            if isinstance(section.get(field_name), list):
+                section[field_name] = clean(section[field_name])
+        if len(changed) > before:
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return sorted(set(changed))
 
 
 def quantizer_names(model: Any) -> list[str]:

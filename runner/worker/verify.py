@@ -162,7 +162,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
             scales = [s for s in SCALE_SUFFIXES if f"{module}.{s}" in meta]
             if module in quantized or scales:
                 problems.append(f"{module} (excluded by {pattern}) is stored quantized or has {', '.join(scales)}")
-            elif weights[module][0] not in ("U8", "F8_E4M3") and not covered(module):
+            elif needs_listing(module, weights[module]) and not covered(module):
                 problems.append(f"{module} (excluded by {pattern}) is missing from exclude_modules")
     report.add("exclusions", not problems,
                "; ".join(problems[:5]) if problems else
@@ -175,6 +175,17 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     report.add("exclude_modules_match", None if dangling else True,
                f"{len(excluded_entries)} entries" + (f"; match no tensor: {', '.join(dangling)} (harmless when "
                                                      "the module is tied or absent)" if dangling else ""))
+
+    if engine == "vllm":
+        mangled = [repr(e) for e in excluded_entries if not isinstance(e, str) or any(ord(c) < 32 for c in e)]
+        report.add("exclude_modules_names", not mangled,
+                   "every entry is a plain module name" if not mangled else
+                   f"entries vLLM cannot match: {', '.join(mangled[:3])}")
+        split = split_fused_groups(weights, layouts)
+        report.add("fused_groups", not split,
+                   "projections vLLM fuses (q/k/v, gate/up, DeltaNet qkv/z and b/a) share one format each"
+                   if not split else "vLLM fuses these but they differ in format (it refuses to load): "
+                   + "; ".join(split[:3]) + " (an exclusion pattern splits a fused group)")
 
     bad_sizes = [f"{m} in_features {layout.in_features} (blocks of {layout.block})" for m, layout in known.items()
                  if layout.block and layout.family != "fp8_pb_wo" and layout.in_features % layout.block]
@@ -207,6 +218,38 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
             "tensors": len(meta), "size_bytes": actual, "ideal_bytes": ideal,
             "size_overhead_pct": round((actual / ideal - 1) * 100, 2) if ideal else None,
             "decode_errors": errors}
+
+
+def needs_listing(module: str, weight: tuple[str, tuple[int, ...]]) -> bool:
+    """An unquantized module vLLM would build quantized unless exclude_modules names it: a Linear
+    (2-D weight). Norms (1-D) and embeddings never take vLLM's ModelOpt quant method."""
+    dtype, shape = weight
+    leaf = module.rsplit(".", 1)[-1]
+    return dtype not in ("U8", "F8_E4M3") and len(shape) == 2 and "embed" not in leaf and leaf not in ("wte", "wpe")
+
+
+# Projections vLLM loads as one fused layer: all shards must have one format (its quant_utils refuses
+# "some but not all shards" quantized).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"),
+                ("in_proj_b", "in_proj_a"))
+
+
+def split_fused_groups(weights: dict[str, Any], layouts: dict[str, Any]) -> list[str]:
+    """Fused groups whose members are stored in different formats, one line each."""
+    def fmt(module: str) -> str:
+        layout = layouts.get(module)
+        return layout.name if isinstance(layout, Layout) else "quantized" if layout is not None else "unquantized"
+
+    found = []
+    for module in weights:
+        parent, _, leaf = module.rpartition(".")
+        for group in FUSED_GROUPS:
+            if leaf != group[0]:
+                continue
+            members = {m: fmt(m) for m in (f"{parent}.{g}" for g in group) if m in weights}
+            if len(set(members.values())) > 1:
+                found.append(", ".join(f"{m.rsplit('.', 1)[-1]} {f}" for m, f in members.items()) + f" in {parent}")
+    return found
 
 
 def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[str, Any],

@@ -1,0 +1,96 @@
+"""Every family base on a tiny random model of its architecture class (issue 16): the catalogue
+recipe's own strategies and exclusions through quantize, export and verify for the vllm engine.
+
+The tiny models (tests/tiny_families.py) are scaled-down copies of the real configs the recipes
+predict from: same classes, hybrid layer pattern, MoE experts, vision towers and embeddings tying.
+What is checked: the run passes verify (vLLM's loader rules: quant_algo, exclude_modules, fused
+groups, decoders against the source weights), every exclusion pattern names modules the export
+really has, and MoE experts get the format their strategy says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+from tiny_families import FAMILIES, LAST_LAYER, build
+
+from conftest import REPO, recipe, recipe_cli_env, record
+
+# Strategy -> the format routed experts must get (ModelOpt's export names).
+EXPERT_FORMAT = {"w4a16": "w4a16_nvfp4", "nvfp4_awq": "nvfp4", "mlp_only": "nvfp4"}
+# Verify findings that are notes, not failures: an exclude_modules entry for a module the export
+# stores under another prefix (vLLM matches substrings), or a layer-index pattern beyond the tiny depth.
+NOTES = {"exclude_modules_match", "exclusion_patterns_match"}
+
+
+def export_headers(checkpoint: Path) -> dict[str, dict]:
+    out = {}
+    for file in checkpoint.glob("*.safetensors"):
+        with file.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            out.update({k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
+    return out
+
+
+def layer_index_beyond(pattern: str, depth: int) -> bool:
+    return any(int(i) >= depth for i in re.findall(r"layers\.(\d+)", pattern))
+
+
+@pytest.mark.parametrize("recipe_file", sorted(FAMILIES))
+def test_family_base_quantizes_exports_and_verifies_its_tiny_model(recipe_file, demo_tokenizer, tmp_path):
+    model_dir = build(recipe_file, tmp_path / "model", demo_tokenizer)
+    depth = LAST_LAYER[recipe_file] + 1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""extends: {REPO / 'recipes' / recipe_file}
+name: tiny-family
+vars: {{last_layer: {LAST_LAYER[recipe_file]}}}
+model:
+  source: {{kind: local, path: {model_dir}}}
+calibration:
+  source: {{kind: jsonl, path: {REPO / 'recipes' / 'demo' / 'calibration.jsonl'}}}
+  samples: 4
+  max_length: 64
+  held_out: 2
+execution: {{executor: local, max_parallel: 1, gpus: 0}}
+""", encoding="utf-8")
+    run_dir = tmp_path / "run"
+    result = recipe("run", str(path), "--until", "verify", "--run-dir", str(run_dir), env=recipe_cli_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + "".join(
+        p.read_text()[-2000:] for p in (run_dir / "logs").glob("verify*.log"))
+
+    strategies = [json.loads(p.read_text())["summary"]["strategy"]
+                  for p in sorted((run_dir / "steps").glob("quantize.*/record.json"))]
+    assert {"w4a16", "nvfp4_awq", "mlp_only"} <= set(strategies)
+    moe = "experts" in json.dumps(json.loads((model_dir / "config.json").read_text()))
+    for strategy in strategies:
+        quantize = record(run_dir, f"quantize.{strategy}")
+        verify = record(run_dir, f"verify.{strategy}")["summary"]
+        failed = {k: verify["details"].get(k) for k, v in verify["checks"].items() if v == "fail"}
+        assert not failed, (strategy, failed)
+        assert {k for k, v in verify["checks"].items() if v == "warn"} <= NOTES, (strategy, verify["checks"])
+        assert verify["checks"].get("fused_groups") == "pass" and verify["checks"]["exclusions"] == "pass"
+
+        # Every exclusion names modules the export has (patterns for layers the tiny model lacks aside).
+        tensors = export_headers(run_dir / "steps" / f"export.{strategy}" / "checkpoint")
+        modules = {t.removesuffix(".weight") for t in tensors if t.endswith(".weight")}
+        for pattern in quantize["params"]["exclude"]:
+            if layer_index_beyond(pattern, depth):
+                continue
+            assert any(fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m + ".", pattern) for m in modules), \
+                f"{strategy}: exclusion {pattern!r} matches no module of the export"
+
+        # Routed experts: the strategy's format in the quantize record, packed per expert in the export.
+        if moe and strategy in EXPERT_FORMAT:
+            experts = {n: f for n, f in quantize["summary"]["layers"].items()
+                       if re.search(r"\.experts\.(gate_up_proj|up_proj|down_proj)$", n)}
+            assert experts, f"{strategy}: no fused expert tensors in the quantize record"
+            kept = {n for n in experts if any(fnmatch.fnmatchcase(n, p) for p in quantize["params"]["exclude"])}
+            assert all(f == EXPERT_FORMAT[strategy] for n, f in experts.items() if n not in kept), (strategy, experts)
+            packed = [t for t in tensors if re.search(r"\.experts\.\d+\.(up|down|gate)_proj\.weight$", t)]
+            assert packed and any(tensors[t]["dtype"] == "U8" for t in packed), strategy
+
