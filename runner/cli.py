@@ -102,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="only this run's containers and scratch (default: every run's)")
     p.set_defaults(func=cmd_clean)
 
+    p = sub.add_parser("init", help="write a starter recipe for a model (a folder, a config.json or a Hub id): "
+                       "family base, last_layer, predicted size and speed of each strategy")
+    p.add_argument("model", help="a model folder, its config.json, or owner/name on the Hugging Face Hub")
+    p.add_argument("-o", "--output", type=Path, help="the recipe file to write (default: NAME.yaml here)")
+    p.add_argument("--name", help="the recipe's name (default: from the model's)")
+    p.add_argument("--hardware", default="dgx-spark-gb10", help="the target the predictions are for "
+                   "(recipes/hardware/targets.yaml; default dgx-spark-gb10)")
+    p.add_argument("--force", action="store_true", help="overwrite the recipe file (and its .shapes folder)")
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("list", help="the shipped recipes, each strategy's predicted size and GB10 decode speed")
     p.add_argument("--markdown", action="store_true", help="the catalogue page (docs/recipes.md) instead")
     p.add_argument("-o", "--output", type=Path, help="write to this file")
@@ -412,6 +422,59 @@ def cmd_clean(args: argparse.Namespace) -> int:
             run_dir.mark_died()
             removed = run_dir.remove_scratch()
         out.print(f"removed {len(removed)} scratch folder(s) the runner made under {run_dir.root / '.scratch'}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import shutil
+
+    from runner import init_recipe
+    from runner.benchmark.prediction import hardware_table_entry
+    from runner.quantization import footprint
+    from runner.recipe.loader import load_recipe
+    from runner.run_dir import write_text_atomic
+
+    hardware_table_entry(args.hardware)  # an unknown target fails before anything is written
+    config, folder, repo = init_recipe.read_config(args.model)
+    found = init_recipe.detect(config)
+    display = folder.name if folder is not None else str(repo).split("/")[-1]
+    name = args.name or init_recipe.slug(display)
+    output = (args.output or Path(f"{name}.yaml")).resolve()
+    shapes_dir = output.with_name(f"{output.stem}.shapes")
+    if output.exists() and not args.force:
+        raise RunnerError(f"{output} exists: pass --force to overwrite it, or -o another file")
+    if folder is not None:
+        source = {"kind": "local", "path": str(folder)}
+    else:
+        source = {"kind": "huggingface", "repo": repo, "revision": init_recipe.hub_revision(str(repo))}
+    shapes = None
+    if not init_recipe.has_weights(folder):
+        if shapes_dir.exists() and not args.force:
+            raise RunnerError(f"{shapes_dir} exists: pass --force to rebuild it")
+        shutil.rmtree(shapes_dir, ignore_errors=True)
+        console.print(f"no weights to read: building the tensor listing from config.json in {shapes_dir.name}/ ...")
+        why = init_recipe.build_listing(config, shapes_dir)
+        if why is None:
+            shapes = shapes_dir.name
+        else:
+            shutil.rmtree(shapes_dir, ignore_errors=True)
+            console.print(f"[yellow]predictions unknown until the source step runs:[/] {escape(why)}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output, init_recipe.recipe_text(found, name, display, source, shapes, args.hardware))
+    loaded = load_recipe(output)  # the starter must validate as written (a RecipeError here is our bug)
+    out.print(f"wrote {output} (extends base/{found.family}.yaml)")
+    for note in found.notes:
+        out.print(f"  - {escape(note)}")
+    recipe = loaded.recipe
+    model_dir, read_from = footprint.model_folder(recipe)
+    if model_dir is None:
+        out.print(escape(read_from))
+        return 0
+    weights = footprint.load_weights(model_dir)
+    footprints = footprint.recipe_footprints(recipe, weights)
+    source_fp = footprint.source_footprint(recipe, weights)
+    out.print(footprint.table([source_fp, *footprints], f"predicted on {args.hardware}, from {escape(read_from)}"))
+    out.print(f"next: `recipe plan {output.name}`, then serve the BF16 model as the teacher and `recipe run`")
     return 0
 
 

@@ -718,7 +718,8 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
         if folder is not None and (folder / "config.json").is_file():
             return folder, f"the run's source step ({folder})"
     source = recipe.model.source
-    if source.kind == "local" and (source.path / "config.json").is_file():
+    if source.kind == "local" and (source.path / "config.json").is_file() and (
+            any(source.path.glob("*.safetensors")) or (source.path / LISTING).is_file()):
         return source.path, f"model.source.path ({source.path})"
     shapes = recipe.model.shapes
     if shapes is not None and (shapes / "config.json").is_file() and (shapes / LISTING).is_file():
