@@ -80,6 +80,11 @@ def test_yaml_reading_keeps_yaml_12_scalars_merge_keys_and_refuses_duplicates(tm
     assert (locs[("b",)].line, locs[("b",)].column) == (2, 4)
     assert (locs[("merged", "j", "<key>")].line, locs[("merged", "j", "<key>")].column) == (10, 3)
 
+    # Valid YAML 1.2 that libyaml (a 1.1 parser) refuses: read by ruamel's own parser instead.
+    path.write_text("prompts:\n  - {prompt: Why is the sky blue?, expect: [light]}\n", encoding="utf-8")
+    data, _ = to_plain(read_yaml(path))
+    assert data == {"prompts": [{"prompt": "Why is the sky blue?", "expect": ["light"]}]}
+
     path.write_text("name: x\nmodel: {}\nname: y\n", encoding="utf-8")
     with pytest.raises(RecipeError) as info:
         read_yaml(path)

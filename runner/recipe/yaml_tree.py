@@ -52,19 +52,29 @@ def read_yaml(path: Path) -> Node:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError([Problem(f"cannot read file: {exc.strerror}", location=Location(str(path), 1, 1))]) from None
-    # Compose with libyaml's parser (ruamel.yaml.clib; ruamel's pure-Python one where it is absent)
-    # and build the tree from the nodes, which carry their marks: seven times faster than ruamel's
-    # round-trip loader on a recipe with 10,000 strategies, with the same YAML 1.2 scalars.
-    yaml = YAML(typ="safe", pure=False)
+    # Compose with libyaml's parser (ruamel.yaml.clib) and build the tree from the nodes, which carry
+    # their marks: seven times faster than ruamel's round-trip loader on a recipe with 10,000
+    # strategies, with ruamel's YAML 1.2 scalars. libyaml parses YAML 1.1, which refuses some valid
+    # 1.2 (a `?` ending a plain scalar in a flow mapping: `{prompt: Why?, expect: [x]}`), so a file
+    # it refuses is parsed again by ruamel's own parser, which also words the error if there is one.
     try:
-        root = yaml.compose(text)
-        if root is None:
-            return Node({}, Location(str(path), 1, 1))
-        return _to_node(root, yaml.constructor, str(path), Location(str(path), 1, 1))
+        return _compose(text, path, pure=False)
+    except MarkedYAMLError:
+        pass
+    try:
+        return _compose(text, path, pure=True)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Location(str(path), mark.line + 1, mark.column + 1) if mark else Location(str(path), 1, 1)
         raise RecipeError([Problem(f"YAML syntax error: {exc.problem or exc.context}", location=loc)]) from None
+
+
+def _compose(text: str, path: Path, pure: bool) -> Node:
+    yaml = YAML(typ="safe", pure=pure)
+    root = yaml.compose(text)
+    if root is None:
+        return Node({}, Location(str(path), 1, 1))
+    return _to_node(root, yaml.constructor, str(path), Location(str(path), 1, 1))
 
 
 def _mark(node: nodes.Node, file: str) -> Location:

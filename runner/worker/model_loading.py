@@ -34,11 +34,19 @@ def model_class(config: Any) -> Any:
                      f"{config.model_type!r}")
 
 
-def load_model(model_dir: Path, dtype: Any) -> Any:
+def load_model(model_dir: Path, dtype: Any, architecture: str | None = None) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    return model_class(config).from_pretrained(model_dir, dtype=dtype)
+    return with_architectures(model_class(config).from_pretrained(model_dir, dtype=dtype), architecture)
+
+
+def with_architectures(model: Any, architecture: str | None = None) -> Any:
+    """ModelOpt's export needs config.architectures (None raises in is_multimodal_model): a text model
+    loaded out of a vision-language checkpoint has a text config without it."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [architecture or type(model).__name__]
+    return model
 
 
 def tensor_listing(config_dir: Path) -> dict[str, Any]:

@@ -43,9 +43,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     model_dir = Path(params["model_dir"])
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, dtype).to(device).eval()
-    if not getattr(model.config, "architectures", None):
-        model.config.architectures = [inputs.architecture or type(model).__name__]
+    model = load_model(model_dir, dtype, inputs.architecture).to(device).eval()
     load_s = time.monotonic() - t0
     print(f"[quantize] loaded {model_dir.name} on {device} in {load_s:.1f}s", flush=True)
 

@@ -1,0 +1,137 @@
+"""A catalogue recipe's strategy at the model's real size on one GPU: prediction vs. what ModelOpt does.
+
+Builds the model a shipped recipe names at full size from its `model.shapes` config (random bf16
+weights, on the GPU, nothing downloaded), quantizes it with the recipe's own strategy and exclusions
+through the quantize worker's code (random-token calibration), exports it, applies the recipe's
+fix-ups that need no source file, and runs verify for the vllm engine. Prints the prediction `recipe
+list` makes (size, effective bits) next to the export's, the routed experts' format, the verify
+verdict, and the times and peak GPU memory.
+
+    python bench/catalogue_gpu.py recipes/qwen3-30b-a3b.yaml [--strategy w4a16] [--samples 16]
+        [--tokens 512] [--work DIR]
+
+Needs CUDA, torch, transformers, ModelOpt, and disk for one export (the quantized size).
+The weights are random: sizes, formats, placement and times are real; quality numbers are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--strategy", default="w4a16")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a small model")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoConfig
+
+    from runner.catalogue import LIST_HARDWARE
+    from runner.quantization import footprint
+    from runner.recipe.loader import load_recipe
+    from runner.steps.fixups import CopyFile, apply_fixups
+    from runner.worker.calib_data import CalibrationSet
+    from runner.worker.model_loading import model_class, with_architectures
+    from runner.worker.quantize import (
+        effective_bits,
+        fold_scales,
+        full_logits_kwargs,
+        layer_formats,
+        quantize_model,
+        repair_exclude_modules,
+    )
+    from runner.worker.verify import verify_checkpoint
+
+    recipe = load_recipe(args.recipe, env={}).recipe
+    strategy = next(s for s in recipe.quantization.strategies if s.name == args.strategy)
+    exclude = recipe.quantization.exclusions(strategy)
+    shapes = recipe.model.shapes
+    weights = footprint.load_weights(shapes)
+    predicted = footprint.strategy_footprint(weights, strategy, exclude, LIST_HARDWARE, recipe.model.dtype)
+    print(f"{recipe.name} / {strategy.name}: predicted {predicted.checkpoint_bytes / 1e9:.2f} GB, "
+          f"{predicted.effective_bits:.3f} effective bits, {predicted.decode_tok_s} tok/s on {LIST_HARDWARE}",
+          flush=True)
+
+    device = torch.device(args.device)
+    t0 = time.monotonic()
+    config = AutoConfig.from_pretrained(shapes)
+    config.architectures = config.architectures or [recipe.model.architecture]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = with_architectures(model_class(config).from_config(config, dtype=torch.bfloat16).eval(),
+                                   recipe.model.architecture)
+    params = sum(p.numel() for p in model.parameters())
+    build_s = time.monotonic() - t0
+    print(f"built {type(model).__name__}: {params / 1e9:.2f} B parameters in {build_s:.1f}s", flush=True)
+
+    vocab = config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, vocab, (args.tokens,), generator=gen).tolist() for _ in range(args.samples)]
+    calib = CalibrationSet(token_ids=ids, pad_id=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = quantize_model(model, calib, strategy, exclude, device)
+    # As the quantize worker does: AWQ's per-channel scales folded so the export is plain NVFP4.
+    fold = fold_scales(model, calib, device, full_logits_kwargs(model), norms_only=not strategy.fold_awq_scales)
+    if fold is not None:
+        print(f"AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s", flush=True)
+    layers = layer_formats(model)
+    bits = effective_bits(model, layers)
+    formats: dict[str, int] = {}
+    for fmt in layers.values():
+        formats[fmt] = formats.get(fmt, 0) + 1
+    experts = {fmt for name, fmt in layers.items() if re.search(r"\.experts\.(gate_up_proj|up_proj|down_proj)$", name)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    print(f"quantized in {result['quantize_s']:.1f}s ({result['batches']} batches), peak GPU {peak:.1f} GiB; "
+          f"formats {formats}; routed experts {sorted(experts)}", flush=True)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="catalogue-gpu-"))
+    checkpoint = work / "checkpoint"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    from modelopt.torch.export import export_hf_checkpoint
+
+    t1 = time.monotonic()
+    export_hf_checkpoint(model, export_dir=checkpoint)
+    export_s = time.monotonic() - t1
+    repaired = repair_exclude_modules(checkpoint)
+    fixups = [f for f in recipe.export.fixups if not (isinstance(f, CopyFile) and f.model_file is not None)]
+    done = apply_fixups(checkpoint, fixups, None)
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    print(f"exported in {export_s:.1f}s: {size / 1e9:.2f} GB of safetensors (predicted "
+          f"{predicted.checkpoint_bytes / 1e9:.2f}, {(size / predicted.checkpoint_bytes - 1) * 100:+.1f} %); "
+          f"effective bits {bits:.3f} (predicted {predicted.effective_bits:.3f}); exclude_modules repaired "
+          f"{len(repaired)}; fix-ups: {done}", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    t2 = time.monotonic()
+    report = verify_checkpoint(checkpoint, exclude, "vllm", None)
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    notes = {c["name"]: c["detail"][:200] for c in report["checks"] if c["status"] != "pass"}
+    print(f"verify in {time.monotonic() - t2:.1f}s: quant_algo {report.get('quant_algo')}, "
+          f"{report.get('quantized_layers')} quantized layers; {json.dumps(checks)}", flush=True)
+    for name, detail in notes.items():
+        print(f"  {name}: {detail}", flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
