@@ -173,8 +173,13 @@ def test_the_shipped_target_is_reachable_and_plan_shows_the_predictions(write, t
     assert "lm_head included" in data["footprint_info"]["effective_bits"]
 
 
-def test_plan_says_unknown_until_the_source_exists(tmp_path):
-    result = recipe("plan", str(REPO / "recipes" / "qwen35-9b-opus.yaml"), "--run-dir", str(tmp_path / "run"))
+def test_plan_says_unknown_until_the_source_exists(write, tmp_path):
+    # Without model.shapes (the shipped recipe has them: next test) nothing can be read before the source step.
+    path = write("no-shapes.yaml", f"""
+        extends: {REPO / "recipes" / "qwen35-9b-opus.yaml"}
+        model: {{shapes: null}}
+        """)
+    result = recipe("plan", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert footprint.UNKNOWN_UNTIL_SOURCE in result.stdout
 
@@ -189,7 +194,9 @@ def test_plan_reads_the_model_the_source_step_produced(write, tmp_path):
         """)
     run_dir = tmp_path / "run"
     before = recipe("plan", str(path), "--run-dir", str(run_dir), "--json")
-    assert json.loads(before.stdout)["footprint_info"]["read_from"] == footprint.UNKNOWN_UNTIL_SOURCE
+    # Before: the recipe's model.shapes (the 9B shape's config and tensor listing, no weights).
+    assert json.loads(before.stdout)["footprint_info"]["read_from"].startswith("model.shapes")
+    assert json.loads(before.stdout)["footprint"]["awq_lite"]["size_gb"] == 10.81
     key = next(s["key"] for s in json.loads(before.stdout)["steps"] if s["step"] == "source")
     model = qwen35_9b(tmp_path / "hf-cache" / "snapshot")
     (run_dir / "steps" / "source").mkdir(parents=True)
