@@ -128,7 +128,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     """What `plan` and `run` share: the recipe and the choices that shape its step graph."""
     p.add_argument("recipe", type=Path)
     p.add_argument("--strategy", action="append", default=[], help="only this strategy's branch (repeatable)")
-    p.add_argument("--executor", choices=["local", "docker"], help="overrides execution.executor")
+    p.add_argument("--executor", choices=["local", "docker", "slurm"], help="overrides execution.executor")
     p.add_argument("--run-dir", type=Path, help="overrides execution.run_dir (default ./runs/NAME)")
 
 
@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded, plan, run_dir = _load_plan(args)
     execution = plan.recipe.execution
-    executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache)
+    executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache, execution.slurm)
                 if not args.dry_run else make_executor("local", run_dir.root))
     runner = Runner(plan, run_dir, executor, console)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
@@ -408,11 +408,24 @@ def cmd_clean(args: argparse.Namespace) -> int:
         out.print(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
     except RunnerError as exc:
         console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
+    if not args.run_dir:  # Slurm jobs of every run no `recipe run` holds any more (a live run keeps its lock)
+        from runner.executors.slurm import cancel_jobs, jobs_of
+
+        orphans = [(job, owner) for job, owner in jobs_of(None) if not RunDir(Path(owner)).is_locked()]
+        cancel_jobs([job for job, _ in orphans])
+        for job, owner in orphans:
+            out.print(f"cancelled Slurm job {job} of {escape(owner)}, whose run is over")
     if args.run_dir:
         run_dir = RunDir(args.run_dir)
         if not run_dir.is_run_dir():
             raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}); nothing was removed")
         with run_dir.locked():  # a live run is left alone: its lock says so
+            from runner.executors.slurm import cancel_jobs, jobs_of
+
+            jobs = [job for job, _ in jobs_of(run_dir.root)]
+            cancel_jobs(jobs)
+            for job in jobs:
+                out.print(f"cancelled Slurm job {job} left by a crashed run")
             stray = processes_of(run_dir.root)
             stop_processes([pid for pid, _ in stray])
             for pid, cmdline in stray:

@@ -220,9 +220,11 @@ class Runner:
                 self.messages.append(f"{sid}: stopped here: {kind.pending}")
                 return
             priority = self._priority[sid]
+            # A worker step that a remote executor (a Slurm job) runs uses none of this machine's GPUs.
+            local_heavy = step.heavy and not (self.executor.remote and kind.container_role not in (None, "serve"))
             await self._slots.acquire(priority)
             try:
-                if step.heavy:
+                if local_heavy:
                     await self._heavy.acquire(priority)
                 try:
                     if self._halt is not None:
@@ -232,7 +234,7 @@ class Runner:
                     await self._run_step(sid, kind, runnable)
                     done[sid].set()
                 finally:
-                    if step.heavy:
+                    if local_heavy:
                         self._heavy.release()
             finally:
                 self._slots.release()

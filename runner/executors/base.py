@@ -20,7 +20,8 @@ ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its tra
 
 class Executor(ABC):
     name: str
-    uses_containers: bool = False
+    uses_containers: bool = False  # run_worker gets the step's container plugin
+    remote: bool = False  # worker steps run on other machines (a cluster): they take no local GPU slot
 
     @abstractmethod
     async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,

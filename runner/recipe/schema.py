@@ -449,8 +449,49 @@ class ContainerChoice(Section):
     verify: str = "ngc-modelopt"
 
 
+class SlurmResources(Section):
+    """What one worker step asks Slurm for (`sbatch` options)."""
+
+    partition: str | None = Field(None, description="Default: the recipe's slurm.partition, else the cluster's.")
+    account: str | None = Field(None, description="Default: slurm.account.")
+    time: str | None = Field(None, description="Time limit in Slurm's syntax (`04:00:00`, `90`); default slurm.time.")
+    gpus: int = Field(0, ge=0, description="GPUs (`--gres=gpu:N`).")
+    cpus: int | None = Field(None, ge=1, description="`--cpus-per-task`.")
+    mem: str | None = Field(None, description="`--mem`, e.g. 128G.")
+    sbatch_args: list[str] = Field(default_factory=list, description="More sbatch options, verbatim.")
+
+
+def _default_slurm_steps() -> dict[str, SlurmResources]:
+    return {"source": SlurmResources(), "quantize": SlurmResources(gpus=1), "verify": SlurmResources()}
+
+
+class SlurmSpec(Section):
+    """The slurm executor (execution.executor: slurm): worker steps as batch jobs, host steps here."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    python: str | None = Field(
+        None, description="Interpreter on the nodes that runs `-m runner.worker` (default: this runner's own; the "
+        "run directory and this checkout must be on a filesystem the nodes share).")
+    sbatch_args: list[str] = Field(default_factory=list, description="sbatch options for every job, verbatim "
+                                   "(before a step kind's own).")
+    containers: Literal["auto", "never"] = Field(
+        "auto", description="`auto`: a step whose container plugin has an image runs in it through pyxis "
+        "(`srun --container-image`) when the cluster has pyxis; `never`: always the job's Python environment.")
+    steps: dict[Literal["source", "quantize", "verify"], SlurmResources] = Field(
+        default_factory=_default_slurm_steps,
+        description="Resources per step kind that runs a worker (source: GGUF conversion).")
+
+    def resources_for(self, kind: str) -> SlurmResources:
+        step = self.steps.get(kind) or _default_slurm_steps().get(kind) or SlurmResources()  # type: ignore[call-overload]
+        defaults = {k: getattr(self, k) for k in ("partition", "account", "time") if getattr(step, k) is None}
+        update = {k: v for k, v in defaults.items() if v is not None}
+        return step.model_copy(update={**update, "sbatch_args": [*self.sbatch_args, *step.sbatch_args]})
+
+
 class ExecutionSpec(Section):
-    executor: Literal["local", "docker"] = "local"
+    executor: Literal["local", "docker", "slurm"] = "local"
     max_parallel: int = Field(2, ge=1, description="Steps that may run at once.")
     gpus: int = Field(1, ge=0, description="GPUs available; GPU steps never oversubscribe them.")
     containers: ContainerChoice = Field(default_factory=ContainerChoice)
@@ -458,6 +499,8 @@ class ExecutionSpec(Section):
                            description="Host environment variables passed into containers (names only; e.g. HF_TOKEN).")
     hf_cache: RecipePath | None = Field(None, description="Your Hugging Face cache, mounted read-only into containers.")
     run_dir: RecipePath | None = Field(None, description="Defaults to ./runs/NAME.")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Partition, account and resources per step "
+                             "kind for `executor: slurm`.")
 
 
 # --- the recipe ------------------------------------------------------------------------------

@@ -34,11 +34,12 @@ def model_class(config: Any) -> Any:
                      f"{config.model_type!r}")
 
 
-def load_model(model_dir: Path, dtype: Any, architecture: str | None = None) -> Any:
+def load_model(model_dir: Path, dtype: Any, architecture: str | None = None, **kwargs: Any) -> Any:
+    """kwargs go to from_pretrained (device_map and max_memory when the model is spread over GPUs)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    return with_architectures(model_class(config).from_pretrained(model_dir, dtype=dtype), architecture)
+    return with_architectures(model_class(config).from_pretrained(model_dir, dtype=dtype, **kwargs), architecture)
 
 
 def with_architectures(model: Any, architecture: str | None = None) -> Any:

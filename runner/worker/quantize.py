@@ -33,6 +33,8 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
+    from runner.quantization.bits import bits_of
+    from runner.worker import placement
     from runner.worker.model_loading import load_model
 
     # The planner's QuantizeInput, validated again here: the worker reads models, not dicts.
@@ -43,9 +45,21 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     model_dir = Path(params["model_dir"])
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, dtype, inputs.architecture).to(device).eval()
+    # One GPU when the model fits it with calibration headroom, else spread over every GPU of the
+    # allocation (placement.py); the record says which.
+    model_bytes = placement.model_bytes_at(model_dir, int(bits_of(inputs.dtype)))
+    place = placement.choose(model_bytes, placement.gpu_free_bytes())
+    if place.mode == "spread":
+        model = load_model(model_dir, dtype, inputs.architecture, device_map="auto",
+                           max_memory=dict(place.max_memory)).eval()
+        device = torch.device("cuda:0")  # where the inputs go in; accelerate's hooks move them on
+    else:
+        model = load_model(model_dir, dtype, inputs.architecture).to(device).eval()
     load_s = time.monotonic() - t0
-    print(f"[quantize] loaded {model_dir.name} on {device} in {load_s:.1f}s", flush=True)
+    where = (f"spread over {len(place.free_bytes)} GPUs ({placement.device_map_summary(model)} modules)"
+             if place.mode == "spread" else str(device))
+    print(f"[quantize] loaded {model_dir.name} ({place.model_bytes / 1e9:.1f} GB) on {where} in {load_s:.1f}s",
+          flush=True)
 
     calib = load_calibration(Path(params["calibration"]), tokenizer, inputs.calib_samples, inputs.max_length,
                              inputs.seed, held_out=inputs.held_out,
@@ -104,6 +118,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     summary = {
         "strategy": strategy.name,
+        "placement": {**place.summary(), "device_map": placement.device_map_summary(model)},
         **result,  # batching (BatchPlan.summary: tokens, padding, batches, budget), time, memory
         "calibration_samples": len(calib.token_ids),
         "load_s": round(load_s, 3),
