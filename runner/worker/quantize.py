@@ -56,7 +56,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     else:
         model = load_model(model_dir, dtype, inputs.architecture).to(device).eval()
     load_s = time.monotonic() - t0
-    where = (f"spread over {len(place.free_bytes)} GPUs ({placement.device_map_summary(model)} modules)"
+    where = (f"{len(place.free_bytes)} GPUs, spread ({placement.device_map_summary(model)} modules per GPU)"
              if place.mode == "spread" else str(device))
     print(f"[quantize] loaded {model_dir.name} ({place.model_bytes / 1e9:.1f} GB) on {where} in {load_s:.1f}s",
           flush=True)
