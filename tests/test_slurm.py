@@ -94,23 +94,18 @@ def test_two_strategies_run_as_jobs_whose_records_name_job_node_and_wait(tmp_pat
     assert record(run_dir, "quantize.w4a16")["summary"]["slurm"]["job_id"] == b["job_id"]
 
 
-def test_a_failing_job_fails_its_step_with_slurms_state_and_the_log(tmp_path, tiny):
+@pytest.mark.parametrize("extra,expected", [
+    ("    python: /bin/false\n", ["Slurm job", "ended FAILED"]),  # the job runs and fails
+    ("    partition: no-such-partition\n", ["sbatch refused the job", "partition"]),  # Slurm refuses it
+])
+def test_a_job_that_fails_or_is_refused_fails_its_step_with_slurms_words(tmp_path, tiny, extra, expected):
     run_dir = tmp_path / "run"
-    path = write_recipe(tmp_path, tiny, "    python: /bin/false\n")
-    result = recipe("run", str(path), "--until", "quantize", "--run-dir", str(run_dir), env=recipe_cli_env())
+    result = recipe("run", str(write_recipe(tmp_path, tiny, extra)), "--until", "quantize", "--run-dir", str(run_dir),
+                    env=recipe_cli_env())
     assert result.returncode == 1
     failed = json.loads((run_dir / "logs" / "quantize.w4a16.failed.json").read_text())
-    assert "Slurm job" in failed["error"] and "ended FAILED" in failed["error"], failed
+    assert all(word in failed["error"] or word in failed["error"].lower() for word in expected), failed
     assert not (run_dir / "steps" / "quantize.w4a16").exists()
-
-
-def test_a_job_slurm_refuses_fails_its_step_with_sbatchs_words(tmp_path, tiny):
-    run_dir = tmp_path / "run"
-    path = write_recipe(tmp_path, tiny, "    partition: no-such-partition\n")
-    result = recipe("run", str(path), "--until", "quantize", "--run-dir", str(run_dir), env=recipe_cli_env())
-    assert result.returncode == 1
-    failed = json.loads((run_dir / "logs" / "quantize.w4a16.failed.json").read_text())
-    assert "sbatch refused the job" in failed["error"] and "partition" in failed["error"].lower(), failed
 
 
 def _start_pending_run(tmp_path: Path, tiny: Path) -> tuple[subprocess.Popen, Path, list[str]]:
