@@ -202,8 +202,13 @@ def _where(plan, step, kinds) -> str:
     if kind.container_role == "serve":
         return f"{plan.recipe.serve.engine} server" + (
             f" in container {plan.recipe.serve.container}" if plan.recipe.serve.engine == "vllm" else "")
-    if plan.recipe.execution.executor == "local":
+    execution = plan.recipe.execution
+    if execution.executor == "local":
         return "local worker"
+    if execution.executor == "slurm":
+        resources = execution.slurm.resources_for(step.kind)
+        return (f"slurm job ({resources.partition or 'default partition'}"
+                + (f", {resources.gpus} GPU" if resources.gpus else "") + ")")
     return f"container {plan.recipe.container_for(kind.container_role)}"
 
 

@@ -201,7 +201,8 @@ class LocalModel:
     @staticmethod
     def _load(model_dir: Path, dtype: str, threads: int) -> tuple[Any, str]:
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from runner.worker.model_loading import load_model
 
         make_deterministic(threads)
         torch.set_grad_enabled(False)
@@ -209,7 +210,7 @@ class LocalModel:
             from runner.worker.dequantize import load_quantized
 
             return load_quantized(model_dir, dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        model = load_model(model_dir, getattr(torch, dtype)).eval()
         return model, f"unquantized {dtype}"
 
     def prompt_ids(self, request: ChatRequest) -> Any:
