@@ -27,11 +27,11 @@ from runner.errors import RunnerError
 # model_type (top level or text_config) -> family base in recipes/base/.
 FAMILY_BASES = {
     "qwen3_5": "qwen35", "qwen3_5_text": "qwen35", "qwen3_5_moe": "qwen35-moe", "qwen3_5_moe_text": "qwen35-moe",
-    "qwen3_moe": "qwen3-moe", "llama": "llama3", "gemma3": "gemma3", "gemma3_text": "gemma3",
-    "mistral3": "mistral3", "nemotron_h": "nemotron-h",
+    "qwen3_moe": "qwen3-moe", "qwen3_next": "qwen3-next", "llama": "llama3", "gemma3": "gemma3",
+    "gemma3_text": "gemma3", "mistral3": "mistral3", "nemotron_h": "nemotron-h",
 }
 # Families whose base exclusions use `${last_layer}`.
-USES_LAST_LAYER = {"qwen35", "qwen35-moe", "llama3", "gemma3", "mistral3", "generic"}
+USES_LAST_LAYER = {"qwen35", "qwen35-moe", "qwen3-next", "llama3", "gemma3", "mistral3", "generic"}
 
 
 @dataclass

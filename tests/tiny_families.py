@@ -27,6 +27,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] 
     "qwen35-27b.yaml": ("qwen35-27b", {}, _QWEN35, _QWEN_VISION),
     "qwen35-35b-a3b.yaml": ("qwen35-35b-a3b", {}, {**_QWEN35, **_MOE, "shared_expert_intermediate_size": 32},
                             _QWEN_VISION),
+    "qwen3-next-80b-a3b.yaml": ("qwen3-next-80b-a3b", {**_QWEN35, **_MOE, "shared_expert_intermediate_size": 32,
+                                                        "intermediate_size": 128}, {}, {}),
     "qwen3-30b-a3b.yaml": ("qwen3-30b-a3b", {**_TEXT, **_MOE, "num_hidden_layers": 2, "max_window_layers": 2}, {}, {}),
     "llama31-8b-instruct.yaml": ("llama31-8b-instruct", {**_TEXT, "num_hidden_layers": 3}, {}, {}),
     "gemma3-12b-it.yaml": ("gemma3-12b-it", {"mm_tokens_per_image": 4},
@@ -47,7 +49,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] 
 }
 # The last decoder layer of each tiny model (the recipes' `last_layer` var) and the layers the model
 # recipe itself excludes, renumbered for the tiny pattern.
-LAST_LAYER = {"qwen35-27b.yaml": 3, "qwen35-35b-a3b.yaml": 3, "qwen3-30b-a3b.yaml": 1, "llama31-8b-instruct.yaml": 2,
+LAST_LAYER = {"qwen3-next-80b-a3b.yaml": 3, "qwen35-27b.yaml": 3, "qwen35-35b-a3b.yaml": 3, "qwen3-30b-a3b.yaml": 1, "llama31-8b-instruct.yaml": 2,
               "gemma3-12b-it.yaml": 5, "mistral-small-32-24b.yaml": 2, "nemotron3-nano-30b-a3b.yaml": 6}
 
 
