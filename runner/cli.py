@@ -197,8 +197,8 @@ def _load_plan(args: argparse.Namespace):
 
 def _where(plan, step, kinds) -> str:
     kind = kinds[step.kind]
-    if kind.container_role is None:
-        return "host"
+    if kind.container_role is None or (step.kind == "source" and plan.recipe.model.source.kind != "gguf"):
+        return "host"  # a local folder is used as is and a Hub download runs here: only GGUF needs the worker
     if kind.container_role == "serve":
         return f"{plan.recipe.serve.engine} server" + (
             f" in container {plan.recipe.serve.container}" if plan.recipe.serve.engine == "vllm" else "")

@@ -60,7 +60,14 @@ def test_plan_shows_steps_executors_and_cache_state(tmp_path):
                    "--strategy", "mlp_only", "--run-dir", str(tmp_path))
     steps = {row["step"]: row for row in json.loads(local.stdout)["steps"]}
     assert steps["quantize.mlp_only"]["runs_in"] == "local worker"
+    assert steps["source"]["runs_in"] == "host"  # a local folder: no worker (only GGUF conversion needs one)
     assert "quantize.awq_lite" not in steps
+    slurm = recipe("plan", str(RECIPES / "qwen35-9b-opus.yaml"), "--json", "--executor", "slurm",
+                   "--strategy", "mlp_only", "--run-dir", str(tmp_path))
+    steps = {row["step"]: row for row in json.loads(slurm.stdout)["steps"]}
+    assert steps["quantize.mlp_only"]["runs_in"] == "slurm job (default partition, 1 GPU)"
+    assert steps["verify.mlp_only"]["runs_in"] == "slurm job (default partition)"
+    assert steps["calibrate"]["runs_in"] == "host"
 
 
 def test_list_shows_shipped_recipes_with_descriptions():
