@@ -449,6 +449,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from runner import init_recipe
     from runner.benchmark.prediction import hardware_table_entry
     from runner.quantization import footprint
+    from runner.quantization.safetensors_headers import has_safetensors
     from runner.recipe.loader import load_recipe
     from runner.run_dir import write_text_atomic
 
@@ -466,7 +467,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     else:
         source = {"kind": "huggingface", "repo": repo, "revision": init_recipe.hub_revision(str(repo))}
     shapes = None
-    if not init_recipe.has_weights(folder):
+    if not has_safetensors(folder):
         if shapes_dir.exists() and not args.force:
             raise RunnerError(f"{shapes_dir} exists: pass --force to rebuild it")
         shutil.rmtree(shapes_dir, ignore_errors=True)

@@ -151,10 +151,6 @@ def hub_revision(repo: str) -> str:
         return "main"
 
 
-def has_weights(folder: Path | None) -> bool:
-    return folder is not None and any(folder.glob("*.safetensors"))
-
-
 def build_listing(config: dict[str, Any], shapes: Path) -> str | None:
     """Write config.json + tensors.json into `shapes` with the worker (torch on the meta device);
     None when done, else why not."""

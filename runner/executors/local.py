@@ -9,12 +9,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
+from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure, worker_pythonpath
 from runner.processes import die_with_parent, tagged_env, terminate_group
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
-
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds runner/
 
 
 class LocalExecutor(Executor):
@@ -26,7 +24,7 @@ class LocalExecutor(Executor):
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
         # The worker runs in its scratch folder, on this very runner package (whatever the cwd was).
         env = tagged_env(scratch.parent.parent)  # RUN/.scratch/STEP.xxx: the run directory is two up
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = worker_pythonpath(env.get("PYTHONPATH"))
         rc, tail = await run_logged([sys.executable, "-m", "runner.worker", str(spec_path)], log_path, env=env,
                                     cwd=scratch)
         if rc != 0:

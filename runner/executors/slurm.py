@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.executors.base import SPEC_FILE, Executor, WorkerFailed, read_result, worker_failure
+from runner.executors.base import (
+    SPEC_FILE,
+    Executor,
+    WorkerFailed,
+    read_result,
+    worker_failure,
+    worker_pythonpath,
+)
 from runner.executors.docker import input_paths
 from runner.processes import RUN_DIR_ENV
 from runner.run_dir import write_json_atomic, write_text_atomic
@@ -39,7 +46,6 @@ from runner.steps.base import StepResult
 JOB_NAME = "recipe-runner"
 STEP_OF_WORKER = {"convert_gguf": "source"}  # worker kind -> the step kind the recipe gives resources to
 COMMENT_PREFIX = "recipe-runner:"
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds runner/
 TERMINAL_OK = {"COMPLETED"}
 TERMINAL_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
                    "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
@@ -156,8 +162,7 @@ class SlurmExecutor(Executor):
         mounts = [(scratch, True)] + [(p, False) for p in input_paths(params) if not p.is_relative_to(scratch)]
         if image:
             mounts += [(Path(m.source), not m.read_only) for m in getattr(container, "mounts", [])]
-        env = {RUN_DIR_ENV: str(self.run_dir),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
+        env = {RUN_DIR_ENV: str(self.run_dir), "PYTHONPATH": worker_pythonpath(os.environ.get("PYTHONPATH"))}
         script = scratch / "job.sbatch"
         write_text_atomic(script, job_script(argv=[python, "-m", "runner.worker", str(spec_path)], scratch=scratch,
                                              log_path=log_path, run_dir=self.run_dir, resources=resources, env=env,
@@ -223,11 +228,8 @@ class SlurmExecutor(Executor):
 
     def cleanup(self) -> None:
         """scancel whatever of this run is still queued or running (the run ended, however)."""
-        if self.jobs:
-            import subprocess
-
-            subprocess.run(["scancel", *sorted(self.jobs)], capture_output=True, timeout=30)
-            self.jobs.clear()
+        cancel_jobs(sorted(self.jobs))
+        self.jobs.clear()
 
 
 async def _sacct(job_id: str) -> dict[str, str] | None:

@@ -41,7 +41,7 @@ from runner.quantization.bits import (
     format_name,
 )
 from runner.quantization.modelopt_recipes import recipes_root
-from runner.quantization.safetensors_headers import Tensor, read_headers
+from runner.quantization.safetensors_headers import Tensor, has_safetensors, read_headers
 
 # Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
 # disable the same through configs/ptq/units/default_disabled_quantizers.yaml, but auto_quantize
@@ -115,6 +115,11 @@ _LINEAR_ATTN_QKVZ = re.compile(r"^(.*?\.linear_attn)\.(?:in_proj_qkv|in_proj_z)$
 _LINEAR_ATTN_BA = re.compile(r"^(.*?\.linear_attn)\.(?:in_proj_a|in_proj_b)$")
 
 _EMBEDDING = re.compile(r"(embed|(^|\.)(wte|wpe)$)")
+
+
+def is_embedding(module: str) -> bool:
+    """An embedding table (never a Linear: not counted in bits, never quantized by vLLM's ModelOpt loader)."""
+    return bool(_EMBEDDING.search(module))
 _EXMY = re.compile(r"^[Ee](\d+)[Mm](\d+)$")
 UNKNOWN_UNTIL_SOURCE = "footprint: unknown until the source step has run"
 
@@ -158,7 +163,7 @@ def load_weights(folder: Path) -> Weights:
         if not name.endswith(".weight"):
             continue
         module = name.removesuffix(".weight")
-        if len(tensor.shape) == 2 and not _EMBEDDING.search(module):
+        if len(tensor.shape) == 2 and not is_embedding(module):
             linears[module] = tensor
         elif 3 <= len(tensor.shape) <= 5 and "conv" in module.rsplit(".", 1)[-1]:
             convs[module] = tensor
@@ -719,7 +724,7 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
             return folder, f"the run's source step ({folder})"
     source = recipe.model.source
     if source.kind == "local" and (source.path / "config.json").is_file() and (
-            any(source.path.glob("*.safetensors")) or (source.path / LISTING).is_file()):
+            has_safetensors(source.path) or (source.path / LISTING).is_file()):
         return source.path, f"model.source.path ({source.path})"
     shapes = recipe.model.shapes
     if shapes is not None and (shapes / "config.json").is_file() and (shapes / LISTING).is_file():

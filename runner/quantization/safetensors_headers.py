@@ -26,6 +26,10 @@ class Tensor:
         return self.numel * int(DTYPE_BITS.get(self.dtype, 16)) // 8
 
 
+def has_safetensors(folder: Path | None) -> bool:
+    return folder is not None and any(Path(folder).glob("*.safetensors"))
+
+
 def read_headers(folder: Path) -> dict[str, Tensor]:
     """Every tensor of every *.safetensors file in `folder` (sharded or not), from the headers alone."""
     tensors: dict[str, Tensor] = {}

@@ -24,6 +24,7 @@ from typing import Any
 
 from runner.quantization.bits import DTYPE_BITS, bits_of
 from runner.quantization.export_formats import LOCAL_QUANT_ALGOS, VLLM_QUANT_ALGOS
+from runner.quantization.footprint import is_embedding
 from runner.worker.weight_formats import MAX_RELATIVE_ERROR, Layout, decode, identify
 
 NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
@@ -224,8 +225,7 @@ def needs_listing(module: str, weight: tuple[str, tuple[int, ...]]) -> bool:
     """An unquantized module vLLM would build quantized unless exclude_modules names it: a Linear
     (2-D weight). Norms (1-D) and embeddings never take vLLM's ModelOpt quant method."""
     dtype, shape = weight
-    leaf = module.rsplit(".", 1)[-1]
-    return dtype not in ("U8", "F8_E4M3") and len(shape) == 2 and "embed" not in leaf and leaf not in ("wte", "wpe")
+    return dtype not in ("U8", "F8_E4M3") and len(shape) == 2 and not is_embedding(module)
 
 
 # Projections vLLM loads as one fused layer: all shards must have one format (its quant_utils refuses
