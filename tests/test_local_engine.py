@@ -8,7 +8,9 @@ and ModelOpt's fake-quantized weight can differ by one E2M1 step where bf16 roun
 activation quantization is the same arithmetic), and closer to ModelOpt than the weight-only view.
 
 API: the engine runs as a real server on loopback with the same tiny model and a chat template
-with a tools section; what it answers is random text, so the tests assert mechanics only.
+with a tools section; what it answers is random text, so the tests assert mechanics only: every
+error as OpenAI-style JSON naming the field, prompts beyond the context refused, a disconnected
+client's generation stopped, tool calls read as vLLM's hermes parser reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,12 +101,19 @@ def test_engine_layers_compute_what_modelopt_fake_quant_computes(preset, activat
         assert "activations" in numerics
 
 
+def server_log(folder: Path, client: openai.OpenAI) -> Path:
+    """Where the server on client's port writes its log."""
+    return folder.parent / f"server-{client.base_url.port}.log"
+
+
 def start_server(folder: Path, threads: int) -> tuple[subprocess.Popen, openai.OpenAI]:
-    """The engine as a real server on a free loopback port, and an openai client once it answers."""
+    """The engine as a real server on a free loopback port (its log: server_log), and an openai
+    client once it answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder), "--port",
-                             str(port), "--name", "tiny", "--threads", str(threads)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with (folder.parent / f"server-{port}.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(folder),
+                                 "--port", str(port), "--name", "tiny", "--threads", str(threads)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -125,6 +136,7 @@ def server(tmp_path_factory, demo_tokenizer):
 
 
 HELLO = [{"role": "user", "content": "hello"}]
+LONG = 2000  # tokens: within the tiny model's context (2048), longer than any test waits for
 
 
 def test_models_and_unknown_model_names(server):
@@ -147,8 +159,30 @@ def test_bad_requests_are_4xx_json_errors_and_leave_the_server_serving(server):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="tiny", **kwargs)
         assert caught.value.status_code == 400 and caught.value.body["message"], kwargs
-    import urllib.request
-
+    # out of OpenAI's ranges, or a message OpenAI refuses: a 400 naming the field
+    for param, kwargs in (
+            ("top_p", {"top_p": 2}), ("top_p", {"top_p": -0.1}), ("temperature", {"temperature": 2.5}),
+            ("presence_penalty", {"presence_penalty": 2.5}), ("frequency_penalty", {"frequency_penalty": -3}),
+            ("temperature", {"temperature": -0.5}), ("n", {"n": 0}), ("n", {"n": 2}),
+            ("max_tokens", {"max_tokens": 1.5}), ("max_tokens", {"max_tokens": 0}),
+            ("max_completion_tokens", {"max_completion_tokens": 0}), ("stream", {"stream": "yes"}),
+            ("messages", {"messages": []}), ("messages[0].role", {"messages": [{"role": "robot", "content": "hi"}]}),
+            ("messages[0].content", {"messages": [{"role": "user"}]}),
+            ("messages[0].content", {"messages": [{"role": "user", "content": None}]}),
+            ("messages[1].content", {"messages": [*HELLO, {"role": "assistant"}]}),
+            ("messages[0].content", {"messages": [{"role": "system"}, *HELLO]}),
+            ("messages[2].tool_call_id", {"messages": [*HELLO, {"role": "assistant", "content": "x"},
+                                                       {"role": "tool", "content": "{}"}]})):
+        kwargs = {"messages": HELLO, "max_tokens": 2, **kwargs}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny", **kwargs)
+        assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error", kwargs
+    edges = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, temperature=2, top_p=0.5,
+                                           presence_penalty=-2, frequency_penalty=2)
+    assert edges.usage.completion_tokens <= 2  # the ends of each range are accepted
+    edges = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, temperature=1, top_p=0,
+                                           presence_penalty=2, frequency_penalty=-2, n=1)
+    assert edges.usage.completion_tokens <= 2
     request = urllib.request.Request(str(client.base_url) + "chat/completions", data=b"{not json",
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as raw:
@@ -156,6 +190,94 @@ def test_bad_requests_are_4xx_json_errors_and_leave_the_server_serving(server):
     assert raw.value.code == 400 and "error" in json.loads(raw.value.read())
     answer = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
     assert answer.choices[0].finish_reason in ("length", "stop") and answer.usage.completion_tokens <= 3
+
+
+def _raw(url: str, method: str, data: bytes | None = None) -> tuple[int, dict, dict]:
+    """status, JSON body and headers of a request the openai client cannot make."""
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def test_every_error_is_openai_json(server):
+    client, _, _ = server
+    base = str(client.base_url)  # http://127.0.0.1:PORT/v1/
+    cases = {"body over 1 MiB": (413, base + "chat/completions", "POST", b"{" + b" " * 2_000_000 + b"}"),
+             "unknown path": (404, base + "completions", "POST", b"{}"),
+             "unknown path outside /v1": (404, base.replace("/v1/", "/nothing"), "GET", None),
+             "wrong method": (405, base + "chat/completions", "GET", None)}
+    for label, (status, url, method, data) in cases.items():
+        code, body, headers = _raw(url, method, data)
+        assert code == status and set(body["error"]) == {"message", "type", "param", "code"}, label
+        assert headers["Content-Type"].startswith("application/json") and body["error"]["message"], label
+    assert "1048576 bytes" in _raw(*cases["body over 1 MiB"][1:])[1]["error"]["message"]
+    assert "POST /v1/chat/completions" in _raw(*cases["unknown path"][1:])[1]["error"]["message"]
+    assert _raw(*cases["wrong method"][1:])[2]["Allow"] == "POST"
+    assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_a_prompt_beyond_the_context_is_refused_naming_both_lengths(server):
+    client, _, folder = server
+    context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    long = [{"role": "user", "content": "hello " * (context + 50)}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=long, max_tokens=2)
+    error = caught.value.body
+    prompt = int(error["message"].split(" tokens; ")[0].split()[-1])
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    assert f"maximum context length is {context} tokens" in error["message"] and prompt > context
+    with pytest.raises(openai.BadRequestError) as caught:  # the prompt fits, prompt + max_tokens does not
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=context)
+    assert caught.value.body["param"] == "max_tokens" and f"{context} in the completion" in caught.value.body["message"]
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    """Before: the engine generated to max_tokens for nobody while the next request waited (32.9 s
+    for 600 tokens on the demo model) and /health said ok; now the generation ends at its next token,
+    streamed or not, and the server's own record (/health, its log) shows where it stopped."""
+    import asyncio
+
+    import aiohttp
+
+    client, _, folder = server
+    url = str(client.base_url) + "chat/completions"
+    health = str(client.base_url).replace("/v1/", "/health")
+    long = {"model": "tiny", "messages": HELLO, "max_tokens": LONG, "temperature": 0}
+
+    async def second_after_disconnect(stream: bool) -> tuple[float, dict]:
+        async with aiohttp.ClientSession() as session:
+            first = aiohttp.ClientSession()
+            if stream:
+                response = await first.post(url, json={**long, "stream": True})
+                async for line in response.content:  # the first content chunk: generating now
+                    if b'"content": "' in line and b'"content": ""' not in line:
+                        break
+                response.close()
+            else:
+                pending = asyncio.ensure_future(first.post(url, json=long))
+                await asyncio.sleep(1.5)  # generating now
+                pending.cancel()
+            await first.close()
+            t0 = time.monotonic()
+            async with session.post(url, json={"model": "tiny", "messages": HELLO, "max_tokens": 2}) as answer:
+                assert answer.status == 200
+            waited = time.monotonic() - t0
+            async with session.get(health) as state:
+                return waited, await state.json()
+
+    before = json.loads(urllib.request.urlopen(health).read())["abandoned_total"]
+    for n, stream in enumerate((True, False), start=1):
+        waited, state = asyncio.run(asyncio.wait_for(second_after_disconnect(stream), 300))
+        # the server stopped the abandoned generation well short of max_tokens, and says so
+        assert state["abandoned_total"] == before + n and not state["generating"], (stream, state)
+        stopped = state["abandoned"][-1]
+        assert stopped["max_tokens"] == LONG and stopped["generated"] < LONG, (stream, stopped)
+        assert waited < 5, f"stream={stream}: the next request waited {waited:.1f} s for a disconnected client"
+    logged = [line for line in server_log(folder, client).read_text().splitlines() if "client went away" in line]
+    assert len(logged) == before + 2 and f"of {LONG} tokens" in logged[-1], logged
 
 
 def test_finish_reason_length_stop_strings_and_text_parts(server):
@@ -206,6 +328,76 @@ def test_tool_call_round_trip_and_tools_on_a_template_without_them(server, tmp_p
     assert caught.value.status == 400 and "no tools section" in caught.value.message
 
 
+def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_them(server):
+    """The engine with its generation scripted (a given answer fed token by token through the real
+    streamer, tokenizer and HTTP server): what a client gets for that answer, streamed or not, is what
+    vLLM's hermes parser makes of it (runner/benchmark/tool_calls.py). Before: an answer whose last
+    call had no </tool_call> came back as text, "called nothing"."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from runner.worker.local_server import LocalModel, make_app
+
+    _, _, folder = server
+    local = LocalModel(folder, "tiny", "bfloat16", threads=1)
+    tools = [{"type": "function", "function": {"name": "web_search", "parameters": {"type": "object"}}}]
+    call = '{"name": "web_search", "arguments": {"query": "cats"}}'
+    second = '{"name": "get_time", "arguments": {"city": "Zürich"}}'
+    cases = [  # answer, tools given, expected content, calls and finish_reason
+        (f"Let me look.\n<tool_call>\n{call}\n", True, "Let me look.\n",
+         [("web_search", '{"query": "cats"}')], "tool_calls"),  # unclosed final call (end of turn)
+        (f"<tool_call>{call}</tool_call>\n<tool_call>\n  {second}", True, None,
+         [("web_search", '{"query": "cats"}'), ("get_time", '{"city": "Zürich"}')], "tool_calls"),
+        ("Sure.<tool_call>{oops", True, "Sure.<tool_call>{oops", [], "stop"),  # not JSON: all text
+        (f"<tool_call>{call}", False, f"<tool_call>{call}", [], "stop"),  # no tools asked: no parser
+    ]
+
+    def scripted(answer: str):
+        ids_out = local.tokenizer.encode(answer, add_special_tokens=False) + [local.tokenizer.eos_token_id]
+
+        def generate(ids, request, streamer, cancel=None):
+            streamer.put(ids)  # the prompt, skipped as generate's own first put is
+            for token in ids_out:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+            return torch.cat([ids, torch.tensor([ids_out])], dim=1)
+        return generate
+
+    async def ask(client, stream: bool, with_tools: bool) -> tuple[str | None, list, str]:
+        body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "stream": stream,
+                **({"tools": tools} if with_tools else {})}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status == 200
+        if not stream:
+            choice = (await response.json())["choices"][0]
+            calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"].get("tool_calls")
+                     or []]
+            return choice["message"]["content"], calls, choice["finish_reason"]
+        content, calls, finish = "", [], None
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                content += choice["delta"].get("content") or ""
+                calls += [(c["function"]["name"], c["function"]["arguments"]) for c in choice["delta"].get("tool_calls")
+                          or []]
+                finish = choice["finish_reason"] or finish
+        return content or None, calls, finish
+
+    async def scenario() -> list:
+        got = []
+        async with TestClient(TestServer(make_app(local))) as client:
+            for answer, with_tools, *_ in cases:
+                local.generate = scripted(answer)
+                got.append([await ask(client, stream, with_tools) for stream in (False, True)])
+        return got
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 120))
+    for (answer, _, content, calls, finish), answers in zip(cases, results, strict=True):
+        for stream, got in zip((False, True), answers, strict=True):
+            assert got == (content, calls, finish), (answer, stream, got)
+
+
 def test_a_failing_generation_is_a_500_and_the_next_request_is_served(demo_tokenizer, tmp_path):
     import asyncio
 
@@ -245,7 +437,7 @@ def test_sigterm_stops_the_server_within_seconds_mid_generation(server):
     proc, client = start_server(folder, threads=1)
     try:
         long = threading.Thread(target=_swallow, args=(lambda: client.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=100000),), daemon=True)
+            model="tiny", messages=HELLO, max_tokens=LONG),), daemon=True)
         long.start()
         time.sleep(2)  # generating now
         t0 = time.monotonic()

@@ -8,16 +8,26 @@ forms) or an unquantized model as it is. Endpoints: GET /health, GET /v1/models,
 /v1/models/{id}, POST /v1/chat/completions, streaming or not.
 
 What it does with a request, as the OpenAI API documents it: `max_tokens` (or
-`max_completion_tokens`, at least 1; default 256), `temperature` (0 or absent: greedy), `stop` (up to
-4 strings, not included in the answer), `n` (1 only: anything else is a 400), `stream` and
-`stream_options.include_usage` (the usage chunk, with an empty `choices`, only when asked), `tools`
-and `tool_choice` ("auto" or "none"), assistant `tool_calls` and `role: tool` messages in the
-history, text content given as a string or as a list of text parts. `finish_reason` is `length`
-when max_tokens cut the answer, `tool_calls` when it holds tool calls, else `stop`. A bad request
-gets a 4xx with an OpenAI-style JSON error (404 for another model's name), and `tools` on a model
-whose chat template has no tools section is a 400 rather than tools silently dropped. A request
-that fails while generating gets a 500 JSON error and leaves the server serving; SIGTERM stops it
-within a couple of seconds, a generation in progress included.
+`max_completion_tokens`, at least 1; default 256, cut to what the context leaves), `temperature`
+(0 to 2; 0 or absent: greedy), `top_p` (0 to 1, when sampling), `presence_penalty` and
+`frequency_penalty` (-2 to 2, on the tokens generated so far), `stop` (up to 4 strings, not included
+in the answer), `n` (1 only), `stream` and `stream_options.include_usage` (the usage chunk, with an
+empty `choices`, only when asked), `tools` and `tool_choice` ("auto" or "none"), assistant
+`tool_calls` and `role: tool` messages in the history, text content given as a string or as a list
+of text parts (required for system, user and tool messages; an assistant message needs content or
+tool_calls). `finish_reason` is `length` when max_tokens cut the answer, `tool_calls` when it holds
+tool calls, else `stop`. Tool calls are read from the answer as vLLM's hermes parser reads them
+(runner/benchmark/tool_calls.py; `--tool-call-parser` names another parser only to be refused).
+
+Every error is OpenAI-style JSON ({"error": {"message", "type", "param", "code"}}): a bad or
+out-of-range field is a 400 naming it, another model's name or an unknown path a 404, a prompt
+beyond the model's context (config.json max_position_embeddings) a 400 naming both lengths, a body
+over 1 MiB a 413. `tools` on a model whose chat template has no tools section is a 400 rather than
+tools silently dropped. A client that disconnects stops its generation at the next token (streamed
+or not), so the requests queued behind it are answered; the log says so and /health shows whether a
+generation is running and the ones stopped that way. A request that fails while generating gets
+a 500 JSON error and leaves the server serving; SIGTERM stops it within a couple of seconds, a
+generation in progress included.
 
 Answers repeat: generation is greedy unless a request asks for a temperature, torch runs with a
 fixed number of threads (`--threads`; the float summation order of a CPU matmul depends on it) and
@@ -28,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -42,17 +52,21 @@ from typing import Any
 
 from aiohttp import web
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+from runner.benchmark.tool_calls import END, START, parse_hermes, partial_start, unsupported_parser
+
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # fixed, so answers repeat across runs on one machine
 DEFAULT_MAX_TOKENS = 256
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_BODY = 1024 * 1024  # bytes of a request body (aiohttp's default, made explicit for the error message)
+ENDPOINTS = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions"
 
 
 def make_deterministic(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
+    if torch.get_num_interop_threads() != 1:  # settable once a process: a second model in one process keeps it
+        torch.set_num_interop_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
 
@@ -65,16 +79,22 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
     def response(self) -> web.Response:
-        return web.json_response({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                            "code": self.code}}, status=self.status)
+        return web.json_response({"error": self.body()}, status=self.status)
 
 
 @dataclass
 class ChatRequest:
     messages: list[dict[str, Any]]
     max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_given: bool = False  # False: the default, cut to what the context leaves
     temperature: float = 0.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -91,26 +111,32 @@ def parse_request(body: Any, served: str, template_has_tools: bool) -> ChatReque
         raise ApiError(404, f"The model `{model}` does not exist (this server serves `{served}`)", "model",
                        "model_not_found")
     request = ChatRequest(messages=parse_messages(body.get("messages")))
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    limit = body.get(key)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ApiError(400, f"max_tokens must be an integer of at least 1, got {limit!r}", "max_tokens")
-        request.max_tokens = limit
+            raise ApiError(400, f"{key} must be an integer of at least 1, got {limit!r}", key)
+        request.max_tokens, request.max_tokens_given = limit, True
     n = body.get("n")
-    if n not in (None, 1):
-        raise ApiError(400, f"n={n!r}: this server generates one choice a request (n must be 1)", "n")
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ApiError(400, f"temperature must be a number from 0 to 2, got {temperature!r}", "temperature")
-        request.temperature = float(temperature)
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ApiError(400, f"n must be an integer of at least 1, got {n!r}", "n")
+        if n != 1:
+            raise ApiError(400, f"n={n}: this server generates one choice a request (n must be 1)", "n")
+    request.temperature = _number(body, "temperature", 0, 2, request.temperature)
+    request.top_p = _number(body, "top_p", 0, 1, request.top_p)
+    request.presence_penalty = _number(body, "presence_penalty", -2, 2, request.presence_penalty)
+    request.frequency_penalty = _number(body, "frequency_penalty", -2, 2, request.frequency_penalty)
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
         request.stop = stops
-    request.stream = bool(body.get("stream"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
+    request.stream = bool(stream)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
@@ -132,6 +158,16 @@ def parse_request(body: Any, served: str, template_has_tools: bool) -> ChatReque
         raise ApiError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
     request.template_kwargs = kwargs
     return request
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
+    """body[key] as a float within [low, high] (OpenAI's ranges), the default when absent, else a 400."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ApiError(400, f"{key} must be a number from {low} to {high}, got {value!r}", key)
+    return float(value)
 
 
 def parse_messages(messages: Any) -> list[dict[str, Any]]:
@@ -156,11 +192,19 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                            f"messages[{i}].content")
         role = "system" if message["role"] == "developer" else message["role"]
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            needs = "content or tool_calls" if role == "assistant" else "content"
+            raise ApiError(400, f"messages[{i}] (role {message['role']}) needs {needs}", f"messages[{i}].content")
         entry: dict[str, Any] = {"role": role, "content": content or ""}
         if role == "assistant" and message.get("tool_calls"):
+            if not isinstance(message["tool_calls"], list):
+                raise ApiError(400, f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls")
             entry["tool_calls"] = [_template_tool_call(call, i) for call in message["tool_calls"]]
         if role == "tool":
-            entry["tool_call_id"] = message.get("tool_call_id")
+            if not isinstance(message.get("tool_call_id"), str):
+                raise ApiError(400, f"messages[{i}] (role tool) needs the tool_call_id it answers",
+                               f"messages[{i}].tool_call_id")
+            entry["tool_call_id"] = message["tool_call_id"]
             if message.get("name"):
                 entry["name"] = message["name"]
         out.append(entry)
@@ -192,11 +236,23 @@ class LocalModel:
         # generating on another) spins against the first: decode ran ~1.6x slower on 2 cores.
         self.generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.model, self.numerics = self.generator.submit(self._load, model_dir, dtype, threads).result()
+        self.context = context_length(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.template_has_tools = "tools" in str(self.tokenizer.chat_template or "")
         self.lock = asyncio.Lock()
         self.stopping = threading.Event()  # set on shutdown: a generation in progress ends at its next token
         self.token = ""  # the runner's per-server token, echoed on /health
+        # What the engine is doing, on /health and in the log, so a generation for a client that went
+        # away can be seen to stop (rather than inferred from how long the next request waited)
+        self.generating = False
+        self.abandoned: list[dict[str, int]] = []  # the last generations stopped because their client went away
+        self.abandoned_total = 0
+
+    def note_abandoned(self, generated: int, max_tokens: int) -> None:
+        self.abandoned = [*self.abandoned[-9:], {"generated": generated, "max_tokens": max_tokens}]
+        self.abandoned_total += 1
+        print(f"[local_server] client went away: generation stopped after {generated} of {max_tokens} tokens",
+              flush=True)
 
     @staticmethod
     def _load(model_dir: Path, dtype: str, threads: int) -> tuple[Any, str]:
@@ -221,35 +277,92 @@ class LocalModel:
         except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is the request's fault
             raise ApiError(400, f"the chat template cannot render these messages: {exc}", "messages") from None
 
-    def generate(self, ids: Any, request: ChatRequest, streamer: Any) -> Any:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+    def fit_context(self, prompt: int, request: ChatRequest) -> None:
+        """Refuse a prompt the context cannot hold (and an explicit max_tokens beyond what it leaves), as
+        vLLM does; cut the default max_tokens to what it leaves."""
+        if self.context is None:
+            return
+        if prompt >= self.context:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the messages "
+                                f"have {prompt} tokens; shorten the messages", "messages", "context_length_exceeded")
+        room = self.context - prompt
+        if request.max_tokens > room:
+            if request.max_tokens_given:
+                raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but "
+                                    f"{prompt + request.max_tokens} were requested ({prompt} in the messages, "
+                                    f"{request.max_tokens} in the completion); lower max_tokens to {room} or "
+                                    "shorten the messages", "max_tokens", "context_length_exceeded")
+            request.max_tokens = room
+
+    def generate(self, ids: Any, request: ChatRequest, streamer: Any, cancel: threading.Event | None = None) -> Any:
+        """`cancel` (the client went away) and shutdown end the generation at its next token."""
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         stopping = self.stopping
 
-        class OnShutdown(StoppingCriteria):
+        class OnStop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return stopping.is_set()
+                return stopping.is_set() or (cancel is not None and cancel.is_set())
 
+        processors = LogitsProcessorList()
+        if request.presence_penalty or request.frequency_penalty:
+            processors.append(penalties(int(ids.shape[-1]), request.presence_penalty, request.frequency_penalty))
+        sampling = request.temperature > 0
         return self.model.generate(
             ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=request.max_tokens,
-            do_sample=request.temperature > 0, temperature=request.temperature or None, top_p=None, top_k=None,
+            do_sample=sampling, temperature=request.temperature or None, top_p=request.top_p if sampling else None,
+            top_k=None, logits_processor=processors,
             streamer=streamer, stop_strings=request.stop or None, tokenizer=self.tokenizer if request.stop else None,
-            stopping_criteria=StoppingCriteriaList([OnShutdown()]),
+            stopping_criteria=StoppingCriteriaList([OnStop()]),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
 
 
-def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    calls = []
-    for i, match in enumerate(TOOL_CALL.finditer(text)):
-        try:
-            data = json.loads(match.group(1))
-            name, args = data.get("name"), data.get("arguments", data.get("parameters", {}))
-        except (ValueError, AttributeError):
-            name, args = None, match.group(1)
-        arguments = args if isinstance(args, str) else json.dumps(args)
-        calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function", "index": i,
-                      "function": {"name": name or "", "arguments": arguments}})
-    return TOOL_CALL.sub("", text).strip(), calls
+def context_length(model: Any) -> int | None:
+    """The model's context in tokens (config max_position_embeddings, or its text config's); None if unknown."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def penalties(prompt_len: int, presence: float, frequency: float) -> Any:
+    """OpenAI's presence and frequency penalties on the logits, over the tokens generated so far."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class Penalties(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            out = input_ids[:, prompt_len:]
+            if out.numel() == 0:
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+            return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+    return Penalties()
+
+
+def make_streamer(tokenizer: Any, keep_tool_tags: bool) -> Any:
+    """The decoded text of the generated tokens, special tokens left out, except that a request with
+    tools keeps <tool_call> tags its tokenizer marks special (vLLM's hermes parser decodes them too)."""
+    from transformers import TextIteratorStreamer
+
+    tags = {i for i, t in tokenizer.added_tokens_decoder.items() if str(t) in (START, END)}
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    if not keep_tool_tags or not tags & special:
+        return TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    import torch
+
+    skip = torch.tensor(sorted(special - tags))
+
+    class KeepToolTags(TextIteratorStreamer):
+        def put(self, value: Any) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                value = value[~torch.isin(value, skip)]
+            super().put(value)
+
+    return KeepToolTags(tokenizer, skip_prompt=True, skip_special_tokens=False)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -258,14 +371,56 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
+    """aiohttp's own refusals (unknown path, method, body size) as OpenAI-style JSON errors."""
+    if exc.status == 404:
+        error = ApiError(404, f"Invalid URL ({request.method} {request.path}): this server answers {ENDPOINTS}",
+                         code="unknown_url")
+    elif exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        error = ApiError(405, f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
+                         code="method_not_allowed")
+    elif exc.status == 413:
+        error = ApiError(413, f"the request body is larger than this server's limit of {MAX_BODY} bytes "
+                              f"({MAX_BODY // 1024} KiB)", code="request_too_large")
+    else:
+        error = ApiError(exc.status, exc.reason or exc.text or f"HTTP {exc.status}")
+    response = error.response()
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error as OpenAI-style JSON, aiohttp's own 404/405/413 and unexpected failures included."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error(exc, request)
+    except ConnectionResetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure is answered as JSON; the server goes on
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+
+
 def make_app(local: LocalModel) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         # `token` and `pid` let the runner tell this server from anything else on the port
         return web.json_response({"status": "ok", "numerics": local.numerics, "threads": local.threads,
-                                  "token": local.token, "pid": os.getpid()})
+                                  "token": local.token, "pid": os.getpid(), "generating": local.generating,
+                                  "abandoned": local.abandoned, "abandoned_total": local.abandoned_total})
 
     def model_card() -> dict[str, Any]:
-        return {"id": local.name, "object": "model", "created": 0, "owned_by": "recipe-runner"}
+        return {"id": local.name, "object": "model", "created": 0, "owned_by": "recipe-runner",
+                "max_model_len": local.context}
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [model_card()]})
@@ -286,62 +441,100 @@ def make_app(local: LocalModel) -> web.Application:
         except ApiError as exc:
             return exc.response()
         async with local.lock:
+            if client_gone(request):  # it went away while queued: nothing to generate for
+                print("[local_server] client went away while queued: nothing generated", flush=True)
+                return ApiError(400, "the client disconnected before its turn").response()
             try:
                 ids = local.prompt_ids(parsed)
+                local.fit_context(int(ids.shape[-1]), parsed)
             except ApiError as exc:
                 return exc.response()
             return await respond(request, parsed, ids)
 
     async def respond(request: web.Request, parsed: ChatRequest, ids: Any) -> web.StreamResponse:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(local.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = make_streamer(local.tokenizer, keep_tool_tags=parsed.tools is not None)
         holder: dict[str, Any] = {}
+        cancel = threading.Event()  # the client went away: the generation stops at its next token
 
-        def work() -> None:
+        def work() -> None:  # on the generator thread, one at a time
+            local.generating = True
             try:
-                holder["out"] = local.generate(ids, parsed, streamer)
+                holder["out"] = local.generate(ids, parsed, streamer, cancel)
             except BaseException as exc:  # noqa: BLE001 - reported to the client, the server goes on
                 holder["error"] = exc
                 streamer.end()
+            finally:
+                local.generating = False
+            if cancel.is_set() and "out" in holder:
+                local.note_abandoned(int(holder["out"].shape[-1] - ids.shape[-1]), parsed.max_tokens)
 
         done = asyncio.get_running_loop().run_in_executor(local.generator, work)
+        try:
+            return await answer(request, parsed, ids, streamer, holder, cancel, done)
+        except BaseException:  # the handler was cancelled or failed: stop generating for nobody
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await done
+            raise
+
+    async def answer(request: web.Request, parsed: ChatRequest, ids: Any, streamer: Any, holder: dict[str, Any],
+                     cancel: threading.Event, done: asyncio.Future) -> web.StreamResponse:
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:16]}"
         loop = asyncio.get_running_loop()
         pieces = iter(streamer)
         text, sent = "", 0
         hold = max((len(s) for s in parsed.stop), default=1) - 1  # a stop string may span pieces
         resp: web.StreamResponse | None = None
+
+        async def emit(delta: dict[str, Any], finish: str | None = None) -> None:
+            if resp is None or cancel.is_set():
+                return
+            try:
+                await _send(resp, cid, created, local.name, delta, finish)
+            except ConnectionResetError:
+                cancel.set()
+
         if parsed.stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            await _send(resp, cid, created, local.name, {"role": "assistant", "content": ""})
+            await emit({"role": "assistant", "content": ""})
         while True:
             piece = await loop.run_in_executor(None, next, pieces, None)
             if piece is None:
                 break
+            if cancel.is_set() or client_gone(request):
+                cancel.set()  # drain what the streamer still has; the generation ends at its next token
+                continue
             text += piece
             visible, _ = cut_at_stop(text, parsed.stop)
-            # Hold text back once a tool call starts (it is sent parsed, at the end), and the tail a
-            # stop string could still begin in.
+            # Hold back the tail a stop string could still begin in, and, when tools may be called,
+            # everything from a <tool_call> tag on (the calls are sent parsed, at the end) and a tail
+            # that could be the start of one.
             safe = len(visible) - (hold if len(visible) == len(text) else 0)
-            if resp is not None and "<tool_call>" not in text and safe > sent:
-                await _send(resp, cid, created, local.name, {"content": visible[sent:safe]})
+            if parsed.tools is not None:
+                at = visible.find(START)
+                safe = min(safe, at if at >= 0 else len(visible) - partial_start(visible))
+            if resp is not None and safe > sent:
+                await emit({"content": visible[sent:safe]})
                 sent = safe
         await done
+        if cancel.is_set():  # nobody to answer
+            return resp if resp is not None else web.Response(status=204)
         if "error" in holder:
             error = ApiError(500, f"generation failed: {type(holder['error']).__name__}: {holder['error']}",
                              kind="server_error")
             if resp is None:
                 return error.response()
-            await resp.write(f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}})}\n\n"
-                             .encode())
-            await resp.write_eof()
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(f"data: {json.dumps({'error': error.body()})}\n\n".encode())
+                await resp.write_eof()
             return resp
         out = holder["out"]
         completion_tokens = int(out.shape[-1] - ids.shape[-1])
         text, stopped = cut_at_stop(text, parsed.stop)
-        content, calls = split_tool_calls(text)
+        parsed_answer = parse_hermes(text) if parsed.tools is not None else None
+        calls = parsed_answer.calls if parsed_answer else []
+        content = parsed_answer.content if calls else text
         eos = local.tokenizer.eos_token_id
         ended = completion_tokens > 0 and int(out[0, -1]) in (eos if isinstance(eos, list) else [eos])
         finish = ("tool_calls" if calls else "stop" if stopped or ended or completion_tokens < parsed.max_tokens
@@ -349,17 +542,18 @@ def make_app(local: LocalModel) -> web.Application:
         usage = {"prompt_tokens": int(ids.shape[-1]), "completion_tokens": completion_tokens,
                  "total_tokens": int(ids.shape[-1]) + completion_tokens}
         if resp is not None:
-            if not calls and len(text) > sent:
-                await _send(resp, cid, created, local.name, {"content": text[sent:]})
+            if content and len(content) > sent:
+                await emit({"content": content[sent:]})
             if calls:
-                await _send(resp, cid, created, local.name, {"tool_calls": calls})
-            await _send(resp, cid, created, local.name, {}, finish)
-            if parsed.include_usage:
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": local.name,
-                         "choices": [], "usage": usage}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
+                await emit({"tool_calls": calls})
+            await emit({}, finish)
+            with contextlib.suppress(ConnectionResetError):
+                if parsed.include_usage:
+                    chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": local.name,
+                             "choices": [], "usage": usage}
+                    await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
             return resp
         message: dict[str, Any] = {"role": "assistant", "content": content or None}
         if calls:
@@ -372,7 +566,7 @@ def make_app(local: LocalModel) -> web.Application:
     async def on_shutdown(app: web.Application) -> None:
         local.stopping.set()
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
@@ -396,7 +590,11 @@ def main() -> None:
     parser.add_argument("--name", "--served-model-name", dest="name", default="local")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (fixed)")
+    parser.add_argument("--tool-call-parser", default="hermes",
+                        help="how tool calls are read from the answer: hermes (the only one this engine implements)")
     args = parser.parse_args()
+    if problem := unsupported_parser(args.tool_call_parser):
+        parser.exit(2, f"[local_server] {problem}\n")
     local = LocalModel(args.model, args.name, args.dtype, args.threads)
     local.token = os.environ.get("RECIPE_SERVER_TOKEN", "")
     print(f"[local_server] {args.model} ({local.numerics}, {local.threads} threads) on "
