@@ -27,36 +27,11 @@ from runner.errors import Location, Problem, RecipeError, closest, format_path
 from runner.recipe.resources import available_containers, hardware_targets, shipped_dir, shipped_suites
 from runner.recipe.schema import Recipe
 from runner.recipe.schema_walk import allowed_keys, allowed_literals
+from runner.recipe.secrets import is_secret_name, secret_values
 from runner.recipe.yaml_tree import KeyPath, Node, read_yaml, to_plain
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
-# Secrets never enter a recipe: they would end up in the run directory, logs and model card.
-# Names: what huggingface_hub, OpenAI-style clients and CI systems call their secrets (HF_TOKEN,
-# OPENAI_API_KEY, ANTHROPIC_KEY, GITHUB_PAT, HF_AUTH ...); HF_* is a secret unless it is one of the
-# hub's known settings.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|_KEY$|^KEY$|_PAT$|(^|_)AUTH",
-                          re.IGNORECASE)
-_HF_SETTINGS = frozenset({"HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_DATASETS_OFFLINE",
-                          "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_CACHE",
-                          "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT", "HF_XET_HIGH_PERFORMANCE"})
-# Values: the shapes of tokens (Hugging Face, OpenAI/Anthropic-style, GitHub, AWS, Slack, JWTs).
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|"
-                           r"github_pat_[A-Za-z0-9_]{30,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
-                           r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})")
-
-
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return bool(_SECRET_NAME.search(upper)) or (upper.startswith("HF_") and upper not in _HF_SETTINGS)
-
-
-def secret_values(data: Any, path: KeyPath = ()) -> list[KeyPath]:
-    """The key paths of string values shaped like a token."""
-    if isinstance(data, dict):
-        return [p for k, v in data.items() for p in secret_values(v, (*path, k))]
-    if isinstance(data, list):
-        return [p for i, v in enumerate(data) for p in secret_values(v, (*path, i))]
-    return [path] if isinstance(data, str) and _SECRET_VALUE.search(data) else []
+# Secrets never enter a recipe (names and value shapes: runner/recipe/secrets.py).
 
 
 @dataclass
@@ -127,15 +102,63 @@ def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRe
                       "and model card", p, locate(locations, p),
                       hint="put it in an environment variable and name that variable (publish.token_env, "
                       "calibration.source.api_key_env)") for p in secret_values(data)]
-    if leaked:
-        raise RecipeError(leaked)
-    recipe = validate_located(Recipe, data, locations)
-    problems = [Problem(p.message, p.path, locate(locations, p.path), p.hint) for p in recipe.check()]
+    # Every problem of the file at once: the schema's, and those of the recipe without the keys the
+    # schema refused (when that validates), so one fix-and-rerun round shows them all.
+    problems = list(leaked)
+    try:
+        recipe = validate_located(Recipe, data, locations)
+    except RecipeError as exc:
+        problems += exc.problems
+        recipe = _validate_without(Recipe, exc.problems, data, locations)
+        if recipe is None:
+            raise RecipeError(problems) from None
+    problems += [Problem(p.message, p.path, locate(locations, p.path), p.hint) for p in recipe.check()]
     problems += _check_containers(recipe, locations)
     problems += _check_shipped_names(recipe, locations)
     if problems:
-        raise RecipeError(problems)
+        error = RecipeError(problems)
+        # what validate may still check (files, footprints), on the recipe with the refused keys left out
+        error.partial = LoadedRecipe(recipe, path, files, locations, data)  # type: ignore[attr-defined]
+        raise error
     return LoadedRecipe(recipe, path, files, locations, data)
+
+
+def _validate_without(model: type[M], problems: list[Problem], data: Any,
+                      locations: dict[KeyPath, Location]) -> M | None:
+    """`model` from `data` with the keys the schema refused taken out (their defaults in their place), to
+    find the file's other problems; None when a refused value cannot simply be left out (a required
+    key, a wrong list item)."""
+    def copy(node: Any) -> Any:  # mappings and lists; the values (strings that know their file) shared
+        if isinstance(node, dict):
+            return {k: copy(v) for k, v in node.items()}
+        return [copy(v) for v in node] if isinstance(node, list) else node
+
+    trimmed = copy(data)
+    for _ in range(3):
+        for problem in problems:
+            if not _drop(trimmed, problem.path):
+                return None
+        try:
+            return model.model_validate(trimmed)
+        except ValidationError as exc:
+            problems = _problems_from_validation(model, exc, trimmed, locations)
+    return None
+
+
+def _drop(data: Any, path: KeyPath) -> bool:
+    """Remove the mapping key at `path` (True), or say it cannot be left out (False)."""
+    if not path or not isinstance(path[-1], str):
+        return False
+    parent = data
+    for part in path[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if not isinstance(parent, dict) or path[-1] not in parent:
+        return False
+    del parent[path[-1]]
+    return True
 
 
 # --- extends ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from runner.errors import RunnerError
-from runner.recipe.schema_base import MODEL_FILE_PREFIX, CheckpointFile, Section, _resolve_file_ref
+from runner.recipe.schema_base import MODEL_FILE_PREFIX, CheckpointFile, Section, _resolve_file_ref, unreadable
 
 
 class SetJson(Section):
@@ -81,10 +81,24 @@ class CopyFile(Section):
             if model_dir is None:
                 raise RunnerError(f"{where}: {self.source} needs the source model, which is not available")
             src = model_dir / self.model_file
+            folders = [model_dir]
+            if model_dir.parent.name == "snapshots":  # the Hugging Face cache: files link to the repo's blobs
+                folders.append(model_dir.parent.parent / "blobs")
         else:
+            # Checked against the recipe's folder when the recipe was loaded, and kept with every symbolic link
+            # resolved: a folder above it that resolves elsewhere now was replaced by a link since, and the file
+            # itself may link only within its folder (unreadable, below).
             src = Path(self.source)
+            folders = [src.parent]
+            if src.is_absolute() and src.parent.resolve() != src.parent:
+                raise RunnerError(f"{where}: {self.source} is refused: its folder now resolves to "
+                                  f"{src.parent.resolve()} through a symbolic link made after the recipe was "
+                                  "checked; copy the file in instead of linking to it")
         if not src.is_file():
             raise RunnerError(f"{where}: source file {src} does not exist")
+        why = unreadable(src, folders)
+        if why:
+            raise RunnerError(f"{where}: {self.source} is refused: {why}")
         replace_file(src, checkpoint / self.to)
         return f"copied {src.name} to {self.to}"
 

@@ -1,7 +1,9 @@
 """Publish the selected checkpoint with its card and recipe to the Hugging Face Hub (dry run by default).
 
 The upload folder is staged with hard links: the selected strategy's checkpoint, the model card
-(README.md), the resolved recipe and the plots. A dry run lists exactly those files. The token
+(README.md), the resolved recipe, the data files it reads (calibration sets, prompt files, suite
+files: beside recipe.yaml, which names them there, so it runs as uploaded) and the plots. A dry run
+lists exactly those files. The token
 comes from the environment variable the recipe names (publish.token_env, HF_TOKEN by default) or
 from the Hugging Face login cache; it is handed to huggingface_hub and never written, logged or put
 in an error message.
@@ -10,24 +12,59 @@ in an error message.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
 from runner.recipe.schema import Recipe
+from runner.recipe.schema_base import unreadable
+from runner.recipe.secrets import secret_name
 from runner.run_dir import link_tree
 
 
-def stage(checkpoint: Path, report_dir: Path, recipe_yaml: str, target: Path) -> list[dict[str, Any]]:
-    """The folder to upload; returns its files with sizes."""
+def stage(checkpoint: Path, report_dir: Path, recipe_yaml: str, target: Path,
+          inputs: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    """The folder to upload; returns its files with sizes. `inputs`: {name beside recipe.yaml: the
+    file the recipe reads}, copied (a later edit of the user's file does not change the staged one).
+    Nothing leaves by a symbolic link out of the checkpoint or the report, and every staged file is
+    checked for secrets by name and content (runner/recipe/secrets.py) before anything is uploaded."""
+    for root, dirs, files in os.walk(checkpoint):  # link_tree copies what a link points at: refuse links out
+        for name in (*dirs, *files):
+            if os.path.islink(os.path.join(root, name)):
+                _refuse(Path(root, name), checkpoint)
     link_tree(checkpoint, target)
     for name in ("README.md", "gate_scores.png", "ttft_curve.png", "token_lengths.png"):
         if (report_dir / name).exists():
+            _refuse(report_dir / name, report_dir)
             (target / name).unlink(missing_ok=True)
             os.link(report_dir / name, target / name)
     (target / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-    return [{"path": str(p.relative_to(target)), "bytes": p.stat().st_size}
-            for p in sorted(target.rglob("*")) if p.is_file()]
+    for name, source in (inputs or {}).items():
+        # The data files the run read, from wherever the recipe names them. They are staged as copies, so
+        # their names and what they link to are judged here (a link to ~/.netrc would stage as
+        # calibration.jsonl), and their content with every other staged file below.
+        why = secret_name(source)
+        if why:
+            raise RunnerError(f"publish: {source}, which the recipe reads, is not uploaded: {why}. Nothing was "
+                              "uploaded; point the recipe at a file that holds no secret and run again")
+        try:
+            shutil.copyfile(source, target / name)
+        except OSError as exc:
+            raise RunnerError(f"cannot stage {source}, which the recipe reads, as {name} beside recipe.yaml: "
+                              f"{exc.strerror or exc}") from None
+    staged = [p for p in sorted(target.rglob("*")) if p.is_file()]
+    for path in staged:
+        _refuse(path, target)
+    return [{"path": str(p.relative_to(target)), "bytes": p.stat().st_size} for p in staged]
+
+
+def _refuse(path: Path, folder: Path) -> None:
+    """Stop the publish step (before any upload) at a file that leads out of `folder` or is a secret."""
+    why = unreadable(path, [folder])
+    if why:
+        raise RunnerError(f"publish: {path} is not uploaded: {why}. Nothing was uploaded; remove the file from "
+                          "the checkpoint (or the export.fixups entry or recipe key that put it there) and run again")
 
 
 def token_for(recipe: Recipe) -> str:
