@@ -5,11 +5,14 @@ strategies, each command under 5 s, cost linear in the number of steps).
 
 Writes a recipe that extends the demo with N NVFP4 strategies into a temporary folder and times the
 three commands as a user runs them (a fresh `python -m runner.cli` process each), printing seconds
-and seconds per 1,000 strategies.
+and seconds per 1,000 strategies. The demo names its model's shapes (`model.shapes`), so validate and
+plan predict every strategy's footprint and check it against the model's layers (issue 30 item 13:
+that case regressed); the script checks, untimed, that plan did read them.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,15 @@ def timed(args: list[str]) -> float:
     return elapsed
 
 
+def check_shapes_read(path: Path, run_dir: Path, n: int) -> None:
+    """plan --json predicted each strategy from the model's shapes (else the timings measure less)."""
+    result = subprocess.run([sys.executable, "-m", "runner.cli", "plan", str(path), "--run-dir", str(run_dir),
+                             "--json"], capture_output=True, text=True, cwd=REPO)
+    plan = json.loads(result.stdout)
+    if "model.shapes" not in plan["footprint_info"]["read_from"] or len(plan["footprint"]) != n + 2:
+        raise SystemExit(f"plan did not predict every strategy from model.shapes: {plan['footprint_info']}")
+
+
 def main() -> None:
     counts = [int(a) for a in sys.argv[1:]] or [1000, 3000, 10000]
     print(f"{'strategies':>10} {'steps':>7} {'validate s':>11} {'plan s':>8} {'dry-run s':>10}  (s per 1k strategies)")
@@ -48,6 +60,8 @@ def main() -> None:
             v = timed(["validate", str(path)])
             p = timed(["plan", str(path), "--run-dir", str(run_dir)])
             d = timed(["run", str(path), "--dry-run", "--run-dir", str(run_dir)])
+            if n == counts[0]:
+                check_shapes_read(path, run_dir, n)
             steps = 5 * n + 7
             print(f"{n:>10} {steps:>7} {v:>11.2f} {p:>8.2f} {d:>10.2f}  "
                   f"({v / n * 1000:.2f} / {p / n * 1000:.2f} / {d / n * 1000:.2f})")

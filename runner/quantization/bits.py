@@ -58,6 +58,18 @@ def split_format(fmt: str) -> tuple[str, int | None]:
     return fmt, None
 
 
+# Formats whose export packs whole blocks of a row (ModelOpt 0.47 export/quant_utils.py,
+# pack_int4_in_uint8): the input dimension must be a multiple of the block and the output dimension
+# even, else the worker stops in the export ("Cannot pack weight with input dimension 64 and block size 128").
+WHOLE_BLOCKS_ONLY = ("int4_awq", "w4a8_awq")
+
+
+def block_of(fmt: str) -> int | None:
+    """Weights a block of `fmt` (its suffix, else its default); None for an unknown format."""
+    base, block = split_format(fmt)
+    return block or (LAYOUTS[base][2] if base in LAYOUTS else None)
+
+
 def base_format(fmt: str) -> str:
     """The format without its block-size suffix (`nvfp4_b32` -> `nvfp4`)."""
     return split_format(fmt)[0]

@@ -23,6 +23,7 @@ Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 visi
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import math
@@ -35,12 +36,13 @@ from typing import Any
 from runner.quantization.bits import (
     DEFINITION,
     DTYPE_BITS,
+    LAYOUTS,
     MODELOPT_DEFINITION,
     base_format,
     bits_of,
     format_name,
 )
-from runner.quantization.modelopt_recipes import recipes_root
+from runner.quantization.modelopt_recipes import parse_yaml_file, recipes_root
 from runner.quantization.safetensors_headers import Tensor, has_safetensors, read_headers
 
 # Module-name globs that auto_quantize must never quantize (its `disabled_layers`; ModelOpt's presets
@@ -140,6 +142,9 @@ class Weights:
     convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
     dropped_bytes: int = 0
     expert_fraction: float | None = None  # a MoE token reads this share of the routed experts' bytes
+    # What was computed from these weights, by what decides it (strategy_footprint, strategy_formats):
+    # thousands of strategies that differ only in name cost one computation.
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 LISTING = "tensors.json"
@@ -226,14 +231,12 @@ def load_modelopt_yaml(root: Path, name: str) -> Any:
 
 
 def _load_yaml(root: Path, name: str, seen: tuple[str, ...]) -> Any:
-    from ruamel.yaml import YAML
-
     path = next((root / f"{name}{ext}" for ext in ("", ".yaml", ".yml") if (root / f"{name}{ext}").is_file()), None)
     if path is None:
         raise Unknown(f"ModelOpt config {name!r} is not in {root}")
     if str(path) in seen:
         raise Unknown(f"ModelOpt config {name!r} imports itself")
-    docs = [d for d in YAML(typ="safe").load_all(path.read_text(encoding="utf-8"))]
+    docs = parse_yaml_file(path)
     if not docs or docs[0] is None:
         return {}
     if len(docs) == 2:
@@ -244,7 +247,7 @@ def _load_yaml(root: Path, name: str, seen: tuple[str, ...]) -> Any:
             body = {**(header or {}), **(body or {})}
             imports = body.pop("imports", None) or {}
     else:
-        body = docs[0]
+        body = dict(docs[0]) if isinstance(docs[0], dict) else docs[0]  # the parsed documents are shared
         imports = (body.pop("imports", None) or {}) if isinstance(body, dict) else {}
     body = _exmy(body)
     loaded = {key: _load_yaml(root, ref, (*seen, str(path))) for key, ref in imports.items()}
@@ -293,7 +296,13 @@ class QuantConfig:
 
 
 def preset_config(preset: str) -> QuantConfig:
-    root = recipes_root()
+    """A ModelOpt preset as its YAML in modelopt_recipes says (else its family), read once per process:
+    the config is shared, never change it (`with_exclusions` makes a new one)."""
+    return _preset_config(recipes_root(), preset)
+
+
+@functools.lru_cache(maxsize=256)
+def _preset_config(root: Path | None, preset: str) -> QuantConfig:
     if root is not None and preset in PRESET_FILES:
         data = load_modelopt_yaml(root, f"configs/ptq/presets/{PRESET_FILES[preset]}")
         return QuantConfig(preset, _entries(data.get("quant_cfg")), data.get("algorithm"), data.get("effective_bits"))
@@ -311,8 +320,13 @@ def preset_config(preset: str) -> QuantConfig:
 
 
 def recipe_config(name: str) -> QuantConfig:
-    """A ModelOpt PTQ recipe (`general/ptq/nvfp4_default-kv_fp8_cast`) from the installed wheel."""
-    root = recipes_root()
+    """A ModelOpt PTQ recipe (`general/ptq/nvfp4_default-kv_fp8_cast`) from the installed wheel, read once
+    per process (shared, like preset_config's)."""
+    return _recipe_config(recipes_root(), name)
+
+
+@functools.lru_cache(maxsize=256)
+def _recipe_config(root: Path | None, name: str) -> QuantConfig:
     if root is None:
         raise Unknown("modelopt_recipes is not installed on this host")
     if (root / name).is_dir():
@@ -439,6 +453,27 @@ def module_formats(config: QuantConfig, modules: list[str]) -> dict[str, str | N
             seen[key] = module_format(config, key)
         out[module] = seen[key]
     return out
+
+
+def strategy_formats(weights: Weights, base: QuantConfig, exclude: list[str]) -> dict[str, str | None]:
+    """module_formats of every Linear under `base` with `exclude` appended, computed once per distinct
+    (config, exclusions) for these weights. Shared: read it, never change it."""
+    key = ("formats", base.name, base.source, tuple(exclude))
+    formats = weights.memo.get(key)
+    if formats is not None:
+        return formats
+    if not exclude:
+        formats = module_formats(base, list(weights.linears))
+    else:
+        # The exclusions are appended `enable: false` entries: they only disable. A module none of them
+        # names keeps the format it has without them; the few they name are worked out in full.
+        plain = strategy_formats(weights, base, [])
+        full = base.with_exclusions(exclude)
+        globs = [_glob(p) for p in exclude]
+        formats = {m: module_format(full, m) if f is not None and any(
+            g(f"{m}.weight_quantizer") or g(f"{m}.input_quantizer") for g in globs) else f for m, f in plain.items()}
+    weights.memo[key] = formats
+    return formats
 
 
 def module_format(config: QuantConfig, module: str, parent: str = "nn.Linear") -> str | None:
@@ -585,9 +620,28 @@ def _counts(weights: Weights, formats: dict[str, str | None], dtype: str | None)
     return dict(sorted(counts.items()))
 
 
+def content_key(strategy: Any) -> tuple[Any, ...]:
+    """What of a strategy (schema.Strategy) decides what it does to the weights: not its name,
+    description, calibration set or batch size."""
+    auto = strategy.auto_quantize
+    return (strategy.preset, strategy.modelopt_recipe, auto.model_dump_json() if auto is not None else None,
+            strategy.algorithm, strategy.fold_awq_scales)
+
+
 def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: str | None = None,
                        dtype: str | None = None) -> Footprint:
-    """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended."""
+    """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended.
+    Computed once per distinct content (content_key, exclusions, hardware, dtype, ModelOpt's configs)
+    for these weights; every strategy gets its own copy under its own name."""
+    key = ("footprint", content_key(strategy), tuple(exclude), hardware, dtype, recipes_root())
+    fp = weights.memo.get(key)
+    if fp is None:
+        fp = weights.memo[key] = _strategy_footprint(weights, strategy, exclude, hardware, dtype)
+    return dataclasses.replace(fp, strategy=strategy.name, formats=dict(fp.formats), notes=list(fp.notes))
+
+
+def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: str | None,
+                        dtype: str | None) -> Footprint:
     method = (f"preset {strategy.preset}" if strategy.preset else
               f"modelopt_recipe {strategy.modelopt_recipe}" if strategy.modelopt_recipe else "auto_quantize")
     fp = Footprint(strategy.name, method, hardware=hardware)
@@ -596,11 +650,10 @@ def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hard
             _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype)
             return fp
         base = preset_config(strategy.preset) if strategy.preset else recipe_config(strategy.modelopt_recipe)
-        config = base.with_exclusions(exclude)
         if base.source != "modelopt_recipes":
             fp.notes.append(f"formats derived from the preset's family ({base.source}): modelopt_recipes is not "
                             "installed on this host")
-        formats = module_formats(config, list(weights.linears))
+        formats = strategy_formats(weights, base, exclude)
         extra: dict[str, int] = {}
         algorithm = strategy.algorithm or base.algorithm
         method_name = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
@@ -735,18 +788,22 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
 def recipe_footprints(recipe: Any, weights: Weights, names: list[str] | None = None) -> list[Footprint]:
     """Each chosen (else each enabled) strategy's footprint, with the exclusions the worker applies."""
     out = []
+    chosen = set(names) if names is not None else None
     for strategy in recipe.quantization.strategies:
-        if (names is not None and strategy.name not in names) or (names is None and not strategy.enabled):
+        if (chosen is not None and strategy.name not in chosen) or (names is None and not strategy.enabled):
             continue
         out.append(strategy_footprint(weights, strategy, recipe.quantization.exclusions(strategy),
                                       recipe.benchmark.hardware, recipe.model.dtype))
     return out
 
 
+SOURCE = "(source)"  # the source footprint's row
+
+
 def source_footprint(recipe: Any, weights: Weights) -> Footprint:
     """The unquantized model as the worker loads it, for comparison."""
     formats: dict[str, str | None] = {m: None for m in weights.linears}
-    fp = Footprint("(source)", f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
+    fp = Footprint(SOURCE, f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
     sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
     fp.checkpoint_bytes = sum(sizes.values())
     fp.decode_tok_s = _decode(sizes, recipe.benchmark.hardware, weights)
@@ -784,6 +841,11 @@ def feasibility_problems(loaded: Any, footprints: list[Footprint]) -> list[Any]:
     return problems
 
 
+# Above this many strategies, `table` shows one row per distinct prediction (thousands of rows help
+# nobody, and take rich seconds to lay out); `recipe plan --json` has every strategy.
+TABLE_ROWS = 60
+
+
 def table(footprints: list[Footprint], title: str) -> Any:
     """A rich Table of predicted footprints (for `recipe plan`)."""
     from rich.table import Table
@@ -791,26 +853,43 @@ def table(footprints: list[Footprint], title: str) -> Any:
     t = Table(title=title)
     for col in ("strategy", "how", "formats (Linear modules)", "checkpoint GB", "effective bits", "decode tok/s"):
         t.add_column(col)
-    for fp in footprints:
-        if fp.auto is not None:
-            a = fp.auto
-            if fp.known:
-                bits = (f"<= {fp.effective_bits:.2f} (reach {a.min_bits:.2f}-{a.max_bits:.2f}); auto_quantize's "
-                        f"count: target {a.target:g} of {a.modelopt_min:.2f}-{a.modelopt_max:.2f}")
-            else:
-                bits = f"[red]target {a.target:g} unreachable: {a.modelopt_min:.2f}-{a.modelopt_max:.2f}[/]"
-            size = (f"<= {fp.checkpoint_bytes / 1e9:.1f} " if fp.known else "") + \
-                f"({a.min_bytes / 1e9:.1f}-{a.max_bytes / 1e9:.1f})"
-            speed = f">= {fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
-            formats = f"{a.quantizable} searched over {a.cheapest.split()[0]}..{a.dearest.split()[0]}, " \
-                      f"{a.disabled} disabled"
-        elif not fp.known:
-            t.add_row(fp.strategy, fp.method, f"unknown: {fp.reason}", "-", "-", "-")
-            continue
-        else:
-            size = f"{fp.checkpoint_bytes / 1e9:.1f}"
-            bits = f"{fp.effective_bits:.2f}"
-            speed = f"{fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
-            formats = ", ".join(f"{k} {v}" for k, v in fp.formats.items())
-        t.add_row(fp.strategy, fp.method, formats, size, bits, speed)
+    rows = [_row(fp) for fp in footprints]
+    if len(rows) <= TABLE_ROWS:
+        for row in rows:
+            t.add_row(*row)
+        return t
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, *rest in rows:
+        groups.setdefault(tuple(rest), []).append(name)
+    for rest, names in groups.items():
+        label = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more alike"
+        t.add_row(label, *rest)
+    t.caption = (f"{len(rows)} strategies, {len(groups)} distinct predictions; `recipe plan --json` lists every "
+                 "strategy")
     return t
+
+
+def _row(fp: Footprint) -> tuple[str, ...]:
+    """A footprint's table cells: strategy, how, formats, size, bits, speed."""
+    if fp.auto is not None:
+        a = fp.auto
+        if fp.known:
+            bits = (f"<= {fp.effective_bits:.2f} (reach {a.min_bits:.2f}-{a.max_bits:.2f}); auto_quantize's "
+                    f"count: target {a.target:g} of {a.modelopt_min:.2f}-{a.modelopt_max:.2f}")
+        else:
+            bits = f"[red]target {a.target:g} unreachable: {a.modelopt_min:.2f}-{a.modelopt_max:.2f}[/]"
+        size = (f"<= {fp.checkpoint_bytes / 1e9:.1f} " if fp.known else "") + \
+            f"({a.min_bytes / 1e9:.1f}-{a.max_bytes / 1e9:.1f})"
+        speed = f">= {fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
+        formats = f"{a.quantizable} searched over {a.cheapest.split()[0]}..{a.dearest.split()[0]}, " \
+                  f"{a.disabled} disabled"
+    elif not fp.known:
+        return fp.strategy, fp.method, f"unknown: {fp.reason}", "-", "-", "-"
+    else:
+        size = f"{fp.checkpoint_bytes / 1e9:.1f}"
+        bits = f"{fp.effective_bits:.2f}"
+        speed = f"{fp.decode_tok_s:.1f}" if fp.decode_tok_s else "-"
+        formats = ", ".join(f"{k} {v}" for k, v in fp.formats.items())
+        if fp.strategy != SOURCE and fp.formats and not any(base_format(k) in LAYOUTS for k in fp.formats):
+            formats += ": [bold red]quantizes nothing[/]"
+    return fp.strategy, fp.method, formats, size, bits, speed

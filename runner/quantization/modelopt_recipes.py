@@ -9,15 +9,19 @@ apart by `metadata.recipe_type`; a file without it is a fragment.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SUFFIXES = (".yaml", ".yml")
 
 
+@functools.cache
 def recipes_root() -> Path | None:
-    """The installed `modelopt_recipes` package (found, not imported), or None."""
+    """The installed `modelopt_recipes` package (found, not imported), or None; looked up once (each
+    look-up searches sys.path, and a recipe asks for every strategy)."""
     try:
         spec = importlib.util.find_spec("modelopt_recipes")
     except (ImportError, ValueError):
@@ -39,14 +43,28 @@ def ptq_recipes(root: Path) -> list[str]:
                   if path.suffix in SUFFIXES and recipe_type(path) == "ptq")
 
 
+def parse_yaml_file(path: Path) -> list[Any]:
+    """The YAML documents of a ModelOpt file, parsed once per process and file version (path, mtime,
+    size): thousands of strategies name the same few configs, which import the same fragments. The
+    documents are shared: read them, never change them."""
+    stat = path.stat()
+    return _parsed(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(path: str, mtime_ns: int, size: int) -> list[Any]:
+    from ruamel.yaml import YAML
+
+    return list(YAML(typ="safe").load_all(Path(path).read_text(encoding="utf-8")))
+
+
 def recipe_type(path: Path) -> str | None:
     """`metadata.recipe_type` of a recipe file (ptq, auto_quantize, ...); None for a fragment."""
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     try:
-        docs = list(YAML(typ="safe").load_all(path.read_text(encoding="utf-8")))
-    except (OSError, YAMLError):
+        docs = parse_yaml_file(path)
+    except (OSError, UnicodeDecodeError, YAMLError):
         return None
     for doc in docs:
         if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):

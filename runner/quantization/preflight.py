@@ -4,7 +4,11 @@ safetensors headers and from ModelOpt's recipe files (no torch):
 - a ModelOpt recipe written for one model type (`huggingface/qwen3_5_moe/ptq/...`) on another;
 - a strategy that would quantize none of this model's Linear layers (an experts-only recipe on a
   dense model, exclusions that cover everything);
-- a calibration ModelOpt runs only on CUDA, on a machine without an NVIDIA GPU.
+- a format whose export packs whole blocks (INT4) on layers its blocks do not fit;
+- a calibration ModelOpt runs only on CUDA, where the worker will have no NVIDIA GPU.
+
+`recipe validate` and `plan` check them where the model's shapes are known (recipe_problems), `recipe
+run` before its first step (run_problems), and the quantize step again when it starts.
 
 Each refusal is one sentence that names the cause and what to do instead.
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization import footprint
-from runner.quantization.bits import base_format
+from runner.quantization.bits import WHOLE_BLOCKS_ONLY, base_format, block_of
 
 
 def host_has_gpu() -> bool:
@@ -77,10 +81,13 @@ EXPORT_ALGO = {"nvfp4": "NVFP4", "w4a16_nvfp4": "W4A16_NVFP4", "nvfp4_awq": "NVF
 
 
 def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, gpus: int | None = None,
-                     engine: str | None = None, check_machine: bool = True) -> str | None:
-    """Why this strategy cannot run on this model here (or serve on `engine`), or None. `gpus` 0
-    means no GPU whatever the machine has; None asks the machine. `check_machine` False leaves the
-    GPU question out (recipe validate/plan may run on another machine than the run)."""
+                     engine: str | None = None, check_machine: bool = True,
+                     weights: footprint.Weights | None = None, no_gpu: str = "this machine has none") -> str | None:
+    """Why this strategy cannot run on this model here (or serve on `engine`), or None. `gpus`: the
+    GPUs the worker will have (0: none whatever this machine has); None asks this machine. `no_gpu`
+    says how it is known that there is none. `check_machine` False leaves the GPU question out (recipe
+    validate/plan may run on another machine than the run). `weights`: model_dir's, already read (a
+    recipe's strategies share them and what was computed from them)."""
     if strategy.auto_quantize is not None:
         return None
     try:
@@ -95,55 +102,171 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
         if wanted and actual and wanted != actual.removesuffix("_text"):
             return (f"{what} is written for {wanted} models (its module names and layout); this model is "
                     f"{actual}: use a general/ptq/ recipe or one under huggingface/{actual}/")
-    has_gpu = host_has_gpu() if gpus is None else gpus > 0 and host_has_gpu()
-    cuda_only = needs_cuda(config)
-    if cuda_only and not has_gpu and check_machine:
-        return (f"{what} uses {cuda_only}, which ModelOpt runs only on a CUDA GPU, and this machine has none: "
+    cuda_only = _needs_cuda_once(config)
+    if cuda_only and check_machine and not (host_has_gpu() if gpus is None else gpus > 0):
+        return (f"{what} uses {cuda_only}, which ModelOpt runs only on a CUDA GPU, and {no_gpu}: "
                 "run it on a GPU machine, or use a dynamic-scale recipe (e.g. general/ptq/nvfp4_default-kv_fp8)")
     if model_dir is None or not (model_dir / "config.json").is_file():
         return None
-    try:
-        weights = footprint.load_weights(model_dir)
-    except (footprint.Unknown, OSError, ValueError):
+    if weights is None:
+        try:
+            weights = footprint.load_weights(model_dir)
+        except (footprint.Unknown, OSError, ValueError):
+            return None
+    # what the layers decide, once per distinct (config, exclusions, engine) for these weights
+    key = ("refusal", config.name, config.source, tuple(exclude), engine)
+    if key not in weights.memo:
+        weights.memo[key] = _layer_refusal(weights, config, what, exclude, engine)
+    why = weights.memo[key]
+    if why is None:
         return None
-    with_exclusions = config.with_exclusions(exclude)
-    formats = {m: f for m in weights.linears if (f := footprint.module_format(with_exclusions, m))}
+    named, text = why
+    return f"strategy {strategy.name} {text}" if named else text
+
+
+_CUDA_NEED: dict[tuple[str, str], str | None] = {}
+
+
+def _needs_cuda_once(config: footprint.QuantConfig) -> str | None:
+    key = (config.name, config.source)
+    if key not in _CUDA_NEED:
+        _CUDA_NEED[key] = needs_cuda(config)
+    return _CUDA_NEED[key]
+
+
+def _layer_refusal(weights: footprint.Weights, config: footprint.QuantConfig, what: str, exclude: list[str],
+                   engine: str | None) -> tuple[bool, str] | None:
+    """What the model's layers refuse; (True, text): the text follows "strategy NAME "."""
+    formats = {m: f for m, f in footprint.strategy_formats(weights, config, exclude).items() if f}
     if formats:
+        unpackable = _partial_blocks(weights, formats)
+        if unpackable:
+            module, fmt, (rows, cols), block = unpackable[0]
+            more = f" (and {len(unpackable) - 1} more)" if len(unpackable) > 1 else ""
+            return False, (f"{what} gives {module} ({rows} x {cols}) {fmt} with blocks of {block} weights, and "
+                           f"ModelOpt's export packs only whole blocks ({cols} input features is not a multiple "
+                           f"of {block}{'' if rows % 2 == 0 else f', or {rows} output features is odd'}){more}: "
+                           "exclude such layers, or choose a format with smaller blocks (e.g. NVFP4_DEFAULT_CFG)")
         if engine == "vllm":
             from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 
             algos = {EXPORT_ALGO.get(base_format(f), f.upper()) for f in formats.values()}
             refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
-            weight_only_fp8 = sorted(m for m, f in formats.items() if f == "fp8"
-                                     and footprint.quantizer_cfg(with_exclusions, f"{m}.input_quantizer") is None)
+            weight_only_fp8 = _weight_only_fp8(weights, config, exclude, formats)
             if weight_only_fp8 and not refused:
-                return (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale (weight-only "
-                        f"FP8, e.g. {weight_only_fp8[0]}), which vLLM's ModelOpt FP8 path cannot load: choose another "
-                        "recipe, or serve.engine: local")
+                return False, (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale "
+                               f"(weight-only FP8, e.g. {weight_only_fp8[0]}), which vLLM's ModelOpt FP8 path cannot "
+                               "load: choose another recipe, or serve.engine: local")
             if refused:
-                return (f"{what} exports {', '.join(refused)}, which vLLM's ModelOpt loader does not load (it loads "
-                        f"{', '.join(VLLM_QUANT_ALGOS)}): choose another recipe, or serve.engine: local")
+                return False, (f"{what} exports {', '.join(refused)}, which vLLM's ModelOpt loader does not load (it "
+                               f"loads {', '.join(VLLM_QUANT_ALGOS)}): choose another recipe, or serve.engine: local")
         return None
-    if exclude and any(footprint.module_format(config, m) for m in weights.linears):
-        return (f"strategy {strategy.name} would quantize no layer: the recipe's exclusions {exclude} cover "
-                "every layer the " + what + " quantizes; narrow them")
-    return (f"strategy {strategy.name} would quantize no layer: the {what}'s patterns match none of this "
-            "model's Linear layers (e.g. an experts-only recipe on a dense model); pick one written for it")
+    if exclude and any(footprint.strategy_formats(weights, config, []).values()):
+        return True, (f"would quantize no layer: the recipe's exclusions {exclude} cover every layer the {what} "
+                      "quantizes; narrow them")
+    return True, (f"would quantize no layer: the {what}'s patterns match none of this model's Linear layers (e.g. "
+                  "an experts-only recipe on a dense model); pick one written for it")
 
 
-def recipe_problems(loaded: Any, model_dir: Path | None) -> list[Any]:
-    """A located error per enabled strategy that cannot run on this model here (recipe validate/plan)."""
+def _partial_blocks(weights: footprint.Weights, formats: dict[str, str]) -> list[tuple[str, str, tuple[int, int], int]]:
+    """The Linears whose format packs whole blocks that their shape cannot fill."""
+    out = []
+    for module, fmt in formats.items():
+        if base_format(fmt) not in WHOLE_BLOCKS_ONLY:
+            continue
+        rows, cols = weights.linears[module].shape
+        block = block_of(fmt) or 1
+        if cols % block or rows % 2:
+            out.append((module, fmt, (rows, cols), block))
+    return out
+
+
+def _weight_only_fp8(weights: footprint.Weights, config: footprint.QuantConfig, exclude: list[str],
+                     formats: dict[str, str]) -> list[str]:
+    """The FP8 Linears whose input is not quantized, once per distinct (config, exclusions)."""
+    key = ("weight-only fp8", config.name, config.source, tuple(exclude))
+    if key not in weights.memo:
+        with_exclusions = config.with_exclusions(exclude)
+        weights.memo[key] = sorted(m for m, f in formats.items() if f == "fp8" and footprint.quantizer_cfg(
+            with_exclusions, f"{m}.input_quantizer") is None)
+    return weights.memo[key]
+
+
+def worker_gpus(recipe: Any) -> tuple[int, str]:
+    """The GPUs the quantize worker will have, known on the host before anything runs, and how that is
+    known when it is none: a local worker has this machine's; a container, its plugin's `gpus` (and this
+    machine's); a Slurm job, what `execution.slurm` asks for the quantize step."""
+    execution = recipe.execution
+    if execution.executor == "slurm":
+        gpus = execution.slurm.resources_for("quantize").gpus
+        return gpus, "its Slurm job asks for no GPU (execution.slurm resources for quantize: gpus 0)"
+    here = host_has_gpu()
+    if execution.executor == "docker":
+        from runner.containers.plugin import load_container
+
+        plugin = load_container(recipe.container_for("quantize"))
+        if plugin.gpus in ("none", 0):
+            return 0, f"its container (plugin {plugin.name}) is given no GPU (gpus: {plugin.gpus})"
+        return (1 if here else 0), "this machine, where its container runs, has no NVIDIA GPU"
+    return (1 if here else 0), "this machine, where the local worker runs, has no NVIDIA GPU"
+
+
+def run_problems(loaded: Any, names: list[str], model_dir: Path | None) -> list[Any]:
+    """Pre-flight of `recipe run`, before any step: a located error per strategy in `names` (those whose
+    quantize step will run) that cannot run: one that needs CUDA where its worker will have none, and,
+    where the model's shapes are known (`model_dir`: model.shapes, a local source, or the run's source
+    step), one whose blocks do not fit the model's layers or that quantizes nothing."""
     from runner.errors import Problem
     from runner.recipe.loader import locate
 
     recipe = loaded.recipe
+    gpus, no_gpu = worker_gpus(recipe)
+    weights = _weights(model_dir)
+    problems = []
+    chosen = set(names)
+    for i, strategy in enumerate(recipe.quantization.strategies):
+        if strategy.name not in chosen:
+            continue
+        why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir, gpus=gpus,
+                               engine=recipe.serve.engine, weights=weights, no_gpu=no_gpu)
+        if why is not None:
+            path = ("quantization", "strategies", i)
+            problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path),
+                                    hint="fix the strategy, or leave it out of this run (--strategy NAME, or "
+                                    "enabled: false)"))
+    return problems
+
+
+def _named(name: str, why: str) -> str:
+    """`strategy 'x': ...`, once (a refusal may name the strategy itself)."""
+    return f"strategy {name!r} {why.removeprefix(f'strategy {name} ')}" if why.startswith(f"strategy {name} ") \
+        else f"strategy {name!r}: {why}"
+
+
+def _weights(model_dir: Path | None) -> footprint.Weights | None:
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return None
+    try:
+        return footprint.load_weights(model_dir)
+    except (footprint.Unknown, OSError, ValueError):
+        return None
+
+
+def recipe_problems(loaded: Any, model_dir: Path | None, weights: footprint.Weights | None = None) -> list[Any]:
+    """A located error per enabled strategy that cannot run on this model here (recipe validate/plan).
+    `weights`: model_dir's, if already read."""
+    from runner.errors import Problem
+    from runner.recipe.loader import locate
+
+    recipe = loaded.recipe
+    weights = weights or _weights(model_dir)  # once for every strategy
     problems = []
     for i, strategy in enumerate(recipe.quantization.strategies):
         if not strategy.enabled:
             continue
         why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir,
-                               engine=recipe.serve.engine, check_machine=False)
+                               engine=recipe.serve.engine, check_machine=False, weights=weights)
         if why is not None:
             path = ("quantization", "strategies", i)
-            problems.append(Problem(f"strategy {strategy.name!r}: {why}", path, locate(loaded.locations, path)))
+            problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path)))
     return problems
