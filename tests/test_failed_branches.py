@@ -32,6 +32,8 @@ def test_card_and_blog_say_which_strategies_failed_and_why():
     failed = {name: {**why, "reason": first_line(why["error"])} for name, why in FAILED.items()}
     facts = {
         "recipe": {"name": "mini", "description": "", "gates": []}, "recipe_yaml": "name: mini\n",
+        "recipe_files": [], "required_inputs": [], "calibration_sets": {},
+        "behaviour": {"checks": [], "gates": [], "failed": {}, "inconclusive": {}, "passed": {}},
         "model": {"name": "Mini"}, "title": "Mini NVFP4", "best": None,
         "selection": {"rule": "no gate fails", "failing": {}}, "strategies": {}, "chosen": None,
         "failed": failed, "baseline": None, "baseline_name": None, "gate_table": "| gate |\n",

@@ -99,6 +99,30 @@ def judge_spread(op: str, factor: float, spread: dict[str, Any]) -> str:
     return "pass" if all(ends) else "fail" if not any(ends) else "inconclusive"
 
 
+# Per-pair decode ratios (candidate / baseline, measured alternating) further apart than this factor
+# disagree: whatever slowed the machine hit some requests and not others, so no single figure stands.
+PAIR_SPREAD_LIMIT = 2.0
+
+
+def speed_reliability(result: dict[str, Any], verdicts: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A candidate's measured decode speed and whether the documents may print it as a figure.
+
+    Unreliable when a relative speed gate judged on the pairs is inconclusive (the pairs disagree
+    about the gate), or when the per-pair ratios span more than PAIR_SPREAD_LIMIT. Without paired
+    measurement there is nothing to tell, and the figure stands as measured."""
+    speed = result.get("speed") or {}
+    value = (speed.get("summary") or {}).get("decode_tok_s")
+    paired = speed.get("paired_baseline") or {}
+    ratio = (paired.get("ratios") or {}).get("decode_tok_s")
+    why = []
+    for v in verdicts:
+        if v.get("paired") and v.get("verdict") == "inconclusive":
+            why.append(f"the pairs disagree on gate {v['gate']}")
+    if ratio and ratio.get("min") and ratio["max"] / ratio["min"] > PAIR_SPREAD_LIMIT:
+        why.append(f"the per-pair ratios span more than x{PAIR_SPREAD_LIMIT:g}")
+    return {"value": value, "ratio": ratio, "pairs": paired.get("pairs"), "reliable": not why, "why": why}
+
+
 def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
              ) -> list[dict[str, Any]]:
     """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing).

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.calibration.validate import tool_call_problem
 from runner.errors import RunnerError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -36,6 +37,34 @@ def check_conversation(conv: Any) -> str | None:
                 return f"messages[{i}].tool_calls[{j}] needs function.name"
     if "tools" in conv and not isinstance(conv["tools"], list):
         return '"tools" must be a list of tool definitions'
+    return tool_calls_problem(conv)
+
+
+# What the teacher path's filter calls each tool-call problem (validate.tool_call_problem), in words.
+TOOL_CALL_PROBLEMS = {
+    "tool_unknown": "calls a function the conversation's \"tools\" do not declare",
+    "tool_args_not_json": "has arguments that are not a JSON object",
+    "tool_args_schema": "has arguments that do not match the function's parameters schema",
+}
+
+
+def tool_calls_problem(conv: dict[str, Any]) -> str | None:
+    """Each tool call checked as generated conversations are (validate.tool_call_problem): arguments a
+    JSON object matching the declared function's schema. Without "tools", only the JSON is checked."""
+    declared = conv.get("tools")
+    tools: dict[str, dict[str, Any]] = {}
+    for tool in declared or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            tools[fn["name"]] = fn
+    for i, msg in enumerate(conv["messages"]):
+        for j, call in enumerate(msg.get("tool_calls") or []):
+            name = call["function"]["name"]
+            known = tools if declared is not None else {name: {}}  # nothing declared: the JSON only
+            problem = tool_call_problem(call, known)
+            if problem:
+                return (f"messages[{i}].tool_calls[{j}] ({name}) {TOOL_CALL_PROBLEMS.get(problem, problem)} "
+                        f"({problem}: the same check generated conversations pass); fix or remove the conversation")
     return None
 
 

@@ -187,7 +187,8 @@ async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir
 
 
 class Progress:
-    """done/total, rate and failures in the step log: every 10 % and at least every 30 s."""
+    """Answered and failed conversations of the total, and the rate, in the step log: every 10 % and
+    at least every 30 s. A failed request is counted as failed, never as answered."""
 
     def __init__(self, total: int, log: logging.Logger, every_s: float = 30.0):
         self.total, self.log, self.every_s = total, log, every_s
@@ -195,14 +196,21 @@ class Progress:
         self.started = self.last = time.monotonic()
         self.next_share = 0.1
 
+    @property
+    def answered(self) -> int:
+        return self.done - self.failed
+
+    def line(self, rate: float) -> str:
+        return (f"teacher: {self.answered}/{self.total} conversations answered, {self.failed} failed"
+                + (f", {self.total - self.done} to go" if self.done < self.total else "") + f" ({rate:.2f}/s)")
+
     def step(self, failed: bool = False) -> None:
         self.done += 1
         self.failed += failed
         now = time.monotonic()
         if self.done == self.total or self.done >= self.next_share * self.total or now - self.last >= self.every_s:
             rate = self.done / max(now - self.started, 1e-9)
-            self.log.info("teacher: %d/%d conversations (%.2f/s), %d failed", self.done, self.total, rate,
-                          self.failed)
+            self.log.info("%s", self.line(rate))
             self.last = now
             self.next_share = (int(self.done * 10 / max(self.total, 1)) + 1) / 10
 

@@ -9,25 +9,30 @@ documents comes from a step record; nothing is typed in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from runner.benchmark.gates import first_line
+from runner.benchmark.gates import first_line, speed_reliability
+from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
 from runner.quantization.bits import base_format
 from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 from runner.recipe.loader import dump_yaml
+from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
+from runner.steps.inputs import calibrate_step
 
 PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_lengths.png",)}
 
@@ -150,15 +155,20 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         if name not in judged or quantize is None:
             continue
         bench_path = run_dir.step_dir(f"benchmark.{name}") / "results.json"
+        verdicts = gates_record["summary"]["verdicts"].get(name, [])
+        benchmark = json.loads(bench_path.read_text()) if bench_path.exists() else None
         strategies[name] = {
             "spec": strategy.model_dump(mode="json"),
+            "calibration_set": calibration_key(strategy.calibration),
+            "speed": speed_text(benchmark, verdicts),
             "exclude": recipe.quantization.exclusions(strategy),
             "quantize": {k: v for k, v in quantize["summary"].items() if k != "layers"},
             "verify": (run_dir.record(f"verify.{name}") or {}).get("summary", {}),
             "serve": (run_dir.record(f"serve.{name}") or {}).get("summary", {}),
-            "benchmark": json.loads(bench_path.read_text()) if bench_path.exists() else None,
-            "verdicts": gates_record["summary"]["verdicts"].get(name, []),
+            "benchmark": benchmark,
+            "verdicts": verdicts,
         }
+    portable = portable_recipe(recipe, reserved_names(run_dir, best))
     # Strategies whose branch failed before gates: named in the documents with where and why.
     failed = {name: {**why, "reason": first_line(why.get("error"))}
               for name, why in (gates_record["summary"].get("failed") or {}).items()}
@@ -179,7 +189,11 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     repo_id = recipe.publish.repo_id
     return {
         "recipe": scrub_paths(recipe.model_dump(mode="json")),
-        "recipe_yaml": recipe_yaml(recipe),
+        "recipe_yaml": portable.yaml,
+        "recipe_files": sorted(portable.files),
+        "required_inputs": portable.required,
+        "calibration_sets": calibration_sets(recipe, run_dir, strategies, portable),
+        "behaviour": behaviour(recipe, strategies),
         "model": scrub_paths(recipe.model.model_dump(mode="json")),
         "base_model": recipe.model.hub_base_model(),
         "source_description": source_description(recipe, source_summary),
@@ -204,6 +218,202 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "suggested_repo_id": repo_name_mismatch(repo_id, fmt["name"]) if fmt else None,
         "verify_rows": verify_rows(chosen["verify"]) if chosen else [],
     }
+
+
+def calibration_key(alternative: str | None) -> str:
+    """The recipe key of the set a strategy calibrates on."""
+    return "calibration.source" if alternative is None else f"calibration.alternatives.{alternative}"
+
+
+def speed_text(benchmark: dict[str, Any] | None, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The measured decode speed as the documents print it: a figure, or, where the paired measurement
+    disagrees with itself (gates.speed_reliability), "unreliable" with the spread instead."""
+    if not benchmark:
+        return {"value": None, "reliable": True, "text": "n/a"}
+    info = speed_reliability(benchmark, verdicts)
+    value = info["value"]
+    if value is None:
+        return {**info, "text": "n/a"}
+    if info["reliable"]:
+        return {**info, "text": f"{value:.1f}"}
+    ratio = info["ratio"] or {}
+    spread = (f"x{ratio['min']:.2f}-x{ratio['max']:.2f} of the baseline over {info['pairs']} pairs, "
+              if ratio else "")
+    return {**info, "text": f"unreliable ({value:.1f} measured; {spread}{'; '.join(info['why'])})"}
+
+
+# What a suite's scorer checks, in the blog's words.
+SCORER_WORDS = {"no_thinking": "thinking leaking into answers", "tool_call": "tool calls that stop parsing",
+                "no_markdown": "markdown creeping into spoken answers",
+                "contains": "wrong answers to questions with a known answer"}
+
+
+def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What this run measured about behaviour: the suites it ran (and what each checks) and, per verdict
+    of a suite gate, which strategies it rejected, left inconclusive or passed."""
+    from runner.benchmark.suites import load_suite
+
+    checks = []
+    for ref in recipe.benchmark.suites:
+        try:
+            checks.append(SCORER_WORDS.get(load_suite(ref).scorer, ref.name))
+        except RunnerError:
+            checks.append(ref.name)
+    suites = {ref.name for ref in recipe.benchmark.suites}
+    out: dict[str, Any] = {"checks": list(dict.fromkeys(checks)), "gates": [], "failed": {}, "inconclusive": {},
+                           "passed": {}}
+    for name, facts in strategies.items():
+        for v in facts["verdicts"]:
+            if Metric.parse(v["metric"]).group not in suites:
+                continue
+            if v["gate"] not in out["gates"]:
+                out["gates"].append(v["gate"])
+            bucket = {"fail": "failed", "missing": "failed", "inconclusive": "inconclusive"}.get(v["verdict"], "passed")
+            out[bucket].setdefault(name, []).append(v["gate"])
+    return out
+
+
+def reserved_names(run_dir: RunDir, best: str | None) -> set[str]:
+    """File names the upload already uses (the checkpoint's, the card's, the plots'): an input file
+    staged beside recipe.yaml must not take one of them."""
+    names = {"README.md", "recipe.yaml", *PLOTS["gates"], *PLOTS["calibrate"]}
+    if best is not None:
+        with contextlib.suppress(KeyError, OSError):  # no checkpoint: nothing of its to avoid
+            names |= {p.name for p in run_dir.output(f"export.{best}", "checkpoint").iterdir()}
+    return names
+
+
+# Recipe keys whose file the upload carries beside recipe.yaml (data the run read); a path under any
+# other key is named in the card as an input the user brings.
+_UPLOADED = (("calibration", "source", "path"), ("calibration", "alternatives", "*", "path"),
+             ("calibration", "*", "categories", "*", "prompt_files", "*", "path"),
+             ("calibration", "alternatives", "*", "categories", "*", "prompt_files", "*", "path"),
+             ("benchmark", "suites", "*", "path"))
+_REQUIRED = {("model", "source", "path"): "the source model (its folder, or the .gguf file)",
+             ("model", "shapes"): "optional: the model's shapes folder, for `recipe list` predictions",
+             ("export", "fixups", "*", "source"): "a file the copy_file fix-up puts into the checkpoint",
+             ("report", "templates_dir"): "optional: your card templates"}
+# Larger input files are named, not uploaded.
+MAX_UPLOADED_INPUT_BYTES = 200 * 1024 * 1024
+
+
+@dataclass
+class PortableRecipe:
+    yaml: str  # the recipe as the card embeds it and the upload carries it
+    files: dict[str, Path]  # upload name (beside recipe.yaml) -> the file this run read
+    required: list[dict[str, str]]  # {"key", "name", "what"}: inputs the recipe names but the upload lacks
+    shown: dict[str, str]  # absolute path -> how the portable recipe writes it
+
+
+def _matches(key: tuple[Any, ...], pattern: tuple[str, ...]) -> bool:
+    return len(key) == len(pattern) and all(p == "*" or p == str(k) for k, p in zip(key, pattern, strict=True))
+
+
+def portable_recipe(recipe: Recipe, reserved: set[str] | None = None) -> PortableRecipe:
+    """The recipe re-runnable from its upload: each data file it reads (calibration sets, prompt files,
+    suites) is uploaded beside recipe.yaml and named there by a path relative to it; any other local
+    path becomes its file name and is listed as a required input. No path of this machine remains."""
+    taken = set(reserved or ())
+    files: dict[str, Path] = {}
+    required: list[dict[str, str]] = []
+    shown: dict[str, str] = {}
+
+    def upload_name(path: Path) -> str:
+        for name, known in files.items():
+            if known == path:
+                return name
+        stem, suffix, n = path.stem, path.suffix, 1
+        name = path.name
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}{suffix}"
+        taken.add(name)
+        files[name] = path
+        return name
+
+    def walk(value: Any, key: tuple[Any, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*key, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*key, i)) for i, v in enumerate(value)]
+        if not (isinstance(value, str) and value.startswith("/") and "\n" not in value):
+            return value
+        path = Path(value)
+        if (any(_matches(key, p) for p in _UPLOADED) and path.is_file()
+                and path.stat().st_size <= MAX_UPLOADED_INPUT_BYTES):
+            shown[value] = upload_name(path)
+            return shown[value]
+        shown[value] = path.name
+        what = next((w for p, w in _REQUIRED.items() if _matches(key, p)), None)
+        if what is None and any(_matches(key, p) for p in _UPLOADED):
+            what = "a data file too large to upload with the model (or missing when the card was written)"
+        if what is not None:
+            required.append({"key": ".".join(str(k) for k in key), "name": path.name, "what": what})
+        return path.name
+
+    data = walk(recipe.model_dump(mode="json", exclude_defaults=True), ())
+    return PortableRecipe(dump_yaml(data), files, required, shown)
+
+
+def _set_description(source: Any, shown: dict[str, str]) -> str:
+    kind = source.kind
+    if kind in ("jsonl", "text"):
+        name = shown.get(str(source.path), Path(str(source.path)).name)
+        return (f"the conversations of `{name}`" if kind == "jsonl"
+                else f"the paragraphs of `{name}` (plain text, no chat template)")
+    if kind == "teacher":
+        return f"conversations generated by the teacher `{source.model}`"
+    if kind == "random_tokens":
+        return "random token ids (a control, no text)"
+    return f"the dataset `{source.name}`"
+
+
+def calibration_overlaps(recipe: Recipe, run_dir: RunDir, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{set key: overlap of the set the run calibrated on (its committed calibrate output) with the
+    prompts of the recipe's suites}: {"checked", "count", "items", "suite_prompts"} or why not checked."""
+    from runner.calibration.overlap import suite_items
+
+    alternatives = {calibration_key(None): None} | {calibration_key(n): n for n in recipe.calibration.alternatives}
+    out = {}
+    try:
+        prompts = len(suite_items(recipe.benchmark.suites))
+    except (RunnerError, OSError) as exc:
+        return {key: {"checked": False, "why": f"the suites could not be read ({exc})"} for key in keys or alternatives}
+    for key, name in alternatives.items():
+        if keys is not None and key not in keys:
+            continue
+        source = recipe.calibration.source if name is None else recipe.calibration.alternatives[name]
+        step = calibrate_step(name)
+        if source.kind == "random_tokens":
+            out[key] = {"checked": False, "why": "random token ids hold no prompts", "suite_prompts": prompts}
+            continue
+        try:
+            path = run_dir.output(step, "calibration")
+            found: list[Overlap] = file_overlaps(path, recipe.benchmark.suites, label=f"{step}/calibration.jsonl")
+        except (KeyError, OSError) as exc:
+            out[key] = {"checked": False, "why": f"no calibration set in the run ({exc})", "suite_prompts": prompts}
+            continue
+        out[key] = {"checked": True, "count": len(found), "suite_prompts": prompts,
+                    "items": [o.describe() for o in found]}
+    return out
+
+
+def calibration_sets(recipe: Recipe, run_dir: RunDir, strategies: dict[str, dict[str, Any]],
+                     portable: PortableRecipe) -> dict[str, dict[str, Any]]:
+    """Each calibration set a judged strategy used: what it is, which strategies used it, its calibrate
+    record, and whether it is disjoint from the suites' prompts."""
+    used: dict[str, list[str]] = {}
+    for name, facts in strategies.items():
+        used.setdefault(facts["calibration_set"], []).append(name)
+    overlaps = calibration_overlaps(recipe, run_dir, list(used))
+    out = {}
+    for key, names in used.items():
+        alt = key.removeprefix("calibration.alternatives.") if key != calibration_key(None) else None
+        source = recipe.calibration.source if alt is None else recipe.calibration.alternatives[alt]
+        record = run_dir.record(calibrate_step(alt)) or {}
+        out[key] = {"name": alt or "the recipe's set", "description": _set_description(source, portable.shown),
+                    "strategies": names, "summary": record.get("summary", {}), "overlap": overlaps.get(key, {})}
+    return out
 
 
 # Each verify check in plain words (the card's table).
@@ -248,8 +458,8 @@ def usage(recipe: Recipe, repo_id: str | None, chosen: dict[str, Any] | None) ->
 
 def recipe_yaml(recipe: Recipe) -> str:
     """The recipe as the card and the upload show it: what the user set, defaults left out, and no
-    path of this machine (an absolute path is shown as its file name)."""
-    return dump_yaml(scrub_paths(recipe.model_dump(mode="json", exclude_defaults=True)))
+    path of this machine (see portable_recipe: data files become names beside recipe.yaml)."""
+    return portable_recipe(recipe).yaml
 
 
 def scrub_paths(value: Any) -> Any:

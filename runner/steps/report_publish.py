@@ -8,13 +8,29 @@ from runner.errors import RunnerError
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import PublishInput, ReportInput
 from runner.steps.publish import stage, upload
-from runner.steps.report import append_research_section, name_for_export, recipe_yaml, render_documents
+from runner.steps.report import (
+    append_research_section,
+    calibration_overlaps,
+    name_for_export,
+    portable_recipe,
+    render_documents,
+    reserved_names,
+)
 
 
 async def report(ctx: StepContext) -> StepResult:
     recipe = input_of(ctx, ReportInput).recipe
     outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
     summary: dict = {"documents": list(outputs.values()), "warnings": []}
+    # Whether each calibration set of the run is disjoint from the suites' prompts (the card says it too).
+    overlap = await asyncio.to_thread(calibration_overlaps, recipe, ctx.run_dir)
+    summary["calibration_overlap"] = overlap
+    for key, found in overlap.items():
+        if found.get("count"):
+            warning = (f"{key}: {found['count']} calibration prompts overlap the evaluation suites' prompts "
+                       f"(first: {found['items'][0]}); the card says so")
+            summary["warnings"].append(warning)
+            ctx.log.warning(warning)
     suggested = name_for_export(recipe, ctx.run_dir)
     if suggested is not None:
         warning = (f"publish.repo_id {recipe.publish.repo_id} names another format than the selected export holds; "
@@ -47,11 +63,14 @@ async def publish(ctx: StepContext) -> StepResult:
                           f"exported: set publish.repo_id to {suggested} (or a name of your own that does not "
                           "claim another format)")
     checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
-    files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), recipe_yaml(recipe),
-                                    ctx.scratch / "upload")
+    # The recipe as the card embeds it, with the data files it reads beside it: it runs as uploaded.
+    portable = portable_recipe(recipe, reserved_names(ctx.run_dir, best))
+    files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), portable.yaml,
+                                    ctx.scratch / "upload", portable.files)
     total = sum(f["bytes"] for f in files)
     summary = {"published": not spec.dry_run, "repo_id": spec.repo_id, "private": spec.private, "strategy": best,
-               "dry_run": spec.dry_run, "files": files, "total_bytes": total}
+               "dry_run": spec.dry_run, "files": files, "total_bytes": total,
+               "recipe_inputs": sorted(portable.files), "required_inputs": portable.required}
     if spec.dry_run:
         ctx.log.info("dry run: would upload %d files (%d bytes) to %s", len(files), total, spec.repo_id)
         for f in files:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,26 @@ class CalibrationSet:
     # Conversations of the same file never used for calibration, for measuring what a change costs
     # (e.g. folding AWQ scales); empty when the file has no conversation to spare.
     held_out_ids: list[list[int]] = field(default_factory=list)
+    # How many of the samples are different (a file with fewer rows than `samples` is reused, and a
+    # file may hold the same row twice), and the most times one of them is used: 256 samples of 42
+    # distinct conversations are not 256 conversations. None: not counted (built from ids directly).
+    distinct: int | None = None
+    most_uses: int = 1
+
+    def counts(self) -> dict[str, int]:
+        """The record's view of the samples: total, distinct, and the most uses of one (1 = no repeats)."""
+        distinct = len(self.token_ids) if self.distinct is None else self.distinct
+        return {"calibration_samples": len(self.token_ids), "calibration_distinct_samples": distinct,
+                "calibration_repeated_samples": len(self.token_ids) - distinct,
+                "calibration_most_uses": self.most_uses}
+
+    def describe(self) -> str:
+        """"256 samples (42 distinct, each used up to 7 times)" or "34 samples (all distinct)"."""
+        counts = self.counts()
+        if counts["calibration_repeated_samples"] == 0:
+            return f"{counts['calibration_samples']} samples (all distinct)"
+        return (f"{counts['calibration_samples']} samples ({counts['calibration_distinct_samples']} distinct, "
+                f"each used up to {self.most_uses} times)")
 
     @property
     def tokens(self) -> int:
@@ -283,6 +304,7 @@ def load_calibration(path: Path, tokenizer: Any, samples: int, max_length: int, 
         spare = others[after:after + held_out]
     # Fewer samples than asked: reuse them (the record says how many were distinct).
     chosen = [rows[i % len(rows)] for i in range(samples)]
+    uses = Counter(json.dumps(row, sort_keys=True) for row in chosen)
 
     def ids_of(row: dict[str, Any]) -> list[int]:
         if "token_ids" in row:
@@ -292,7 +314,8 @@ def load_calibration(path: Path, tokenizer: Any, samples: int, max_length: int, 
         return list(tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return CalibrationSet([ids_of(c) for c in chosen], pad_id, [ids_of(c) for c in spare])
+    return CalibrationSet([ids_of(c) for c in chosen], pad_id, [ids_of(c) for c in spare], distinct=len(uses),
+                          most_uses=max(uses.values(), default=1))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
