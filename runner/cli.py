@@ -42,6 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     except RunnerError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
+    except OSError as exc:  # a read-only or full disk, a missing folder: the path and the cause, no traceback
+        from runner.run_dir import disk_error
+
+        clear = disk_error(Path(exc.filename), exc) if exc.filename else exc
+        text = str(clear) if isinstance(clear, RunnerError) else (
+            f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else f"{type(exc).__name__}: {exc}")
+        console.print(f"[bold red]error:[/] {escape(text)}")
+        return 1
+    except ExceptionGroup as group:  # each real cause on its own line, never "unhandled errors in a TaskGroup"
+        from runner.errors import causes
+
+        for line in causes(group):
+            console.print(f"[bold red]error:[/] {escape(line)}")
+        return 1
 
 
 @contextlib.contextmanager
@@ -137,38 +151,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     failed = 0
     for path in args.recipes:
+        problems = []
         try:
             with _gc_paused():
                 loaded = load_recipe(path)
         except RecipeError as exc:
-            failed += 1
-            console.print(f"[bold red]✗ {path}[/] ({len(exc.problems)} problem"
-                          f"{'s' if len(exc.problems) != 1 else ''})")
-            for problem in exc.problems:
-                console.print(f"  {problem}", markup=False)
-            continue
-        recipe = loaded.recipe
-        # auto_quantize feasibility and what each strategy does to this model, from its headers, when
-        # the model is already on disk
-        from runner.quantization import footprint
-        from runner.quantization.preflight import recipe_problems
-
-        folder, _ = footprint.model_folder(recipe)
-        footprints, problems = [], []
-        if folder is not None:
-            try:
-                footprints = footprint.recipe_footprints(recipe, footprint.load_weights(folder))
-            except (footprint.Unknown, OSError, ValueError) as exc:
-                console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
-            problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder)
-        if not args.schema_only:
-            problems = input_problems(loaded) + problems
+            # every problem of the file at once: what the schema refused, and what the rest (without
+            # the refused keys) still shows; a file that does not get that far has only the first
+            problems = list(exc.problems)
+            loaded = getattr(exc, "partial", None)
+        footprints = []
+        if loaded is not None:
+            more, footprints = _model_problems(loaded, path)
+            problems += (more if args.schema_only else input_problems(loaded) + more)
         if problems:
             failed += 1
             console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
             for problem in problems:
                 console.print(f"  {problem}", markup=False)
             continue
+        recipe = loaded.recipe
         names = ", ".join(s.name for s in recipe.enabled_strategies())
         out.print(f"[green]✓[/] {path}: {recipe.name} ({len(loaded.files)} file"
                   f"{'s' if len(loaded.files) != 1 else ''}; strategies: {names})")
@@ -177,11 +179,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 out.print(f"  {fp.strategy}: effective_bits {fp.auto.target:g} is reachable "
                           f"({fp.auto.modelopt_min:.4f} to {fp.auto.modelopt_max:.4f} as auto_quantize counts; "
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
+        _print_overlap_warnings(path, recipe)
     return EXIT_INVALID if failed else 0
 
 
+def _model_problems(loaded, path: Path) -> tuple[list, list]:
+    """auto_quantize feasibility and what each strategy does to this model (pre-flight), from its
+    headers, when the model is already on disk or its shapes are named; and the footprints."""
+    from runner.quantization import footprint
+    from runner.quantization.preflight import recipe_problems
+
+    recipe = loaded.recipe
+    folder, _ = footprint.model_folder(recipe)
+    footprints, weights = [], None
+    if folder is None:
+        return [], []
+    try:
+        weights = footprint.load_weights(folder)  # the headers, read once for every strategy
+        footprints = footprint.recipe_footprints(recipe, weights)
+    except (footprint.Unknown, OSError, ValueError) as exc:
+        console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
+    return footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints
+
+
+def _print_overlap_warnings(path: Path, recipe) -> None:
+    """Calibration prompts that duplicate the suites' prompts (runner/calibration/overlap.py): a warning."""
+    from runner.calibration.overlap import overlap_warnings
+
+    for i, line in enumerate(overlap_warnings(recipe)):
+        console.print(f"[yellow]![/] {escape(str(path))}: warning: {escape(line)}" if i == 0 or not line.startswith(" ")
+                      else escape(line))
+
+
 def _load_plan(args: argparse.Namespace):
-    from runner.plan import build_plan
+    from runner.plan import build_plan, with_rivals
     from runner.recipe.loader import load_recipe
     from runner.run_dir import RunDir
 
@@ -192,7 +223,9 @@ def _load_plan(args: argparse.Namespace):
             recipe.execution.executor = args.executor
         plan = build_plan(recipe, args.strategy or None)
     root = args.run_dir or recipe.execution.run_dir or Path("runs") / recipe.name
-    return loaded, plan, RunDir(Path(root))
+    run_dir = RunDir(Path(root))
+    # --strategy limits what runs, not what competes: gates judges the others' current benchmarks too
+    return loaded, with_rivals(plan, run_dir.is_complete), run_dir
 
 
 def _where(plan, step, kinds) -> str:
@@ -238,7 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     recipe = plan.recipe
     folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys["source"])
     names = [s.name for s in recipe.quantization.strategies if f"quantize.{s.name}" in plan.steps]
-    footprints, problems, source = [], [], None
+    footprints, problems, source, weights = [], [], None, None
     if folder is not None:
         try:
             weights = footprint.load_weights(folder)  # the headers, read once for every strategy
@@ -246,7 +279,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             source = footprint.source_footprint(recipe, weights)
         except (footprint.Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
-        problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder)
+        problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
     if args.json:
         out.print_json(json.dumps({
             "recipe": recipe.name, "run_dir": str(run_dir.root), "steps": rows,
@@ -280,6 +313,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print(f"effective bits: {DEFINITION}.", markup=False)
         if any(fp.auto is not None for fp in footprints):
             out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
+    _print_overlap_warnings(args.recipe, recipe)
     if problems:
         console.print(f"[bold red]invalid recipe[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''}):")
         for problem in problems:
@@ -308,10 +342,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Missing inputs stop the run before anything is written (the token only when publish will run).
     problems = [p for p in input_problems(loaded)
                 if p.path[:1] != ("publish",) or not (args.until or args.only)]
+    if not (args.until or args.only):
+        problems += _preflight(loaded, plan, run_dir)
     if problems:
         raise RecipeError(problems)
     run_dir.claim()
-    previous = run_dir.run_status()
+    previous = run_dir.run_status()  # before the lock: our own lock would read as a live holder
     with run_dir.locked():
         if previous and previous.get("status") == "died":
             console.print(f"[yellow]the previous run here died without a word[/] ({escape(previous['note'])}); "
@@ -323,6 +359,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             executor.cleanup()
     _print_outcome(outcome, run_dir.root)
     return outcome.exit_code
+
+
+def _preflight(loaded, plan, run_dir) -> list:
+    """Every strategy whose quantize step will run, checked before the source step starts (issue 30):
+    CUDA where its worker will have none, and, where the model's shapes are known, blocks that do not fit
+    its layers or nothing quantized. Without shapes, the quantize step checks when it starts."""
+    from runner.quantization import footprint
+    from runner.quantization.preflight import run_problems
+
+    names = [s.name for s in plan.recipe.quantization.strategies
+             if (sid := f"quantize.{s.name}") in plan.steps and not run_dir.is_complete(sid, plan.keys[sid])]
+    if not names:
+        return []
+    folder, _ = footprint.model_folder(plan.recipe, run_dir, plan.keys["source"])
+    return run_problems(loaded, names, folder)
 
 
 async def _run_cancellable(coro):
@@ -385,13 +436,14 @@ def cmd_card(args: argparse.Namespace) -> int:
     from ruamel.yaml import YAML
 
     from runner.recipe.schema import Recipe
-    from runner.run_dir import RunDir
+    from runner.run_dir import MARKER, RunDir
     from runner.steps.report import append_research_section, render_documents
 
     run_dir = RunDir(args.run_dir)
     saved = run_dir.root / "recipe.yaml"
-    if not saved.exists():
-        raise RunnerError(f"{run_dir.root} is not a run directory (no recipe.yaml); give the folder `recipe run` made")
+    if not run_dir.is_run_dir() or not saved.exists():  # never write into a look-alike (a user's folder)
+        raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}, or no recipe.yaml); give the folder "
+                          "`recipe run` made; nothing was written")
     recipe = Recipe.model_validate(YAML(typ="safe").load(saved.read_text(encoding="utf-8")))
     target = run_dir.step_dir("report")
     render_documents(recipe, run_dir, target)
@@ -407,16 +459,39 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from runner.processes import processes_of, stop_processes
     from runner.run_dir import MARKER, RunDir
 
-    label = docker_api.run_label(args.run_dir) if args.run_dir else None
-    try:
-        removed = docker_api.remove_containers(docker_api.client(), label)
+    def live(owner: Path) -> str | None:
+        """Why the run at `owner` must be left alone (a live process holds its lock), or None."""
+        try:
+            return f"its run {owner} is live" if RunDir(owner).is_locked() else None
+        except OSError as exc:  # its lock cannot be read: it may be live, so it is left
+            return f"cannot tell whether its run {owner} is live ({exc.strerror})"
+
+    def containers(run_root: Path | None) -> None:
+        """Remove the runner's containers (of run_root, or of every run no live process holds)."""
+        def keep(owner: Path | None) -> str | None:
+            if run_root is not None:
+                return None  # its lock is held here
+            if owner is None:
+                return "started by an earlier runner, its run directory unknown: `recipe clean --run-dir DIR`"
+            return live(owner)
+
+        try:
+            removed, kept = docker_api.remove_containers(docker_api.client(), run_root, keep)
+        except RunnerError as exc:
+            console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
+            return
         out.print(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
-    except RunnerError as exc:
-        console.print(f"[yellow]containers not checked:[/] {escape(str(exc))}")
-    if not args.run_dir:  # Slurm jobs of every run no `recipe run` holds any more (a live run keeps its lock)
+        for line in kept:
+            out.print(f"left container {escape(line)}")
+
+    # A live run is never touched: without --run-dir, containers and Slurm jobs are removed only for runs
+    # no live process holds (processes are stopped only with --run-dir); with it, the run's lock is taken
+    # before anything is removed, so a live run is refused first.
+    if not args.run_dir:
+        containers(None)
         from runner.executors.slurm import cancel_jobs, jobs_of
 
-        orphans = [(job, owner) for job, owner in jobs_of(None) if not RunDir(Path(owner)).is_locked()]
+        orphans = [(job, owner) for job, owner in jobs_of(None) if not live(Path(owner))]
         cancel_jobs([job for job, _ in orphans])
         for job, owner in orphans:
             out.print(f"cancelled Slurm job {job} of {escape(owner)}, whose run is over")
@@ -424,9 +499,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
         run_dir = RunDir(args.run_dir)
         if not run_dir.is_run_dir():
             raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}); nothing was removed")
-        with run_dir.locked():  # a live run is left alone: its lock says so
+        with run_dir.locked():  # a live run is left alone: its lock says so, before anything is removed
             from runner.executors.slurm import cancel_jobs, jobs_of
 
+            containers(run_dir.root)
             jobs = [job for job, _ in jobs_of(run_dir.root)]
             cancel_jobs(jobs)
             for job in jobs:
@@ -493,6 +569,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     footprints = footprint.recipe_footprints(recipe, weights)
     source_fp = footprint.source_footprint(recipe, weights)
     out.print(footprint.table([source_fp, *footprints], f"predicted on {args.hardware}, from {escape(read_from)}"))
+    # what validate would refuse for this model (e.g. the base's first/last-layer exclusions leave a
+    # 2-layer model nothing to quantize): said here, with the fix, rather than at the user's first validate
+    from runner.quantization.preflight import recipe_problems
+
+    problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, model_dir, weights)
+    if problems:
+        console.print(f"[bold yellow]warning:[/] {escape(output.name)} does not validate as written for this model "
+                      f"({len(problems)} problem{'s' if len(problems) != 1 else ''}); it is kept for you to edit:")
+        for problem in problems:
+            console.print(f"  {problem}", markup=False)
+        if any("would quantize no layer" in p.message for p in problems):
+            console.print(f"  fix: this model has {found.layers} decoder layer{'s' if found.layers != 1 else ''} "
+                          f"and base/{found.family}.yaml leaves some in BF16 (see quantization.exclude there); give "
+                          f"{output.name} its own `quantization: {{exclude: [...]}}` (it replaces the base's list) "
+                          "that leaves layers to quantize", markup=False)
+        return 0  # the starter is written: a warning, not a failure (validate refuses it until edited)
     out.print(f"next: `recipe plan {output.name}`, then serve the BF16 model as the teacher and `recipe run`")
     return 0
 

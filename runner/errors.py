@@ -67,3 +67,15 @@ class RunnerError(Exception):
 
 class NotImplementedStep(RunnerError):
     """A step of the plan has no implementation yet; the run stops before it instead of faking it."""
+
+
+def causes(exc: BaseException) -> list[str]:
+    """One line per real cause of a failure: an exception group (a TaskGroup's "unhandled errors in a
+    TaskGroup") is unwrapped into the exceptions inside it, nested groups included; a RunnerError is its
+    message, anything else `Type: message`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [line for inner in exc.exceptions for line in causes(inner)]
+    text = str(exc).strip()
+    if isinstance(exc, RunnerError):
+        return [text or type(exc).__name__]
+    return [f"{type(exc).__name__}: {text}" if text else type(exc).__name__]

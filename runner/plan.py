@@ -14,7 +14,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ class Plan:
     recipe: Recipe
     steps: dict[str, Step]  # in topological order
     keys: dict[str, str] = field(default_factory=dict)
+    # With --strategy: the benchmark steps of the recipe's other enabled strategies ({id: key in the full
+    # plan}). They do not run here, but their current results still compete at gates (with_rivals).
+    rivals: dict[str, str] = field(default_factory=dict)
 
     def dependents(self, step_id: str) -> set[str]:
         """Every step that depends on `step_id`, directly or not."""
@@ -80,7 +84,8 @@ class Plan:
             dep = stack.pop()
             if dep not in out:
                 out.add(dep)
-                stack.extend(self.steps[dep].deps)
+                if dep in self.steps:  # not a rival's benchmark, which is no step of this plan
+                    stack.extend(self.steps[dep].deps)
         return out
 
     def match(self, patterns: list[str]) -> list[str]:
@@ -164,7 +169,33 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     plan.keys = {sid: "" for sid in plan.steps}
     for sid, step in plan.steps.items():
         plan.keys[sid] = step_key(step, [plan.keys[d] for d in step.deps])
+    if strategies:
+        full = build_plan(recipe)
+        plan.rivals = {d: full.keys[d] for d in full.steps["gates"].deps if d not in plan.steps}
     return plan
+
+
+def with_rivals(plan: Plan, is_complete: Callable[[str, str], bool]) -> Plan:
+    """The plan whose gates step judges, besides the strategies it runs, every other enabled strategy of
+    the recipe with a current benchmark (`is_complete(step id, key)`), and names the ones without one
+    (GatesInput.not_benchmarked): `--strategy` limits what runs, not what competes. Those benchmarks are
+    deps of gates but no steps of the plan (their keys are in `keys`); once every strategy is current,
+    gates has the full plan's deps, input and key, so the full plan finds its result current."""
+    if not plan.rivals or "gates" not in plan.steps:
+        return plan
+    current = {sid: key for sid, key in plan.rivals.items() if is_complete(sid, key)}
+    order = {f"benchmark.{s.name}": i for i, s in enumerate(plan.recipe.quantization.strategies)}
+    gates = plan.steps["gates"]
+    gates = replace(gates, deps=tuple(sorted((*gates.deps, *current), key=lambda d: order.get(d, len(order)))),
+                    inputs=gates.inputs.model_copy(update={"not_benchmarked": [
+                        sid.removeprefix("benchmark.") for sid in plan.rivals if sid not in current]}))
+    judged = Plan(plan.recipe, {sid: gates if sid == "gates" else step for sid, step in plan.steps.items()},
+                  {**plan.keys, **current})
+    after = plan.dependents("gates")
+    for sid, step in judged.steps.items():
+        if sid == "gates" or sid in after:
+            judged.keys[sid] = step_key(step, [judged.keys[d] for d in step.deps])
+    return judged
 
 
 def paired_speed(recipe: Recipe) -> bool:

@@ -39,6 +39,8 @@ RECORD = "record.json"
 MARKER = ".recipe-runner-run"
 LOCK = ".recipe-runner.lock"
 SCRATCH_MARKER = ".recipe-runner-scratch"
+# run.json says what it is: a run directory is one with the marker, or with a run.json in this format.
+RUN_JSON_FORMAT = "recipe-runner/run.json/1"
 
 
 def now() -> str:
@@ -72,19 +74,29 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+class DiskFull(RunnerError):
+    """No space left (or a quota reached) writing a path; the message names it and what is free."""
+
+
 def disk_error(path: Path, exc: OSError, needed: int | None = None) -> Exception:
-    """A full disk (or quota) as a clear RunnerError with the path, the space needed and what is free;
-    any other OSError as it is."""
+    """A full disk (or quota) as a clear RunnerError with the path, the space needed and what is free; a
+    read-only or forbidden path as one naming it; any other OSError as it is."""
+    if exc.errno == errno.EROFS:
+        return RunnerError(f"cannot write {path}: it is on a read-only file system. Give a --run-dir on a "
+                           "writable disk (or remount it read-write)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return RunnerError(f"cannot write {path}: permission denied. Give a --run-dir you can write to "
+                           "(or fix its permissions)")
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
     try:
         free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
     except (OSError, StopIteration):
         free = None
-    return RunnerError(f"no space left on the device writing {path}"
-                       + (f" (needs {needed} bytes" if needed is not None else " (")
-                       + (f"; {free} bytes free)" if free is not None else ")")
-                       + ": free some space and run again; every completed step is kept")
+    amounts = "; ".join(([f"needs {needed} bytes"] if needed is not None else [])
+                        + ([f"{free} bytes free"] if free is not None else []))
+    return DiskFull(f"no space left on the device writing {path}" + (f" ({amounts})" if amounts else "")
+                    + ": free some space and run again; every completed step is kept")
 
 
 def host_versions() -> dict[str, str]:
@@ -137,12 +149,17 @@ class RunDir:
         return path if path.is_absolute() else self.step_dir(step_id) / path
 
     def is_run_dir(self) -> bool:
-        """Marked as a run directory, or one made before the marker existed (the runner's run.json,
-        with its status and steps, next to steps/)."""
-        if (self.root / MARKER).is_file():
+        """Made by the runner: its marker (the JSON claim() writes), or a run.json in the runner's own
+        format. A look-alike (a user's run.json with a status and steps next to a steps/ folder, an
+        empty file named like the marker) is not, so the runner never writes or deletes in it."""
+        try:
+            marker = json.loads((self.root / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        if isinstance(marker, dict) and "runner" in marker and "created" in marker:
             return True
         status = self._read_status()
-        return status is not None and {"status", "steps"} <= set(status) and (self.root / "steps").is_dir()
+        return status is not None and status.get("format") == RUN_JSON_FORMAT
 
     def claim(self) -> None:
         """Make the folder a run directory (new or empty), or refuse one that is someone else's."""
@@ -162,7 +179,10 @@ class RunDir:
         """Hold the run directory's lock for one writer; another `recipe run` is told who holds it."""
         import fcntl
 
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only run directory, or a full one that cannot take the lock file
+            raise disk_error(self.root / LOCK, exc) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,8 +190,9 @@ class RunDir:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
                 raise RunnerError(f"another `recipe run` (pid {holder}) is writing to {self.root}; wait for it "
                                   "to finish or stop it (plan and card still work meanwhile)") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            with contextlib.suppress(OSError):  # the pid only informs a second run; a full disk keeps the lock
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
             yield
         finally:
             os.close(fd)  # closing releases the lock; a crash releases it too
@@ -201,6 +222,27 @@ class RunDir:
                               f"{status.get('updated_at', '?')}) but no process holds the run directory")
         return status
 
+    def save_status(self, status: dict[str, Any]) -> None:
+        """Write run.json atomically. On a full disk it is overwritten in place with its essentials (the
+        status, and a note saying why the rest is missing): truncating it frees the space it takes, so
+        run.json tells how the run ended even when nothing else can be written any more. Raises the
+        clear RunnerError when even that fails."""
+        path = self.root / "run.json"
+        try:
+            write_json_atomic(path, status)
+            return
+        except DiskFull as exc:
+            if not path.is_file():
+                raise
+            brief = {k: status[k] for k in ("format", "recipe", "status", "updated_at", "pid") if k in status}
+            brief["note"] = f"the disk was full, so only the status was written: {exc}"
+            try:
+                with open(path, "r+b") as fh:
+                    fh.truncate(0)
+                    fh.write((json.dumps(brief, indent=2, sort_keys=True) + "\n").encode())
+            except OSError:
+                raise exc from None
+
     def _read_status(self) -> dict[str, Any] | None:
         try:
             status = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
@@ -215,7 +257,7 @@ class RunDir:
         if status is not None and status.get("status") == "running":
             status |= {"status": "died", "note": f"marked by recipe clean at {now()}: no process held the run "
                        f"directory (last update {status.get('updated_at', '?')})"}
-            write_json_atomic(self.root / "run.json", status)
+            self.save_status(status)
 
     def new_scratch(self, step_id: str) -> Path:
         base = self.root / ".scratch"

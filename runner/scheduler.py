@@ -13,6 +13,7 @@ branch with a message that says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -27,10 +28,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from runner.containers.plugin import load_container
-from runner.errors import NotImplementedStep, RunnerError
+from runner.errors import NotImplementedStep, RunnerError, causes
 from runner.executors import Executor
-from runner.plan import Plan, Step, step_key
-from runner.run_dir import RunDir, disk_error, host_versions, now, write_json_atomic
+from runner.plan import Plan, Step, step_key, with_rivals
+from runner.run_dir import RUN_JSON_FORMAT, RunDir, disk_error, host_versions, now, write_json_atomic
 from runner.steps import StepContext, StepKind, StepResult, step_kinds
 
 
@@ -105,7 +106,8 @@ def select_steps(plan: Plan, run_dir: RunDir, options: RunOptions) -> tuple[list
 class Runner:
     def __init__(self, plan: Plan, run_dir: RunDir, executor: Executor, console: Console | None = None,
                  kinds: dict[str, StepKind] | None = None):
-        self.plan = plan
+        # --strategy limits what runs, not what competes: gates also judges the current benchmarks of the rest
+        self.plan = plan = with_rivals(plan, run_dir.is_complete)
         self.run_dir = run_dir
         self.executor = executor
         self.console = console or Console(stderr=True, soft_wrap=True)
@@ -137,7 +139,7 @@ class Runner:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         for sid in to_run:
             self.states[sid] = "queued"
-        done = {sid: asyncio.Event() for sid in self.plan.steps}
+        done = {sid: asyncio.Event() for sid in self.plan.keys}  # the steps, and the rivals gates judges
         for sid, state in self.states.items():
             if state == "current":
                 done[sid].set()
@@ -147,15 +149,15 @@ class Runner:
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for sid, state in self.states.items():
-                if state in ("queued", "running"):
-                    self.states[sid] = "interrupted"
+            await self._stop(tasks, "interrupted")
             self._write_status("interrupted")
             return RunOutcome("interrupted", self.states, ["interrupted: completed steps are kept; "
                                                            "run again to resume"], self.blocked_by)
+        except Exception as exc:  # noqa: BLE001 - the scheduler itself broke (not a step): say why, record it
+            await self._stop(tasks, "failed")
+            self.messages.extend(causes(exc))
+            self._write_status("failed")
+            raise RunnerError("; ".join(causes(exc))) from None
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -176,6 +178,15 @@ class Runner:
                                  "see steps/gates/comparison.md and the report")
         self._write_status(status)
         return RunOutcome(status, self.states, self.messages, self.blocked_by)
+
+    async def _stop(self, tasks: list[asyncio.Task[None]], state: str) -> None:
+        """Cancel the steps still running or waiting; they end in `state` (run.json says so)."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sid, current in self.states.items():
+            if current in ("queued", "running"):
+                self.states[sid] = state
 
     async def _show_progress(self) -> None:
         """A live view (terminals only) of the running steps: elapsed time and the last line each one
@@ -283,10 +294,15 @@ class Runner:
         self.states[sid] = "running"
         self._write_status("running")
         log_path = self.run_dir.log_path(sid)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        logger = _step_logger(sid, log_path)
-        scratch = self.run_dir.new_scratch(sid)
         started, t0 = now(), time.monotonic()
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            logger = _step_logger(sid, log_path)
+            scratch = self.run_dir.new_scratch(sid)
+        except OSError as exc:  # a full or read-only disk before the step could start
+            self._failed(sid, disk_error(exc.filename and Path(exc.filename) or self.run_dir.root, exc), None,
+                         log_path, started, t0, None)
+            return
         self._started[sid] = t0
         self.console.print(f"[bold cyan]▶[/] {sid} [dim]started[/]")
         logger.info("step %s (key %s) started; scratch %s", sid, self.keys[sid], scratch)
@@ -313,22 +329,10 @@ class Runner:
             self.console.print(f"[bold yellow]■[/] {sid} not built: {escape(str(exc))}")
             return
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails the run, with its message
-            if self._fail_fast and self._halt is None:
-                self._halt = sid
-            self.states[sid] = "failed"
             logger.error("step %s failed: %s\n%s", sid, exc, traceback.format_exc())
             if isinstance(exc, OSError):
                 exc = disk_error(Path(exc.filename or scratch), exc)  # a full disk, said plainly
-            detail = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
-            self.messages.append(f"{sid} failed: {detail}\n    log (with the traceback): {log_path}")
-            try:
-                write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
-                    "step": sid, "key": self.keys[sid], "error": detail, "started_at": started,
-                    "failed_at": now(), "scratch": str(scratch)})
-            except (OSError, RunnerError) as exc2:  # a full disk: the message still reaches the console
-                self.messages.append(f"{sid}: could not record the failure: {exc2}")
-            # The reason is printed once, in the run's closing messages; the traceback is in the log.
-            self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s")
+            self._failed(sid, exc, logger, log_path, started, t0, scratch)
             return
         finally:
             _close_logger(logger)
@@ -348,11 +352,39 @@ class Runner:
             "finished_at": now(),
             "duration_s": round(time.monotonic() - t0, 3),
         }
-        self.run_dir.commit(sid, scratch, record)
-        (self.run_dir.logs_dir / f"{sid}.failed.json").unlink(missing_ok=True)
+        try:
+            self.run_dir.commit(sid, scratch, record)
+            (self.run_dir.logs_dir / f"{sid}.failed.json").unlink(missing_ok=True)
+        except (OSError, RunnerError) as exc:  # a full or read-only disk: the step did not complete
+            if isinstance(exc, OSError):
+                exc = disk_error(Path(exc.filename or scratch), exc)
+            self._failed(sid, exc, None, log_path, started, t0, scratch)
+            return
         self.states[sid] = "complete"
         self._write_status("running")
         self.console.print(f"[bold green]✓[/] {sid} [dim]{record['duration_s']:.1f}s[/]")
+
+    def _failed(self, sid: str, exc: BaseException, logger: logging.Logger | None, log_path: Path, started: str,
+                t0: float, scratch: Path | None) -> None:
+        """Mark a step failed: its reason (each cause of an exception group on a line of its own) in the
+        run's closing messages and logs/ID.failed.json; the traceback is in its log."""
+        if self._fail_fast and self._halt is None:
+            self._halt = sid
+        self.states[sid] = "failed"
+        if logger is None:  # failed outside the step's own code (its scratch or its commit)
+            with contextlib.suppress(OSError), log_path.open("a", encoding="utf-8") as fh:
+                fh.write(f"{now()} ERROR step {sid} failed: {exc}\n")
+        lines = causes(exc)
+        detail = "\n    ".join(lines)
+        self.messages.append(f"{sid} failed: {detail}\n    log (with the traceback): {log_path}")
+        try:
+            write_json_atomic(self.run_dir.logs_dir / f"{sid}.failed.json", {
+                "step": sid, "key": self.keys[sid], "error": detail, "causes": lines, "started_at": started,
+                "failed_at": now(), "scratch": str(scratch) if scratch else None})
+        except (OSError, RunnerError) as exc2:  # a full disk: the message still reaches the console
+            self.messages.append(f"{sid}: could not record the failure: {exc2}")
+        # The reason is printed once, in the run's closing messages; the traceback is in the log.
+        self.console.print(f"[bold red]✗[/] {sid} failed after {time.monotonic() - t0:.1f}s")
 
     def _write_status(self, status: str) -> None:
         if not self.run_dir.root.exists():
@@ -365,8 +397,9 @@ class Runner:
             self.console.print(f"[bold red]could not update run.json:[/] {escape(str(exc))}")
 
     def _write_status_file(self, status: str) -> None:
-        write_json_atomic(self.run_dir.root / "run.json", {
-            "recipe": self.plan.recipe.name, "status": status, "updated_at": now(), "pid": os.getpid(),
+        self.run_dir.save_status({
+            "format": RUN_JSON_FORMAT, "recipe": self.plan.recipe.name, "status": status, "updated_at": now(),
+            "pid": os.getpid(),
             "steps": {sid: {"state": self.states.get(sid, "?"), "key": self.keys[sid],
                             **({"blocked_by": self.blocked_by[sid]} if sid in self.blocked_by else {})}
                       for sid in self.plan.steps},
@@ -422,11 +455,20 @@ def branch_first_order(plan: Plan) -> dict[str, int]:
     return {sid: i for i, sid in enumerate(sorted(position, key=rank))}
 
 
+class _StepLog(logging.FileHandler):
+    """A step's log file. A line it cannot write (a disk filled by a server's log) is dropped quietly:
+    logging's default prints a traceback to the console for every such line, while the step fails on
+    its own with one clear line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.dropped = getattr(self, "dropped", 0) + 1
+
+
 def _step_logger(sid: str, path: Path) -> logging.Logger:
     logger = logging.getLogger(f"runner.step.{sid}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _StepLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     return logger

@@ -197,3 +197,42 @@ def test_publish_uploads_to_the_hub_api_and_the_token_never_leaks(finished_run, 
         if path.is_file():
             assert CANARY.encode() not in path.read_bytes(), path
     assert CANARY not in first.stdout + first.stderr + again.stdout + again.stderr
+
+
+def test_a_strategy_added_with_strategy_competes_and_a_worse_one_leaves_the_selection(finished_run, tmp_path):
+    """Issue 30 item 2: `--strategy fp8` on a run that selected nvfp4_max judged fp8 alone and selected it
+    (card and publish too). Now every strategy with a current benchmark competes: fp8 is bigger, so
+    nvfp4_max stays selected, and the gates record names both candidates."""
+    run_dir = linked_copy(finished_run, tmp_path / "run")
+    assert record(run_dir, "gates")["summary"]["selection"]["best"] == "nvfp4_max"
+    with_fp8 = TEST_RECIPES / "demo-fixed-gates-fp8.yaml"
+    result = recipe("run", str(with_fp8), "--strategy", "fp8", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "benchmark.fp8 started" in result.stderr and "benchmark.nvfp4_max started" not in result.stderr
+    gates = record(run_dir, "gates")["summary"]
+    assert gates["candidates"] == ["nvfp4_max", "fp8"] and gates["not_benchmarked"] == {}
+    assert gates["selection"]["best"] == "nvfp4_max"
+    assert json.loads((run_dir / "steps" / "gates" / "gates.json").read_text())["candidates"] == ["nvfp4_max", "fp8"]
+    assert record(run_dir, "publish")["summary"]["strategy"] == "nvfp4_max"
+    assert "Selected: **nvfp4_max**" in (run_dir / "steps" / "report" / "README.md").read_text()
+    # A plain run selects the same and has nothing left to do.
+    again = recipe("run", str(with_fp8), "--run-dir", str(run_dir))
+    assert again.returncode == 0 and "started" not in again.stderr, again.stderr
+
+
+def test_card_on_a_read_only_run_directory_is_one_line(finished_run, tmp_path):
+    """Issue 30 item 10: `recipe card` on a read-only run directory ended in a raw traceback."""
+    import subprocess
+
+    view = tmp_path / "read-only"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(finished_run), str(view)], capture_output=True).returncode:
+        pytest.skip("needs a bind mount (root) to make a run directory read-only for real")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        result = recipe("card", str(view))
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "read-only file system" in last and str(view / "steps" / "report") in last, result.stderr

@@ -23,6 +23,7 @@ import aiohttp
 from pydantic import Field
 
 from runner.benchmark.harness import RequestResult, stream_chat
+from runner.benchmark.tool_calls import START, parse_hermes
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
 from runner.recipe.resources import shipped_dir, shipped_suites
@@ -88,10 +89,23 @@ def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool,
         calls = [c for c in result.tool_calls if (c.get("function") or {}).get("name") == item.expect_tool]
         if not calls:
             called = [c.get("function", {}).get("name") for c in result.tool_calls]
-            return False, f"expected {item.expect_tool}, called {called or 'nothing'}"
+            return False, f"expected {item.expect_tool}, called {called or 'nothing'}" + unparsed_call(text)
         problem = tool_call_problem(calls[0], tools)
         return (False, problem) if problem else (True, f"called {item.expect_tool}")
     return score_answer(text, item.expect, item.reject)
+
+
+def unparsed_call(text: str) -> str:
+    """Why a <tool_call> left in the answer's text is not a call (the verdict stays the server's: a
+    deployed engine would not have called either)."""
+    if START not in text:
+        return ""
+    parsed = parse_hermes(text)
+    if parsed.problem:
+        return f" (the answer's <tool_call> text is not a hermes call: {parsed.problem})"
+    names = [c["function"]["name"] for c in parsed.calls]
+    return (f" (the answer's text holds a hermes call to {names} that the server did not return as a call: "
+            "is its tool-call parser set, e.g. vLLM --enable-auto-tool-choice --tool-call-parser hermes?)")
 
 
 def _named(text: str, answer: str) -> re.Match[str] | None:
@@ -114,15 +128,17 @@ def score_answer(text: str, expect: list[str], reject: list[str]) -> tuple[bool,
 
 async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,
                     hardened: bool, limit: int | None, concurrency: int,
-                    on_answer: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                    on_answer: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """Ask every prompt, score every answer; passed/failed/total/pass_rate plus each item.
-    `on_answer(done, total)` is told of each answer (progress)."""
+    `on_answer(answered, failed, total)` is told of each reply (progress): a request that failed is
+    counted as failed, not answered."""
     system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
     items = suite.items()[:limit] if limit else suite.items()
     tools = [t.model_dump() for t in suite.tools] or None
     extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
     slots = asyncio.Semaphore(concurrency)
     answered: list[SuitePrompt] = []
+    unanswered: list[SuitePrompt] = []  # the request failed: no answer to score
 
     async def ask(item: SuitePrompt) -> dict[str, Any]:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -130,9 +146,9 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
         async with slots:
             result = await stream_chat(session, base_url, model, messages, suite.max_tokens, tools, extra)
         passed, why = score(suite, item, result)
-        answered.append(item)
+        (answered if result.ok else unanswered).append(item)
         if on_answer is not None:
-            on_answer(len(answered), len(items))
+            on_answer(len(answered), len(unanswered), len(items))
         return {"prompt": item.prompt, "passed": passed, "why": why, "answer": result.content[:500],
                 "full_answer": result.content, "error": not result.ok,
                 "tool_calls": result.tool_calls, "ttft_ms": round(result.ttft_s * 1000, 2) if result.ttft_s else None}

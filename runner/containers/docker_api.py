@@ -1,8 +1,9 @@
 """Everything that talks to the Docker engine: connecting, images, labelled containers, cleanup.
 
-Every container the runner starts carries the label `recipe-runner.run` (a hash of the run
-directory) and `recipe-runner.step`; it is removed when its step ends, fails or is cancelled, and
-`recipe clean` removes leftovers of crashed runs. Mounts are only the paths a step needs, bound at
+Every container the runner starts carries the label `recipe-runner.run` (the run directory's absolute
+path, so that `recipe clean` can ask whether a live run holds it) and `recipe-runner.step`; it is
+removed when its step ends, fails or is cancelled, and `recipe clean` removes leftovers of crashed
+runs, never a container of a run that a live process holds. Mounts are only the paths a step needs, bound at
 the same path inside the container, so the worker spec's paths need no rewriting.
 """
 
@@ -13,6 +14,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,12 @@ def client() -> Any:
 
 
 def run_label(run_dir: Path) -> str:
+    """The value of RUN_LABEL: the run directory's absolute path (earlier runners wrote a hash of it)."""
+    return str(run_dir.resolve())
+
+
+def _hashed_label(run_dir: Path) -> str:
+    """RUN_LABEL as runners before the path label wrote it: a container of theirs names no run directory."""
     return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
@@ -141,11 +149,29 @@ def remove(container: Any) -> None:
         container.remove(force=True)
 
 
-def remove_containers(api: Any, label_value: str | None = None) -> list[str]:
-    """Stop and remove the runner's containers (of one run, or all). Returns their names."""
-    selector = f"{RUN_LABEL}={label_value}" if label_value else RUN_LABEL
-    removed = []
-    for container in api.containers.list(all=True, filters={"label": selector}):
+def run_containers(api: Any, run_dir: Path | str | None = None) -> list[tuple[Any, Path | None]]:
+    """The runner's containers (of one run directory, or all), each with the run directory its label
+    names (None for a container of an earlier runner, whose label is a hash)."""
+    wanted = {run_label(Path(run_dir)), _hashed_label(Path(run_dir))} if run_dir is not None else None
+    found = []
+    for container in api.containers.list(all=True, filters={"label": RUN_LABEL}):
+        value = (container.labels or {}).get(RUN_LABEL, "")
+        if wanted is None or value in wanted:
+            found.append((container, Path(value) if value.startswith("/") else None))
+    return found
+
+
+def remove_containers(api: Any, run_dir: Path | str | None = None,
+                      keep: Callable[[Path | None], str | None] | None = None) -> tuple[list[str], list[str]]:
+    """Stop and remove the runner's containers (of one run directory, or all) except those `keep` gives a
+    reason for, given the run directory a container's label names (`recipe clean` keeps a live run's).
+    Returns (names removed, "name: reason" of those kept)."""
+    removed, kept = [], []
+    for container, owner in run_containers(api, run_dir):
+        reason = keep(owner) if keep is not None else None
+        if reason:
+            kept.append(f"{container.name}: {reason}")
+            continue
         remove(container)
         removed.append(container.name)
-    return removed
+    return removed, kept

@@ -52,7 +52,7 @@ class DockerExecutor(Executor):
 
     def cleanup(self) -> None:
         """A safety net: whatever happened, no container of this run outlives it."""
-        docker_api.remove_containers(self.api, docker_api.run_label(self.run_dir))
+        docker_api.remove_containers(self.api, self.run_dir)
 
     async def run_worker(self, *, worker_kind: str, params: dict[str, Any], scratch: Path, log_path: Path,
                          container: ContainerPlugin | None) -> StepResult:

@@ -109,6 +109,12 @@ class GatesInput(StepInput):
     baseline_name: str | None
     # Set by the scheduler when some branches failed: {strategy: the step that failed}.
     failed_branches: dict[str, str] = Field(default_factory=dict)
+    # With --strategy: the recipe's other strategies that have no current benchmark in the run directory
+    # (plan.with_rivals); the ones that have one are deps, and compete.
+    not_benchmarked: list[str] = Field(default_factory=list)
+
+
+NOT_BENCHMARKED = "not benchmarked in this run"  # why GatesInput.not_benchmarked strategies are not judged
 
 
 class ReportInput(StepInput):

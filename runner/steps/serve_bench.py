@@ -32,7 +32,7 @@ from runner.benchmark.suites import load_suite, run_suite
 from runner.errors import RunnerError
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepContext, StepResult, input_of
-from runner.steps.inputs import BenchmarkInput, GatesInput, ServeInput
+from runner.steps.inputs import NOT_BENCHMARKED, BenchmarkInput, GatesInput, ServeInput
 from runner.steps.serving import RunningServer, serving
 
 
@@ -102,8 +102,8 @@ async def benchmark(ctx: StepContext) -> StepResult:
             ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
             suites[ref.name] = await run_suite(
                 session, server.url, server.model, suite, spec.system_prompt, ref.hardened_prompt, ref.limit,
-                spec.concurrency, lambda done, total, n=ref.name: ctx.log.info("suite %s: %d/%d answered", n, done,
-                                                                                 total))
+                spec.concurrency, lambda done, failed, total, n=ref.name: ctx.log.info(
+                    "%s", progress_line(n, done, failed, total)))
             ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed,
@@ -124,6 +124,11 @@ async def benchmark(ctx: StepContext) -> StepResult:
     summary = {k: v for k, v in results.items() if k != "suites"}
     summary["suites"] = {n: {k: v for k, v in s.items() if k != "items"} for n, s in suites.items()}
     return StepResult(outputs={"results": "results.json"}, summary=summary)
+
+
+def progress_line(suite: str, answered: int, failed: int, total: int) -> str:
+    """A suite's progress: replies that came, and requests that failed (never counted as answered)."""
+    return f"suite {suite}: {answered}/{total} answered" + (f", {failed} failed" if failed else "")
 
 
 def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
@@ -210,6 +215,13 @@ async def gates(ctx: StepContext) -> StepResult:
             baseline = data
         else:
             results[dep.removeprefix("benchmark.")] = data
+    # The candidates compared: every strategy with a current benchmark, including the ones this run did not
+    # run (--strategy); the recipe's others are named with the reason they are not judged.
+    candidates = list(results)
+    absent = {s: NOT_BENCHMARKED for s in inputs.not_benchmarked}
+    ctx.log.info("candidates compared: %s", ", ".join(candidates) or "none")
+    for strategy, why in absent.items():
+        ctx.log.info("strategy %s is not judged: %s", strategy, why)
     verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
     selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.inconclusive)
     baseline_name = inputs.baseline_name
@@ -227,9 +239,11 @@ async def gates(ctx: StepContext) -> StepResult:
         speed[name] = {"measured_decode_tok_s": measured, "predicted_decode_tok_s": predicted,
                        "measured_over_predicted": round(measured / predicted, 3) if measured and predicted else None}
     write_json_atomic(ctx.scratch / "gates.json", {"verdicts": verdicts, "selection": selection, "speed": speed,
-                                                   "failed": failed})
+                                                   "failed": failed, "candidates": candidates,
+                                                   "not_benchmarked": absent})
     for line in table.splitlines():
         ctx.log.info("%s", line)
     return StepResult(outputs={"gates": "gates.json", "table": "comparison.md", "gate_plot": "gate_scores.png",
                                "ttft_plot": "ttft_curve.png"},
-                      summary={"selection": selection, "verdicts": verdicts, "speed": speed, "failed": failed})
+                      summary={"selection": selection, "verdicts": verdicts, "speed": speed, "failed": failed,
+                               "candidates": candidates, "not_benchmarked": absent})
