@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 DEMO = RECIPES / "demo" / "smollm2-cpu.yaml"
 
+# The reliability suite (`pytest -m reliability`): every fault the runner has met, reproduced against
+# real processes, files and servers; docs/reliability.md is its table (fault, before, now, test).
+RELIABILITY_MODULES = {"test_reliability", "test_run_dir_safety", "test_orphans", "test_worker_errors",
+                       "test_teacher", "test_faults_evidence", "test_faults_inputs", "test_faults_preflight",
+                       "test_faults_run_dir", "test_gguf_tokenizer", "test_tool_call_parser", "test_local_engine"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in RELIABILITY_MODULES:
+            item.add_marker(pytest.mark.reliability)
+
 
 @pytest.fixture
 def write(tmp_path: Path):
@@ -124,9 +136,8 @@ def build_tiny_qwen35(folder: Path, tokenizer_dir: Path, layer_types: list[str] 
 def demo_tokenizer(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (with its chat template) read from the demo's GGUF: seconds, no demo run."""
     pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
     from gguf import GGUFReader
+    from transformers import AutoTokenizer
 
     from runner.worker.convert_gguf import declared_tokenizer, locate_gguf, repair_tokenizer
 

@@ -1,16 +1,7 @@
 """Faults a run meets, reproduced against real processes: each test is one row of the fault table
 (issue 15) and asserts the behaviour the runner has now.
 
-| fault | before | now |
-|---|---|---|
-| another process on the server's port | its answers were measured (26,080 tok/s) | refused before start (serve.port) or by the per-server token |
-| the server dies mid-benchmark | remaining prompts scored as model failures, step committed | step fails with the server's exit status and last log lines |
-| a crashed run's processes | `recipe clean` found none; run.json said "running" forever | clean stops them (tagged with the run dir) and marks run.json "died" |
-| secrets by other names | `${env:OPENAI_KEY}`, HF_AUTH, *_PAT copied into recipe.yaml | refused at load, and token-shaped values too |
-| missing input files, missing publish token | found when the step ran (GGUF: after minutes) | `recipe validate` and `recipe run` name file:line first |
-| truncated safetensors | passed the source step, failed in quantize without a file name | the source step names the file and the missing bytes |
-| binary calibration file | UnicodeDecodeError without file or line | file:line |
-| disk full in the runner's writes | raw OSError, a `.tmp` left | "no space left ... writing PATH (needs N bytes; M free)", nothing left |
+The table of faults, before and now, is docs/reliability.md.
 
 Teacher faults (non-JSON, silent, huge replies, circuit breaker) are in test_teacher.py; run
 directory safety and locks in test_run_dir_safety.py; orphans after SIGKILL in test_orphans.py.
