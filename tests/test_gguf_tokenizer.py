@@ -199,6 +199,9 @@ def test_the_source_step_records_the_repairs_and_the_card_names_the_gguf_quantiz
     assert summary["gguf_weight_types"]["Q8_0"] == 9
     card = source_description(load_recipe(path).recipe, summary)
     assert "tiny.Q8_0.gguf" in card and "already quantized (Q8_0)" in card
+    n = len(summary["tokenizer"]["repairs"])
+    assert f"was repaired to match it ({n} changes: " in card and "'<tool_call>'" in card
+    assert "|" not in card.replace("\\|", "")  # the card's table cell stays one cell
 
 
 def test_an_unrepairable_tokenizer_fails_the_source_step_with_one_line(tmp_path, write):

@@ -121,8 +121,19 @@ def source_description(recipe: Recipe, source_summary: dict[str, Any]) -> str:
                 + (f" ({stored})" if stored else "")
                 + (f": its weights were already quantized ({', '.join(lossy)}) and were dequantized to "
                    f"{recipe.model.dtype} before this quantization, so this model and the baseline carry that "
-                   "earlier rounding too" if lossy else ""))
+                   "earlier rounding too" if lossy else "")
+                + tokenizer_repairs(source_summary))
     return f"a local {recipe.model.dtype} checkpoint"
+
+
+def tokenizer_repairs(source_summary: dict[str, Any]) -> str:
+    """The repairs the source step made to the tokenizer transformers converted from the GGUF, in words."""
+    repairs = (source_summary.get("tokenizer") or {}).get("repairs") or []
+    if not repairs:
+        return ""
+    return (f". The tokenizer transformers converted from it differed from the one the GGUF declares and was "
+            f"repaired to match it ({len(repairs)} change{'s' if len(repairs) != 1 else ''}: "
+            + "; ".join(repairs).replace("|", "\\|") + ")")  # a table cell: tokens like <|im_end|> hold pipes
 
 
 def source_bytes(run_dir: RunDir) -> int | None:
