@@ -88,6 +88,8 @@ def test_a_strategy_without_a_current_benchmark_is_named_as_not_benchmarked(writ
     assert gates["summary"]["selection"]["best"] == "c" and gates["summary"]["candidates"] == ["c"]
     assert gates["summary"]["not_benchmarked"] == {"a": "not benchmarked in this run",
                                                    "b": "not benchmarked in this run"}
+    table = RunDir(tmp_path / "run").output("gates", "table").read_text()
+    assert "`a` is not judged: not benchmarked in this run." in table and "`b` is not judged" in table
     assert gates["key"] != build_plan(plan.recipe).keys["gates"]  # not the full plan's result
 
 

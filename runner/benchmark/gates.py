@@ -215,9 +215,11 @@ def _cell(v: dict[str, Any]) -> str:
 
 def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name: str | None,
                         baseline: dict[str, Any] | None, selection: dict[str, Any],
-                        failed: dict[str, dict[str, str]] | None = None) -> str:
-    """The gate table, the selection, and a line per strategy whose branch failed (`failed`:
-    {strategy: {step, error}}), so the table never silently drops a strategy."""
+                        failed: dict[str, dict[str, str]] | None = None,
+                        not_judged: dict[str, str] | None = None) -> str:
+    """The gate table, the selection, a line per strategy whose branch failed (`failed`:
+    {strategy: {step, error}}) and one per strategy not judged (`not_judged`: {strategy: why}, e.g. not
+    benchmarked in this run), so the table never silently drops a strategy."""
     strategies = list(verdicts)
     gates = verdicts[strategies[0]] if strategies else []
     header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + strategies
@@ -250,6 +252,9 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
         # A paragraph each: consecutive markdown lines would run together into one.
         lines.append("")
         lines.append(f"`{strategy}` failed at {why['step']}: {first_line(why.get('error'))}")
+    for strategy, why in (not_judged or {}).items():
+        lines.append("")
+        lines.append(f"`{strategy}` is not judged: {why}.")
     return "\n".join(lines) + "\n"
 
 

@@ -225,7 +225,7 @@ async def gates(ctx: StepContext) -> StepResult:
     verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
     selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.inconclusive)
     baseline_name = inputs.baseline_name
-    table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed)
+    table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed, absent)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
     plot_gates(verdicts, ctx.scratch / "gate_scores.png")
     curves = dict(results)
