@@ -211,6 +211,13 @@ def _print_overlap_warnings(path: Path, recipe) -> None:
                       else escape(line))
 
 
+def _overlap_json(recipe) -> dict[str, list[str]]:
+    """{calibration set key: its prompts that overlap the suites} for `plan --json` (only sets that do)."""
+    from runner.calibration.overlap import recipe_overlaps
+
+    return {key: [o.describe() for o in found] for key, found in recipe_overlaps(recipe).items() if found}
+
+
 def _load_plan(args: argparse.Namespace):
     from runner.plan import build_plan, with_rivals
     from runner.recipe.loader import load_recipe
@@ -287,7 +294,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "footprint_info": {"read_from": read_from, "hardware": recipe.benchmark.hardware,
                                "effective_bits": DEFINITION, "auto_quantize_effective_bits": MODELOPT_DEFINITION,
                                "source": source.to_json() if source else None},
-            "problems": [str(p) for p in problems]}))
+            "problems": [str(p) for p in problems], "warnings": _overlap_json(recipe)}))
         return EXIT_INVALID if problems else 0
     table = Table(title=f"{recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
     colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}

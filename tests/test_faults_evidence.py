@@ -83,6 +83,9 @@ def test_validate_and_plan_warn_naming_the_suite_prompt_and_the_calibration_line
     assert "calib.jsonl:2" in result.stderr and "(exact, 1.00)" in result.stderr
     planned = recipe("plan", str(path), "--run-dir", str(tmp_path / "run"))
     assert "tool_calling #1" in planned.stderr and "calib.jsonl:2" in planned.stderr
+    as_json = recipe("plan", str(path), "--run-dir", str(tmp_path / "run"), "--json")
+    warned = json.loads(as_json.stdout)["warnings"]["calibration.source"]
+    assert len(warned) == 1 and "calib.jsonl:2" in warned[0] and "tool_calling #1" in warned[0]
     # Disjoint: no warning.
     write_jsonl(tmp_path / "calib.jsonl", [chat("Tell me a joke.")])
     assert "overlap" not in recipe("validate", str(path)).stderr
