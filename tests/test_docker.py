@@ -161,10 +161,35 @@ def test_interrupt_removes_the_container_and_clean_removes_leftovers(docker_env,
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert leftovers() == []
-    # A leftover from a crashed run (simulated: a labelled container nobody removes) goes with `recipe clean`.
-    subprocess.run(["docker", "create", "--label", "recipe-runner.run=crashed", IMAGE, "true"], check=True,
-                   capture_output=True)
-    assert leftovers()
+    # A leftover of a crashed run (simulated: a container labelled with its run directory, which no live
+    # process holds) goes with `recipe clean`; one of an earlier runner (its label a hash of the run
+    # directory) names no run, so plain `clean` leaves it, saying why, and `clean --run-dir` removes it.
+    import hashlib
+
+    hashed = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    for label in (str(run_dir.resolve()), hashed):
+        subprocess.run(["docker", "create", "--label", f"recipe-runner.run={label}", IMAGE, "true"], check=True,
+                       capture_output=True)
+    assert len(leftovers()) == 2
     cleaned = recipe("clean", env=docker_env)
-    assert cleaned.returncode == 0 and "removed 1 container" in cleaned.stdout
+    assert cleaned.returncode == 0 and "removed 1 container" in cleaned.stdout, cleaned.stdout + cleaned.stderr
+    assert "left container" in cleaned.stdout and "clean --run-dir" in cleaned.stdout
+    assert len(leftovers()) == 1
+    cleaned = recipe("clean", "--run-dir", str(run_dir), env=docker_env)
+    assert cleaned.returncode == 0 and "removed 1 container" in cleaned.stdout, cleaned.stdout + cleaned.stderr
+    assert leftovers() == []
+    # A live run's container is never touched: this process holds the run's lock, as `recipe run` does.
+    from runner.run_dir import RunDir
+
+    live = RunDir(tmp_path / "live")
+    live.claim()
+    with live.locked():
+        subprocess.run(["docker", "create", "--label", f"recipe-runner.run={live.root.resolve()}", IMAGE, "true"],
+                       check=True, capture_output=True)
+        cleaned = recipe("clean", env=docker_env)
+        assert "removed 0 container" in cleaned.stdout and "is live" in cleaned.stdout, cleaned.stdout
+        refused = recipe("clean", "--run-dir", str(live.root), env=docker_env)
+        assert refused.returncode == 1 and "is writing to" in refused.stdout + refused.stderr
+        assert len(leftovers()) == 1
+    assert "removed 1 container" in recipe("clean", env=docker_env).stdout  # the run is over: it goes
     assert leftovers() == []

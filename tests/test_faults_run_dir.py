@@ -141,8 +141,9 @@ def test_a_look_alike_run_directory_is_refused_by_run_and_clean_and_never_rewrit
 
 class FakeDockerDaemon:
     """A Docker Engine API on a unix socket that lists the containers it is given and records every
-    DELETE. A test double because this machine has no Docker engine to start (tests/test_docker.py
-    skips here); the real `docker` SDK and the real `recipe clean` process talk to it."""
+    DELETE, so that this test runs wherever the tests do (tests/test_docker.py repeats the live-run case
+    against a real engine where one runs, as in CI); the real `docker` SDK and the real `recipe clean`
+    process talk to it."""
 
     def __init__(self, socket_path: Path, containers: dict[str, dict[str, str]]):
         import http.server
