@@ -19,7 +19,7 @@ DEMO = RECIPES / "demo" / "smollm2-cpu.yaml"
 # real processes, files and servers; docs/reliability.md is its table (fault, before, now, test).
 RELIABILITY_MODULES = {"test_reliability", "test_run_dir_safety", "test_orphans", "test_worker_errors",
                        "test_teacher", "test_faults_evidence", "test_faults_inputs", "test_faults_preflight",
-                       "test_faults_run_dir", "test_gguf_tokenizer", "test_tool_call_parser", "test_local_engine"}
+                       "test_faults_run_dir", "test_gguf_tokenizer", "test_tool_call_parser", "test_local_engine", "test_docker"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
