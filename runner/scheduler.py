@@ -51,7 +51,7 @@ class RunOptions:
 
 @dataclass
 class RunOutcome:
-    status: str  # complete | no-candidate | failed | stopped | interrupted | dry-run
+    status: str  # complete | unproven | no-candidate | failed | stopped | interrupted | dry-run
     states: dict[str, str]
     messages: list[str] = field(default_factory=list)
     blocked_by: dict[str, str] = field(default_factory=dict)  # blocked step -> the failed step that stopped it
@@ -63,7 +63,10 @@ class RunOutcome:
 
 # "no-candidate": every step ran, but no strategy passed the gates, so nothing was published. It has
 # its own code so that automation can tell "the pipeline broke" (1) from "no candidate was good enough".
-EXIT_CODES = {"complete": 0, "dry-run": 0, "failed": 1, "stopped": 3, "no-candidate": 4, "interrupted": 130}
+# "unproven": every step ran and the selected strategy is unproven (no gate failed, some could not
+# decide; selection.accept_unproven let it through): not the same as a candidate every gate passed.
+EXIT_CODES = {"complete": 0, "dry-run": 0, "failed": 1, "stopped": 3, "no-candidate": 4, "unproven": 5,
+              "interrupted": 130}
 
 
 def target_steps(plan: Plan, options: RunOptions) -> list[str]:
@@ -172,10 +175,20 @@ class Runner:
                                  "at the failed steps")
         elif any(s in ("not built", "blocked") for s in self.states.values()):
             status = "stopped"
-        elif "gates" in target_steps(self.plan, options) and self._no_candidate():
-            status = "no-candidate"
-            self.messages.append("no strategy passed the gates, so nothing was published: "
-                                 "see steps/gates/comparison.md and the report")
+        elif "gates" in target_steps(self.plan, options) and self._selection() is not None:
+            selection = self._selection() or {}
+            if selection.get("best") is None:
+                status = "no-candidate"
+                undecided = ", ".join(selection.get("unproven") or {})
+                self.messages.append("no strategy passed the gates, so nothing was published"
+                                     + (f" ({undecided}: no gate failed, but some could not decide; larger suites "
+                                        "decide, selection.accept_unproven: true publishes one anyway)"
+                                        if undecided else "") + ": see steps/gates/comparison.md and the report")
+            elif selection.get("proven") is False:
+                status = "unproven"
+                self.messages.append(f"selected {selection['best']} UNPROVEN: no gate failed, but "
+                                     f"{', '.join((selection.get('unproven') or {}).get(selection['best'], []))} "
+                                     "could not decide at these sample sizes (selection.accept_unproven: true)")
         self._write_status(status)
         return RunOutcome(status, self.states, self.messages, self.blocked_by)
 
@@ -210,9 +223,10 @@ class Runner:
                                   no_wrap=True))
         return view
 
-    def _no_candidate(self) -> bool:
+    def _selection(self) -> dict[str, Any] | None:
+        """The gates step's selection (best, proven, unproven), None before gates has run."""
         record = self.run_dir.record("gates")
-        return record is not None and record.get("summary", {}).get("selection", {}).get("best") is None
+        return None if record is None else record.get("summary", {}).get("selection", {})
 
     async def _run_when_ready(self, sid: str, done: dict[str, asyncio.Event]) -> None:
         step = self.plan.steps[sid]
@@ -404,6 +418,8 @@ class Runner:
                             **({"blocked_by": self.blocked_by[sid]} if sid in self.blocked_by else {})}
                       for sid in self.plan.steps},
             "messages": self.messages,
+            **({"selection": {"strategy": sel.get("best"), "proven": sel.get("proven")}}
+               if (sel := self._selection()) is not None else {}),
         })
 
 

@@ -20,7 +20,7 @@ def test_the_table_ends_with_a_line_per_failed_strategy():
     table = comparison_markdown(verdicts, None, None, select(verdicts, results, []), FAILED)
     lines = table.rstrip("\n").splitlines()
     assert lines[-1] == "`fp8` failed at quantize.fp8: RuntimeError: CUDA out of memory"
-    assert "Selected: **max**" in table and "| gate | required | n | max |" in table
+    assert "Selected: **max**" in table and "| gate | required | n | max (proven) |" in table
     assert "failed at" not in comparison_markdown(verdicts, None, None, select(verdicts, results, []))
     # Every strategy failed: no candidate, and the table still says why.
     empty = comparison_markdown({}, None, None, select({}, {}, []), FAILED)

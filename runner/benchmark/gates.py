@@ -1,69 +1,39 @@
 """Quality gates per strategy, the selection of the best one, and the comparison table and plots.
 
 A metric is `SUITE.passed|failed|total|pass_rate`, `speed.NAME` (from the shortest prompt of the
-sweep at the first concurrency level) or `size.bytes|gb`. A gate relative to the baseline compares
-the metric with value x the baseline's metric.
+sweep at the first concurrency level), `size.bytes|gb` or `kl.kl|top1_agreement`. A gate relative
+to the baseline compares the metric with `value x the baseline's metric`, less (or, for `<=`, plus)
+its `margin` in rate units: `margin: 0.05` with `value: 1` is the field's "no worse than the
+baseline by more than 5 points".
 
-Suites are small (5 to 25 prompts), so a pass rate is an estimate, not a fact. Each suite metric
-carries a 95 % Wilson interval, and an inequality gate on it is judged on the interval of
-`candidate - threshold`: "pass" when the whole interval is on the right side, "fail" when the whole
-interval is on the wrong side, "inconclusive" when it straddles (noise could flip it). For a gate
-relative to the baseline the baseline's own noise counts too: the interval of `p1 - k * p2` is
-built from both Wilson intervals (Newcombe's / Zou's MOVER method). `==` gates, speed and size are
-compared as measured, except a relative speed gate of a candidate measured interleaved with the
-baseline (speed.paired_baseline): it judges the per-pair ratios, "inconclusive" when they disagree.
+Suites are samples, so every suite gate is judged on a 95 % interval (runner/benchmark/stats.py):
+- against the baseline, on the same prompts (paired): the interval of `candidate - value x baseline`
+  from which prompts flipped (Newcombe's paired method), with McNemar's exact p-value of the flips;
+- absolute: the Wilson interval of the candidate's rate against the threshold.
+"pass" when the whole interval is on the right side of the threshold, "fail" when it is all on the
+wrong side, "inconclusive" when it straddles (too few prompts to tell), and "not measurable" when
+the suite cannot show the regression at all: the baseline itself scored at the gate's worst end
+(0 of 10 tool calls parsed), so there is nothing to lose. A candidate every gate passes is
+*proven*; one whose gates only failed to decide is *unproven*, ranked after every proven one and
+selected only with `selection.accept_unproven: true`. `==` gates, speed and size are compared as
+measured, except a relative speed gate of a candidate measured interleaved with the baseline
+(speed.paired_baseline): it judges the per-pair ratios, "inconclusive" when they disagree.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runner.benchmark.stats import Paired, wilson
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import Gate, Preference
 
 OPS = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge, ">": operator.gt}
-Z95 = 1.959964  # two-sided 95 %
-VERDICTS = ("pass", "fail", "inconclusive", "missing")
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion: sensible at n = 5 and at 0 or n successes."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _interval(sample: tuple[int, int, bool]) -> tuple[float, float, float]:
-    """(rate, low, high) of a sample."""
-    count, n, _ = sample
-    low, high = wilson(count, n)
-    return count / n, low, high
-
-
-def margin(op: str, threshold: float, sample: tuple[int, int, bool] | None,
-           base_sample: tuple[int, int, bool] | None, factor: float | None) -> tuple[float, float] | None:
-    """The 95 % interval of `candidate - threshold` in rate units; None where the gate is exact."""
-    if op == "==" or sample is None:
-        return None
-    p1, l1, u1 = _interval(sample)
-    if factor is None:  # absolute threshold, in the metric's own units
-        t = threshold if sample[2] else threshold / sample[1]
-        return l1 - t, u1 - t
-    if base_sample is None:
-        return None
-    p2, l2, u2 = _interval(base_sample)
-    diff = p1 - factor * p2
-    low = diff - math.sqrt((p1 - l1) ** 2 + (factor * (u2 - p2)) ** 2)
-    high = diff + math.sqrt((u1 - p1) ** 2 + (factor * (p2 - l2)) ** 2)
-    return low, high
+VERDICTS = ("pass", "fail", "inconclusive", "not_measurable", "missing")
+UNDECIDED = ("inconclusive", "not_measurable")  # a candidate with these (and no failure) is unproven
 
 
 def judge(op: str, value: float, threshold: float, interval: tuple[float, float] | None) -> str:
@@ -123,60 +93,151 @@ def speed_reliability(result: dict[str, Any], verdicts: Sequence[dict[str, Any]]
     return {"value": value, "ratio": ratio, "pairs": paired.get("pairs"), "reliable": not why, "why": why}
 
 
+def _worst_end(op: str, count: int, n: int) -> bool:
+    """Whether a rate sits at the end a gate guards against: nothing passed for a `>=` gate, everything
+    for a `<=` gate (on `failed`: every item failed). A baseline there leaves nothing to lose."""
+    return count == 0 if op in (">=", ">") else count == n if op in ("<=", "<") else False
+
+
+def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """A gate on a suite proportion: paired with the baseline's answers to the same prompts when relative,
+    the candidate's Wilson interval when absolute."""
+    op, declared = gate.op, gate.threshold_value
+    sample = metric.sample(result)
+    assert sample is not None
+    count, n, is_rate = sample
+    scale = 1 if is_rate else n  # metric units per rate unit
+    low, high = wilson(count, n)
+    out: dict[str, Any] = {"n": n, "interval": [round(low * scale, 4), round(high * scale, 4)]}
+    base_sample = metric.sample(baseline) if baseline else None
+    if base_sample is not None and _worst_end(op, base_sample[0], base_sample[1]):
+        return out | {"verdict": "not_measurable", "reason": (
+            f"the baseline itself scored {base_sample[0]}/{base_sample[1]} on {metric}: the suite cannot show a "
+            "regression from there")}
+    if gate.relative_to == "absolute":
+        t = declared / scale
+        diff = (low - t, high - t)
+        return out | {"threshold": declared, "difference": [round(d, 4) for d in diff],
+                      "verdict": judge(op, count / n, t, diff)}
+    mine, theirs = metric.outcomes(result), metric.outcomes(baseline or {})
+    common = [k for k in (mine or {}) if k in (theirs or {})]
+    if not common:
+        return out | {"verdict": "missing", "reason": "the baseline answered none of the candidate's prompts"}
+    pairs = Paired.of([mine[k] for k in common], [theirs[k] for k in common])  # type: ignore[index]
+    if _worst_end(op, pairs.baseline, pairs.n):
+        return out | {"verdict": "not_measurable", "reason": (
+            f"the baseline itself scored {pairs.baseline}/{pairs.n} on {metric}: the suite cannot show a "
+            "regression from there")}
+    lo, hi = pairs.interval(declared)
+    slack = (gate.margin or 0.0) * (1 if op in (">=", ">") else -1)
+    diff = (lo + slack, hi + slack)  # the interval of `candidate - threshold`, in rate units
+    base_rate = pairs.baseline / pairs.n
+    threshold = (declared * base_rate - slack) * scale
+    verdict = judge(op, 0.0, 0.0, diff)
+    return out | {
+        "n": pairs.n, "threshold": round(threshold, 4), "baseline": round(base_rate * scale, 4),
+        "difference": [round(d, 4) for d in diff], "verdict": verdict,
+        "flips": {"n": pairs.n, "candidate": pairs.candidate, "baseline": pairs.baseline, "lost": pairs.lost,
+                  "gained": pairs.gained, "mcnemar_p": round(pairs.mcnemar_p(), 4),
+                  "difference": [round(lo, 4), round(hi, 4)],
+                  "recovery": round(pairs.candidate / pairs.baseline, 4) if pairs.baseline else None}}
+
+
 def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], baseline: dict[str, Any] | None
              ) -> list[dict[str, Any]]:
-    """One verdict per gate: value, its interval and n, threshold, verdict (pass/fail/inconclusive/missing).
+    """One verdict per gate: value, n, its interval, threshold, the baseline's value, and the verdict
+    (pass / fail / inconclusive / not_measurable / missing, with a reason for the last two); a relative
+    suite gate carries its paired counts (`flips`: lost, gained, McNemar's p, the difference's interval).
 
     Gates are the recipe's Gate models (mappings are validated into them)."""
     verdicts = []
     for spec in gates:
         gate = spec if isinstance(spec, Gate) else Gate.model_validate(spec)
-        metric, op = Metric.parse(gate.metric), gate.op
+        metric, op, declared = Metric.parse(gate.metric), gate.op, gate.threshold_value
+        relative = gate.relative_to == "baseline"
         value = metric.value(result)
         base = metric.value(baseline) if baseline else None
-        relative = gate.relative_to == "baseline"
-        threshold = (gate.value * base if base is not None else None) if relative else gate.value
-        sample = metric.sample(result)
-        base_sample = metric.sample(baseline) if baseline and relative else None
+        facts: dict[str, Any] = {"n": None, "interval": None, "threshold": None}
         # A candidate measured alongside the baseline is judged against that measurement, pair by pair.
         paired = _paired_ratio(metric, result) if relative and value is not None else None
-        diff = None
         if paired is not None:
             base, spread = paired
-            threshold = gate.value * base
-            verdict = judge_spread(op, gate.value, spread)
-        elif value is None or threshold is None:
-            verdict = "missing"
+            facts |= {"threshold": declared * base, "n": spread["pairs"], "paired": spread,
+                      "verdict": judge_spread(op, declared, spread)}
+        elif value is None:
+            facts |= {"verdict": "missing", "reason": f"{gate.metric} was not measured"}
+        elif relative and base is None:
+            facts |= {"verdict": "missing", "reason": f"the baseline's {gate.metric} was not measured"}
+        elif metric.sample(result) is not None and op != "==":
+            facts |= _suite_verdict(gate, metric, result, baseline)
         else:
-            diff = margin(op, gate.value if not relative else threshold, sample, base_sample,
-                          gate.value if relative else None)
-            verdict = judge(op, value, threshold, diff)
-        interval = None
-        if sample is not None:
-            low, high = wilson(sample[0], sample[1])
-            scale = 1 if sample[2] else sample[1]
-            interval = [round(low * scale, 4), round(high * scale, 4)]
-        n = paired[1]["pairs"] if paired else sample[1] if sample else None
-        verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": gate.value,
-                         "value": value, "n": n, "interval": interval,
-                         "threshold": threshold, "baseline": base, "relative_to": gate.relative_to,
-                         "margin": [round(diff[0], 4), round(diff[1], 4)] if diff else None,
-                         **({"paired": paired[1]} if paired else {}),
-                         "verdict": verdict, "pass": {"pass": True, "fail": False}.get(verdict)})
+            threshold = declared * base + (gate.margin or 0) * (-1 if op in (">=", ">") else 1) \
+                if relative and base is not None else declared
+            facts |= {"threshold": threshold, "verdict": "pass" if OPS[op](value, threshold) else "fail"}
+            if metric.sample(result) is not None:
+                count, n, is_rate = metric.sample(result)  # type: ignore[misc]
+                low, high = wilson(count, n)
+                facts |= {"n": n, "interval": [round(low * (1 if is_rate else n), 4),
+                                               round(high * (1 if is_rate else n), 4)]}
+        verdicts.append({"gate": gate.name, "metric": gate.metric, "op": op, "declared": declared,
+                         "margin": gate.margin, "value": value, "baseline": base, "relative_to": gate.relative_to,
+                         **facts, "pass": {"pass": True, "fail": False}.get(facts["verdict"])})
     return verdicts
 
 
+def recovery(candidate: dict[str, Any], baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per suite, as model releases publish it: n, the baseline's and the candidate's pass rate on the same
+    prompts, recovery (candidate / baseline) and the paired 95 % interval of the difference."""
+    rows = []
+    if not baseline:
+        return rows
+    for name in (candidate.get("suites") or {}):
+        metric = Metric(name, "pass_rate")
+        mine, theirs = metric.outcomes(candidate), metric.outcomes(baseline)
+        common = [k for k in (mine or {}) if k in (theirs or {})]
+        if not common:
+            continue
+        pairs = Paired.of([mine[k] for k in common], [theirs[k] for k in common])  # type: ignore[index]
+        lo, hi = pairs.interval()
+        rows.append({"suite": name, "n": pairs.n, "baseline": round(pairs.baseline / pairs.n, 4),
+                     "candidate": round(pairs.candidate / pairs.n, 4),
+                     "recovery_pct": round(100 * pairs.candidate / pairs.baseline, 1) if pairs.baseline else None,
+                     "difference": [round(lo, 4), round(hi, 4)], "lost": pairs.lost, "gained": pairs.gained})
+    return rows
+
+
+def recovery_markdown(rows: Sequence[dict[str, Any]], baseline_name: str, candidate_name: str) -> str:
+    """The recovery table of the documents."""
+    if not rows:
+        return ""
+    lines = [f"| suite | n | {baseline_name} | {candidate_name} | recovery | difference (95 %, paired) | flips |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recovered = f"{r['recovery_pct']:.1f} %" if r["recovery_pct"] is not None else "n/a (baseline 0)"
+        lo, hi = r["difference"]
+        lines.append(f"| {r['suite']} | {r['n']} | {r['baseline'] * 100:.1f} % | {r['candidate'] * 100:.1f} % | "
+                     f"{recovered} | [{lo * 100:+.1f}, {hi * 100:+.1f}] pts | -{r['lost']} / +{r['gained']} |")
+    return "\n".join(lines) + "\n"
+
+
+def status_of(verdicts: Sequence[dict[str, Any]]) -> str:
+    """proven (every gate passed), unproven (none failed, some could not decide) or rejected."""
+    if any(v["verdict"] in ("fail", "missing") for v in verdicts):
+        return "rejected"
+    return "unproven" if any(v["verdict"] in UNDECIDED for v in verdicts) else "proven"
+
+
 def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]],
-           prefer: Sequence[Preference | dict[str, str]], inconclusive: str = "accept") -> dict[str, Any]:
-    """The strategies no gate rejects, ranked by the preferences in order (ties keep the recipe's
-    order); the first is the choice. A missing metric rejects; an inconclusive gate rejects only
-    when `inconclusive` is "reject"."""
+           prefer: Sequence[Preference | dict[str, str]], accept_unproven: bool = False) -> dict[str, Any]:
+    """Rank the candidates no gate rejects: every proven one before every unproven one, each group by the
+    preferences in order (ties keep the recipe's order). The first proven candidate is the choice; an
+    unproven one only with `accept_unproven`. A missing metric rejects."""
     prefer = [p if isinstance(p, Preference) else Preference.model_validate(p) for p in prefer]
-    rejecting = {"fail", "missing"} | ({"inconclusive"} if inconclusive == "reject" else set())
-    passing = [s for s, vs in verdicts.items() if not any(v["verdict"] in rejecting for v in vs)]
+    status = {s: status_of(vs) for s, vs in verdicts.items()}
 
     def key(strategy: str) -> tuple[float, ...]:
-        out = []
+        out = [0.0 if status[strategy] == "proven" else 1.0]
         for pref in prefer:
             value = Metric.parse(pref.metric).value(results[strategy])
             if value is None:
@@ -184,15 +245,20 @@ def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[st
             out.append(-value if pref.order == "max" else value)
         return tuple(out)
 
-    ranking = sorted(passing, key=key)
-    failing = {s: [v["gate"] for v in vs if v["verdict"] in rejecting] for s, vs in verdicts.items()
-               if s not in passing}
-    doubtful = {s: [v["gate"] for v in verdicts[s] if v["verdict"] == "inconclusive"] for s in passing}
-    rule = ("no gate fails" + (" or is inconclusive" if inconclusive == "reject" else
-                               " (inconclusive gates accepted)")
-            + (", then " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
-    return {"best": ranking[0] if ranking else None, "ranking": ranking, "failing": failing,
-            "inconclusive": {s: g for s, g in doubtful.items() if g}, "rule": rule}
+    ranking = sorted((s for s in verdicts if status[s] != "rejected"), key=key)
+    best = next((s for s in ranking if status[s] == "proven"), None)
+    if best is None and accept_unproven and ranking:
+        best = ranking[0]
+    failing = {s: [v["gate"] for v in vs if v["verdict"] in ("fail", "missing")] for s, vs in verdicts.items()
+               if status[s] == "rejected"}
+    unproven = {s: [v["gate"] for v in verdicts[s] if v["verdict"] in UNDECIDED] for s in ranking
+                if status[s] == "unproven"}
+    rule = ("every gate passes (proven), then "
+            + ("no gate fails (unproven: some could not decide, accepted by accept_unproven)" if accept_unproven
+               else "none unproven is selected (accept_unproven: false)")
+            + ("; ranked by " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
+    return {"best": best, "proven": status.get(best) == "proven" if best else None, "ranking": ranking,
+            "status": status, "failing": failing, "unproven": unproven, "rule": rule}
 
 
 def _fmt(value: float | None) -> str:
@@ -201,10 +267,19 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 or float(value).is_integer() else f"{value:.3g}"
 
 
+MARKS = {"pass": "pass", "fail": "FAIL", "inconclusive": "inconclusive", "not_measurable": "not measurable",
+         "missing": "missing"}
+
+
 def _cell(v: dict[str, Any]) -> str:
-    mark = {"pass": "pass", "fail": "FAIL", "inconclusive": "inconclusive", "missing": "missing"}[v["verdict"]]
+    mark = MARKS[v["verdict"]]
     value = _fmt(v["value"])
-    if v.get("interval"):
+    if v.get("flips"):  # paired with the baseline: what flipped, and the difference's interval
+        f = v["flips"]
+        lo, hi = f["difference"]
+        value += (f" (-{f['lost']}/+{f['gained']} vs baseline, diff [{lo * 100:+.1f}, {hi * 100:+.1f}] pts, "
+                  f"McNemar p={_fmt(f['mcnemar_p'])})")
+    elif v.get("interval"):
         value += f" [{_fmt(v['interval'][0])}, {_fmt(v['interval'][1])}]"
     if v.get("paired"):
         p = v["paired"]
@@ -213,41 +288,71 @@ def _cell(v: dict[str, Any]) -> str:
     return f"{value} {mark}"
 
 
+def _required(gate: dict[str, Any]) -> str:
+    if gate["relative_to"] != "baseline":
+        return f"{gate['op']} {_fmt(gate['declared'])}"
+    less = f" {'-' if gate['op'] in ('>=', '>') else '+'} {_fmt(gate['margin'])}" if gate.get("margin") else ""
+    if gate.get("paired"):  # each candidate has its own baseline measurement
+        return f"{gate['op']} {_fmt(gate['declared'])} x baseline{less} (in the same run)"
+    return f"{gate['op']} {_fmt(gate['declared'])} x baseline{less}"
+
+
 def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name: str | None,
                         baseline: dict[str, Any] | None, selection: dict[str, Any],
                         failed: dict[str, dict[str, str]] | None = None,
                         not_judged: dict[str, str] | None = None) -> str:
-    """The gate table, the selection, a line per strategy whose branch failed (`failed`:
-    {strategy: {step, error}}) and one per strategy not judged (`not_judged`: {strategy: why}, e.g. not
-    benchmarked in this run), so the table never silently drops a strategy."""
+    """The gate table (a row per gate, a column per strategy with its status), the selection, a line per
+    verdict that could not be measured, per strategy whose branch failed (`failed`: {strategy: {step,
+    error}}) and per strategy not judged (`not_judged`: {strategy: why}, e.g. not benchmarked in this run),
+    so the table never silently drops a strategy."""
     strategies = list(verdicts)
     gates = verdicts[strategies[0]] if strategies else []
-    header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + strategies
+    status = selection.get("status") or {}
+    header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + [
+        f"{s} ({status[s]})" if s in status else s for s in strategies]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, gate in enumerate(gates):
-        required = f"{gate['op']} {_fmt(gate['threshold'])}"
-        if gate["relative_to"] == "baseline":
-            required = f"{gate['op']} {_fmt(gate['declared'])} x baseline = {_fmt(gate['threshold'])}"
-            if gate.get("paired"):  # each candidate has its own baseline measurement
-                required = f"{gate['op']} {_fmt(gate['declared'])} x baseline (in the same run)"
-        row = [gate["gate"], required, str(gate["n"]) if gate.get("n") else "-"]
+        row = [gate["gate"], _required(gate), str(gate["n"]) if gate.get("n") else "-"]
         if baseline:
             row.append(_fmt(gate["baseline"]))
         row.extend(_cell(verdicts[s][i]) for s in strategies)
         lines.append("| " + " | ".join(row) + " |")
     best = selection["best"]
     lines.append("")
-    if any(v.get("interval") for vs in verdicts.values() for v in vs):
-        lines.append("Suite values show the 95 % Wilson interval; a gate whose interval (with the baseline's, "
-                     "for relative gates) straddles its threshold is inconclusive: too few prompts to tell.")
+    every = [v for vs in verdicts.values() for v in vs]
+    if any(v.get("flips") for v in every):
+        lines.append("Relative suite gates compare candidate and baseline on the same prompts: -lost/+gained are the "
+                     "prompts the baseline passed and the candidate failed and the reverse, diff the 95 % interval "
+                     "of `candidate - factor x baseline` in rate points (Newcombe's paired method), McNemar p the "
+                     "exact test of whether the flips lean one way.")
         lines.append("")
-    if any(v.get("paired") for vs in verdicts.values() for v in vs):
+    if any(v.get("interval") and not v.get("flips") for v in every):
+        lines.append("Absolute suite values show the 95 % Wilson interval.")
+        lines.append("")
+    if any(v["verdict"] == "inconclusive" for v in every):
+        lines.append("A gate whose interval straddles its threshold is inconclusive: too few prompts to tell.")
+        lines.append("")
+    if any(v.get("paired") for v in every):
         lines.append("Relative speed gates compare each candidate with the baseline served alongside it in the same "
                      "run, requests alternating; the spread is the per-pair ratio's, and a gate the pairs disagree "
                      "on is inconclusive.")
         lines.append("")
-    lines.append(f"Selected: **{best}** ({selection['rule']})." if best else
-                 f"No strategy passes the gates ({selection['rule']}).")
+    unmeasured = {(v["gate"], v.get("reason")) for v in every if v["verdict"] in ("not_measurable", "missing")}
+    for gate_name, reason in sorted(unmeasured, key=str):
+        lines.append(f"Gate {gate_name} is not measured: {reason}.")
+        lines.append("")
+    if best and selection.get("proven"):
+        lines.append(f"Selected: **{best}**, proven: every gate passed ({selection['rule']}).")
+    elif best:
+        lines.append(f"Selected: **{best}**, UNPROVEN: no gate failed, but "
+                     f"{', '.join(selection['unproven'].get(best, []))} could not decide at these sample sizes "
+                     f"({selection['rule']}).")
+    elif selection.get("unproven"):
+        lines.append(f"No strategy is proven, and none unproven is selected ({selection['rule']}): "
+                     + "; ".join(f"`{s}` undecided on {', '.join(g)}" for s, g in selection["unproven"].items())
+                     + ". Larger suites decide; `selection.accept_unproven: true` publishes the first anyway.")
+    else:
+        lines.append(f"No strategy passes the gates ({selection['rule']}).")
     for strategy, why in (failed or {}).items():
         # A paragraph each: consecutive markdown lines would run together into one.
         lines.append("")

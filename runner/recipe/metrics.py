@@ -59,3 +59,16 @@ class Metric:
             return None
         count = suite["failed"] if self.name == "failed" else suite["passed"]
         return int(count), int(suite["total"]), self.name == "pass_rate"
+
+    def outcomes(self, result: dict[str, Any]) -> dict[tuple[str, int], bool] | None:
+        """{(prompt, occurrence): counted} per item of a suite proportion (counted: passed, or failed for
+        `failed`), for comparing two models on the same prompts; None for metrics measured directly."""
+        suite = (result.get("suites") or {}).get(self.group)
+        if self.name not in SAMPLED or not suite or not suite.get("items"):
+            return None
+        out: dict[tuple[str, int], bool] = {}
+        seen: dict[str, int] = {}
+        for item in suite["items"]:
+            seen[item["prompt"]] = seen.get(item["prompt"], -1) + 1
+            out[(item["prompt"], seen[item["prompt"]])] = bool(item["passed"]) != (self.name == "failed")
+        return out

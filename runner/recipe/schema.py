@@ -380,14 +380,40 @@ class BenchmarkSpec(Section):
 
 
 class Gate(Section):
-    """A quality gate: `metric op value`, absolute or as a ratio of the baseline's metric."""
+    """A quality gate: `metric op value`, absolute or as `value x the baseline's metric` less a margin.
+
+    Suite gates are judged on 95 % intervals (paired with the baseline on the same prompts for
+    relative gates): pass, fail, inconclusive (too few prompts to tell) or not measurable."""
 
     name: Identifier
-    metric: str = Field(description="`SUITE.passed|failed|total|pass_rate`, `speed.NAME` or `size.bytes|gb`.")
+    metric: str = Field(description="`SUITE.passed|failed|total|pass_rate`, `speed.NAME`, `size.bytes|gb` or "
+                        "`kl.kl|top1_agreement`.")
     op: Literal["<", "<=", "==", ">=", ">"]
-    value: float
+    value: float | None = Field(None, description=(
+        "The threshold; for a gate relative to the baseline, the factor of the baseline's metric (default 1)."))
     relative_to: Literal["absolute", "baseline"] = Field(
         "absolute", description="`baseline`: the metric is compared with value x the baseline's metric.")
+    margin: float | None = Field(None, ge=0, description=(
+        "Relative gates: how far the candidate may fall short of `value x baseline`, in the metric's rate "
+        "units (0.05 = 5 points below for `>=`, above for `<=`): `{op: '>=', relative_to: baseline, margin: "
+        "0.01}` is \"within 1 point of the baseline\"."))
+
+    @model_validator(mode="after")
+    def _threshold(self) -> Gate:
+        if self.relative_to == "absolute":
+            if self.value is None:
+                raise ValueError(f"gate {self.name}: an absolute gate needs `value` (the threshold)")
+            if self.margin is not None:
+                raise ValueError(f"gate {self.name}: `margin` belongs to gates with `relative_to: baseline`; "
+                                 "fold it into `value` for an absolute gate")
+        elif self.value is None:
+            self.value = 1.0
+        return self
+
+    @property
+    def threshold_value(self) -> float:
+        assert self.value is not None  # set by the validator
+        return self.value
 
 
 class Preference(Section):
@@ -396,14 +422,25 @@ class Preference(Section):
 
 
 class SelectionSpec(Section):
-    """Among the strategies no gate rejects, the best by these metrics in order (ties: recipe order)."""
+    """Among the strategies no gate rejects, the proven ones (every gate passed) first, then the unproven
+    (some gate could not decide), each group ranked by these metrics in order (ties: recipe order)."""
 
     require: Literal["all_gates"] = "all_gates"
-    inconclusive: Literal["accept", "reject"] = Field(
-        "accept", description="A gate whose 95 % interval straddles its threshold (too few prompts to tell): "
-        "`accept` lets the strategy be selected (the table and card say inconclusive), `reject` does not.")
+    accept_unproven: bool = Field(False, description=(
+        "Let an unproven candidate (no gate failed, but some were inconclusive or not measurable at the suites' "
+        "sizes) be selected and published when no candidate is proven; the card then says so in its first "
+        "lines and `recipe run` exits 5 instead of 0."))
     prefer: list[Preference] = Field(default_factory=lambda: [Preference(metric="speed.decode_tok_s", order="max"),
                                                              Preference(metric="size.bytes", order="min")])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "inconclusive" in data:
+            raise ValueError("`selection.inconclusive` was replaced by `selection.accept_unproven`: an inconclusive "
+                             "gate no longer passes; write `accept_unproven: true` to let a candidate whose gates "
+                             "could not decide be selected (the card says so), or drop the key")
+        return data
 
 
 # --- report and publish ----------------------------------------------------------------------

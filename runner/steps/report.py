@@ -22,7 +22,7 @@ from typing import Any
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from runner.benchmark.gates import first_line, speed_reliability
+from runner.benchmark.gates import first_line, recovery, recovery_markdown, speed_reliability
 from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
 from runner.quantization.bits import base_format
@@ -187,6 +187,11 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     calibrate = run_dir.record("calibrate") or {}
     source_summary = (run_dir.record("source") or {}).get("summary", {})
     chosen = strategies.get(best) if best else None
+    baseline_result = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
+    baseline_label = recipe.benchmark.baseline.name if recipe.benchmark.baseline else "baseline"
+    for name, facts in strategies.items():
+        facts["recovery"] = recovery(facts["benchmark"] or {}, baseline_result)
+        facts["recovery_table"] = recovery_markdown(facts["recovery"], baseline_label, name)
     fmt = export_format(chosen["verify"].get("quant_algo"), chosen["quantize"].get("formats")) if chosen else None
     title = recipe.report.title or (f"{recipe.model.name} {fmt['name']}" if fmt else
                                     f"{recipe.model.name} (no strategy passed the gates)")
@@ -215,7 +220,7 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "strategies": strategies,
         "chosen": chosen,
         "failed": failed,
-        "baseline": json.loads(baseline_path.read_text()) if baseline_path.exists() else None,
+        "baseline": baseline_result,
         "baseline_name": baseline.name if baseline else None,
         "baseline_description": baseline_description,
         "gate_table": (run_dir.step_dir("gates") / "comparison.md").read_text(encoding="utf-8"),
@@ -261,7 +266,7 @@ SCORER_WORDS = {"no_thinking": "thinking leaking into answers", "tool_call": "to
 
 def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What this run measured about behaviour: the suites it ran (and what each checks) and, per verdict
-    of a suite gate, which strategies it rejected, left inconclusive or passed."""
+    of a suite gate, which strategies it rejected, left undecided (inconclusive or not measurable) or passed."""
     from runner.benchmark.suites import load_suite
 
     checks = []
@@ -272,14 +277,15 @@ def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str
             checks.append(ref.name)
     suites = {ref.name for ref in recipe.benchmark.suites}
     out: dict[str, Any] = {"checks": list(dict.fromkeys(checks)), "gates": [], "failed": {}, "inconclusive": {},
-                           "passed": {}}
+                           "not_measurable": {}, "passed": {}}
     for name, facts in strategies.items():
         for v in facts["verdicts"]:
             if Metric.parse(v["metric"]).group not in suites:
                 continue
             if v["gate"] not in out["gates"]:
                 out["gates"].append(v["gate"])
-            bucket = {"fail": "failed", "missing": "failed", "inconclusive": "inconclusive"}.get(v["verdict"], "passed")
+            bucket = {"fail": "failed", "missing": "failed", "inconclusive": "inconclusive",
+                      "not_measurable": "not_measurable"}.get(v["verdict"], "passed")
             out[bucket].setdefault(name, []).append(v["gate"])
     return out
 

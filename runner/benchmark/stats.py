@@ -1,0 +1,136 @@
+"""The statistics behind the gates: one-sample and paired intervals, McNemar's exact test, a paired
+bootstrap, and the power a gate has at its sample size. Pure Python (the host side imports no numpy).
+
+- A suite proportion on its own: the Wilson score interval (sensible at n = 5 and at 0 or n successes).
+- A candidate against the baseline on the same items (paired): both answered every prompt, so what
+  matters is which prompts flipped. Counts: `both` passed, `lost` (baseline passed, candidate failed),
+  `gained` (candidate passed, baseline failed), `neither`. The interval of `p_candidate - k x p_baseline`
+  is Newcombe's method 10 (1998: Wilson intervals of both margins combined with their correlation,
+  MOVER), which for k = 1 is the standard interval of a paired difference; McNemar's exact test (the
+  discordant prompts, binomial 1/2) says whether the flips lean one way at all.
+- Per-item scores (KL per conversation, partial credit): a paired percentile bootstrap of the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+ALPHA = 0.05  # two-sided 95 %
+
+
+def z_of(alpha: float) -> float:
+    """The two-sided normal quantile: 1.96 for alpha = 0.05."""
+    return NormalDist().inv_cdf(1 - alpha / 2)
+
+
+def wilson(successes: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """The Wilson score interval of a proportion."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = z_of(alpha)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Exactly 0 and 1 at the ends (rounding leaves 1e-17), so "0 of n" never reads as above zero.
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models' pass/fail on the same items."""
+
+    both: int
+    lost: int  # the baseline passed, the candidate failed
+    gained: int  # the candidate passed, the baseline failed
+    neither: int
+
+    @property
+    def n(self) -> int:
+        return self.both + self.lost + self.gained + self.neither
+
+    @property
+    def candidate(self) -> int:
+        return self.both + self.gained
+
+    @property
+    def baseline(self) -> int:
+        return self.both + self.lost
+
+    @classmethod
+    def of(cls, candidate: Sequence[bool], baseline: Sequence[bool]) -> Paired:
+        pairs = list(zip(candidate, baseline, strict=True))
+        return cls(sum(c and b for c, b in pairs), sum(b and not c for c, b in pairs),
+                   sum(c and not b for c, b in pairs), sum(not c and not b for c, b in pairs))
+
+    def correlation(self) -> float:
+        """The phi coefficient of the two models' outcomes, with Newcombe's continuity adjustment of a
+        positive numerator (n/2), 0 where a margin is constant."""
+        a, b, c, d = self.both, self.gained, self.lost, self.neither
+        denom = (a + b) * (c + d) * (a + c) * (b + d)
+        if denom == 0:
+            return 0.0
+        num = a * d - b * c
+        if num > 0:
+            num = max(num - self.n / 2, 0.0)
+        return num / math.sqrt(denom)
+
+    def interval(self, factor: float = 1.0, alpha: float = ALPHA) -> tuple[float, float]:
+        """The interval of `p_candidate - factor x p_baseline` (MOVER with the correlation)."""
+        n = self.n
+        p1, p2 = self.candidate / n, self.baseline / n
+        l1, u1 = wilson(self.candidate, n, alpha)
+        l2, u2 = wilson(self.baseline, n, alpha)
+        phi = self.correlation()
+        diff = p1 - factor * p2
+        dl1, du1, dl2, du2 = p1 - l1, u1 - p1, factor * (p2 - l2), factor * (u2 - p2)
+        low = diff - math.sqrt(max(dl1 ** 2 - 2 * phi * dl1 * du2 + du2 ** 2, 0.0))
+        high = diff + math.sqrt(max(du1 ** 2 - 2 * phi * du1 * dl2 + dl2 ** 2, 0.0))
+        return max(low, -factor), min(high, 1.0)
+
+    def mcnemar_p(self) -> float:
+        """McNemar's exact two-sided p-value: do the flips lean one way? 1.0 without any flip."""
+        m, k = self.lost + self.gained, min(self.lost, self.gained)
+        if m == 0:
+            return 1.0
+        tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+        return min(1.0, 2 * tail)
+
+
+def bootstrap_mean(values: Sequence[float], alpha: float = ALPHA, reps: int = 2000, seed: int = 0
+                   ) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (of per-item differences, for paired scores); the items
+    are resampled, so a paired difference keeps its pairing. Seeded: the same data, the same interval."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to bootstrap")
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
+    lo = means[max(0, math.floor(alpha / 2 * reps))]
+    hi = means[min(reps - 1, math.ceil((1 - alpha / 2) * reps) - 1)]
+    return lo, hi
+
+
+def binomial_pmf(n: int, p: float) -> list[float]:
+    """P(X = k) for k = 0..n, X ~ Binomial(n, p)."""
+    if p <= 0:
+        return [1.0] + [0.0] * n
+    if p >= 1:
+        return [0.0] * n + [1.0]
+    return [math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
+
+
+def smallest_detectable(fail_probability: Callable[[float], float], top: float, power: float = 0.8,
+                        step: float = 0.005) -> float | None:
+    """The smallest regression (in rate points, 0..top) that is failed with at least `power`; None when
+    even the largest possible regression is not."""
+    steps = int(round(top / step))
+    for i in range(1, steps + 1):
+        drop = i * step
+        if fail_probability(drop) >= power:
+            return round(drop, 4)
+    return None
