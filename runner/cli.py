@@ -180,6 +180,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           f"({fp.auto.modelopt_min:.4f} to {fp.auto.modelopt_max:.4f} as auto_quantize counts; "
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
         _print_overlap_warnings(path, recipe)
+        _print_power(path, recipe, lines=False)
     return EXIT_INVALID if failed else 0
 
 
@@ -209,6 +210,22 @@ def _print_overlap_warnings(path: Path, recipe) -> None:
     for i, line in enumerate(overlap_warnings(recipe)):
         console.print(f"[yellow]![/] {escape(str(path))}: warning: {escape(line)}" if i == 0 or not line.startswith(" ")
                       else escape(line))
+
+
+def _print_power(path: Path, recipe, lines: bool) -> None:
+    """What each suite gate can decide at its suite's size (runner/benchmark/power.py): a line per gate
+    (`plan`), a warning per gate that cannot decide (`plan` and `validate`)."""
+    from runner.benchmark.power import POWER, recipe_power
+
+    powers = recipe_power(recipe)
+    if lines and powers:
+        out.print(f"gate power (the smallest drop each gate fails with {POWER:.0%} probability, at its suite's "
+                  "size and the stated baseline rate):", markup=False)
+        for power in powers:
+            out.print(f"  {power.describe()}", markup=False)
+    for power in powers:
+        if (warning := power.warning()) is not None:
+            console.print(f"[yellow]![/] {escape(str(path))}: warning: {escape(warning)}")
 
 
 def _overlap_json(recipe) -> dict[str, list[str]]:
@@ -253,6 +270,7 @@ def _where(plan, step, kinds) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from runner.benchmark.power import recipe_power
     from runner.steps import step_kinds
 
     loaded, plan, run_dir = _load_plan(args)
@@ -294,7 +312,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "footprint_info": {"read_from": read_from, "hardware": recipe.benchmark.hardware,
                                "effective_bits": DEFINITION, "auto_quantize_effective_bits": MODELOPT_DEFINITION,
                                "source": source.to_json() if source else None},
-            "problems": [str(p) for p in problems], "warnings": _overlap_json(recipe)}))
+            "problems": [str(p) for p in problems], "warnings": _overlap_json(recipe),
+            "power": [p.to_json() for p in recipe_power(recipe)]}))
         return EXIT_INVALID if problems else 0
     table = Table(title=f"{recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
     colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}
@@ -321,6 +340,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if any(fp.auto is not None for fp in footprints):
             out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
     _print_overlap_warnings(args.recipe, recipe)
+    _print_power(args.recipe, recipe, lines=True)
     if problems:
         console.print(f"[bold red]invalid recipe[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''}):")
         for problem in problems:

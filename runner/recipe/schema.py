@@ -349,6 +349,9 @@ class SuiteRef(Section):
     path: RecipePath | None = None
     hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
     limit: int | None = Field(None, gt=0, description="Ask only the first N prompts (quick runs).")
+    baseline_rate: float | None = Field(None, ge=0, le=1, description=(
+        "The pass rate you expect of the baseline on this suite, for `recipe plan`'s power lines (what each "
+        "gate on the suite can detect at its size); 0.9 is assumed when not stated."))
     max_tokens: int | None = Field(None, gt=0, description=(
         "Cap each answer at this many tokens instead of the suite's own max_tokens (quick runs: a leak or "
         "markdown shows in the first tokens)."))
