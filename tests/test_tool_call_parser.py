@@ -170,3 +170,39 @@ def test_special_tool_call_tokens_survive_decoding_when_tools_are_asked(demo_tok
     assert kept.strip() == f"<tool_call>{CALL}</tool_call>"  # the eos token still left out
     assert names(kept) == ["web_search"]
     assert "<tool_call>" not in decoded(False)  # without tools, special tokens are dropped as before
+
+
+@pytest.mark.parametrize(("text", "form"), [
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "a bare JSON object"),
+    ('Sure:\n```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', "a fenced JSON block"),
+    ('{"function": {"name": "get_weather", "arguments": "{}"}}', "a bare JSON object"),
+    ('{"name": "send_email", "arguments": {}}', None),  # not one of the suite's tools
+    ("The weather in Paris is sunny.", None),
+    ('{"name": "get_weather", broken', None),
+])
+def test_a_call_in_another_form_is_recognised_but_never_parsed_as_a_call(text, form):
+    from runner.benchmark.tool_calls import other_form_call
+
+    assert other_form_call(text, {"get_weather"}) == form
+    assert parse_hermes(text).calls == []  # the verdict stays the parser's
+
+
+def test_the_suite_counts_other_form_calls_and_a_floor_gate_names_the_mismatch():
+    from runner.benchmark.gates import evaluate
+    from runner.benchmark.harness import RequestResult
+    from runner.benchmark.suites import OTHER_FORM, SuitePrompt, load_suite, score
+    from runner.recipe.schema import SuiteRef
+
+    suite = load_suite(SuiteRef(name="tool_calling"))
+    item = next(i for i in suite.items() if i.expect_tool)
+    bare = json.dumps({"name": item.expect_tool, "arguments": {}})
+    passed, why = score(suite, item, RequestResult(ok=True, content=bare))
+    assert not passed and why.startswith(OTHER_FORM)
+    passed, why = score(suite, SuitePrompt(prompt="x", expect_tool=item.expect_tool),
+                        RequestResult(ok=True, content="I cannot help."))
+    assert not passed and not why.startswith(OTHER_FORM)
+    floor = {"suites": {"tools": {"passed": 0, "failed": 10, "total": 10, "pass_rate": 0.0, "other_form_calls": 7,
+                                  "items": [{"prompt": str(i), "passed": False} for i in range(10)]}}}
+    (v,) = evaluate([{"name": "tools", "metric": "tools.pass_rate", "op": ">=", "relative_to": "baseline"}],
+                    floor, floor)
+    assert v["verdict"] == "not_measurable" and "7 of its replies hold a tool call in another form" in v["reason"]

@@ -99,6 +99,15 @@ def _worst_end(op: str, count: int, n: int) -> bool:
     return count == 0 if op in (">=", ">") else count == n if op in ("<=", "<") else False
 
 
+def _floor_reason(metric: Metric, count: int, n: int, baseline: dict[str, Any] | None) -> str:
+    """Why a gate is not measurable, with the replies that called a tool in a form the parser does not read."""
+    other = ((baseline or {}).get("suites") or {}).get(metric.group, {}).get("other_form_calls")
+    return (f"the baseline itself scored {count}/{n} on {metric}: the suite cannot show a regression from there"
+            + (f" ({other} of its replies hold a tool call in another form, a bare or fenced JSON object, that the "
+               "server's tool-call parser does not read: a format mismatch between the model and the parser)"
+               if other else ""))
+
+
 def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline: dict[str, Any] | None
                    ) -> dict[str, Any]:
     """A gate on a suite proportion: paired with the baseline's answers to the same prompts when relative,
@@ -112,9 +121,8 @@ def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline:
     out: dict[str, Any] = {"n": n, "interval": [round(low * scale, 4), round(high * scale, 4)]}
     base_sample = metric.sample(baseline) if baseline else None
     if base_sample is not None and _worst_end(op, base_sample[0], base_sample[1]):
-        return out | {"verdict": "not_measurable", "reason": (
-            f"the baseline itself scored {base_sample[0]}/{base_sample[1]} on {metric}: the suite cannot show a "
-            "regression from there")}
+        return out | {"verdict": "not_measurable", "reason": _floor_reason(metric, base_sample[0], base_sample[1],
+                                                                           baseline)}
     if gate.relative_to == "absolute":
         t = declared / scale
         diff = (low - t, high - t)
@@ -126,9 +134,7 @@ def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline:
         return out | {"verdict": "missing", "reason": "the baseline answered none of the candidate's prompts"}
     pairs = Paired.of([mine[k] for k in common], [theirs[k] for k in common])  # type: ignore[index]
     if _worst_end(op, pairs.baseline, pairs.n):
-        return out | {"verdict": "not_measurable", "reason": (
-            f"the baseline itself scored {pairs.baseline}/{pairs.n} on {metric}: the suite cannot show a "
-            "regression from there")}
+        return out | {"verdict": "not_measurable", "reason": _floor_reason(metric, pairs.baseline, pairs.n, baseline)}
     lo, hi = pairs.interval(declared)
     slack = (gate.margin or 0.0) * (1 if op in (">=", ">") else -1)
     diff = (lo + slack, hi + slack)  # the interval of `candidate - threshold`, in rate units

@@ -23,11 +23,14 @@ import aiohttp
 from pydantic import Field
 
 from runner.benchmark.harness import RequestResult, stream_chat
-from runner.benchmark.tool_calls import START, parse_hermes
+from runner.benchmark.tool_calls import START, other_form_call, parse_hermes
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
 from runner.recipe.resources import shipped_dir, shipped_suites
 from runner.recipe.schema import Section, SuiteRef, ToolDefinition
+
+# The start of a failed item's `why` when the answer holds a tool call in a form the parser does not read.
+OTHER_FORM = "tool call in another form"
 
 # The plan's Phase 4 hardened prompt, appended to the system prompt when a suite asks for it.
 HARDENED_PROMPT = """CRITICAL RULES (violations will cause errors):
@@ -89,6 +92,9 @@ def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool,
         calls = [c for c in result.tool_calls if (c.get("function") or {}).get("name") == item.expect_tool]
         if not calls:
             called = [c.get("function", {}).get("name") for c in result.tool_calls]
+            form = None if result.tool_calls else other_form_call(text, set(tools))
+            if form is not None:
+                return False, f"{OTHER_FORM}: {form} naming a tool, which the server's tool-call parser does not read"
             return False, f"expected {item.expect_tool}, called {called or 'nothing'}" + unparsed_call(text)
         problem = tool_call_problem(calls[0], tools)
         return (False, problem) if problem else (True, f"called {item.expect_tool}")
@@ -163,8 +169,10 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
     fingerprint = answers_hash(answers)
     for a in answers:
         del a["full_answer"]  # `answer` keeps the first 500 characters; the hash covers all of it
+    other_form = sum(a["why"].startswith(OTHER_FORM) for a in answers)
     return {"passed": passed, "failed": len(answers) - passed, "total": len(answers),
             "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened,
+            **({"other_form_calls": other_form} if suite.scorer == "tool_call" else {}),
             "answers_sha256": fingerprint, "items": answers}
 
 

@@ -37,6 +37,7 @@ not know.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,3 +104,28 @@ def unsupported_parser(name: str) -> str | None:
     return (f"tool-call parser {name!r} is not supported by the local engine (it parses "
             f"{', '.join(SUPPORTED_PARSERS)} only: <tool_call>{{JSON}}</tool_call>); serve this model with "
             f"serve.engine: vllm, or use a model whose chat template emits the hermes format")
+
+
+_FENCED = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
+
+
+def other_form_call(text: str, tool_names: set[str]) -> str | None:
+    """A tool call written in a form the engine's parser does not read: a fenced JSON block or a bare JSON
+    object naming one of the tools (`{"name": "get_weather", "arguments": {...}}`). The scorer counts these
+    so that a format mismatch (the model calls, the parser does not see it) shows as such, not as a model
+    that never calls; the verdict stays the parser's."""
+    candidates = [("a fenced JSON block", m.group(1)) for m in _FENCED.finditer(text)]
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        candidates.append(("a bare JSON object", stripped))
+    for form, candidate in candidates:
+        try:
+            obj = json.loads(candidate)
+        except ValueError:
+            continue
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+            name = obj["function"].get("name")
+        if isinstance(name, str) and name in tool_names:
+            return form
+    return None
