@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__
+from runner.benchmark.suites import sequential_gates
 from runner.errors import RunnerError
 from runner.recipe.schema import Recipe
 from runner.steps.code import code_files
@@ -131,6 +132,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     bench_inputs = {"serving": serving, "system_prompt": bench.system_prompt, "suites": bench.suites,
                     "speed": bench.speed, "concurrency": bench.concurrency}
     bench_ids = []
+    looked_gates = sequential_gates(recipe)
     for strategy in chosen:
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
@@ -148,9 +150,14 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
         paired = paired_speed(recipe)
+        # Sequential looks judge relative gates against the baseline's answers: it benchmarks first.
+        after_baseline = ("benchmark.baseline",) if bench.baseline is not None and any(
+            g.relative_to == "baseline" for g in looked_gates) else ()
         steps.append(Step(f"benchmark.{s}", "benchmark",
-                          (f"serve.{s}", f"export.{s}", f"quantize.{s}", *(("source",) if paired else ())),
-                          BenchmarkInput(**bench_inputs, paired_baseline=paired), s, heavy=True))
+                          (f"serve.{s}", f"export.{s}", f"quantize.{s}", *(("source",) if paired else ()),
+                           *after_baseline),
+                          BenchmarkInput(**bench_inputs, paired_baseline=paired, sequential_gates=looked_gates),
+                          s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 
     if bench.baseline is not None:

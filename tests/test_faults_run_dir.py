@@ -362,9 +362,8 @@ def test_a_step_failing_in_a_task_group_names_each_cause(write, tmp_path):
 def test_the_progress_line_counts_a_failed_request_as_failed_not_answered():
     import aiohttp
 
-    from runner.benchmark.suites import Suite, run_suite
+    from runner.benchmark.suites import Suite, progress_line, run_suite
     from runner.errors import RunnerError
-    from runner.steps.serve_bench import progress_line
     from runner.testing.scripted_server import ScriptedServer
 
     lines: list[str] = []

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.benchmark.stats import Paired, wilson
+from runner.benchmark.stats import ALPHA, Paired, wilson
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import Gate, Preference
 
@@ -117,8 +117,10 @@ def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline:
     assert sample is not None
     count, n, is_rate = sample
     scale = 1 if is_rate else n  # metric units per rate unit
-    low, high = wilson(count, n)
-    out: dict[str, Any] = {"n": n, "interval": [round(low * scale, 4), round(high * scale, 4)]}
+    # A suite asked in sequential looks is judged at the alpha its last look spent (stats.look_alphas).
+    alpha = float(((result.get("suites") or {}).get(metric.group) or {}).get("alpha") or ALPHA)
+    low, high = wilson(count, n, alpha)
+    out: dict[str, Any] = {"n": n, "interval": [round(low * scale, 4), round(high * scale, 4)], "alpha": alpha}
     base_sample = metric.sample(baseline) if baseline else None
     if base_sample is not None and _worst_end(op, base_sample[0], base_sample[1]):
         return out | {"verdict": "not_measurable", "reason": _floor_reason(metric, base_sample[0], base_sample[1],
@@ -135,7 +137,7 @@ def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline:
     pairs = Paired.of([mine[k] for k in common], [theirs[k] for k in common])  # type: ignore[index]
     if _worst_end(op, pairs.baseline, pairs.n):
         return out | {"verdict": "not_measurable", "reason": _floor_reason(metric, pairs.baseline, pairs.n, baseline)}
-    lo, hi = pairs.interval(declared)
+    lo, hi = pairs.interval(declared, alpha)
     slack = (gate.margin or 0.0) * (1 if op in (">=", ">") else -1)
     diff = (lo + slack, hi + slack)  # the interval of `candidate - threshold`, in rate units
     base_rate = pairs.baseline / pairs.n

@@ -14,11 +14,11 @@ A gate that no outcome can fail (or pass) is a check that cannot decide: the pla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from runner.benchmark.gates import evaluate
-from runner.benchmark.stats import binomial_pmf, smallest_detectable
+from runner.benchmark.stats import ALPHA, binomial_pmf, look_alphas, look_sizes, smallest_detectable
+from runner.benchmark.suites import suite_size
 from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import Gate, Recipe
@@ -101,24 +101,26 @@ class GatePower:
                 "warning": self.warning()}
 
 
-def _result(suite: str, passes: list[bool]) -> dict[str, Any]:
+def _result(suite: str, passes: list[bool], alpha: float) -> dict[str, Any]:
     passed = sum(passes)
-    return {"suites": {suite: {"passed": passed, "failed": len(passes) - passed, "total": len(passes),
+    return {"suites": {suite: {"passed": passed, "failed": len(passes) - passed, "total": len(passes), "alpha": alpha,
                                "pass_rate": passed / len(passes) if passes else 0.0,
                                "items": [{"prompt": f"#{i}", "passed": p} for i, p in enumerate(passes)]}}}
 
 
-def _verdict(gate: Gate, candidate: list[bool], baseline: list[bool] | None, suite: str) -> str:
-    (v,) = evaluate([gate], _result(suite, candidate), _result(suite, baseline) if baseline is not None else None)
+def _verdict(gate: Gate, candidate: list[bool], baseline: list[bool] | None, suite: str, alpha: float) -> str:
+    (v,) = evaluate([gate], _result(suite, candidate, alpha),
+                    _result(suite, baseline, alpha) if baseline is not None else None)
     return str(v["verdict"])
 
 
-def gate_power(gate: Gate, n: int, rate: float, rate_stated: bool) -> GatePower:
+def gate_power(gate: Gate, n: int, rate: float, rate_stated: bool, alpha: float = ALPHA) -> GatePower:
+    """`alpha`: what the last look judges at (stats.look_alphas) when the suite is asked sequentially."""
     suite = Metric.parse(gate.metric).group
     if gate.relative_to == "baseline":
         m = round(rate * n)
         base = [i < m for i in range(n)]
-        verdicts = [_verdict(gate, [i < m - lost for i in range(n)], base, suite) for lost in range(m + 1)]
+        verdicts = [_verdict(gate, [i < m - lost for i in range(n)], base, suite, alpha) for lost in range(m + 1)]
         fails = [lost for lost, v in enumerate(verdicts) if v == "fail"]
 
         def fail_probability(drop: float) -> float:
@@ -131,7 +133,7 @@ def gate_power(gate: Gate, n: int, rate: float, rate_stated: bool) -> GatePower:
         return GatePower(gate.name, suite, n, rate, rate_stated, True,
                          [lost for lost, v in enumerate(verdicts) if v == "pass"], fails, detect, m,
                          named_drop=named if gate.op in (">=", ">") and named > 0 else None)
-    verdicts = [_verdict(gate, [i < k for i in range(n)], None, suite) for k in range(n + 1)]
+    verdicts = [_verdict(gate, [i < k for i in range(n)], None, suite, alpha) for k in range(n + 1)]
     fails = [k for k, v in enumerate(verdicts) if v == "fail"]
 
     def fail_probability_abs(drop: float) -> float:
@@ -147,16 +149,6 @@ def gate_power(gate: Gate, n: int, rate: float, rate_stated: bool) -> GatePower:
                      named_drop=named if named and named > 0 else None)
 
 
-@cache
-def _suite_size(path: str | None, name: str, limit: int | None) -> int:
-    from runner.benchmark.suites import load_suite
-    from runner.recipe.schema import SuiteRef
-
-    ref = SuiteRef(name=name, path=path, limit=limit)
-    size = len(load_suite(ref).prompts)
-    return min(size, limit) if limit else size
-
-
 def recipe_power(recipe: Recipe) -> list[GatePower]:
     """The power of every gate on a suite proportion, at the sizes the recipe asks."""
     refs = {ref.name: ref for ref in recipe.benchmark.suites}
@@ -168,9 +160,10 @@ def recipe_power(recipe: Recipe) -> list[GatePower]:
                 gate.relative_to == "baseline":
             continue
         try:
-            n = _suite_size(str(ref.path) if ref.path else None, ref.name, ref.limit)
+            n = suite_size(ref)
         except RunnerError:
             continue  # validate reports the missing suite itself
         rate = ref.baseline_rate if ref.baseline_rate is not None else ASSUMED_RATE
-        out.append(gate_power(gate, n, rate, ref.baseline_rate is not None))
+        alpha = look_alphas(look_sizes(n))[-1] if recipe.benchmark.sequential else ALPHA
+        out.append(gate_power(gate, n, rate, ref.baseline_rate is not None, alpha))
     return out

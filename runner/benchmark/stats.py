@@ -134,3 +134,43 @@ def smallest_detectable(fail_probability: Callable[[float], float], top: float, 
         if fail_probability(drop) >= power:
             return round(drop, 4)
     return None
+
+
+# --- sequential looks -------------------------------------------------------------------------------
+#
+# A suite is asked in looks (a quarter, half, then all of its items) and stops as soon as every gate
+# that reads it is decided. Each look spends part of the error budget by an O'Brien-Fleming-shaped
+# spending function, alpha(t) = 2 - 2 Phi(z_{alpha/2} / sqrt(t)) at information fraction t, and judges
+# its intervals at the increment alpha(t_k) - alpha(t_{k-1}). The increments sum to alpha, so by the
+# union bound the chance that any look decides wrongly is at most alpha whatever the looks' correlation
+# (conservative, and exact enough: the last look of three judges at 0.0444 instead of 0.05). Early
+# looks spend almost nothing, so only clear cases stop there.
+
+MIN_LOOK = 20  # items between looks: fewer and a look cannot decide anything that the next would not
+
+
+def look_sizes(n: int, fractions: Sequence[float] = (0.25, 0.5, 1.0)) -> list[int]:
+    """The item counts at which a suite of n items is judged: fractions of n at least MIN_LOOK apart,
+    always ending at n."""
+    sizes: list[int] = []
+    for fraction in fractions:
+        size = max(1, round(n * fraction))
+        if size >= n:
+            break
+        if size - (sizes[-1] if sizes else 0) >= MIN_LOOK and n - size >= MIN_LOOK:
+            sizes.append(size)
+    return [*sizes, n]
+
+
+def spending(t: float, alpha: float = ALPHA) -> float:
+    """The O'Brien-Fleming-shaped alpha spent by information fraction t (0 < t <= 1)."""
+    if t >= 1:
+        return alpha
+    return 2 - 2 * NormalDist().cdf(z_of(alpha) / math.sqrt(t))
+
+
+def look_alphas(sizes: Sequence[int], alpha: float = ALPHA) -> list[float]:
+    """The alpha each look judges at: the increments of the spending function, summing to alpha."""
+    n = sizes[-1]
+    spent = [spending(size / n, alpha) for size in sizes]
+    return [spent[0], *(b - a for a, b in zip(spent, spent[1:], strict=False))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +24,13 @@ import aiohttp
 from pydantic import Field
 
 from runner.benchmark.harness import RequestResult, stream_chat
+from runner.benchmark.stats import look_alphas, look_sizes
 from runner.benchmark.tool_calls import START, other_form_call, parse_hermes
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
+from runner.recipe.metrics import Metric
 from runner.recipe.resources import shipped_dir, shipped_suites
-from runner.recipe.schema import Section, SuiteRef, ToolDefinition
+from runner.recipe.schema import Gate, Recipe, Section, SuiteRef, ToolDefinition
 
 # The start of a failed item's `why` when the answer holds a tool call in a form the parser does not read.
 OTHER_FORM = "tool call in another form"
@@ -132,14 +135,42 @@ def score_answer(text: str, expect: list[str], reject: list[str]) -> tuple[bool,
     return True, f"names {hit!r}"
 
 
-async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,
-                    hardened: bool, limit: int | None, concurrency: int,
-                    on_answer: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
-    """Ask every prompt, score every answer; passed/failed/total/pass_rate plus each item.
-    `on_answer(answered, failed, total)` is told of each reply (progress): a request that failed is
-    counted as failed, not answered."""
+def sequential_gates(recipe: Recipe) -> list[Gate]:
+    """The gates a candidate's benchmark judges between looks: those on a suite that has more than one look
+    (benchmark.sequential, suites of at least 2 x stats.MIN_LOOK items); empty when sequential is off."""
+    if not recipe.benchmark.sequential:
+        return []
+    sizes = {}
+    for ref in recipe.benchmark.suites:
+        try:
+            sizes[ref.name] = suite_size(ref)
+        except RunnerError:
+            continue  # validate names the missing suite
+    return [g for g in recipe.gates
+            if len(look_sizes(sizes.get(Metric.parse(g.metric).group, 0) or 1)) > 1]
+
+
+def suite_size(ref: SuiteRef) -> int:
+    """How many items a suite reference asks at most."""
+    return len(sampled_items(load_suite(ref), ref))
+
+
+def sampled_items(suite: Suite, ref: SuiteRef) -> list[SuitePrompt]:
+    """The items a suite reference asks, in the order it asks them: the file's order, or a shuffle by
+    the reference's `seed` (so that any prefix, e.g. a sequential look, is a random sample), cut to its
+    `limit`."""
+    items = suite.items()
+    if ref.seed is not None:
+        random.Random(ref.seed).shuffle(items)
+    return items[: ref.limit] if ref.limit else items
+
+
+async def ask_items(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, items: list[SuitePrompt],
+                    system_prompt: str, hardened: bool, concurrency: int,
+                    on_answer: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Ask these items and score every answer. A request that failed raises: an answer that never came
+    says nothing about the model. `on_answer(answered, failed, total)` is told of each reply."""
     system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
-    items = suite.items()[:limit] if limit else suite.items()
     tools = [t.model_dump() for t in suite.tools] or None
     extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
     slots = asyncio.Semaphore(concurrency)
@@ -162,18 +193,73 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
     answers = await asyncio.gather(*(ask(item) for item in items))
     errors = [a for a in answers if a.pop("error")]
     if errors:
-        # An answer that never came says nothing about the model: fail the step, never score it.
         raise RunnerError(f"suite {suite.name}: {len(errors)} of {len(answers)} requests to {base_url} failed "
                           f"(first: {errors[0]['why']}); no answer was scored, the step is not committed")
+    return list(answers)
+
+
+def summarize(suite: Suite, answers: list[dict[str, Any]], hardened: bool) -> dict[str, Any]:
+    """passed/failed/total/pass_rate, the answers' fingerprint and each item (its first 500 characters)."""
+    answers = [dict(a) for a in answers]
     passed = sum(a["passed"] for a in answers)
     fingerprint = answers_hash(answers)
     for a in answers:
-        del a["full_answer"]  # `answer` keeps the first 500 characters; the hash covers all of it
+        a.pop("full_answer", None)  # `answer` keeps the first 500 characters; the hash covers all of it
     other_form = sum(a["why"].startswith(OTHER_FORM) for a in answers)
     return {"passed": passed, "failed": len(answers) - passed, "total": len(answers),
             "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened,
             **({"other_form_calls": other_form} if suite.scorer == "tool_call" else {}),
             "answers_sha256": fingerprint, "items": answers}
+
+
+async def ask_in_looks(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, ref: SuiteRef,
+                       items: list[SuitePrompt], gates: list[Gate], baseline: dict[str, Any] | None,
+                       system_prompt: str, concurrency: int, log: Callable[[str], None] = lambda line: None
+                       ) -> dict[str, Any]:
+    """Ask a suite's items, in sequential looks when gates read it (stats.look_sizes): after each look the
+    gates are judged at that look's alpha (stats.look_alphas) against the baseline's answers, and the suite
+    stops once every one passes or fails. The result records the looks, the cap, and the alpha of the last
+    look, which the gates step judges at. Without gates (or a suite too small for two looks) every item
+    is asked and judged at the full alpha."""
+    from runner.benchmark.gates import evaluate
+
+    sizes = look_sizes(len(items)) if gates else [len(items)]
+    alphas = look_alphas(sizes)
+    log(f"suite {ref.name}: {len(items)} prompts"
+        + (f", judged after {', '.join(map(str, sizes))}" if len(sizes) > 1 else ""))
+    answers: list[dict[str, Any]] = []
+    looks: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    for size, alpha in zip(sizes, alphas, strict=True):
+        asked = len(answers)
+        answers += await ask_items(
+            session, base_url, model, suite, items[asked:size], system_prompt, ref.hardened_prompt, concurrency,
+            lambda done, failed, _total, a=asked: log(progress_line(ref.name, a + done, failed, len(items))))
+        result = summarize(suite, answers, ref.hardened_prompt)
+        if len(sizes) == 1:
+            return result
+        result["alpha"] = alpha
+        verdicts = evaluate(gates, {"suites": {ref.name: result}}, baseline)
+        looks.append({"n": size, "alpha": round(alpha, 6), "verdicts": {v["gate"]: v["verdict"] for v in verdicts}})
+        log(f"suite {ref.name}, look {len(looks)} at {size} items (alpha {alpha:.4g}): "
+            + ", ".join(f"{g} {v}" for g, v in looks[-1]["verdicts"].items()))
+        if all(v["verdict"] in ("pass", "fail") for v in verdicts):
+            break
+    return result | {"looks": looks, "cap": len(items), "stopped_early": len(answers) < len(items)}
+
+
+def progress_line(suite: str, answered: int, failed: int, total: int) -> str:
+    """A suite's progress: replies that came, and requests that failed (never counted as answered)."""
+    return f"suite {suite}: {answered}/{total} answered" + (f", {failed} failed" if failed else "")
+
+
+async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, system_prompt: str,
+                    hardened: bool, limit: int | None, concurrency: int,
+                    on_answer: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Ask the first `limit` prompts (all without one), score every answer, and summarize."""
+    items = suite.items()[:limit] if limit else suite.items()
+    answers = await ask_items(session, base_url, model, suite, items, system_prompt, hardened, concurrency, on_answer)
+    return summarize(suite, answers, hardened)
 
 
 def answers_hash(answers: list[dict[str, Any]]) -> str:

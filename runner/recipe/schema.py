@@ -348,7 +348,11 @@ class SuiteRef(Section):
     name: Identifier
     path: RecipePath | None = None
     hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
-    limit: int | None = Field(None, gt=0, description="Ask only the first N prompts (quick runs).")
+    limit: int | None = Field(None, gt=0, description=(
+        "The suite's size: ask only the first N prompts (after the `seed` shuffle, when one is given)."))
+    seed: int | None = Field(None, description=(
+        "Shuffle the prompts with this seed before taking `limit` (a random sample; sequential looks ask "
+        "prefixes of it); the file's order without one."))
     baseline_rate: float | None = Field(None, ge=0, le=1, description=(
         "The pass rate you expect of the baseline on this suite, for `recipe plan`'s power lines (what each "
         "gate on the suite can detect at its size); 0.9 is assumed when not stated."))
@@ -377,6 +381,11 @@ class BenchmarkSpec(Section):
     suites: list[SuiteRef] = Field(default_factory=list)
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     concurrency: int = Field(1, ge=1, description="Concurrent requests while running suites.")
+    sequential: bool = Field(True, description=(
+        "Ask a candidate's suites in looks (a quarter, half, then all of the items, looks at least 20 items "
+        "apart) and stop a suite once every gate that reads it passes or fails; each look judges at its share "
+        "of the 5 % error budget (O'Brien-Fleming-shaped alpha spending), so a clear case costs few requests "
+        "and the verdicts stay valid. The baseline always answers every item."))
     hardware: str = Field("dgx-spark-gb10", description="Target hardware, for the decode-speed prediction.")
 
 

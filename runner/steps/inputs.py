@@ -101,6 +101,8 @@ class BenchmarkInput(StepInput):
     baseline: Baseline | None = None  # set for benchmark.baseline only
     # A candidate's gate-level speed runs interleaved with the source model served alongside it
     paired_baseline: bool = False
+    # benchmark.sequential: the gates a candidate's suites are judged by between looks (empty: ask every item)
+    sequential_gates: list[Gate] = Field(default_factory=list)
 
 
 class GatesInput(StepInput):

@@ -28,8 +28,10 @@ from runner.benchmark.gates import comparison_markdown, evaluate, plot_gates, pl
 from runner.benchmark.harness import stream_chat
 from runner.benchmark.prediction import predict_decode, tensor_bytes
 from runner.benchmark.speed import speed_sweep
-from runner.benchmark.suites import load_suite, run_suite
+from runner.benchmark.suites import Suite, ask_in_looks, load_suite, sampled_items
 from runner.errors import RunnerError
+from runner.recipe.metrics import Metric
+from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import NOT_BENCHMARKED, BenchmarkInput, GatesInput, ServeInput
@@ -99,11 +101,7 @@ async def benchmark(ctx: StepContext) -> StepResult:
             suite = load_suite(ref)
             if ref.max_tokens:
                 suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
-            ctx.log.info("suite %s: %d prompts", ref.name, min(len(suite.prompts), ref.limit or len(suite.prompts)))
-            suites[ref.name] = await run_suite(
-                session, server.url, server.model, suite, spec.system_prompt, ref.hardened_prompt, ref.limit,
-                spec.concurrency, lambda done, failed, total, n=ref.name: ctx.log.info(
-                    "%s", progress_line(n, done, failed, total)))
+            suites[ref.name] = await ask_suite(ctx, session, server, suite, ref)
             ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed,
@@ -126,9 +124,18 @@ async def benchmark(ctx: StepContext) -> StepResult:
     return StepResult(outputs={"results": "results.json"}, summary=summary)
 
 
-def progress_line(suite: str, answered: int, failed: int, total: int) -> str:
-    """A suite's progress: replies that came, and requests that failed (never counted as answered)."""
-    return f"suite {suite}: {answered}/{total} answered" + (f", {failed} failed" if failed else "")
+async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: RunningServer, suite: Suite,
+                    ref: SuiteRef) -> dict[str, Any]:
+    """A suite's answers. A candidate whose gates read the suite asks it in sequential looks and stops once
+    every such gate passes or fails (suites.ask_in_looks); the baseline answers every item."""
+    spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
+    items = sampled_items(suite, ref)
+    gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \
+        if ctx.step.strategy is not None else []
+    baseline = (json.loads(ctx.input("benchmark.baseline", "results").read_text(encoding="utf-8"))
+                if gates and "benchmark.baseline" in ctx.step.deps else None)
+    return await ask_in_looks(session, server.url, server.model, suite, ref, items, gates, baseline,
+                              spec.system_prompt, spec.concurrency, lambda line: ctx.log.info("%s", line))
 
 
 def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:

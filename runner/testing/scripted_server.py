@@ -49,6 +49,7 @@ class ScriptedServer:
     peak_in_flight: int = 0
     ttft_s: float = 0.0
     itl_s: float = 0.0
+    always: str = ""  # markers every prompt also carries: a server that always behaves so (e.g. "[markdown]")
     stream_log: list[dict[str, Any]] = field(default_factory=list)
     failures_left: Counter[str] = field(default_factory=Counter)
     port: int = 0
@@ -105,7 +106,7 @@ class ScriptedServer:
     async def _answer(self, body: dict[str, Any]) -> web.Response:
         messages = body.get("messages") or []
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {"content": ""})
-        prompt = str(last_user.get("content") or "")
+        prompt = str(last_user.get("content") or "") + self.always
         markers = {m.group(1): (m.group(2), m.group(3)) for m in MARKER.finditer(prompt)}
         if "fail" in markers:
             code, times = markers["fail"]
