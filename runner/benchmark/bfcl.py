@@ -226,6 +226,10 @@ def check_categories(categories: list[str]) -> list[str]:
                        "calls across turns, which this runner does not do")
             elif cat in ("web_search", "memory") or cat.startswith(("web_search", "memory", "format_sensitivity")):
                 why = "it needs BFCL's live backends or prompt variations, which this runner does not run"
+            elif cat == "simple":
+                why = "BFCL v4 calls it 'simple_python'"
+            elif cat in ("java", "javascript", "simple_java", "simple_javascript"):
+                why = "Java and JavaScript items are judged on string-encoded arguments, which this runner does not do"
             else:
                 hint = closest(cat, SUPPORTED)
                 why = "it is not a single-turn Python AST or irrelevance category" + (
