@@ -125,7 +125,7 @@ def test_irrelevance_passes_on_text_and_fails_on_a_call(bfcl, items):
 
 
 def test_the_result_is_suite_like_with_per_category_counts(bfcl, items):
-    from runner.benchmark.suites import answers_hash
+    from runner.benchmark.harness import answers_hash
 
     chosen = [items["simple_python_1"], items["irrelevance_0"], items["live_simple_58-27-0"]]
     replies = [[call("math_factorial", {"number": 5})], "No.", [call("get_movies", {"city": "Mumbai"})]]
@@ -246,3 +246,36 @@ def test_ci_installs_what_the_message_names():
 
     setup = (REPO / ".ci" / "setup").read_text()
     assert all(f'"{p}"' in setup for p in BFCL_PACKAGES), BFCL_PACKAGES
+
+
+def test_a_recipe_runs_bfcl_as_a_suite_whose_looks_sample_every_category(bfcl, write, tmp_path):
+    from conftest import MINIMAL, placeholder_model, recipe
+    from runner.benchmark.suites import suite_run
+    from runner.recipe.schema import SuiteRef
+
+    ref = SuiteRef(name="bfcl", bfcl=["simple_python", "multiple", "irrelevance"], limit=120, seed=5)
+    run = suite_run(ref, None, "http://unused", "m", "", 1)  # type: ignore[arg-type]
+    assert len(run.items) == 120 and {i.category for i in run.items[:30]} == {"simple_python", "multiple",
+                                                                              "irrelevance"}
+    assert [i.id for i in run.items] == [i.id for i in suite_run(ref, None, "", "", "", 1).items]  # seeded
+    placeholder_model(tmp_path / "model")
+    (tmp_path / "calib.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    good = write("good.yaml", MINIMAL + """
+benchmark:
+  baseline: {kind: served}
+  suites:
+    - {name: bfcl, bfcl: [simple_python, irrelevance], limit: 200, seed: 0, baseline_rate: 0.85}
+gates:
+  - {name: tools, metric: bfcl.pass_rate, op: ">=", relative_to: baseline, margin: 0.05}
+""")
+    plan = recipe("plan", str(good), "--run-dir", str(tmp_path / "run"))
+    assert plan.returncode == 0, plan.stderr
+    assert "tools: n=200, baseline rate 0.85:" in plan.stdout
+    bad = write("bad.yaml", MINIMAL + """
+benchmark:
+  suites:
+    - {name: bfcl, bfcl: [multi_turn_base]}
+""")
+    result = recipe("validate", str(bad))
+    assert result.returncode != 0 and "bad.yaml:" in result.stdout + result.stderr
+    assert "multi-turn categories need BFCL's simulated APIs" in result.stdout + result.stderr

@@ -9,7 +9,7 @@ import aiohttp
 
 from runner.benchmark.gates import evaluate
 from runner.benchmark.stats import look_alphas, look_sizes, spending
-from runner.benchmark.suites import Suite, ask_in_looks, sampled_items
+from runner.benchmark.suites import Suite, SuiteRun, ask_in_looks, ask_items, sampled_items, summarize
 from runner.recipe.schema import Gate, SuiteRef
 from runner.testing.scripted_server import ScriptedServer
 
@@ -23,8 +23,11 @@ def ask(always: str, gates: list[Gate], baseline: dict | None) -> tuple[dict, in
         server = await ScriptedServer(always=always).start()
         try:
             async with aiohttp.ClientSession() as session:
-                result = await ask_in_looks(session, server.url, server.model, SUITE, REF,
-                                            sampled_items(SUITE, REF), gates, baseline, "", 4)
+                run = SuiteRun("plain", sampled_items(SUITE, REF),
+                               lambda some, on_answer: ask_items(session, server.url, server.model, SUITE, some, "",
+                                                                 False, 4, on_answer),
+                               lambda answers: summarize(SUITE, answers, False))
+                result = await ask_in_looks(run, gates, baseline)
             return result, server.requests
         finally:
             await server.stop()

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import copy
-import hashlib
 import json
 import os
 import random
@@ -59,7 +58,7 @@ from typing import Any
 
 import aiohttp
 
-from runner.benchmark.harness import stream_chat
+from runner.benchmark.harness import answers_hash, stream_chat
 from runner.errors import RunnerError, closest
 
 # The version this module is checked against, and the packages it needs from bfcl-eval's dependency list
@@ -76,6 +75,7 @@ SUPPORTED = AST_CATEGORIES + IRRELEVANCE_CATEGORIES
 
 # Any name: the stub registry answers every name alike. Spelled without "_" (BFCL maps "_" to "/").
 MODEL_NAME = "recipe-runner"
+MAX_TOKENS = 512  # an answer's cap unless the suite reference sets max_tokens
 _STUB = "bfcl_eval.constants.model_config"
 
 
@@ -289,22 +289,13 @@ def load_items(categories: list[str], size: int | None, seed: int) -> list[BfclI
     return items
 
 
-def answers_hash(answers: list[dict[str, Any]]) -> str:
-    """The fingerprint runner.benchmark.suites.answers_hash gives (same canonical form; not imported from
-    there so that suites can import this module)."""
-    canonical = [[a["prompt"], a["full_answer"],
-                  [[(c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments")]
-                   for c in a["tool_calls"]]] for a in answers]
-    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
-
-
-async def run_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, items: list[BfclItem],
+async def ask_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, items: list[BfclItem],
                    concurrency: int, on_answer: Callable[[int, int, int], None] | None = None,
-                   max_tokens: int = 512, extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Ask every item, score every answer with BFCL's checker; a suite-like result with per-category counts.
-    A request that fails (HTTP error, transport error, a stream with nothing in it) fails the run with
-    RunnerError once all are in, as run_suite does: an answer that never came says nothing about the model.
-    `on_answer(answered, failed, total)` is told of each reply."""
+                   max_tokens: int = MAX_TOKENS, extra_body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Ask these items and score every answer with BFCL's checker. A request that fails (HTTP error,
+    transport error, a stream with nothing in it) fails the run with RunnerError once all are in, as the
+    suites do: an answer that never came says nothing about the model. `on_answer(answered, failed,
+    total)` is told of each reply."""
     slots = asyncio.Semaphore(concurrency)
     answered = unanswered = 0
 
@@ -329,10 +320,16 @@ async def run_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, it
     if errors:
         raise RunnerError(f"BFCL: {len(errors)} of {len(answers)} requests to {base_url} failed "
                           f"(first: {errors[0]['prompt']}: {errors[0]['why']}); no answer was scored")
+    return list(answers)
+
+
+def summarize_bfcl(answers: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """A suite-like result with per-category counts, BFCL's version and the answers' fingerprint."""
+    answers = [dict(a) for a in answers]
     fingerprint = answers_hash(answers)
     per_category: dict[str, dict[str, int]] = {}
     for a in answers:
-        del a["full_answer"]  # `answer` keeps the first 500 characters; the hash covers all of it
+        a.pop("full_answer", None)  # `answer` keeps the first 500 characters; the hash covers all of it
         counts = per_category.setdefault(a["category"], {"passed": 0, "total": 0})
         counts["passed"] += a["passed"]
         counts["total"] += 1
@@ -342,3 +339,11 @@ async def run_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, it
             "pass_rate": round(passed / total, 4) if total else 0.0, "per_category": per_category,
             "bfcl_version": bfcl_version(), "max_tokens": max_tokens, "answers_sha256": fingerprint,
             "items": answers}
+
+
+async def run_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, items: list[BfclItem],
+                   concurrency: int, on_answer: Callable[[int, int, int], None] | None = None,
+                   max_tokens: int = MAX_TOKENS, extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ask every item and summarize (ask_bfcl, summarize_bfcl)."""
+    answers = await ask_bfcl(session, base_url, model, items, concurrency, on_answer, max_tokens, extra_body)
+    return summarize_bfcl(answers, max_tokens)

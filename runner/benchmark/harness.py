@@ -12,6 +12,7 @@ Definitions follow `vllm bench serve` and GuideLLM:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -149,3 +150,11 @@ def summarize(results: list[RequestResult]) -> dict[str, Any]:
         "prompt_tokens_mean": rnd(statistics.mean(r.prompt_tokens for r in ok if r.prompt_tokens))
         if any(r.prompt_tokens for r in ok) else None,
     }
+
+
+def answers_hash(answers: list[dict[str, Any]]) -> str:
+    """A fingerprint of what the model said (full text and tool calls, not ids): equal hashes, equal answers."""
+    canonical = [[a["prompt"], a["full_answer"],
+                  [[(c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments")]
+                   for c in a["tool_calls"]]] for a in answers]
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()

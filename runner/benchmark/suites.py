@@ -12,18 +12,17 @@ Scorers:
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 from pydantic import Field
 
-from runner.benchmark.harness import RequestResult, stream_chat
+from runner.benchmark.harness import RequestResult, answers_hash, stream_chat
 from runner.benchmark.stats import look_alphas, look_sizes
 from runner.benchmark.tool_calls import START, other_form_call, parse_hermes
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
@@ -152,7 +151,7 @@ def sequential_gates(recipe: Recipe) -> list[Gate]:
 
 def suite_size(ref: SuiteRef) -> int:
     """How many items a suite reference asks at most."""
-    return len(sampled_items(load_suite(ref), ref))
+    return len(bfcl_items(ref)) if ref.bfcl else len(sampled_items(load_suite(ref), ref))
 
 
 def sampled_items(suite: Suite, ref: SuiteRef) -> list[SuitePrompt]:
@@ -212,10 +211,54 @@ def summarize(suite: Suite, answers: list[dict[str, Any]], hardened: bool) -> di
             "answers_sha256": fingerprint, "items": answers}
 
 
-async def ask_in_looks(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, ref: SuiteRef,
-                       items: list[SuitePrompt], gates: list[Gate], baseline: dict[str, Any] | None,
-                       system_prompt: str, concurrency: int, log: Callable[[str], None] = lambda line: None
-                       ) -> dict[str, Any]:
+Ask = Callable[[list[Any], Callable[[int, int, int], None]], Awaitable[list[dict[str, Any]]]]
+
+
+@dataclass
+class SuiteRun:
+    """How to ask one suite reference: its items in asking order, a coroutine that asks some of them and
+    scores the answers, and the summary of all answers so far. Shipped/file suites and BFCL alike."""
+
+    name: str
+    items: list[Any]
+    ask: Ask
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def suite_run(ref: SuiteRef, session: aiohttp.ClientSession, base_url: str, model: str, system_prompt: str,
+              concurrency: int) -> SuiteRun:
+    """The SuiteRun of a reference: BFCL's data and checker for `bfcl:` categories, else the suite file."""
+    if ref.bfcl:
+        from runner.benchmark import bfcl
+
+        items: list[Any] = bfcl_items(ref)
+        max_tokens = ref.max_tokens or bfcl.MAX_TOKENS
+        return SuiteRun(ref.name, items,
+                        lambda some, on_answer: bfcl.ask_bfcl(session, base_url, model, some, concurrency, on_answer,
+                                                              max_tokens),
+                        lambda answers: bfcl.summarize_bfcl(answers, max_tokens))
+    suite = load_suite(ref)
+    if ref.max_tokens:
+        suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
+    return SuiteRun(ref.name, sampled_items(suite, ref),
+                    lambda some, on_answer: ask_items(session, base_url, model, suite, some, system_prompt,
+                                                      ref.hardened_prompt, concurrency, on_answer),
+                    lambda answers: summarize(suite, answers, ref.hardened_prompt))
+
+
+def bfcl_items(ref: SuiteRef) -> list[Any]:
+    """A BFCL reference's items in asking order: BFCL's seeded sample of `limit` items over the categories,
+    shuffled together with the same seed so that every sequential look is a sample of every category."""
+    from runner.benchmark import bfcl
+
+    assert ref.bfcl is not None
+    items = bfcl.load_items(ref.bfcl, ref.limit, ref.seed or 0)
+    random.Random(f"{ref.seed or 0}:looks").shuffle(items)
+    return items
+
+
+async def ask_in_looks(run: SuiteRun, gates: list[Gate], baseline: dict[str, Any] | None,
+                       log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Ask a suite's items, in sequential looks when gates read it (stats.look_sizes): after each look the
     gates are judged at that look's alpha (stats.look_alphas) against the baseline's answers, and the suite
     stops once every one passes or fails. The result records the looks, the cap, and the alpha of the last
@@ -223,25 +266,25 @@ async def ask_in_looks(session: aiohttp.ClientSession, base_url: str, model: str
     is asked and judged at the full alpha."""
     from runner.benchmark.gates import evaluate
 
+    items = run.items
     sizes = look_sizes(len(items)) if gates else [len(items)]
     alphas = look_alphas(sizes)
-    log(f"suite {ref.name}: {len(items)} prompts"
+    log(f"suite {run.name}: {len(items)} prompts"
         + (f", judged after {', '.join(map(str, sizes))}" if len(sizes) > 1 else ""))
     answers: list[dict[str, Any]] = []
     looks: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     for size, alpha in zip(sizes, alphas, strict=True):
         asked = len(answers)
-        answers += await ask_items(
-            session, base_url, model, suite, items[asked:size], system_prompt, ref.hardened_prompt, concurrency,
-            lambda done, failed, _total, a=asked: log(progress_line(ref.name, a + done, failed, len(items))))
-        result = summarize(suite, answers, ref.hardened_prompt)
+        answers += await run.ask(items[asked:size], lambda done, failed, _total, a=asked: log(
+            progress_line(run.name, a + done, failed, len(items))))
+        result = run.summarize(answers)
         if len(sizes) == 1:
             return result
         result["alpha"] = alpha
-        verdicts = evaluate(gates, {"suites": {ref.name: result}}, baseline)
+        verdicts = evaluate(gates, {"suites": {run.name: result}}, baseline)
         looks.append({"n": size, "alpha": round(alpha, 6), "verdicts": {v["gate"]: v["verdict"] for v in verdicts}})
-        log(f"suite {ref.name}, look {len(looks)} at {size} items (alpha {alpha:.4g}): "
+        log(f"suite {run.name}, look {len(looks)} at {size} items (alpha {alpha:.4g}): "
             + ", ".join(f"{g} {v}" for g, v in looks[-1]["verdicts"].items()))
         if all(v["verdict"] in ("pass", "fail") for v in verdicts):
             break
@@ -262,9 +305,3 @@ async def run_suite(session: aiohttp.ClientSession, base_url: str, model: str, s
     return summarize(suite, answers, hardened)
 
 
-def answers_hash(answers: list[dict[str, Any]]) -> str:
-    """A fingerprint of what the model said (full text and tool calls, not ids): equal hashes, equal answers."""
-    canonical = [[a["prompt"], a["full_answer"],
-                  [[(c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments")]
-                   for c in a["tool_calls"]]] for a in answers]
-    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from runner.errors import Location, Problem, RecipeError, closest, format_path
+from runner.errors import Location, Problem, RecipeError, RunnerError, closest, format_path
 from runner.recipe.resources import available_containers, hardware_targets, shipped_dir, shipped_suites
-from runner.recipe.schema import Recipe
+from runner.recipe.schema import Recipe, SuiteRef
 from runner.recipe.schema_walk import allowed_keys, allowed_literals
 from runner.recipe.secrets import is_secret_name, secret_values
 from runner.recipe.yaml_tree import KeyPath, Node, read_yaml, to_plain
@@ -399,11 +399,25 @@ def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> lis
     return problems
 
 
+def _bfcl_problems(ref: SuiteRef, path: KeyPath, locations: dict[KeyPath, Location]) -> list[Problem]:
+    """A BFCL suite's categories are ones the runner scores, bfcl-eval is importable, the sample fits."""
+    from runner.benchmark.bfcl import load_items
+
+    try:
+        load_items(ref.bfcl or [], ref.limit, ref.seed or 0)
+    except RunnerError as exc:
+        return [Problem(str(exc), path, locate(locations, path))]
+    return []
+
+
 def _check_shipped_names(recipe: Recipe, locations: dict[KeyPath, Location]) -> list[Problem]:
     """Suites and the hardware target name shipped data files: check they exist."""
     problems = []
     suites = shipped_suites()
     for i, ref in enumerate(recipe.benchmark.suites):
+        if ref.bfcl is not None:
+            problems += _bfcl_problems(ref, ("benchmark", "suites", i, "bfcl"), locations)
+            continue
         if ref.path is None and ref.name not in suites:
             path = ("benchmark", "suites", i, "name")
             guess = closest(ref.name, suites)

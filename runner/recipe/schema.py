@@ -350,6 +350,10 @@ class SuiteRef(Section):
     hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
     limit: int | None = Field(None, gt=0, description=(
         "The suite's size: ask only the first N prompts (after the `seed` shuffle, when one is given)."))
+    bfcl: list[str] | None = Field(None, description=(
+        "Instead of a suite file: these categories of the Berkeley Function Calling Leaderboard (BFCL's data "
+        "and checker from the bfcl-eval package, docs/bfcl.md), e.g. [simple_python, multiple, irrelevance]; "
+        "`limit` is the sample size over them, `seed` its seed, `max_tokens` each answer's cap (512)."))
     seed: int | None = Field(None, description=(
         "Shuffle the prompts with this seed before taking `limit` (a random sample; sequential looks ask "
         "prefixes of it); the file's order without one."))
@@ -359,6 +363,15 @@ class SuiteRef(Section):
     max_tokens: int | None = Field(None, gt=0, description=(
         "Cap each answer at this many tokens instead of the suite's own max_tokens (quick runs: a leak or "
         "markdown shows in the first tokens)."))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SuiteRef:
+        if self.bfcl is not None and self.path is not None:
+            raise ValueError(f"suite {self.name}: `bfcl` and `path` are two sources of prompts; give one")
+        if self.bfcl is not None and self.hardened_prompt:
+            raise ValueError(f"suite {self.name}: BFCL items are sent as BFCL sends them (no system prompt is "
+                             "added); drop `hardened_prompt`")
+        return self
 
 
 class SpeedSpec(Section):

@@ -271,6 +271,9 @@ def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str
 
     checks = []
     for ref in recipe.benchmark.suites:
+        if ref.bfcl is not None:
+            checks.append(f"function calls judged by BFCL's checker ({', '.join(ref.bfcl)})")
+            continue
         try:
             checks.append(SCORER_WORDS.get(load_suite(ref).scorer, ref.name))
         except RunnerError:

@@ -28,7 +28,7 @@ from runner.benchmark.gates import comparison_markdown, evaluate, plot_gates, pl
 from runner.benchmark.harness import stream_chat
 from runner.benchmark.prediction import predict_decode, tensor_bytes
 from runner.benchmark.speed import speed_sweep
-from runner.benchmark.suites import Suite, ask_in_looks, load_suite, sampled_items
+from runner.benchmark.suites import ask_in_looks, suite_run
 from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
@@ -98,10 +98,7 @@ async def benchmark(ctx: StepContext) -> StepResult:
         session = await stack.enter_async_context(aiohttp.ClientSession())
         suites = {}
         for ref in spec.suites:
-            suite = load_suite(ref)
-            if ref.max_tokens:
-                suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
-            suites[ref.name] = await ask_suite(ctx, session, server, suite, ref)
+            suites[ref.name] = await ask_suite(ctx, session, server, ref)
             ctx.log.info("suite %s: %d/%d passed (answers %s)", ref.name, suites[ref.name]["passed"],
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed,
@@ -124,18 +121,17 @@ async def benchmark(ctx: StepContext) -> StepResult:
     return StepResult(outputs={"results": "results.json"}, summary=summary)
 
 
-async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: RunningServer, suite: Suite,
+async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: RunningServer,
                     ref: SuiteRef) -> dict[str, Any]:
     """A suite's answers. A candidate whose gates read the suite asks it in sequential looks and stops once
     every such gate passes or fails (suites.ask_in_looks); the baseline answers every item."""
     spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
-    items = sampled_items(suite, ref)
+    run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency)
     gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \
         if ctx.step.strategy is not None else []
     baseline = (json.loads(ctx.input("benchmark.baseline", "results").read_text(encoding="utf-8"))
                 if gates and "benchmark.baseline" in ctx.step.deps else None)
-    return await ask_in_looks(session, server.url, server.model, suite, ref, items, gates, baseline,
-                              spec.system_prompt, spec.concurrency, lambda line: ctx.log.info("%s", line))
+    return await ask_in_looks(run, gates, baseline, lambda line: ctx.log.info("%s", line))
 
 
 def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
