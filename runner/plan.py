@@ -133,6 +133,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
                     "speed": bench.speed, "concurrency": bench.concurrency}
     bench_ids = []
     looked_gates = sequential_gates(recipe)
+    # A held-out teacher suite asks what the calibrate step set aside (calibration.source.eval_split).
+    eval_split = ("calibrate",) if any(ref.teacher_eval for ref in bench.suites) else ()
     for strategy in chosen:
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
@@ -155,13 +157,13 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
             g.relative_to == "baseline" for g in looked_gates) else ()
         steps.append(Step(f"benchmark.{s}", "benchmark",
                           (f"serve.{s}", f"export.{s}", f"quantize.{s}", *(("source",) if paired else ()),
-                           *after_baseline),
+                           *after_baseline, *eval_split),
                           BenchmarkInput(**bench_inputs, paired_baseline=paired, sequential_gates=looked_gates),
                           s, heavy=True))
         bench_ids.append(f"benchmark.{s}")
 
     if bench.baseline is not None:
-        steps.append(Step("benchmark.baseline", "benchmark", ("source",),
+        steps.append(Step("benchmark.baseline", "benchmark", ("source", *eval_split),
                           BenchmarkInput(**bench_inputs, baseline=bench.baseline),
                           heavy=bench.baseline.kind == "served"))
         bench_ids.append("benchmark.baseline")

@@ -220,7 +220,10 @@ def test_the_plan_recipe_has_what_the_plan_asks():
     assert nvidia.modelopt_recipe == "huggingface/qwen3_5/ptq/w4a16_nvfp4-fp8_attn-kv_fp8_cast"
     assert recipe.quantization.exclusions(nvidia) == ["*layers.0.*", "*layers.31.*", "*embed_tokens*"]
     assert recipe.quantization.strategies[2].auto_quantize.effective_bits == 9.4  # reachable at 9B: 8.84 to 11.02
-    assert len(recipe.gates) == 7
+    # The plan's seven gates, then the two on large paired suites (held-out teacher prompts, BFCL)
+    assert [g.name for g in recipe.gates][7:] == ["held_out", "bfcl"] and len(recipe.gates) == 9
+    assert [s.name for s in recipe.benchmark.suites][-2:] == ["held_out", "bfcl"]
+    assert recipe.calibration.source.eval_split == 0.2
     assert recipe.benchmark.baseline.name == "Q4_K_M"
     assert "--language-model-only" in recipe.serve.args and "qwen3_coder" in recipe.serve.args
     assert {"dgx-spark", "blackwell", "nvfp4", "qwen3.5"} <= set(recipe.report.tags)
@@ -248,7 +251,14 @@ def test_suite_and_hardware_names_are_checked(write):
 
 
 def test_a_tagged_section_whose_kind_changes_replaces_the_inherited_one(write, tmp_path):
-    plan = RECIPES / "qwen35-9b-opus.yaml"
+    # The flagship's parts without its held-out teacher suite (which needs the teacher's split)
+    plan = write("teacher-parent.yaml", f"""
+        extends: [{RECIPES / "base/nvfp4-strategies.yaml"}, {RECIPES / "base/qwen35.yaml"},
+                  {RECIPES / "base/chat-calibration.yaml"}]
+        name: parent
+        vars: {{last_layer: 31}}
+        model: {{name: M, source: {{kind: local, path: model}}}}
+        """)
     path = write("jsonl.yaml", f"""
         extends: {plan}
         name: mine

@@ -8,7 +8,8 @@ answers), so the plan and the run cannot disagree. For a stated baseline pass ra
 - a gate relative to the baseline (paired): with the baseline passing round(r x n) prompts and the
   candidate losing each of them independently with some probability (and gaining none), the losses
   that pass and fail it, and the smallest expected drop it fails with 80 % probability.
-A gate that no outcome can fail (or pass) is a check that cannot decide: the plan warns.
+A gate that no outcome can fail (or pass) is a check that cannot decide, and one whose suite cannot
+fail twice the drop its threshold names (NAMED_FACTOR) is too small for its purpose: the plan warns.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from runner.recipe.schema import Gate, Recipe
 
 ASSUMED_RATE = 0.9
 POWER = 0.8
+# A drop right at a gate's threshold is failed half the time at best, whatever the size: a suite is
+# large enough when it fails NAMED_FACTOR x the drop the gate names with POWER probability.
+NAMED_FACTOR = 2.0
 
 
 @dataclass
@@ -82,11 +86,12 @@ class GatePower:
         if self.never_passes:
             return (f"gate {self.gate} can never pass at n={self.n}: even a candidate that answers exactly as the "
                     f"baseline stays undecided on {self.suite}; add prompts or a margin")
-        if self.named_drop and (self.detectable_drop is None or self.detectable_drop > self.named_drop + 1e-9):
+        if self.named_drop and (self.detectable_drop is None
+                                or self.detectable_drop > NAMED_FACTOR * self.named_drop + 1e-9):
             found = (f"{self.detectable_drop * 100:.1f} points" if self.detectable_drop is not None else "no drop")
             return (f"gate {self.gate} names a drop of {self.named_drop * 100:.1f} points (baseline rate "
-                    f"{self.rate:g}) but at n={self.n} fails {found} with {POWER:.0%} probability: the suite is too "
-                    "small to catch the regression it is there for")
+                    f"{self.rate:g}) but at n={self.n} fails only {found} with {POWER:.0%} probability (more than "
+                    f"{NAMED_FACTOR:g}x what it names): the suite is too small to catch the regression it is there for")
         if self.fails_at_baseline >= 1 - POWER:
             return (f"gate {self.gate} fails a candidate exactly as good as the baseline (rate {self.rate:g}) with "
                     f"probability {self.fails_at_baseline:.0%} at n={self.n}: state the suite's baseline_rate, or "
@@ -160,7 +165,7 @@ def recipe_power(recipe: Recipe) -> list[GatePower]:
                 gate.relative_to == "baseline":
             continue
         try:
-            n = suite_size(ref)
+            n = suite_size(ref, recipe)
         except RunnerError:
             continue  # validate reports the missing suite itself
         rate = ref.baseline_rate if ref.baseline_rate is not None else ASSUMED_RATE

@@ -12,6 +12,7 @@ Scorers:
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable
@@ -142,16 +143,32 @@ def sequential_gates(recipe: Recipe) -> list[Gate]:
     sizes = {}
     for ref in recipe.benchmark.suites:
         try:
-            sizes[ref.name] = suite_size(ref)
+            sizes[ref.name] = suite_size(ref, recipe)
         except RunnerError:
             continue  # validate names the missing suite
     return [g for g in recipe.gates
             if len(look_sizes(sizes.get(Metric.parse(g.metric).group, 0) or 1)) > 1]
 
 
-def suite_size(ref: SuiteRef) -> int:
-    """How many items a suite reference asks at most."""
+def suite_size(ref: SuiteRef, recipe: Recipe | None = None) -> int:
+    """How many items a suite reference asks at most. A held-out teacher suite's size is planned from the
+    recipe's categories (what the teacher's references will keep is known only after the calibrate step)."""
+    if ref.teacher_eval:
+        planned = planned_eval_items(recipe)
+        return min(planned, ref.limit) if ref.limit else planned
     return len(bfcl_items(ref)) if ref.bfcl else len(sampled_items(load_suite(ref), ref))
+
+
+def planned_eval_items(recipe: Recipe | None) -> int:
+    """How many held-out prompts the calibrate step will set aside (calibration.source.eval_split)."""
+    from runner.calibration.prompts import PromptPool
+
+    source = recipe.calibration.source if recipe is not None else None
+    if source is None or source.kind != "teacher" or not source.eval_split:
+        raise RunnerError("a teacher_eval suite needs calibration.source to be a teacher with eval_split > 0 "
+                          "(0.2 sets a fifth of each category's distinct prompts aside)")
+    return sum(len(PromptPool(c, recipe.calibration.seed, source.eval_split).eval_prompts)
+               for c in source.categories)
 
 
 def sampled_items(suite: Suite, ref: SuiteRef) -> list[SuitePrompt]:
@@ -164,50 +181,128 @@ def sampled_items(suite: Suite, ref: SuiteRef) -> list[SuitePrompt]:
     return items[: ref.limit] if ref.limit else items
 
 
-async def ask_items(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, items: list[SuitePrompt],
-                    system_prompt: str, hardened: bool, concurrency: int,
-                    on_answer: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
-    """Ask these items and score every answer. A request that failed raises: an answer that never came
-    says nothing about the model. `on_answer(answered, failed, total)` is told of each reply."""
-    system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
-    tools = [t.model_dump() for t in suite.tools] or None
-    extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
+async def ask_requests(session: aiohttp.ClientSession, base_url: str, model: str, label: str,
+                       requests: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]],
+                       max_tokens: int, extra: dict[str, Any] | None, concurrency: int,
+                       judge: Callable[[int, RequestResult], tuple[bool, str]],
+                       on_answer: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Send each (key, messages, tools) request, and score each reply with `judge(index, result)`. A
+    request that failed raises: an answer that never came says nothing about the model.
+    `on_answer(answered, failed, total)` is told of each reply."""
     slots = asyncio.Semaphore(concurrency)
-    answered: list[SuitePrompt] = []
-    unanswered: list[SuitePrompt] = []  # the request failed: no answer to score
+    answered = unanswered = 0
 
-    async def ask(item: SuitePrompt) -> dict[str, Any]:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": item.prompt}]
+    async def ask(i: int, key: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+                  ) -> dict[str, Any]:
+        nonlocal answered, unanswered
         async with slots:
-            result = await stream_chat(session, base_url, model, messages, suite.max_tokens, tools, extra)
-        passed, why = score(suite, item, result)
-        (answered if result.ok else unanswered).append(item)
+            result = await stream_chat(session, base_url, model, messages, max_tokens, tools, extra)
+        passed, why = judge(i, result)
+        if result.ok:
+            answered += 1
+        else:
+            unanswered += 1
         if on_answer is not None:
-            on_answer(len(answered), len(unanswered), len(items))
-        return {"prompt": item.prompt, "passed": passed, "why": why, "answer": result.content[:500],
+            on_answer(answered, unanswered, len(requests))
+        return {"prompt": key, "passed": passed, "why": why, "answer": result.content[:500],
                 "full_answer": result.content, "error": not result.ok,
                 "tool_calls": result.tool_calls, "ttft_ms": round(result.ttft_s * 1000, 2) if result.ttft_s else None}
 
-    answers = await asyncio.gather(*(ask(item) for item in items))
+    answers = await asyncio.gather(*(ask(i, *r) for i, r in enumerate(requests)))
     errors = [a for a in answers if a.pop("error")]
     if errors:
-        raise RunnerError(f"suite {suite.name}: {len(errors)} of {len(answers)} requests to {base_url} failed "
+        raise RunnerError(f"suite {label}: {len(errors)} of {len(answers)} requests to {base_url} failed "
                           f"(first: {errors[0]['why']}); no answer was scored, the step is not committed")
     return list(answers)
 
 
+async def ask_items(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, items: list[SuitePrompt],
+                    system_prompt: str, hardened: bool, concurrency: int,
+                    on_answer: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Ask a suite file's items (with the system prompt, and the hardened prompt when asked) and score them."""
+    system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
+    tools = [t.model_dump() for t in suite.tools] or None
+    extra = {"chat_template_kwargs": suite.chat_template_kwargs} if suite.chat_template_kwargs else None
+    requests = [(item.prompt, ([{"role": "system", "content": system}] if system else [])
+                 + [{"role": "user", "content": item.prompt}], tools) for item in items]
+    return await ask_requests(session, base_url, model, suite.name, requests, suite.max_tokens, extra, concurrency,
+                              lambda i, result: score(suite, items[i], result), on_answer)
+
+
+# --- the held-out teacher split (calibration.source.eval_split) ----------------------------------------
+
+EVAL_MAX_TOKENS = 256  # a plain answer or a tool call shows well within this
+
+
+def load_eval_items(path: Path, ref: SuiteRef) -> list[dict[str, Any]]:
+    """The calibrate step's eval.jsonl items in asking order: shuffled by the reference's seed (so each
+    sequential look samples every category), cut to its `limit`."""
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(f"{ref.seed or 0}:teacher_eval").shuffle(items)
+    return items[: ref.limit] if ref.limit else items
+
+
+def score_reference(item: dict[str, Any], result: RequestResult) -> tuple[bool, str]:
+    """A reply against the teacher's: the same tool with the same argument names (valid for its schema),
+    or, where the teacher answered in words, a plain answer: no tool call, markdown or reasoning."""
+    if not result.ok:
+        return False, f"request failed: {result.error}"
+    reference = item["reference"]
+    tools = {t["function"]["name"]: t["function"] for t in item.get("tools") or []}
+    if "tool" in reference:
+        calls = [c for c in result.tool_calls if (c.get("function") or {}).get("name") == reference["tool"]]
+        if not calls:
+            called = [(c.get("function") or {}).get("name") for c in result.tool_calls]
+            form = None if result.tool_calls else other_form_call(result.content, set(tools))
+            if form is not None:
+                return False, f"{OTHER_FORM}: {form} naming a tool, which the server's tool-call parser does not read"
+            return False, f"the teacher called {reference['tool']}, this called {called or 'nothing'}"
+        problem = tool_call_problem(calls[0], tools)
+        if problem:
+            return False, problem
+        names = sorted(json.loads(calls[0]["function"]["arguments"]))
+        if names != reference["argument_names"]:
+            return False, f"arguments {names}, the teacher's {reference['argument_names']}"
+        return True, f"called {reference['tool']} as the teacher did"
+    if result.tool_calls:
+        called = [(c.get("function") or {}).get("name") for c in result.tool_calls]
+        return False, f"called {called}; the teacher answered in words"
+    if result.reasoning or THINKING.search(result.content):
+        return False, "reasoning in the answer"
+    if match := MARKDOWN.search(result.content):
+        return False, f"markdown: {match.group(0)!r}"
+    if not result.content.strip():
+        return False, "an empty answer"
+    return True, "a plain answer, as the teacher's"
+
+
+def summarize_reference(answers: list[dict[str, Any]], items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A held-out teacher suite's summary, with counts per category."""
+    category = {i["id"]: i["category"] for i in items}
+    out = _summary(answers, other_form=True)
+    per_category: dict[str, dict[str, int]] = {}
+    for a in out["items"]:
+        counts = per_category.setdefault(category.get(a["prompt"], "?"), {"passed": 0, "total": 0})
+        counts["passed"] += a["passed"]
+        counts["total"] += 1
+    return out | {"per_category": per_category}
+
+
 def summarize(suite: Suite, answers: list[dict[str, Any]], hardened: bool) -> dict[str, Any]:
     """passed/failed/total/pass_rate, the answers' fingerprint and each item (its first 500 characters)."""
+    return _summary(answers, suite.scorer == "tool_call") | {"hardened_prompt": hardened}
+
+
+def _summary(answers: list[dict[str, Any]], other_form: bool) -> dict[str, Any]:
     answers = [dict(a) for a in answers]
     passed = sum(a["passed"] for a in answers)
     fingerprint = answers_hash(answers)
     for a in answers:
         a.pop("full_answer", None)  # `answer` keeps the first 500 characters; the hash covers all of it
-    other_form = sum(a["why"].startswith(OTHER_FORM) for a in answers)
+    others = sum(a["why"].startswith(OTHER_FORM) for a in answers)
     return {"passed": passed, "failed": len(answers) - passed, "total": len(answers),
-            "pass_rate": round(passed / len(answers), 4), "hardened_prompt": hardened,
-            **({"other_form_calls": other_form} if suite.scorer == "tool_call" else {}),
+            "pass_rate": round(passed / len(answers), 4) if answers else 0.0,
+            **({"other_form_calls": others} if other_form else {}),
             "answers_sha256": fingerprint, "items": answers}
 
 
@@ -226,8 +321,22 @@ class SuiteRun:
 
 
 def suite_run(ref: SuiteRef, session: aiohttp.ClientSession, base_url: str, model: str, system_prompt: str,
-              concurrency: int) -> SuiteRun:
-    """The SuiteRun of a reference: BFCL's data and checker for `bfcl:` categories, else the suite file."""
+              concurrency: int, eval_file: Path | None = None) -> SuiteRun:
+    """The SuiteRun of a reference: BFCL's data and checker for `bfcl:` categories, the calibrate step's
+    held-out split (`eval_file`) for `teacher_eval`, else the suite file."""
+    if ref.teacher_eval:
+        if eval_file is None:
+            raise RunnerError(f"suite {ref.name}: the calibrate step wrote no eval split (calibration.source."
+                              "eval_split is 0, or the source is not a teacher)")
+        eval_items = load_eval_items(eval_file, ref)
+        max_tokens = ref.max_tokens or EVAL_MAX_TOKENS
+        return SuiteRun(ref.name, eval_items,
+                        lambda some, on_answer: ask_requests(
+                            session, base_url, model, ref.name, [(i["id"], i["messages"], i["tools"] or None)
+                                                                 for i in some],
+                            max_tokens, None, concurrency, lambda n, result: score_reference(some[n], result),
+                            on_answer),
+                        lambda answers: summarize_reference(answers, eval_items))
     if ref.bfcl:
         from runner.benchmark import bfcl
 

@@ -29,7 +29,15 @@ import aiohttp
 from runner.calibration.conversations import write_conversations
 from runner.calibration.prompts import PromptPool
 from runner.calibration.teacher_client import TeacherClient, TeacherError
-from runner.calibration.validate import Filter, histogram_png, token_counter, verification
+from runner.calibration.validate import (
+    MARKDOWN,
+    THINKING,
+    Filter,
+    histogram_png,
+    token_counter,
+    tool_call_problem,
+    verification,
+)
 from runner.errors import RunnerError
 from runner.recipe.schema import Category, TeacherSource
 from runner.run_dir import write_json_atomic
@@ -144,10 +152,12 @@ def _for_request(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir: Path, model_dir: Path | None,
                    log: logging.Logger) -> dict[str, Any]:
     """Generate what is missing, filter, and write calibration.jsonl plus the histogram into output_dir."""
-    pools = {c.name: PromptPool(c, seed) for c in spec.categories}
+    pools = {c.name: PromptPool(c, seed, spec.eval_split) for c in spec.categories}
     partial = PartialFile(partial_dir / f"teacher-{generation_key(spec, seed)}.jsonl")
     reused = len(partial.records)
     jobs = [(c, i) for c in spec.categories for i in range(c.count) if f"{c.name}-{i:05d}" not in partial.records]
+    eval_jobs = [(c, i) for c in spec.categories for i in range(len(pools[c.name].eval_prompts))
+                 if eval_id(c.name, i) not in partial.records]
     log.info("teacher %s (%s): %d conversations to generate, %d already done", spec.endpoint, spec.model,
              len(jobs), reused)
     failures: Counter[str] = Counter()
@@ -156,10 +166,10 @@ async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir
         async with aiohttp.ClientSession(connector=connector) as session:
             client = TeacherClient(spec.endpoint, spec.model, session, spec.timeout_s, spec.retries, spec.api_key_env,
                                    spec.circuit_breaker, spec.max_reply_bytes, log)
-            if jobs:
+            if jobs or eval_jobs:
                 await client.check_reachable()
             slots = asyncio.Semaphore(spec.concurrency)
-            progress = Progress(len(jobs), log)
+            progress = Progress(len(jobs) + len(eval_jobs), log)
 
             async def one(category: Category, index: int) -> None:
                 async with slots:
@@ -174,16 +184,91 @@ async def generate(spec: TeacherSource, seed: int, output_dir: Path, partial_dir
                 partial.append({"id": f"{category.name}-{index:05d}", **conversation})
                 progress.step()
 
-            await asyncio.gather(*(one(c, i) for c, i in jobs))
+            async def reference(category: Category, index: int) -> None:
+                async with slots:
+                    try:
+                        record = await reference_reply(client, spec, category, pools[category.name].eval_prompts[index])
+                    except TeacherError as exc:
+                        failures[exc.reason] += 1
+                        progress.step(failed=True)
+                        return
+                partial.append({"id": eval_id(category.name, index), **record})
+                progress.step()
+
+            await asyncio.gather(*(one(c, i) for c, i in jobs), *(reference(c, i) for c, i in eval_jobs))
             retries = client.retried
     finally:
         partial.close()
     if client.broken:
         raise RunnerError(f"{client.broken}. {len(partial.records)} conversations are kept in {partial.path}; "
                           f"failed requests: {dict(failures)}")
-    if jobs and sum(failures.values()) == len(jobs):
+    if (jobs or eval_jobs) and sum(failures.values()) == len(jobs) + len(eval_jobs):
         raise RunnerError(f"every request to the teacher failed ({dict(failures)}); see the step log")
-    return _filter_and_write(spec, partial.records, output_dir, model_dir, failures, reused, retries, log)
+    summary = _filter_and_write(spec, partial.records, output_dir, model_dir, failures, reused, retries, log)
+    if spec.eval_split > 0:
+        summary["eval"] = write_eval_split(spec, pools, partial.records, output_dir)
+        write_json_atomic(output_dir / "generation_report.json", summary)
+        log.info("held-out eval split: %d items (%s)", summary["eval"]["items"],
+                 ", ".join(f"{k} {v['kept']}" for k, v in summary["eval"]["per_category"].items()))
+    return summary
+
+
+def eval_id(category: str, index: int) -> str:
+    return f"eval:{category}-{index:05d}"
+
+
+async def reference_reply(client: TeacherClient, spec: TeacherSource, category: Category, prompt: str
+                          ) -> dict[str, Any]:
+    """The teacher's single reply to a held-out prompt, at temperature 0: the reference a candidate's
+    behaviour is scored against (runner/benchmark/suites.py, scorer `reference`)."""
+    messages = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    tools = [t.model_dump() for t in spec.tools] or None
+    sampling = spec.sampling.model_dump() | {"temperature": 0.0}
+    reply = _assistant_message(await client.chat(messages, tools, sampling), "eval", 0)
+    return {"category": category.name, "messages": messages, "reply": reply}
+
+
+def write_eval_split(spec: TeacherSource, pools: dict[str, PromptPool], records: dict[str, dict[str, Any]],
+                     output_dir: Path) -> dict[str, Any]:
+    """eval.jsonl: one held-out item per line (its messages, the tools, and the reference the teacher's
+    reply gives: `tool` + `argument_names`, or `text`), in category order. A reply that is itself not the
+    behaviour wanted (markdown, reasoning, an unusable tool call) is no reference: dropped and counted."""
+    tools = {t.function.name: t.function.model_dump() for t in spec.tools}
+    per_category: dict[str, Counter[str]] = {}
+    lines = []
+    for category in spec.categories:
+        counts = per_category.setdefault(category.name, Counter())
+        for i in range(len(pools[category.name].eval_prompts)):
+            record = records.get(eval_id(category.name, i))
+            if record is None:
+                counts["failed"] += 1
+                continue
+            reply = record["reply"]
+            calls = reply.get("tool_calls") or []
+            text = reply.get("content") or ""
+            if calls:
+                problem = tool_call_problem(calls[0], tools)
+                if problem:
+                    counts[f"rejected_{problem}"] += 1
+                    continue
+                fn = calls[0]["function"]
+                reference = {"tool": fn["name"], "argument_names": sorted(json.loads(fn["arguments"]))}
+            elif MARKDOWN.search(text) or THINKING.search(text) or reply.get("reasoning_content") or not text.strip():
+                counts["rejected_not_plain"] += 1
+                continue
+            else:
+                reference = {"text": True}
+            counts["kept"] += 1
+            lines.append({"id": eval_id(category.name, i), "category": category.name,
+                          "messages": record["messages"], "tools": [t.model_dump() for t in spec.tools],
+                          "reference": reference, "teacher_reply": text[:500]})
+    with (output_dir / "eval.jsonl").open("w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return {"items": len(lines), "split": spec.eval_split,
+            "per_category": {name: {"kept": counts["kept"], **dict(counts)} for name, counts in per_category.items()},
+            "with_tool_reference": sum("tool" in line["reference"] for line in lines)}
 
 
 class Progress:

@@ -159,8 +159,10 @@ def suite_items(suites: Iterable[Any]) -> list[Item]:
 
     items = []
     for ref in suites:
-        if ref.bfcl is not None:
-            continue  # BFCL's public questions: the card names the benchmark; no calibration file copies them
+        if ref.bfcl is not None or ref.teacher_eval:
+            # BFCL's public questions (the card names the benchmark), and the teacher's held-out prompts,
+            # which no calibration conversation asks by construction (calibration/prompts.PromptPool)
+            continue
         suite = load_suite(ref)
         asked = suite.items()[:ref.limit] if ref.limit else suite.items()
         items += [Item(f"{ref.name} #{i}", p.prompt) for i, p in enumerate(asked, start=1)]

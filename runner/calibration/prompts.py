@@ -63,9 +63,12 @@ def expand_templates(templates: list[str], fill: dict[str, list[str]]) -> list[s
 
 
 class PromptPool:
-    """All prompts of one category; `for_conversation(i)` gives conversation i its user turns."""
+    """All prompts of one category; `for_conversation(i)` gives conversation i its user turns.
 
-    def __init__(self, category: Category, seed: int):
+    With `eval_split`, a seeded share of the distinct prompts (at least one, never all) is set aside as
+    `eval_prompts`: no calibration conversation asks them, so a suite built from them is held out."""
+
+    def __init__(self, category: Category, seed: int, eval_split: float = 0.0):
         self.category = category
         self.seed = seed
         prompts = list(category.prompts)
@@ -75,7 +78,14 @@ class PromptPool:
         if not prompts:
             raise RunnerError(f"calibration category {category.name!r} has no prompts: give `prompts`, "
                               "`prompt_files` or `templates`")
-        self.prompts = prompts
+        distinct = list(dict.fromkeys(prompts))
+        held: set[str] = set()
+        if eval_split > 0 and len(distinct) >= 2:
+            order = list(distinct)
+            random.Random(f"{seed}:{category.name}:eval").shuffle(order)
+            held = set(order[:min(max(1, round(len(distinct) * eval_split)), len(distinct) - 1)])
+        self.eval_prompts = [p for p in distinct if p in held][:category.count]
+        self.prompts = [p for p in prompts if p not in held]
 
     def for_conversation(self, index: int) -> tuple[list[str], str | None]:
         """(user prompts for each turn, the language to answer in or None)."""

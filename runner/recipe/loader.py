@@ -418,6 +418,15 @@ def _check_shipped_names(recipe: Recipe, locations: dict[KeyPath, Location]) -> 
         if ref.bfcl is not None:
             problems += _bfcl_problems(ref, ("benchmark", "suites", i, "bfcl"), locations)
             continue
+        if ref.teacher_eval:
+            source = recipe.calibration.source
+            if source.kind != "teacher" or not source.eval_split:
+                path = ("benchmark", "suites", i, "teacher_eval")
+                problems.append(Problem(
+                    "a teacher_eval suite asks the prompts the calibrate step sets aside from a teacher's "
+                    "categories, and this recipe sets none aside", path, locate(locations, path),
+                    hint="make calibration.source a teacher with `eval_split: 0.2`, or drop the suite"))
+            continue
         if ref.path is None and ref.name not in suites:
             path = ("benchmark", "suites", i, "name")
             guess = closest(ref.name, suites)

@@ -164,6 +164,12 @@ class TeacherSource(Section):
     tool_results: dict[str, str] = Field(
         default_factory=dict, description="Canned tool result per tool name, sent back after a tool call.")
     categories: list[Category]
+    eval_split: float = Field(0.0, ge=0, lt=1, description=(
+        "The share of each category's distinct prompts set aside for evaluation: never in a calibration "
+        "conversation, asked once of the teacher, whose reply becomes the reference (the tool it called and "
+        "its argument names, or a plain answer) of a held-out behaviour suite (`benchmark.suites[]."
+        "teacher_eval: true`); at most `count` items a category. 0 (the default): none; the chat-calibration "
+        "base and the flagship set 0.2."))
     sampling: Sampling = Field(default_factory=Sampling)
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(120, gt=0, description=(
@@ -350,6 +356,10 @@ class SuiteRef(Section):
     hardened_prompt: bool = Field(False, description="Append the plan's hardened system prompt (Phase 4).")
     limit: int | None = Field(None, gt=0, description=(
         "The suite's size: ask only the first N prompts (after the `seed` shuffle, when one is given)."))
+    teacher_eval: bool = Field(False, description=(
+        "Instead of a suite file: the held-out prompts the calibrate step set aside from the teacher's "
+        "categories (calibration.source.eval_split), each scored against the teacher's own reply: the same "
+        "tool with the same argument names, or a plain answer (no tool call, markdown or reasoning)."))
     bfcl: list[str] | None = Field(None, description=(
         "Instead of a suite file: these categories of the Berkeley Function Calling Leaderboard (BFCL's data "
         "and checker from the bfcl-eval package, docs/bfcl.md), e.g. [simple_python, multiple, irrelevance]; "
@@ -366,8 +376,8 @@ class SuiteRef(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> SuiteRef:
-        if self.bfcl is not None and self.path is not None:
-            raise ValueError(f"suite {self.name}: `bfcl` and `path` are two sources of prompts; give one")
+        if sum([self.bfcl is not None, self.path is not None, self.teacher_eval]) > 1:
+            raise ValueError(f"suite {self.name}: `bfcl`, `path` and `teacher_eval` are sources of prompts; give one")
         if self.bfcl is not None and self.hardened_prompt:
             raise ValueError(f"suite {self.name}: BFCL items are sent as BFCL sends them (no system prompt is "
                              "added); drop `hardened_prompt`")

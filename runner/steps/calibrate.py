@@ -30,6 +30,8 @@ async def run(ctx: StepContext) -> StepResult:
         summary = await generate(source, calibration.seed, ctx.scratch, ctx.run_dir.root / "partial", model_dir,
                                  ctx.log)
         outputs = {"calibration": "calibration.jsonl", "report": "generation_report.json"}
+        if (ctx.scratch / "eval.jsonl").exists():
+            outputs["eval"] = "eval.jsonl"
         if (ctx.scratch / "token_lengths.png").exists():
             outputs["histogram"] = "token_lengths.png"
         return StepResult(outputs=outputs, summary=summary)

@@ -274,6 +274,10 @@ def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str
         if ref.bfcl is not None:
             checks.append(f"function calls judged by BFCL's checker ({', '.join(ref.bfcl)})")
             continue
+        if ref.teacher_eval:
+            checks.append("replies that depart from the teacher's on held-out prompts (a different tool, "
+                          "or a tool call, markdown or reasoning where it answered plainly)")
+            continue
         try:
             checks.append(SCORER_WORDS.get(load_suite(ref).scorer, ref.name))
         except RunnerError:

@@ -126,7 +126,11 @@ async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: Ru
     """A suite's answers. A candidate whose gates read the suite asks it in sequential looks and stops once
     every such gate passes or fails (suites.ask_in_looks); the baseline answers every item."""
     spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
-    run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency)
+    eval_file = None
+    if ref.teacher_eval and "calibrate" in ctx.step.deps:
+        with contextlib.suppress(KeyError):  # no eval output: suite_run says why
+            eval_file = ctx.input("calibrate", "eval")
+    run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency, eval_file)
     gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \
         if ctx.step.strategy is not None else []
     baseline = (json.loads(ctx.input("benchmark.baseline", "results").read_text(encoding="utf-8"))
