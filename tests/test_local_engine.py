@@ -329,8 +329,8 @@ def test_tool_call_round_trip_and_tools_on_a_template_without_them(server, tmp_p
 
 
 def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_them(server):
-    """The engine with its generation scripted (a given answer fed token by token through the real
-    streamer, tokenizer and HTTP server): what a client gets for that answer, streamed or not, is what
+    """The engine with its token choice scripted (a given answer chosen token by token through the real
+    engine loop, streamer, tokenizer and HTTP server): what a client gets for that answer, streamed or not, is what
     vLLM's hermes parser makes of it (runner/benchmark/tool_calls.py). Before: an answer whose last
     call had no </tool_call> came back as text, "called nothing"."""
     import asyncio
@@ -356,13 +356,9 @@ def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_th
     def scripted(answer: str):
         ids_out = local.tokenizer.encode(answer, add_special_tokens=False) + [local.tokenizer.eos_token_id]
 
-        def generate(ids, request, streamer, cancel=None):
-            streamer.put(ids)  # the prompt, skipped as generate's own first put is
-            for token in ids_out:
-                streamer.put(torch.tensor([token]))
-            streamer.end()
-            return torch.cat([ids, torch.tensor([ids_out])], dim=1)
-        return generate
+        def choose(job, logits):  # the model runs; the answer's tokens are chosen instead of its own
+            return ids_out[len(job.tokens)]
+        return choose
 
     async def ask(client, stream: bool, with_tools: bool) -> tuple[str | None, list, str]:
         body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "stream": stream,
@@ -388,7 +384,7 @@ def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_th
         got = []
         async with TestClient(TestServer(make_app(local))) as client:
             for answer, with_tools, *_ in cases:
-                local.generate = scripted(answer)
+                local.choose = scripted(answer)
                 got.append([await ask(client, stream, with_tools) for stream in (False, True)])
         return got
 
@@ -407,16 +403,16 @@ def test_a_failing_generation_is_a_500_and_the_next_request_is_served(demo_token
 
     tiny_export(tmp_path / "export", demo_tokenizer, "FP8_DEFAULT_CFG")
     local = LocalModel(tmp_path / "export", "tiny", "bfloat16", threads=2)
-    real = local.generate
+    real = local.forward
     calls = {"n": 0}
 
-    def flaky(*args, **kwargs):
+    def flaky(**inputs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == 2:  # the first decode step, after the prefill
             raise RuntimeError("out of memory in the middle of a generation")
-        return real(*args, **kwargs)
+        return real(**inputs)
 
-    local.generate = flaky
+    local.forward = flaky
 
     async def scenario() -> tuple[int, dict, int, int]:
         async with TestClient(TestServer(make_app(local))) as client:

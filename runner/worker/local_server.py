@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +54,22 @@ from typing import Any
 from aiohttp import web
 
 from runner.benchmark.tool_calls import END, START, parse_hermes, partial_start, unsupported_parser
+from runner.worker.local_batching import ROWS, Batch, Job, choose_token, stop_window, use_row_attention
 
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # fixed, so answers repeat across runs on one machine
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BATCH = 8  # requests decoded together (bench/local_engine_throughput.py measures the gain)
 ROLES = ("system", "developer", "user", "assistant", "tool")
+CLIENT_POLL_S = 0.5  # how often a request waiting for its first token checks that its client is still there
 MAX_BODY = 1024 * 1024  # bytes of a request body (aiohttp's default, made explicit for the error message)
 ENDPOINTS = "GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions"
 
 
-def make_deterministic(threads: int) -> None:
+def make_deterministic(threads: int, device: str = "cpu") -> None:
     import torch
 
+    if device.startswith("cuda"):  # cuBLAS refuses deterministic mode without a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(threads)
     if torch.get_num_interop_threads() != 1:  # settable once a process: a second model in one process keeps it
         torch.set_num_interop_threads(1)
@@ -226,27 +232,42 @@ def _template_tool_call(call: Any, i: int) -> dict[str, Any]:
 
 
 class LocalModel:
-    def __init__(self, model_dir: Path, name: str, dtype: str, threads: int = DEFAULT_THREADS):
+    def __init__(self, model_dir: Path, name: str, dtype: str, threads: int = DEFAULT_THREADS,
+                 max_batch: int = DEFAULT_MAX_BATCH, device: str = "auto"):
         from transformers import AutoTokenizer
 
         self.threads = threads
         self.name = name
+        self.device = resolve_device(device)
         # All torch work (loading included) on one long-lived thread: torch's OpenMP pool belongs to the
         # thread that first runs a parallel region, and a second pool (loading on the main thread,
         # generating on another) spins against the first: decode ran ~1.6x slower on 2 cores.
         self.generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.model, self.numerics = self.generator.submit(self._load, model_dir, dtype, threads).result()
+        self.model, self.numerics, unbatchable = self.generator.submit(
+            self._load, model_dir, dtype, threads, self.device).result()
         self.context = context_length(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.template_has_tools = "tools" in str(self.tokenizer.chat_template or "")
-        self.lock = asyncio.Lock()
+        self.eos = eos_ids(self.model, self.tokenizer)
+        # A model whose cache cannot be left-padded (sliding windows, linear attention) decodes one
+        # request at a time; /health says why.
+        self.max_batch = 1 if unbatchable else max(1, max_batch)
+        self.batching = unbatchable or f"up to {self.max_batch} requests decoded together"
         self.stopping = threading.Event()  # set on shutdown: a generation in progress ends at its next token
         self.token = ""  # the runner's per-server token, echoed on /health
+        self.pending: deque[Job] = deque()  # submitted, not yet prefilled (guarded by queue_lock)
+        self.queue_lock = threading.Lock()
+        self.running = False  # the engine loop is on the generator thread (guarded by queue_lock)
+        self.batch = Batch()  # only the generator thread touches it
         # What the engine is doing, on /health and in the log, so a generation for a client that went
         # away can be seen to stop (rather than inferred from how long the next request waited)
-        self.generating = False
         self.abandoned: list[dict[str, int]] = []  # the last generations stopped because their client went away
         self.abandoned_total = 0
+
+    @property
+    def generating(self) -> int:
+        """Requests being decoded now."""
+        return len(self.batch)
 
     def note_abandoned(self, generated: int, max_tokens: int) -> None:
         self.abandoned = [*self.abandoned[-9:], {"generated": generated, "max_tokens": max_tokens}]
@@ -255,19 +276,23 @@ class LocalModel:
               flush=True)
 
     @staticmethod
-    def _load(model_dir: Path, dtype: str, threads: int) -> tuple[Any, str]:
+    def _load(model_dir: Path, dtype: str, threads: int, device: str = "cpu") -> tuple[Any, str, str | None]:
+        """The model on `device`, its numerics in words, and why its requests cannot be batched (None: they can)."""
         import torch
 
         from runner.worker.model_loading import load_model
 
-        make_deterministic(threads)
+        make_deterministic(threads, device)
         torch.set_grad_enabled(False)
         if (model_dir / "hf_quant_config.json").exists():
             from runner.worker.dequantize import load_quantized
 
-            return load_quantized(model_dir, dtype)
-        model = load_model(model_dir, getattr(torch, dtype)).eval()
-        return model, f"unquantized {dtype}"
+            model, numerics = load_quantized(model_dir, dtype)
+        else:
+            model, numerics = load_model(model_dir, getattr(torch, dtype)).eval(), f"unquantized {dtype}"
+        model.to(device)  # QuantizedLinear's weight, scales and global amax are parameters and buffers: they move
+        probe = model(torch.tensor([[0, 1]], device=device), use_cache=True).past_key_values
+        return model, numerics, use_row_attention(model, probe)
 
     def prompt_ids(self, request: ChatRequest) -> Any:
         try:
@@ -294,27 +319,134 @@ class LocalModel:
                                     "shorten the messages", "max_tokens", "context_length_exceeded")
             request.max_tokens = room
 
-    def generate(self, ids: Any, request: ChatRequest, streamer: Any, cancel: threading.Event | None = None) -> Any:
-        """`cancel` (the client went away) and shutdown end the generation at its next token."""
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    def submit(self, job: Job) -> None:
+        """Queue a job (from any thread); the engine loop runs on the generator thread while there is work."""
+        with self.queue_lock:
+            self.pending.append(job)
+            if self.running:
+                return
+            self.running = True
+        self.generator.submit(self._serve)
 
-        stopping = self.stopping
+    def _serve(self) -> None:
+        """The engine loop: admit queued jobs while the batch has room, then one decode step for the batch."""
+        while True:
+            with self.queue_lock:
+                room = self.max_batch - len(self.batch)
+                admitted = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                if not admitted and not self.batch.jobs:
+                    self.running = False
+                    return
+            try:
+                for job in admitted:
+                    self._admit(job)
+                if self.batch.jobs:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a fault in the engine's own bookkeeping fails these requests, not the server
+                for job in [*admitted, *self.batch.jobs]:
+                    if not job.done:
+                        job.error = exc
+                        self._finish(job)
+                self.batch.keep([])
 
-        class OnStop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return stopping.is_set() or (cancel is not None and cancel.is_set())
+    def forward(self, **inputs: Any) -> Any:
+        """One forward pass of the model (a seam for tests that make it fail)."""
+        return self.model(**inputs, use_cache=True)
 
-        processors = LogitsProcessorList()
-        if request.presence_penalty or request.frequency_penalty:
-            processors.append(penalties(int(ids.shape[-1]), request.presence_penalty, request.frequency_penalty))
-        sampling = request.temperature > 0
-        return self.model.generate(
-            ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=request.max_tokens,
-            do_sample=sampling, temperature=request.temperature or None, top_p=request.top_p if sampling else None,
-            top_k=None, logits_processor=processors,
-            streamer=streamer, stop_strings=request.stop or None, tokenizer=self.tokenizer if request.stop else None,
-            stopping_criteria=StoppingCriteriaList([OnStop()]),
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+    def _admit(self, job: Job) -> None:
+        """Prefill a job alone and choose its first token; it joins the batch unless already done."""
+        if job.cancel.is_set() or self.stopping.is_set():
+            print("[local_server] client went away while queued: nothing generated", flush=True)
+            return self._finish(job)
+        try:
+            job.streamer.put(job.ids)  # the prompt, which the streamer skips
+            out = self.forward(input_ids=job.ids.to(self.device), logits_to_keep=1)
+            job.length = job.prompt_len
+            logits = out.logits[:, -1].float().cpu()
+        except Exception as exc:  # noqa: BLE001 - this request's failure, answered as a 500
+            job.error = exc
+            return self._finish(job)
+        if self._take(job, self.choose(job, logits[0])):
+            self.batch.add(job, out.past_key_values)
+
+    def _step(self) -> None:
+        """Every row's last token through the model at its own position; each row's next token."""
+        import torch
+
+        batch = self.batch
+        gone = [i for i, job in enumerate(batch.jobs) if job.cancel.is_set() or self.stopping.is_set()]
+        if gone:
+            for i in gone:
+                self._finish(batch.jobs[i])
+            batch.keep([i for i in range(len(batch)) if i not in gone])
+            if not batch.jobs:
+                return
+        ROWS.valid = [job.length + 1 for job in batch.jobs]  # keys each row attends to, this step's included
+        inputs = {"input_ids": torch.tensor([[job.tokens[-1]] for job in batch.jobs], device=self.device)}
+        if len(batch) > 1:  # rows at their own positions; alone, the model's own count (the cache's length) is it
+            inputs["position_ids"] = torch.tensor([[job.length] for job in batch.jobs], device=self.device)
+        try:
+            out = self.forward(**inputs, past_key_values=batch.cache)
+            logits = out.logits[:, -1].float().cpu()
+        except Exception as exc:  # noqa: BLE001 - the batch's requests are answered with a 500; the server goes on
+            for job in batch.jobs:
+                job.error = exc
+                self._finish(job)
+            batch.keep([])
+            return
+        finally:
+            ROWS.valid = None
+        keep = []
+        for i, job in enumerate(batch.jobs):
+            job.length += 1
+            if self._take(job, self.choose(job, logits[i])):
+                keep.append(i)
+        batch.keep(keep)
+
+    def choose(self, job: Job, logits: Any) -> int:
+        """The job's next token from its row of logits (a seam for tests that script the answer)."""
+        return choose_token(logits, job.request, job.tokens)
+
+    def _take(self, job: Job, token: int) -> bool:
+        """Append and stream a chosen token; True while the job goes on, else it is finished."""
+        import torch
+
+        job.tokens.append(token)
+        job.streamer.put(torch.tensor([token]))
+        request = job.request
+        done = token in self.eos or len(job.tokens) >= request.max_tokens
+        if not done and request.stop:
+            tail = self.tokenizer.decode(job.tokens[-stop_window(request.stop):])
+            done = any(stop in tail for stop in request.stop)
+        if done:
+            self._finish(job)
+        return not done
+
+    def _finish(self, job: Job) -> None:
+        job.done = True
+        if job.cancel.is_set() and job.tokens and not self.stopping.is_set():
+            self.note_abandoned(len(job.tokens), job.request.max_tokens)
+        job.streamer.end()
+        job.finished()
+
+
+def resolve_device(device: str) -> str:
+    """auto: the first CUDA GPU when torch sees one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"[local_server] --device {device}: torch sees no CUDA GPU")
+    return device
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the generation config's (as generate stops) and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
 
 
 def context_length(model: Any) -> int | None:
@@ -327,42 +459,31 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def penalties(prompt_len: int, presence: float, frequency: float) -> Any:
-    """OpenAI's presence and frequency penalties on the logits, over the tokens generated so far."""
+def make_streamer(tokenizer: Any, keep_tool_tags: bool, sink: Any) -> Any:
+    """A streamer that passes the decoded text of the generated tokens to `sink` (None at the end),
+    special tokens left out, except that a request with tools keeps <tool_call> tags its tokenizer
+    marks special (vLLM's hermes parser decodes them too)."""
     import torch
-    from transformers import LogitsProcessor
-
-    class Penalties(LogitsProcessor):
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            out = input_ids[:, prompt_len:]
-            if out.numel() == 0:
-                return scores
-            counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
-            return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
-
-    return Penalties()
-
-
-def make_streamer(tokenizer: Any, keep_tool_tags: bool) -> Any:
-    """The decoded text of the generated tokens, special tokens left out, except that a request with
-    tools keeps <tool_call> tags its tokenizer marks special (vLLM's hermes parser decodes them too)."""
-    from transformers import TextIteratorStreamer
+    from transformers import TextStreamer
 
     tags = {i for i, t in tokenizer.added_tokens_decoder.items() if str(t) in (START, END)}
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
-    if not keep_tool_tags or not tags & special:
-        return TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    import torch
+    keep = keep_tool_tags and bool(tags & special)
+    skip = torch.tensor(sorted(special - tags)) if keep else None
 
-    skip = torch.tensor(sorted(special - tags))
-
-    class KeepToolTags(TextIteratorStreamer):
+    class Streamer(TextStreamer):
         def put(self, value: Any) -> None:
-            if not (self.skip_prompt and self.next_tokens_are_prompt):
+            if skip is not None and not (self.skip_prompt and self.next_tokens_are_prompt):
                 value = value[~torch.isin(value, skip)]
             super().put(value)
 
-    return KeepToolTags(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                sink(text)
+            if stream_end:
+                sink(None)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=not keep)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -415,8 +536,10 @@ def make_app(local: LocalModel) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         # `token` and `pid` let the runner tell this server from anything else on the port
         return web.json_response({"status": "ok", "numerics": local.numerics, "threads": local.threads,
+                                  "device": local.device, "batching": local.batching, "max_batch": local.max_batch,
                                   "token": local.token, "pid": os.getpid(), "generating": local.generating,
-                                  "abandoned": local.abandoned, "abandoned_total": local.abandoned_total})
+                                  "queued": len(local.pending), "abandoned": local.abandoned,
+                                  "abandoned_total": local.abandoned_total})
 
     def model_card() -> dict[str, Any]:
         return {"id": local.name, "object": "model", "created": 0, "owned_by": "recipe-runner",
@@ -438,50 +561,39 @@ def make_app(local: LocalModel) -> web.Application:
             return ApiError(400, "the request body is not valid JSON").response()
         try:
             parsed = parse_request(body, local.name, local.template_has_tools)
+            ids = local.prompt_ids(parsed)
+            local.fit_context(int(ids.shape[-1]), parsed)
         except ApiError as exc:
             return exc.response()
-        async with local.lock:
-            if client_gone(request):  # it went away while queued: nothing to generate for
-                print("[local_server] client went away while queued: nothing generated", flush=True)
-                return ApiError(400, "the client disconnected before its turn").response()
-            try:
-                ids = local.prompt_ids(parsed)
-                local.fit_context(int(ids.shape[-1]), parsed)
-            except ApiError as exc:
-                return exc.response()
-            return await respond(request, parsed, ids)
+        return await respond(request, parsed, ids)
 
     async def respond(request: web.Request, parsed: ChatRequest, ids: Any) -> web.StreamResponse:
-        streamer = make_streamer(local.tokenizer, keep_tool_tags=parsed.tools is not None)
-        holder: dict[str, Any] = {}
-        cancel = threading.Event()  # the client went away: the generation stops at its next token
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        done = loop.create_future()
 
-        def work() -> None:  # on the generator thread, one at a time
-            local.generating = True
-            try:
-                holder["out"] = local.generate(ids, parsed, streamer, cancel)
-            except BaseException as exc:  # noqa: BLE001 - reported to the client, the server goes on
-                holder["error"] = exc
-                streamer.end()
-            finally:
-                local.generating = False
-            if cancel.is_set() and "out" in holder:
-                local.note_abandoned(int(holder["out"].shape[-1] - ids.shape[-1]), parsed.max_tokens)
+        def from_engine(callback: Any, *args: Any) -> None:  # the engine runs on the generator thread
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody to tell
+                loop.call_soon_threadsafe(callback, *args)
 
-        done = asyncio.get_running_loop().run_in_executor(local.generator, work)
+        def finished() -> None:
+            from_engine(lambda: done.done() or done.set_result(None))
+
+        streamer = make_streamer(local.tokenizer, parsed.tools is not None,
+                                 lambda text: from_engine(pieces.put_nowait, text))
+        # the client went away: the engine drops the job at its next step (or before its prefill)
+        job = Job(ids, parsed, streamer, threading.Event(), finished)
+        local.submit(job)
         try:
-            return await answer(request, parsed, ids, streamer, holder, cancel, done)
+            return await answer(request, job, pieces, done)
         except BaseException:  # the handler was cancelled or failed: stop generating for nobody
-            cancel.set()
-            with contextlib.suppress(BaseException):
-                await done
+            job.cancel.set()
             raise
 
-    async def answer(request: web.Request, parsed: ChatRequest, ids: Any, streamer: Any, holder: dict[str, Any],
-                     cancel: threading.Event, done: asyncio.Future) -> web.StreamResponse:
+    async def answer(request: web.Request, job: Job, pieces: asyncio.Queue, done: asyncio.Future
+                     ) -> web.StreamResponse:
+        parsed, cancel = job.request, job.cancel
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:16]}"
-        loop = asyncio.get_running_loop()
-        pieces = iter(streamer)
         text, sent = "", 0
         hold = max((len(s) for s in parsed.stop), default=1) - 1  # a stop string may span pieces
         resp: web.StreamResponse | None = None
@@ -499,7 +611,12 @@ def make_app(local: LocalModel) -> web.Application:
             await resp.prepare(request)
             await emit({"role": "assistant", "content": ""})
         while True:
-            piece = await loop.run_in_executor(None, next, pieces, None)
+            try:  # a queued job has no pieces yet: look at the client now and then meanwhile
+                piece = await asyncio.wait_for(pieces.get(), CLIENT_POLL_S)
+            except TimeoutError:
+                if client_gone(request):
+                    cancel.set()
+                continue
             if piece is None:
                 break
             if cancel.is_set() or client_gone(request):
@@ -520,27 +637,24 @@ def make_app(local: LocalModel) -> web.Application:
         await done
         if cancel.is_set():  # nobody to answer
             return resp if resp is not None else web.Response(status=204)
-        if "error" in holder:
-            error = ApiError(500, f"generation failed: {type(holder['error']).__name__}: {holder['error']}",
-                             kind="server_error")
+        if job.error is not None:
+            error = ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
             if resp is None:
                 return error.response()
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(f"data: {json.dumps({'error': error.body()})}\n\n".encode())
                 await resp.write_eof()
             return resp
-        out = holder["out"]
-        completion_tokens = int(out.shape[-1] - ids.shape[-1])
+        completion_tokens, prompt_tokens = len(job.tokens), job.prompt_len
         text, stopped = cut_at_stop(text, parsed.stop)
         parsed_answer = parse_hermes(text) if parsed.tools is not None else None
         calls = parsed_answer.calls if parsed_answer else []
         content = parsed_answer.content if calls else text
-        eos = local.tokenizer.eos_token_id
-        ended = completion_tokens > 0 and int(out[0, -1]) in (eos if isinstance(eos, list) else [eos])
+        ended = completion_tokens > 0 and job.tokens[-1] in local.eos
         finish = ("tool_calls" if calls else "stop" if stopped or ended or completion_tokens < parsed.max_tokens
                   else "length")
-        usage = {"prompt_tokens": int(ids.shape[-1]), "completion_tokens": completion_tokens,
-                 "total_tokens": int(ids.shape[-1]) + completion_tokens}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
         if resp is not None:
             if content and len(content) > sent:
                 await emit({"content": content[sent:]})
@@ -590,14 +704,18 @@ def main() -> None:
     parser.add_argument("--name", "--served-model-name", dest="name", default="local")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (fixed)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="requests decoded together at most (1: one at a time)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda[:N]")
     parser.add_argument("--tool-call-parser", default="hermes",
                         help="how tool calls are read from the answer: hermes (the only one this engine implements)")
     args = parser.parse_args()
     if problem := unsupported_parser(args.tool_call_parser):
         parser.exit(2, f"[local_server] {problem}\n")
-    local = LocalModel(args.model, args.name, args.dtype, args.threads)
+    local = LocalModel(args.model, args.name, args.dtype, args.threads, args.max_batch, args.device)
     local.token = os.environ.get("RECIPE_SERVER_TOKEN", "")
-    print(f"[local_server] {args.model} ({local.numerics}, {local.threads} threads) on "
+    print(f"[local_server] {args.model} ({local.numerics}, {local.device}, {local.threads} threads, "
+          f"batching: {local.batching}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     web.run_app(make_app(local), host=args.host, port=args.port, print=None, shutdown_timeout=2)
     # A generation stops at its next token (on_shutdown), but a long prompt's prefill cannot be cut:
