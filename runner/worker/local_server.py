@@ -32,6 +32,14 @@ generation in progress included.
 Answers repeat: generation is greedy unless a request asks for a temperature, torch runs with a
 fixed number of threads (`--threads`; the float summation order of a CPU matmul depends on it) and
 deterministic algorithms, so the same checkpoint gives the same answers on the same machine.
+
+Concurrent requests are decoded together (`--max-batch`, default 8; local_batching.py): each is
+prefilled alone, then joins the running batch at its next step and leaves it when done, with its
+own max_tokens, stop strings, sampling, penalties, stream and cancellation. On the CPU a greedy
+answer is the same token for token whatever it is batched with (bench/local_engine_throughput.py,
+tests/test_local_batching.py). `--device auto` (the default) runs on the first CUDA GPU when torch
+sees one, else the CPU; /health reports the device, the batching and the most requests decoded
+together so far (peak_batch).
 """
 
 from __future__ import annotations
@@ -263,6 +271,7 @@ class LocalModel:
         # away can be seen to stop (rather than inferred from how long the next request waited)
         self.abandoned: list[dict[str, int]] = []  # the last generations stopped because their client went away
         self.abandoned_total = 0
+        self.peak_batch = 0  # the most requests decoded together so far (on /health: batching seen to happen)
 
     @property
     def generating(self) -> int:
@@ -381,6 +390,7 @@ class LocalModel:
             batch.keep([i for i in range(len(batch)) if i not in gone])
             if not batch.jobs:
                 return
+        self.peak_batch = max(self.peak_batch, len(batch))
         ROWS.valid = [job.length + 1 for job in batch.jobs]  # keys each row attends to, this step's included
         inputs = {"input_ids": torch.tensor([[job.tokens[-1]] for job in batch.jobs], device=self.device)}
         if len(batch) > 1:  # rows at their own positions; alone, the model's own count (the cache's length) is it
@@ -538,8 +548,8 @@ def make_app(local: LocalModel) -> web.Application:
         return web.json_response({"status": "ok", "numerics": local.numerics, "threads": local.threads,
                                   "device": local.device, "batching": local.batching, "max_batch": local.max_batch,
                                   "token": local.token, "pid": os.getpid(), "generating": local.generating,
-                                  "queued": len(local.pending), "abandoned": local.abandoned,
-                                  "abandoned_total": local.abandoned_total})
+                                  "queued": len(local.pending), "peak_batch": local.peak_batch,
+                                  "abandoned": local.abandoned, "abandoned_total": local.abandoned_total})
 
     def model_card() -> dict[str, Any]:
         return {"id": local.name, "object": "model", "created": 0, "owned_by": "recipe-runner",
