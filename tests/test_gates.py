@@ -235,3 +235,13 @@ def test_a_paired_speed_gate_judges_the_per_pair_ratios(low, high, verdict):
     assert v["verdict"] == verdict and v["baseline"] == 20.0 and v["threshold"] == 10.0 and v["n"] == 3
     table = comparison_markdown({"s": [v]}, "base", result(5), select({"s": [v]}, {"s": result(5)}, []))
     assert "in the same run" in table and f"x{low:g}-{high:g} over 3 pairs" in table
+
+
+@pytest.mark.parametrize(("interval", "verdict"), [((0.02, 0.04), "pass"), ((0.04, 0.07), "inconclusive"),
+                                                   ((0.06, 0.09), "fail")])
+def test_a_kl_gate_is_judged_on_its_interval_over_held_out_conversations(interval, verdict):
+    measured = {"kl": {"kl": sum(interval) / 2, "kl_interval": list(interval), "conversations": 32}}
+    (v,) = evaluate([gate("kl.kl", "<=", 0.05)], measured, None)
+    assert v["verdict"] == verdict and v["n"] == 32 and v["interval"] == list(interval)
+    (plain,) = evaluate([gate("kl.kl", "<=", 0.05)], {"kl": {"kl": 0.03}}, None)  # no interval: as measured
+    assert plain["verdict"] == "pass" and plain["interval"] is None

@@ -93,6 +93,15 @@ def speed_reliability(result: dict[str, Any], verdicts: Sequence[dict[str, Any]]
     return {"value": value, "ratio": ratio, "pairs": paired.get("pairs"), "reliable": not why, "why": why}
 
 
+def _kl_interval(metric: Metric, result: dict[str, Any]) -> tuple[float, float] | None:
+    """The bootstrap interval (over held-out conversations) of a `kl.*` metric, where the worker measured one."""
+    if metric.group != "kl":
+        return None
+    key = {"kl": "kl_interval", "top1_agreement": "top1_interval"}.get(metric.name)
+    interval = (result.get("kl") or {}).get(key) if key else None
+    return (float(interval[0]), float(interval[1])) if isinstance(interval, list) and len(interval) == 2 else None
+
+
 def _worst_end(op: str, count: int, n: int) -> bool:
     """Whether a rate sits at the end a gate guards against: nothing passed for a `>=` gate, everything
     for a `<=` gate (on `failed`: every item failed). A baseline there leaves nothing to lose."""
@@ -179,6 +188,12 @@ def evaluate(gates: Sequence[Gate | dict[str, Any]], result: dict[str, Any], bas
             facts |= {"verdict": "missing", "reason": f"the baseline's {gate.metric} was not measured"}
         elif metric.sample(result) is not None and op != "==":
             facts |= _suite_verdict(gate, metric, result, baseline)
+        elif (kl_interval := _kl_interval(metric, result)) is not None and not relative and op != "==":
+            # Fidelity measured per held-out conversation: judged on its bootstrap interval like a suite rate.
+            low, high = kl_interval
+            facts |= {"threshold": declared, "interval": [round(low, 6), round(high, 6)],
+                      "n": (result.get("kl") or {}).get("conversations"),
+                      "verdict": judge(op, value, declared, (low - declared, high - declared))}
         else:
             threshold = declared * base + (gate.margin or 0) * (-1 if op in (">=", ">") else 1) \
                 if relative and base is not None else declared
