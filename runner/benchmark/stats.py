@@ -9,6 +9,9 @@ bootstrap, and the power a gate has at its sample size. Pure Python (the host si
   MOVER), which for k = 1 is the standard interval of a paired difference; McNemar's exact test (the
   discordant prompts, binomial 1/2) says whether the flips lean one way at all.
 - Per-item scores (KL per conversation, partial credit): a paired percentile bootstrap of the mean.
+- A token-weighted mean over conversations (held-out KL and top-1 agreement, pooled over tokens): a
+  percentile bootstrap over conversations of the ratio sum(value x tokens) / sum(tokens), since tokens
+  of one conversation are not independent of each other.
 """
 
 from __future__ import annotations
@@ -112,6 +115,30 @@ def bootstrap_mean(values: Sequence[float], alpha: float = ALPHA, reps: int = 20
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
     lo = means[max(0, math.floor(alpha / 2 * reps))]
     hi = means[min(reps - 1, math.ceil((1 - alpha / 2) * reps) - 1)]
+    return lo, hi
+
+
+def bootstrap_weighted_mean(values: Sequence[float], weights: Sequence[float], alpha: float = ALPHA,
+                            reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the weighted mean sum(v_i w_i) / sum(w_i) (a ratio estimator):
+    items are resampled with replacement and the ratio recomputed, so an item's weight (a conversation's
+    tokens) travels with its value. Seeded: the same data, the same interval. Weights must be positive."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to bootstrap")
+    if len(weights) != n:
+        raise ValueError(f"{n} values but {len(weights)} weights")
+    if any(w <= 0 for w in weights):
+        raise ValueError("weights must be positive")
+    weighted = [v * w for v, w in zip(values, weights, strict=True)]
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(reps):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(sum(weighted[i] for i in picks) / sum(weights[i] for i in picks))
+    ratios.sort()
+    lo = ratios[max(0, math.floor(alpha / 2 * reps))]
+    hi = ratios[min(reps - 1, math.ceil((1 - alpha / 2) * reps) - 1)]
     return lo, hi
 
 
