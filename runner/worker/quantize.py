@@ -73,6 +73,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     eval_batches, measured_on = held_out_set(calib, device)
     logits_kwargs = full_logits_kwargs(model)
     source = fidelity.snapshot(model, eval_batches, logits_kwargs)
+    print(f"[quantize] fidelity measured on {measured_on}: {source.tokens} tokens", flush=True)
     result = quantize_model(model, calib, strategy, inputs.exclude, device)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
@@ -81,20 +82,24 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     for warning in warnings:
         print(f"[quantize] warning: {warning}", flush=True)
     require_quantized(model, strategy, inputs.exclude)
-    quantized = fidelity.snapshot(model, eval_batches, logits_kwargs)
-    # What the exported model gives up against the source, on the same samples (fake-quant forward).
-    exported = fidelity.compare(source, quantized)
+    # What the exported model gives up against the source, on the same samples (fake-quant forward),
+    # and a snapshot of the quantized model in the same pass, should AWQ scales be folded next.
+    quantized, (exported,) = fidelity.measure(model, eval_batches, logits_kwargs, [source], keep=True)
     fold = fold_scales(model, calib, device, logits_kwargs, norms_only=not strategy.fold_awq_scales)
     if fold is not None:
-        folded = fidelity.snapshot(model, eval_batches, logits_kwargs)
-        before, exported = exported, fidelity.compare(source, folded)
-        fold["cost"] = {**fidelity.compare(quantized, folded), "measured_on": measured_on,
+        assert quantized is not None
+        before = exported
+        _, (exported, cost) = fidelity.measure(model, eval_batches, logits_kwargs, [source, quantized])
+        fold["cost"] = {**cost, "measured_on": measured_on,
                         "kl_to_source_before": before.get("kl"), "kl_to_source_after": exported.get("kl")}
         result["awq_fold"] = fold
         print(f"[quantize] AWQ scales folded ({fold['mode']}) in {fold['fold_s']:.1f}s: {fold['actions']}; "
               f"KL {fold['cost'].get('kl')}, top-1 {fold['cost'].get('top1_agreement')}", flush=True)
-        del folded
-    result["fidelity"] = {**exported, "measured_on": measured_on}
+    result["fidelity"] = {**exported, "measured_on": measured_on,
+                          **({"conversations_held_out": len(calib.held_out_ids)} if calib.held_out_ids else {})}
+    print(f"[quantize] KL to source {exported.get('kl')} (95 % {exported.get('kl_interval')}), top-1 agreement "
+          f"{exported.get('top1_agreement')} (95 % {exported.get('top1_interval')}) over "
+          f"{exported.get('conversations')} conversations", flush=True)
     del source, quantized
 
     from modelopt.torch.export import export_hf_checkpoint
@@ -233,10 +238,16 @@ def nothing_quantized(model: Any, strategy: Strategy, exclude: list[str], modelo
 
 
 def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any]], str]:
-    """Batches to measure fidelity on, and what they are: held-out conversations where the file has them."""
-    batches = calib.held_out_batches(4, device)
+    """Batches to measure fidelity on, and what they are: held-out conversations where the file has them,
+    the leading ones that fit fidelity.MAX_TOKENS (whole conversations, in the held-out order)."""
+    from runner.worker import fidelity
+
+    held, cap = calib.held_out_ids, fidelity.MAX_TOKENS
+    used = fidelity.conversations_within([len(ids) for ids in held], cap)
+    batches = pad_batches([ids[:cap] for ids in held[:used]], calib.pad_id, 4, device)
     if batches:
-        return batches, f"{len(calib.held_out_ids)} held-out conversations of the recipe's calibration set"
+        cut = f" (the first {used} of {len(held)}: {cap} tokens at most)" if used < len(held) else ""
+        return batches, f"{used} held-out conversations of the recipe's calibration set{cut}"
     # Every conversation was used for calibration: say so rather than pretend.
     return calib.batches(4, device)[-2:], "calibration samples (the calibration file has no conversation to spare)"
 
