@@ -78,6 +78,13 @@ def test_held_out_set_says_when_the_cap_cut_conversations(monkeypatch):
     assert sorted(int(b["attention_mask"].sum()) for b in batches) == [70]
 
 
+def test_the_schema_states_the_cap_the_worker_uses():
+    from runner.recipe.schema import CalibrationSpec
+    from runner.worker.fidelity import MAX_TOKENS
+
+    assert str(MAX_TOKENS) in CalibrationSpec.model_fields["held_out"].description
+
+
 # --- the worker on a tiny model ---------------------------------------------------------------------
 
 

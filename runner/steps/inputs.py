@@ -65,7 +65,7 @@ class QuantizeInput(StepInput):
     # Fidelity is measured on `held_out` conversations of the recipe's set that follow the first
     # `held_out_after` (calibration.samples) of its seeded shuffle: never calibrated on, the same for
     # every strategy whatever set it calibrates on.
-    held_out: int = 8
+    held_out: int = 32
     held_out_after: int = 512
 
 
