@@ -144,13 +144,17 @@ def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
     from the source is the source (KL 0, top-1 agreement 1); an endpoint baseline is not measured."""
     if ctx.step.strategy is None:
         baseline = input_of(ctx, BenchmarkInput).baseline
-        return {"kl": 0.0, "top1_agreement": 1.0, "measured_on": "the source itself"} \
+        return {"kl": 0.0, "top1_agreement": 1.0, "kl_interval": [0.0, 0.0], "top1_interval": [1.0, 1.0],
+                "measured_on": "the source itself"} \
             if baseline is not None and baseline.kind == "served" else None
     fidelity = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {}).get("fidelity") or {}
     if fidelity.get("kl") is None:
         return None
+    # The intervals (a bootstrap over conversations) and how many conversations: what a gate on
+    # kl.kl / kl.top1_agreement can judge uncertainty by. Absent in records written before them.
     return {"kl": fidelity["kl"], "top1_agreement": fidelity.get("top1_agreement"), "tokens": fidelity.get("tokens"),
-            "measured_on": fidelity.get("measured_on")}
+            "kl_interval": fidelity.get("kl_interval"), "top1_interval": fidelity.get("top1_interval"),
+            "conversations": fidelity.get("conversations"), "measured_on": fidelity.get("measured_on")}
 
 
 def combined_hash(suites: dict[str, dict[str, Any]]) -> str:
