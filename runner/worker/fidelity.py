@@ -23,8 +23,8 @@ Memory, bounded whatever the vocabulary:
 KL is that of the two distributions coarsened to the before-model's TOP_K tokens plus one bin for the
 rest: exact when the vocabulary has at most TOP_K tokens, otherwise a lower bound that misses only how
 the two models share out the tail (`tail_mass`, the mean probability outside the top TOP_K, says how
-much that is; for a trained model it is a few parts in a thousand). Everything is computed in float32,
-which a full bf16 snapshot was not.
+much that is: 0.3 % on the tests' peaked tiny model, where the bound came within 0.6 % of the exact
+KL). Everything is computed in float32, which a full bf16 snapshot was not.
 
 At most MAX_TOKENS tokens are measured, in whole conversations: the conversations after the first one
 that would cross the cap are left out (`conversations_within` picks them before batching; the record
