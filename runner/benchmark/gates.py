@@ -276,10 +276,10 @@ def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[st
                if status[s] == "rejected"}
     unproven = {s: [v["gate"] for v in verdicts[s] if v["verdict"] in UNDECIDED] for s in ranking
                 if status[s] == "unproven"}
-    rule = ("every gate passes (proven), then "
-            + ("no gate fails (unproven: some could not decide, accepted by accept_unproven)" if accept_unproven
-               else "none unproven is selected (accept_unproven: false)")
-            + ("; ranked by " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
+    rule = ("proven candidates first (every gate passes), "
+            + ("then unproven ones (no gate fails; accept_unproven: true)" if accept_unproven
+               else "no unproven one (accept_unproven: false)")
+            + (", each ranked by " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
     return {"best": best, "proven": status.get(best) == "proven" if best else None, "ranking": ranking,
             "status": status, "failing": failing, "unproven": unproven, "rule": rule}
 
