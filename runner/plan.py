@@ -170,7 +170,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
 
     steps.append(Step("gates", "gates", tuple(bench_ids), GatesInput(
         gates=recipe.gates, selection=recipe.selection,
-        baseline_name=bench.baseline.name if bench.baseline else None)))
+        baseline_name=bench.baseline.name if bench.baseline else None,
+        negative_controls=[s.name for s in recipe.quantization.strategies if s.negative_control])))
     steps.append(Step("report", "report", ("gates",), ReportInput(recipe=recipe)))
     steps.append(Step("publish", "publish", ("report",), PublishInput(recipe=recipe)))
 

@@ -245,3 +245,21 @@ def test_a_kl_gate_is_judged_on_its_interval_over_held_out_conversations(interva
     assert v["verdict"] == verdict and v["n"] == 32 and v["interval"] == list(interval)
     (plain,) = evaluate([gate("kl.kl", "<=", 0.05)], {"kl": {"kl": 0.03}}, None)  # no interval: as measured
     assert plain["verdict"] == "pass" and plain["interval"] is None
+
+
+def test_a_negative_control_is_judged_never_selected_and_one_the_gates_miss_withholds_the_selection():
+    base = result(285, 300)
+    gates = [gate("factual.pass_rate", ">=", 0.95, relative=True, name="factual")]
+    results = {"good": result(285, 300, size=500), "broken": result(20, 300, size=10)}
+    verdicts = {s: evaluate(gates, r, base) for s, r in results.items()}
+    chosen = select(verdicts, results, [{"metric": "size.bytes", "order": "min"}], negative_controls=["broken"])
+    assert chosen["best"] == "good" and chosen["ranking"] == ["good"] and "broken" not in chosen["failing"]
+    assert chosen["negative_controls"] == {"broken": {"status": "rejected", "rejected_by": ["factual"]}}
+    table = comparison_markdown(verdicts, "BF16", base, chosen)
+    assert "broken (negative control, rejected)" in table and "Negative control `broken`" in table
+    # A "control" the gates do not reject: they cannot tell damage, so nothing is selected.
+    missed = {"good": verdicts["good"], "broken": evaluate(gates, result(285, 300, size=10), base)}
+    toothless = select(missed, results, [], negative_controls=["broken"])
+    assert toothless["best"] is None and toothless["toothless"] == ["broken"]
+    assert "Nothing is selected: negative control broken was not rejected" in comparison_markdown(
+        missed, "BF16", base, toothless)

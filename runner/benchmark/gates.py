@@ -252,12 +252,17 @@ def status_of(verdicts: Sequence[dict[str, Any]]) -> str:
 
 
 def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[str, Any]],
-           prefer: Sequence[Preference | dict[str, str]], accept_unproven: bool = False) -> dict[str, Any]:
+           prefer: Sequence[Preference | dict[str, str]], accept_unproven: bool = False,
+           negative_controls: Sequence[str] = ()) -> dict[str, Any]:
     """Rank the candidates no gate rejects: every proven one before every unproven one, each group by the
     preferences in order (ties keep the recipe's order). The first proven candidate is the choice; an
-    unproven one only with `accept_unproven`. A missing metric rejects."""
+    unproven one only with `accept_unproven`. A missing metric rejects. Negative controls (strategies built
+    to damage behaviour) are judged but never ranked; one that no gate rejects means the gates cannot tell
+    damage at these sizes, and nothing is selected."""
     prefer = [p if isinstance(p, Preference) else Preference.model_validate(p) for p in prefer]
     status = {s: status_of(vs) for s, vs in verdicts.items()}
+    controls = {s: status[s] for s in negative_controls if s in status}
+    toothless = [s for s, st in controls.items() if st != "rejected"]
 
     def key(strategy: str) -> tuple[float, ...]:
         out = [0.0 if status[strategy] == "proven" else 1.0]
@@ -268,20 +273,29 @@ def select(verdicts: dict[str, list[dict[str, Any]]], results: dict[str, dict[st
             out.append(-value if pref.order == "max" else value)
         return tuple(out)
 
-    ranking = sorted((s for s in verdicts if status[s] != "rejected"), key=key)
+    ranking = sorted((s for s in verdicts if status[s] != "rejected" and s not in controls), key=key)
     best = next((s for s in ranking if status[s] == "proven"), None)
     if best is None and accept_unproven and ranking:
         best = ranking[0]
+    if toothless:
+        best = None
     failing = {s: [v["gate"] for v in vs if v["verdict"] in ("fail", "missing")] for s, vs in verdicts.items()
-               if status[s] == "rejected"}
+               if status[s] == "rejected" and s not in controls}
     unproven = {s: [v["gate"] for v in verdicts[s] if v["verdict"] in UNDECIDED] for s in ranking
                 if status[s] == "unproven"}
     rule = ("proven candidates first (every gate passes), "
             + ("then unproven ones (no gate fails; accept_unproven: true)" if accept_unproven
                else "no unproven one (accept_unproven: false)")
             + (", each ranked by " + ", ".join(f"{p.order} {p.metric}" for p in prefer) if prefer else ""))
+    if toothless:
+        rule = (f"negative control {', '.join(toothless)} was not rejected by any gate: the gates cannot tell a "
+                "damaged model at these sizes, so nothing is selected")
     return {"best": best, "proven": status.get(best) == "proven" if best else None, "ranking": ranking,
-            "status": status, "failing": failing, "unproven": unproven, "rule": rule}
+            "status": status, "failing": failing, "unproven": unproven, "rule": rule,
+            "negative_controls": {s: {"status": st, "rejected_by": [v["gate"] for v in verdicts[s]
+                                                                    if v["verdict"] in ("fail", "missing")]}
+                                  for s, st in controls.items()},
+            "toothless": toothless}
 
 
 def _fmt(value: float | None) -> str:
@@ -331,8 +345,10 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
     strategies = list(verdicts)
     gates = verdicts[strategies[0]] if strategies else []
     status = selection.get("status") or {}
+    controls = selection.get("negative_controls") or {}
     header = ["gate", "required", "n"] + ([f"{baseline_name} (baseline)"] if baseline else []) + [
-        f"{s} ({status[s]})" if s in status else s for s in strategies]
+        f"{s} (negative control, {status[s]})" if s in controls else f"{s} ({status[s]})" if s in status else s
+        for s in strategies]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, gate in enumerate(gates):
         row = [gate["gate"], _required(gate), str(gate["n"]) if gate.get("n") else "-"]
@@ -364,7 +380,17 @@ def comparison_markdown(verdicts: dict[str, list[dict[str, Any]]], baseline_name
     for gate_name, reason in sorted(unmeasured, key=str):
         lines.append(f"Gate {gate_name} is not measured: {reason}.")
         lines.append("")
-    if best and selection.get("proven"):
+    for control, facts in controls.items():
+        if facts["status"] == "rejected":
+            lines.append(f"Negative control `{control}` (built to damage behaviour) is rejected by "
+                         f"{', '.join(facts['rejected_by'])}: the gates can tell a damaged model at these sizes.")
+        else:
+            lines.append(f"Negative control `{control}` (built to damage behaviour) is NOT rejected by any gate: "
+                         "the gates cannot tell a damaged model at these sizes, so nothing is selected.")
+        lines.append("")
+    if selection.get("toothless"):
+        lines.append(f"Nothing is selected: {selection['rule']}.")
+    elif best and selection.get("proven"):
         lines.append(f"Selected: **{best}**, proven: every gate passed ({selection['rule']}).")
     elif best:
         lines.append(f"Selected: **{best}**, UNPROVEN: no gate failed, but "

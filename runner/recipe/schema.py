@@ -263,6 +263,10 @@ class Strategy(Section):
     name: Identifier
     description: str = ""
     enabled: bool = True
+    negative_control: bool = Field(False, description=(
+        "A strategy built to damage behaviour, run to show that the gates catch it: it is judged but never "
+        "selected or published, and when no gate rejects it nothing is selected (gates that cannot tell a "
+        "damaged model from a good one at these sizes decide nothing)."))
     preset: str | None = Field(None, description="A ModelOpt preset, e.g. NVFP4_AWQ_LITE_CFG.")
     modelopt_recipe: str | None = Field(
         None, description="A ModelOpt recipe path, e.g. general/ptq/nvfp4_default-kv_fp8_cast.")

@@ -114,6 +114,8 @@ class GatesInput(StepInput):
     # With --strategy: the recipe's other strategies that have no current benchmark in the run directory
     # (plan.with_rivals); the ones that have one are deps, and compete.
     not_benchmarked: list[str] = Field(default_factory=list)
+    # Strategies built to damage behaviour (Strategy.negative_control): judged, never selected.
+    negative_controls: list[str] = Field(default_factory=list)
 
 
 NOT_BENCHMARKED = "not benchmarked in this run"  # why GatesInput.not_benchmarked strategies are not judged

@@ -234,7 +234,8 @@ async def gates(ctx: StepContext) -> StepResult:
     for strategy, why in absent.items():
         ctx.log.info("strategy %s is not judged: %s", strategy, why)
     verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
-    selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.accept_unproven)
+    selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.accept_unproven,
+                       inputs.negative_controls)
     baseline_name = inputs.baseline_name
     table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed, absent)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
