@@ -159,12 +159,14 @@ def test_special_tool_call_tokens_survive_decoding_when_tools_are_asked(demo_tok
     ids = tokenizer.encode(f"<tool_call>{CALL}</tool_call>", add_special_tokens=False) + [tokenizer.eos_token_id]
 
     def decoded(keep: bool) -> str:
-        streamer = make_streamer(tokenizer, keep_tool_tags=keep)
+        pieces: list[str | None] = []
+        streamer = make_streamer(tokenizer, keep, pieces.append)  # the pieces go to a sink (None at the end)
         streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
         for token in ids:
             streamer.put(torch.tensor([token]))
         streamer.end()
-        return "".join(streamer)
+        assert pieces[-1] is None
+        return "".join(p for p in pieces if p is not None)
 
     kept = decoded(True)
     assert kept.strip() == f"<tool_call>{CALL}</tool_call>"  # the eos token still left out
