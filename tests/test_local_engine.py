@@ -333,11 +333,7 @@ def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_th
     engine loop, streamer, tokenizer and HTTP server): what a client gets for that answer, streamed or not, is what
     vLLM's hermes parser makes of it (runner/benchmark/tool_calls.py). Before: an answer whose last
     call had no </tool_call> came back as text, "called nothing"."""
-    import asyncio
-
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from runner.worker.local_server import LocalModel, make_app
+    from runner.worker.local_server import LocalModel
 
     _, _, folder = server
     local = LocalModel(folder, "tiny", "bfloat16", threads=1)
@@ -352,6 +348,43 @@ def test_tool_calls_returned_to_clients_are_read_as_vllms_hermes_parser_reads_th
         ("Sure.<tool_call>{oops", True, "Sure.<tool_call>{oops", [], "stop"),  # not JSON: all text
         (f"<tool_call>{call}", False, f"<tool_call>{call}", [], "stop"),  # no tools asked: no parser
     ]
+    answers_match(local, tools, cases)
+
+
+def test_tool_calls_are_read_with_the_qwen3_coder_parser_when_the_server_is_given_it(server):
+    """The same scripted engine with --tool-call-parser qwen3_coder (what the Qwen3.5 bases give vLLM):
+    XML calls come back as calls, their values typed by the request's schema, streamed or not; a bare
+    <function= is held back from the stream like a <tool_call>; hermes JSON is not a call here."""
+    from runner.worker.local_server import LocalModel
+
+    _, _, folder = server
+    local = LocalModel(folder, "tiny", "bfloat16", threads=1)
+    local.tool_call_parser = "qwen3_coder"
+    tools = [{"type": "function", "function": {"name": "web_search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}, "count": {"type": "integer"}}}}}]
+    xml = "<function=web_search>\n<parameter=query>\ncats\n</parameter>\n<parameter=count>\n3\n</parameter>\n</function>"
+    cases = [
+        (f"Let me look.\n<tool_call>\n{xml}\n</tool_call>", True, "Let me look.\n",
+         [("web_search", '{"query": "cats", "count": 3}')], "tool_calls"),
+        (f"Checking. {xml}", True, "Checking. ", [("web_search", '{"query": "cats", "count": 3}')],
+         "tool_calls"),  # no <tool_call> tag: still a call, and the stream held the <function= text back
+        ("<tool_call>\n<function=web_search>\n<parameter=query>\ndogs\n", True, None,
+         [("web_search", '{"query": "dogs"}')], "tool_calls"),  # cut after a value: still a call
+        ('<tool_call>{"name": "web_search", "arguments": {}}</tool_call>', True,
+         '<tool_call>{"name": "web_search", "arguments": {}}</tool_call>', [], "stop"),  # hermes JSON: text
+        (f"<tool_call>\n{xml}", False, f"<tool_call>\n{xml}", [], "stop"),  # no tools asked: no parser
+    ]
+    answers_match(local, tools, cases)
+
+
+def answers_match(local, tools: list, cases: list) -> None:
+    """Each case's answer, chosen token by token through the engine, comes back as (content, calls,
+    finish_reason) to a client that streams and to one that does not."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from runner.worker.local_server import make_app
 
     def scripted(answer: str):
         ids_out = local.tokenizer.encode(answer, add_special_tokens=False) + [local.tokenizer.eos_token_id]

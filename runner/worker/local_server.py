@@ -16,8 +16,11 @@ empty `choices`, only when asked), `tools` and `tool_choice` ("auto" or "none"),
 `tool_calls` and `role: tool` messages in the history, text content given as a string or as a list
 of text parts (required for system, user and tool messages; an assistant message needs content or
 tool_calls). `finish_reason` is `length` when max_tokens cut the answer, `tool_calls` when it holds
-tool calls, else `stop`. Tool calls are read from the answer as vLLM's hermes parser reads them
-(runner/benchmark/tool_calls.py; `--tool-call-parser` names another parser only to be refused).
+tool calls, else `stop`. Tool calls are read from the answer as vLLM's `--tool-call-parser` reads them
+(runner/benchmark/tool_calls.py: hermes, the default, or qwen3_coder; any other parser is refused at
+start, in one line). A streamed answer holds back everything from where a call may begin (the parser's
+start markers) and sends the calls parsed, at the end; the chat template renders tools the same
+whatever the parser.
 
 Every error is OpenAI-style JSON ({"error": {"message", "type", "param", "code"}}): a bad or
 out-of-range field is a 400 naming it, another model's name or an unknown path a 404, a prompt
@@ -61,7 +64,16 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.benchmark.tool_calls import END, START, parse_hermes, partial_start, unsupported_parser
+from runner.benchmark.tool_calls import (
+    DEFAULT_PARSER,
+    END,
+    START,
+    SUPPORTED_PARSERS,
+    call_start,
+    parse_tool_calls,
+    partial_start,
+    unsupported_parser,
+)
 from runner.worker.local_batching import ROWS, Batch, Job, choose_token, stop_window, use_row_attention
 
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # fixed, so answers repeat across runs on one machine
@@ -263,6 +275,7 @@ class LocalModel:
         self.batching = unbatchable or f"up to {self.max_batch} requests decoded together"
         self.stopping = threading.Event()  # set on shutdown: a generation in progress ends at its next token
         self.token = ""  # the runner's per-server token, echoed on /health
+        self.tool_call_parser = DEFAULT_PARSER  # how tool calls are read from answers (--tool-call-parser)
         self.pending: deque[Job] = deque()  # submitted, not yet prefilled (guarded by queue_lock)
         self.queue_lock = threading.Lock()
         self.running = False  # the engine loop is on the generator thread (guarded by queue_lock)
@@ -548,6 +561,7 @@ def make_app(local: LocalModel) -> web.Application:
         return web.json_response({"status": "ok", "numerics": local.numerics, "threads": local.threads,
                                   "device": local.device, "batching": local.batching, "max_batch": local.max_batch,
                                   "token": local.token, "pid": os.getpid(), "generating": local.generating,
+                                  "tool_call_parser": local.tool_call_parser,
                                   "queued": len(local.pending), "peak_batch": local.peak_batch,
                                   "abandoned": local.abandoned, "abandoned_total": local.abandoned_total})
 
@@ -635,12 +649,12 @@ def make_app(local: LocalModel) -> web.Application:
             text += piece
             visible, _ = cut_at_stop(text, parsed.stop)
             # Hold back the tail a stop string could still begin in, and, when tools may be called,
-            # everything from a <tool_call> tag on (the calls are sent parsed, at the end) and a tail
-            # that could be the start of one.
+            # everything from where a call may begin on (<tool_call>, or <function= for qwen3_coder:
+            # the calls are sent parsed, at the end) and a tail that could be the start of one.
             safe = len(visible) - (hold if len(visible) == len(text) else 0)
             if parsed.tools is not None:
-                at = visible.find(START)
-                safe = min(safe, at if at >= 0 else len(visible) - partial_start(visible))
+                at = call_start(visible, local.tool_call_parser)
+                safe = min(safe, at if at >= 0 else len(visible) - partial_start(visible, local.tool_call_parser))
             if resp is not None and safe > sent:
                 await emit({"content": visible[sent:safe]})
                 sent = safe
@@ -657,7 +671,8 @@ def make_app(local: LocalModel) -> web.Application:
             return resp
         completion_tokens, prompt_tokens = len(job.tokens), job.prompt_len
         text, stopped = cut_at_stop(text, parsed.stop)
-        parsed_answer = parse_hermes(text) if parsed.tools is not None else None
+        parsed_answer = (parse_tool_calls(text, local.tool_call_parser, parsed.tools)
+                         if parsed.tools is not None else None)
         calls = parsed_answer.calls if parsed_answer else []
         content = parsed_answer.content if calls else text
         ended = completion_tokens > 0 and job.tokens[-1] in local.eos
@@ -717,15 +732,17 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help="requests decoded together at most (1: one at a time)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda[:N]")
-    parser.add_argument("--tool-call-parser", default="hermes",
-                        help="how tool calls are read from the answer: hermes (the only one this engine implements)")
+    parser.add_argument("--tool-call-parser", default=DEFAULT_PARSER,
+                        help=f"how tool calls are read from the answer, as vLLM's parser of that name reads them: "
+                             f"{', '.join(SUPPORTED_PARSERS)} (default {DEFAULT_PARSER})")
     args = parser.parse_args()
     if problem := unsupported_parser(args.tool_call_parser):
         parser.exit(2, f"[local_server] {problem}\n")
     local = LocalModel(args.model, args.name, args.dtype, args.threads, args.max_batch, args.device)
     local.token = os.environ.get("RECIPE_SERVER_TOKEN", "")
+    local.tool_call_parser = args.tool_call_parser
     print(f"[local_server] {args.model} ({local.numerics}, {local.device}, {local.threads} threads, "
-          f"batching: {local.batching}) on "
+          f"batching: {local.batching}, tool calls: {local.tool_call_parser}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     web.run_app(make_app(local), host=args.host, port=args.port, print=None, shutdown_timeout=2)
     # A generation stops at its next token (on_shutdown), but a long prompt's prefill cannot be cut:
