@@ -432,3 +432,62 @@ def test_call_starts_per_parser():
     assert call_start("a<tool_call><function=f>", "qwen3_coder") == 1 and call_start("plain", "qwen3_coder") == -1
     assert [partial_start(t, "qwen3_coder") for t in ("Sure <", "Sure <func", "Sure <tool_c", "<function", "a")] == \
         [1, 5, 7, 9, 0]
+
+
+# --- the recipe's parser reaches the local engine ------------------------------------------------------
+
+
+def serving_input(engine: str, args: list[str]):
+    from runner.recipe.schema import ServeSpec
+    from runner.steps.inputs import ServingInput
+
+    return ServingInput(serve=ServeSpec(engine=engine, container="local", args=args), container="local",
+                        dtype="bfloat16")
+
+
+@pytest.mark.parametrize(("args", "passed"), [
+    (["--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder"], ["--tool-call-parser=qwen3_coder"]),
+    (["--tool-call-parser=qwen3_coder", "--reasoning-parser", "qwen3"], ["--tool-call-parser=qwen3_coder"]),
+    (["--tool-call-parser", "hermes"], ["--tool-call-parser=hermes"]),
+    (["--max-model-len", "8192"], []),  # none named: the server's default (hermes); vLLM's other flags stay out
+])
+def test_serving_passes_the_recipes_parser_to_the_local_engine(args, passed, tmp_path):
+    from runner.steps.serving import local_server_command
+
+    command = local_server_command(serving_input("local", args), tmp_path, 8000, "cand")
+    assert command[1:3] == ["-m", "runner.worker.local_server"]
+    assert [a for a in command if a.startswith("--tool-call-parser")] == passed
+    assert "--max-model-len" not in command and "--enable-auto-tool-choice" not in command
+
+
+def test_a_local_recipe_on_the_qwen35_base_serves_with_qwen3_coder(monkeypatch, tmp_path):
+    """tests/recipes/tiny-qwen35.yaml (serve.engine: local on recipes/base/qwen35.yaml, whose vLLM flags say
+    qwen3_coder): the local engine is started with that parser, no longer hermes whatever the recipe says."""
+    from runner.recipe.loader import load_recipe
+    from runner.steps.inputs import ServingInput
+    from runner.steps.serving import local_server_command
+
+    monkeypatch.setenv("TINY_QWEN35_DIR", str(tmp_path))
+    recipe = load_recipe(REPO / "tests" / "recipes" / "tiny-qwen35.yaml").recipe
+    assert recipe.serve.engine == "local" and parser_from_args(recipe.serve.args) == "qwen3_coder"
+    spec = ServingInput(serve=recipe.serve, container="local", dtype="bfloat16")
+    assert "--tool-call-parser=qwen3_coder" in local_server_command(spec, tmp_path, 8000, "cand")
+
+
+def test_a_local_recipe_with_a_parser_the_engine_lacks_is_refused_before_any_step(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"tool-call parser 'pythonic' is not supported by the local engine"):
+        serving_input("local", ["--enable-auto-tool-choice", "--tool-call-parser=pythonic"])
+    with pytest.raises(ValidationError, match=r"parser '' is not supported"):
+        serving_input("local", ["--tool-call-parser"])
+    assert serving_input("vllm", ["--tool-call-parser", "pythonic"])  # vLLM reads it itself
+    assert serving_input("local", ["--tool-call-parser", "qwen3_coder"])
+    # `recipe validate` says so, located at serve.args, before anything runs
+    demo = REPO / "recipes" / "demo" / "smollm2-cpu.yaml"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"extends: {demo}\nserve:\n  args: [--enable-auto-tool-choice, --tool-call-parser, llama3_json]\n")
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "validate", str(recipe)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "serve.args" in said and "'llama3_json' is not supported" in said

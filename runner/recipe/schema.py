@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from runner.errors import Problem, closest
 from runner.recipe.metrics import Metric
@@ -329,6 +329,18 @@ class ServeSpec(Section):
     startup_timeout_s: float = Field(900, gt=0)
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads of the `local` engine; default "
                                 "min(4, the machine's cores). Fixed for the run so that answers repeat.")
+
+    @field_validator("args")
+    @classmethod
+    def _local_reads_the_parser(cls, args: list[str], info: ValidationInfo) -> list[str]:
+        # The local engine reads tool calls with the recipe's --tool-call-parser; one it does not implement
+        # would score calls by other rules than vLLM's, so the recipe is refused before any step runs.
+        from runner.benchmark.tool_calls import parser_from_args, unsupported_parser
+
+        parser = parser_from_args(args)
+        if info.data.get("engine") == "local" and parser is not None and (why := unsupported_parser(parser)):
+            raise ValueError(why)
+        return args
 
 
 # --- benchmark and gates ---------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Serving engines behind one interface: start a candidate, wait until it answers, stop it.
 
 - `local`: runner.worker.local_server as a subprocess of this Python environment (CPU or CUDA; the
-  export's numerics emulated layer by layer: NVFP4 W4A4, W4A16, FP8, mixed).
+  export's numerics emulated layer by layer: NVFP4 W4A4, W4A16, FP8, mixed). Of serve.args it takes
+  the `--tool-call-parser` (vLLM's flag, `--tool-call-parser X` or `=X`), so that it reads tool calls
+  as vLLM would serve the recipe; the other flags are vLLM's own and not passed.
 - `vllm`: a server in the recipe's serve container plugin (the `vllm` image by default), started
   with `--model /model` and the recipe's flags verbatim, health-checked, labelled, and removed after.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
+from runner.benchmark.tool_calls import parser_from_args
 from runner.errors import RunnerError
 from runner.processes import die_with_parent, tagged_env, terminate_group
 from runner.run_dir import RunDir
@@ -161,6 +164,16 @@ def _tail(path: Path, lines: int = 12) -> str:
         return "(no log)"
 
 
+def local_server_command(spec: ServingInput, model_dir: Path, port: int, name: str) -> list[str]:
+    """The local engine's command line: the recipe's tool-call parser passed on (the server refuses one
+    it does not implement, and `recipe validate` says so first: recipe.schema.ServeSpec)."""
+    parser = parser_from_args(spec.serve.args)
+    return [sys.executable, "-m", "runner.worker.local_server", "--model", str(model_dir), "--port", str(port),
+            "--name", name, "--dtype", spec.dtype,
+            *(["--threads", str(spec.serve.threads)] if spec.serve.threads else []),
+            *([f"--tool-call-parser={parser}"] if parser is not None else [])]  # "=": a value may start with "-"
+
+
 @contextlib.asynccontextmanager
 async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str,
                   pin_port: bool = True) -> AsyncIterator[RunningServer]:
@@ -177,9 +190,7 @@ async def serving(spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("a", encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runner.worker.local_server", "--model", str(model_dir), "--port", str(port),
-        "--name", name, "--dtype", spec.dtype,
-        *(["--threads", str(spec.serve.threads)] if spec.serve.threads else []),
+        *local_server_command(spec, model_dir, port, name),
         stdout=log, stderr=asyncio.subprocess.STDOUT,
         start_new_session=True, preexec_fn=die_with_parent(),
         env=tagged_env(run_dir.root, {**os.environ, **spec.serve.env, "RECIPE_SERVER_TOKEN": token}))
