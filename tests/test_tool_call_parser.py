@@ -172,6 +172,15 @@ def test_the_scorer_says_why_call_text_in_the_answer_is_not_a_call():
     assert broken[0] is False and "not valid JSON" in broken[1]
     plain = score(suite, item, RequestResult(ok=True, content="no call"))
     assert plain == (False, "expected web_search, called nothing")
+    # with the server's parser: qwen3_coder reads XML (typed by the suite's tools), not hermes JSON
+    xml = "Sure.\n<function=web_search>\n<parameter=query>\ncats\n</parameter>\n</function>"
+    unparsed = score(suite, item, RequestResult(ok=True, content=xml), "qwen3_coder")
+    assert "holds a qwen3_coder call to ['web_search']" in unparsed[1] and "--tool-call-parser qwen3_coder" in unparsed[1]
+    assert score(suite, item, RequestResult(ok=True, content=xml))[1] == "expected web_search, called nothing"
+    broken = score(suite, item, RequestResult(ok=True, content="<tool_call><function=web_search"), "qwen3_coder")
+    assert "the answer's <tool_call> text is not a qwen3_coder call: tool call 1: no '>'" in broken[1]
+    json_call = score(suite, item, RequestResult(ok=True, content=f"<tool_call>{CALL}</tool_call>"), "qwen3_coder")
+    assert "not a qwen3_coder call: a <tool_call> without <function=" in json_call[1]
 
 
 def test_special_tool_call_tokens_survive_decoding_when_tools_are_asked(demo_tokenizer):

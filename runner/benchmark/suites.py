@@ -25,7 +25,7 @@ from pydantic import Field
 
 from runner.benchmark.harness import RequestResult, answers_hash, stream_chat
 from runner.benchmark.stats import look_alphas, look_sizes
-from runner.benchmark.tool_calls import START, other_form_call, parse_hermes
+from runner.benchmark.tool_calls import DEFAULT_PARSER, FUNCTION, START, call_start, other_form_call, parse_tool_calls
 from runner.calibration.validate import MARKDOWN, THINKING, tool_call_problem
 from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
@@ -77,8 +77,9 @@ def load_suite(ref: SuiteRef) -> Suite:
     return load_yaml_model(path, Suite)
 
 
-def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool, str]:
-    """(passed, why) for one answer."""
+def score(suite: Suite, item: SuitePrompt, result: RequestResult, parser: str = DEFAULT_PARSER) -> tuple[bool, str]:
+    """(passed, why) for one answer. `parser`: the server's --tool-call-parser, which explains call text
+    left in the answer (the verdict is the server's calls either way)."""
     if not result.ok:
         return False, f"request failed: {result.error}"
     text = result.content
@@ -98,23 +99,27 @@ def score(suite: Suite, item: SuitePrompt, result: RequestResult) -> tuple[bool,
             form = None if result.tool_calls else other_form_call(text, set(tools))
             if form is not None:
                 return False, f"{OTHER_FORM}: {form} naming a tool, which the server's tool-call parser does not read"
-            return False, f"expected {item.expect_tool}, called {called or 'nothing'}" + unparsed_call(text)
+            return False, (f"expected {item.expect_tool}, called {called or 'nothing'}"
+                           + unparsed_call(text, parser, [t.model_dump() for t in suite.tools]))
         problem = tool_call_problem(calls[0], tools)
         return (False, problem) if problem else (True, f"called {item.expect_tool}")
     return score_answer(text, item.expect, item.reject)
 
 
-def unparsed_call(text: str) -> str:
-    """Why a <tool_call> left in the answer's text is not a call (the verdict stays the server's: a
-    deployed engine would not have called either)."""
-    if START not in text:
+def unparsed_call(text: str, parser: str = DEFAULT_PARSER, tools: list[dict[str, Any]] | None = None) -> str:
+    """Why call text left in the answer (a <tool_call>, or qwen3_coder's <function=) is not a call, read with
+    the server's parser (the verdict stays the server's: a deployed engine would not have called either)."""
+    if call_start(text, parser) < 0:
         return ""
-    parsed = parse_hermes(text)
+    parsed = parse_tool_calls(text, parser, tools)
+    marker = START if START in text else FUNCTION
     if parsed.problem:
-        return f" (the answer's <tool_call> text is not a hermes call: {parsed.problem})"
+        return f" (the answer's {marker} text is not a {parser} call: {parsed.problem})"
+    if not parsed.calls:
+        return ""
     names = [c["function"]["name"] for c in parsed.calls]
-    return (f" (the answer's text holds a hermes call to {names} that the server did not return as a call: "
-            "is its tool-call parser set, e.g. vLLM --enable-auto-tool-choice --tool-call-parser hermes?)")
+    return (f" (the answer's text holds a {parser} call to {names} that the server did not return as a call: "
+            f"is its tool-call parser set, e.g. vLLM --enable-auto-tool-choice --tool-call-parser {parser}?)")
 
 
 def _named(text: str, answer: str) -> re.Match[str] | None:
@@ -218,7 +223,8 @@ async def ask_requests(session: aiohttp.ClientSession, base_url: str, model: str
 
 async def ask_items(session: aiohttp.ClientSession, base_url: str, model: str, suite: Suite, items: list[SuitePrompt],
                     system_prompt: str, hardened: bool, concurrency: int,
-                    on_answer: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+                    on_answer: Callable[[int, int, int], None] | None = None,
+                    parser: str = DEFAULT_PARSER) -> list[dict[str, Any]]:
     """Ask a suite file's items (with the system prompt, and the hardened prompt when asked) and score them."""
     system = "\n\n".join(p for p in (system_prompt, HARDENED_PROMPT if hardened else "") if p)
     tools = [t.model_dump() for t in suite.tools] or None
@@ -226,7 +232,7 @@ async def ask_items(session: aiohttp.ClientSession, base_url: str, model: str, s
     requests = [(item.prompt, ([{"role": "system", "content": system}] if system else [])
                  + [{"role": "user", "content": item.prompt}], tools) for item in items]
     return await ask_requests(session, base_url, model, suite.name, requests, suite.max_tokens, extra, concurrency,
-                              lambda i, result: score(suite, items[i], result), on_answer)
+                              lambda i, result: score(suite, items[i], result, parser), on_answer)
 
 
 # --- the held-out teacher split (calibration.source.eval_split) ----------------------------------------
@@ -321,9 +327,10 @@ class SuiteRun:
 
 
 def suite_run(ref: SuiteRef, session: aiohttp.ClientSession, base_url: str, model: str, system_prompt: str,
-              concurrency: int, eval_file: Path | None = None) -> SuiteRun:
+              concurrency: int, eval_file: Path | None = None, parser: str = DEFAULT_PARSER) -> SuiteRun:
     """The SuiteRun of a reference: BFCL's data and checker for `bfcl:` categories, the calibrate step's
-    held-out split (`eval_file`) for `teacher_eval`, else the suite file."""
+    held-out split (`eval_file`) for `teacher_eval`, else the suite file. `parser`: the server's
+    --tool-call-parser, for the tool_call scorer's explanations."""
     if ref.teacher_eval:
         if eval_file is None:
             raise RunnerError(f"suite {ref.name}: the calibrate step wrote no eval split (calibration.source."
@@ -351,7 +358,7 @@ def suite_run(ref: SuiteRef, session: aiohttp.ClientSession, base_url: str, mode
         suite = suite.model_copy(update={"max_tokens": min(ref.max_tokens, suite.max_tokens)})
     return SuiteRun(ref.name, sampled_items(suite, ref),
                     lambda some, on_answer: ask_items(session, base_url, model, suite, some, system_prompt,
-                                                      ref.hardened_prompt, concurrency, on_answer),
+                                                      ref.hardened_prompt, concurrency, on_answer, parser),
                     lambda answers: summarize(suite, answers, ref.hardened_prompt))
 
 

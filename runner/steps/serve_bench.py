@@ -29,6 +29,7 @@ from runner.benchmark.harness import stream_chat
 from runner.benchmark.prediction import predict_decode, tensor_bytes
 from runner.benchmark.speed import speed_sweep
 from runner.benchmark.suites import ask_in_looks, suite_run
+from runner.benchmark.tool_calls import DEFAULT_PARSER, parser_from_args, unsupported_parser
 from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
@@ -130,7 +131,11 @@ async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: Ru
     if ref.teacher_eval and "calibrate" in ctx.step.deps:
         with contextlib.suppress(KeyError):  # no eval output: suite_run says why
             eval_file = ctx.input("calibrate", "eval")
-    run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency, eval_file)
+    # The recipe's parser is the one its server reads calls with (vLLM and the local engine alike); the
+    # user's own endpoint's is unknown, and vLLM may have one not implemented here: hermes then, as before.
+    named = parser_from_args(spec.serving.serve.args) if server.engine != "endpoint" else None
+    parser = named if named and unsupported_parser(named) is None else DEFAULT_PARSER
+    run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency, eval_file, parser)
     gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \
         if ctx.step.strategy is not None else []
     baseline = (json.loads(ctx.input("benchmark.baseline", "results").read_text(encoding="utf-8"))
