@@ -256,3 +256,16 @@ def test_the_embedded_recipe_runs_from_its_upload(write, tmp_path):
     assert again.calibration.source.path == upload / "calib-2.jsonl"
     assert again.benchmark.suites[0].path == upload / "mine.yaml"
     assert recipe("validate", str(upload / "recipe.yaml")).returncode == 0
+
+
+def test_the_blog_does_not_count_a_negative_control_as_behaviour_quantization_changed(tmp_path):
+    from runner.recipe.loader import load_recipe
+    from runner.steps.report import behaviour
+
+    recipe = load_recipe(RECIPES / "demo" / "smollm2-cpu.yaml").recipe
+    verdict = {"gate": "knowledge", "metric": "easy_facts.pass_rate", "verdict": "fail"}
+    strategies = {"nvfp4_max": {"spec": {"negative_control": False}, "verdicts": [{**verdict, "verdict": "pass"}]},
+                  "negative_control": {"spec": {"negative_control": True}, "verdicts": [verdict]}}
+    facts = behaviour(recipe, strategies)
+    assert facts["failed"] == {} and facts["passed"] == {"nvfp4_max": ["knowledge"]}
+    assert facts["controls"] == {"negative_control": ["knowledge"]}

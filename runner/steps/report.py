@@ -284,8 +284,14 @@ def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str
             checks.append(ref.name)
     suites = {ref.name for ref in recipe.benchmark.suites}
     out: dict[str, Any] = {"checks": list(dict.fromkeys(checks)), "gates": [], "failed": {}, "inconclusive": {},
-                           "not_measurable": {}, "passed": {}}
+                           "not_measurable": {}, "passed": {}, "controls": {}}
     for name, facts in strategies.items():
+        # A negative control is built to fail: its verdicts say whether the gates can see damage, not
+        # whether quantization changed behaviour.
+        control = facts["spec"].get("negative_control")
+        if control:
+            out["controls"][name] = [v["gate"] for v in facts["verdicts"] if v["verdict"] in ("fail", "missing")]
+            continue
         for v in facts["verdicts"]:
             if Metric.parse(v["metric"]).group not in suites:
                 continue
