@@ -222,8 +222,11 @@ def recovery(candidate: dict[str, Any], baseline: dict[str, Any] | None) -> list
         if not common:
             continue
         pairs = Paired.of([mine[k] for k in common], [theirs[k] for k in common])  # type: ignore[index]
-        lo, hi = pairs.interval()
-        rows.append({"suite": name, "n": pairs.n, "baseline": round(pairs.baseline / pairs.n, 4),
+        # At the alpha the gates judged the suite at (a sequential suite's last look), so the two agree.
+        alpha = float((candidate["suites"][name] or {}).get("alpha") or ALPHA)
+        lo, hi = pairs.interval(1.0, alpha)
+        rows.append({"suite": name, "n": pairs.n, "confidence": round(1 - alpha, 4),
+                     "baseline": round(pairs.baseline / pairs.n, 4),
                      "candidate": round(pairs.candidate / pairs.n, 4),
                      "recovery_pct": round(100 * pairs.candidate / pairs.baseline, 1) if pairs.baseline else None,
                      "difference": [round(lo, 4), round(hi, 4)], "lost": pairs.lost, "gained": pairs.gained})
@@ -234,13 +237,14 @@ def recovery_markdown(rows: Sequence[dict[str, Any]], baseline_name: str, candid
     """The recovery table of the documents."""
     if not rows:
         return ""
-    lines = [f"| suite | n | {baseline_name} | {candidate_name} | recovery | difference (95 %, paired) | flips |",
+    lines = [f"| suite | n | {baseline_name} | {candidate_name} | recovery | difference (paired interval) | flips |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         recovered = f"{r['recovery_pct']:.1f} %" if r["recovery_pct"] is not None else "n/a (baseline 0)"
         lo, hi = r["difference"]
+        level = f" ({r['confidence'] * 100:.4g} %)" if r["confidence"] != 1 - ALPHA else ""
         lines.append(f"| {r['suite']} | {r['n']} | {r['baseline'] * 100:.1f} % | {r['candidate'] * 100:.1f} % | "
-                     f"{recovered} | [{lo * 100:+.1f}, {hi * 100:+.1f}] pts | -{r['lost']} / +{r['gained']} |")
+                     f"{recovered} | [{lo * 100:+.1f}, {hi * 100:+.1f}] pts{level} | -{r['lost']} / +{r['gained']} |")
     return "\n".join(lines) + "\n"
 
 
