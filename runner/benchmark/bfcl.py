@@ -255,8 +255,14 @@ def _shares(counts: dict[str, int], size: int) -> dict[str, int]:
 def load_items(categories: list[str], size: int | None, seed: int) -> list[BfclItem]:
     """BFCL's items of these categories: all of them (size None), or `size` in total, spread over the
     categories in proportion to their sizes, each category's taken from a shuffle seeded by (seed,
-    category), so a sample is the same on every machine and a larger one contains a smaller one."""
-    cats = check_categories(categories)
+    category), so a sample is the same on every machine and a larger one contains a smaller one.
+    Read once per process for each (categories, size, seed): validate, plan and `recipe list` ask
+    for the same sample of every recipe that uses it."""
+    return list(_load_items(tuple(check_categories(categories)), size, seed))
+
+
+@cache
+def _load_items(cats: tuple[str, ...], size: int | None, seed: int) -> tuple[BfclItem, ...]:
     bfcl = _bfcl()
     entries: dict[str, list[tuple[dict, dict, dict | None]]] = {}
     for cat in cats:
@@ -286,7 +292,7 @@ def load_items(categories: list[str], size: int | None, seed: int) -> list[BfclI
                 tools=bfcl.convert_to_tool(sent["function"], bfcl.GORILLA_TO_OPENAPI,
                                            bfcl.ModelStyle.OPENAI_COMPLETIONS),
                 functions=judged["function"], ground_truth=answer["ground_truth"] if answer else None))
-    return items
+    return tuple(items)
 
 
 async def ask_bfcl(session: aiohttp.ClientSession, base_url: str, model: str, items: list[BfclItem],
