@@ -181,6 +181,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
         _print_overlap_warnings(path, recipe)
         _print_power(path, recipe, lines=False)
+        if (missing := _bfcl_missing(recipe)) is not None:
+            console.print(f"[yellow]![/] {escape(str(path))}: warning: its BFCL suite cannot run here: "
+                          f"{escape(missing)}")
     return EXIT_INVALID if failed else 0
 
 
@@ -210,6 +213,15 @@ def _print_overlap_warnings(path: Path, recipe) -> None:
     for i, line in enumerate(overlap_warnings(recipe)):
         console.print(f"[yellow]![/] {escape(str(path))}: warning: {escape(line)}" if i == 0 or not line.startswith(" ")
                       else escape(line))
+
+
+def _bfcl_missing(recipe) -> str | None:
+    """Why a recipe's BFCL suites cannot be asked on this machine (bfcl-eval missing), or None."""
+    if not any(ref.bfcl for ref in recipe.benchmark.suites):
+        return None
+    from runner.benchmark.bfcl import unavailable
+
+    return unavailable()
 
 
 def _print_power(path: Path, recipe, lines: bool) -> None:
@@ -395,6 +407,15 @@ def _preflight(loaded, plan, run_dir) -> list:
     from runner.quantization import footprint
     from runner.quantization.preflight import run_problems
 
+    bench = [sid for sid in plan.steps if sid.startswith("benchmark.") and not run_dir.is_complete(sid, plan.keys[sid])]
+    if bench and (missing := _bfcl_missing(plan.recipe)) is not None:
+        # Refused now, not hours later when the first benchmark step starts
+        from runner.errors import Problem
+        from runner.recipe.loader import locate
+
+        i = next(i for i, ref in enumerate(plan.recipe.benchmark.suites) if ref.bfcl)
+        path = ("benchmark", "suites", i, "bfcl")
+        return [Problem(f"a BFCL suite cannot run here: {missing}", path, locate(loaded.locations, path))]
     names = [s.name for s in plan.recipe.quantization.strategies
              if (sid := f"quantize.{s.name}") in plan.steps and not run_dir.is_complete(sid, plan.keys[sid])]
     if not names:

@@ -279,3 +279,33 @@ benchmark:
     result = recipe("validate", str(bad))
     assert result.returncode != 0 and "bad.yaml:" in result.stdout + result.stderr
     assert "multi-turn categories need BFCL's simulated APIs" in result.stdout + result.stderr
+
+
+def test_without_bfcl_eval_a_recipe_validates_with_a_warning_and_run_refuses_before_any_step(write, tmp_path):
+    """bfcl-eval is installed with --no-deps, outside the package's dependencies: a recipe that names BFCL is
+    valid without it (the shipped catalogue must validate in a plain install), but `recipe run` refuses it
+    before the source step rather than after hours of quantization."""
+    from conftest import MINIMAL, placeholder_model, recipe, recipe_cli_env
+
+    shadow = tmp_path / "shadow" / "bfcl_eval"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
+    env = recipe_cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shadow"), env.get("PYTHONPATH", "")])
+    placeholder_model(tmp_path / "model")
+    (tmp_path / "calib.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    path = write("r.yaml", MINIMAL + """
+benchmark:
+  baseline: {kind: served}
+  suites:
+    - {name: bfcl, bfcl: [simple_python], limit: 100}
+gates:
+  - {name: tools, metric: bfcl.pass_rate, op: ">=", relative_to: baseline, margin: 0.05}
+""")
+    validate = recipe("validate", str(path), env=env)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    assert "warning: its BFCL suite cannot run here: bfcl-eval is not installed" in validate.stderr
+    run_dir = tmp_path / "run"
+    run = recipe("run", str(path), "--run-dir", str(run_dir), env=env)
+    assert run.returncode == 2 and "benchmark.suites[0].bfcl: a BFCL suite cannot run here" in run.stderr
+    assert "pip install --no-deps bfcl-eval" in run.stderr and not (run_dir / "steps").exists()

@@ -86,6 +86,16 @@ class _AnyModel(dict):
         return types.SimpleNamespace(underscore_to_dot=True)
 
 
+def unavailable() -> str | None:
+    """Why BFCL cannot be asked here (bfcl-eval missing or not importable, with the install command), or
+    None. validate warns with it; `recipe run` refuses before any step (runner/cli.py)."""
+    try:
+        _bfcl()
+    except RunnerError as exc:
+        return str(exc)
+    return None
+
+
 @cache
 def _bfcl() -> types.SimpleNamespace:
     """BFCL's loaders and checker, imported once in isolation (see the module docstring)."""

@@ -400,11 +400,14 @@ def _check_containers(recipe: Recipe, locations: dict[KeyPath, Location]) -> lis
 
 
 def _bfcl_problems(ref: SuiteRef, path: KeyPath, locations: dict[KeyPath, Location]) -> list[Problem]:
-    """A BFCL suite's categories are ones the runner scores, bfcl-eval is importable, the sample fits."""
-    from runner.benchmark.bfcl import load_items
+    """A BFCL suite's categories are ones the runner scores and, where bfcl-eval is installed, its sample
+    fits. A missing bfcl-eval is a warning here (the recipe is valid) and an error when it would run."""
+    from runner.benchmark.bfcl import check_categories, load_items, unavailable
 
     try:
-        load_items(ref.bfcl or [], ref.limit, ref.seed or 0)
+        check_categories(ref.bfcl or [])
+        if unavailable() is None:  # without bfcl-eval the sample is checked where it runs (cli pre-flight)
+            load_items(ref.bfcl or [], ref.limit, ref.seed or 0)
     except RunnerError as exc:
         return [Problem(str(exc), path, locate(locations, path))]
     return []

@@ -288,8 +288,9 @@ class LocalModel:
 
     @property
     def generating(self) -> int:
-        """Requests being decoded now."""
-        return len(self.batch)
+        """Requests being decoded now. A job is done before its client hears of it, while the batch drops it
+        only after the step: counting rows would show a finished request to a /health read in between."""
+        return sum(not job.done for job in list(self.batch.jobs))
 
     def note_abandoned(self, generated: int, max_tokens: int) -> None:
         self.abandoned = [*self.abandoned[-9:], {"generated": generated, "max_tokens": max_tokens}]
