@@ -80,7 +80,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def ask(model: Path, items: list[bfcl.BfclItem], threads: int, log: Path) -> dict:
+async def ask(model: Path, items: list[bfcl.BfclItem], threads: int, max_tokens: int, log: Path) -> dict:
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "runner.worker.local_server", "--model", str(model),
@@ -97,7 +97,7 @@ async def ask(model: Path, items: list[bfcl.BfclItem], threads: int, log: Path) 
                         break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.5)
-            return await bfcl.run_bfcl(session, f"{base}/v1", "bench", items, 8, max_tokens=96)
+            return await bfcl.run_bfcl(session, f"{base}/v1", "bench", items, 8, max_tokens=max_tokens)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -110,17 +110,20 @@ def main() -> int:
     parser.add_argument("--categories", nargs="+", default=["simple_python", "multiple", "irrelevance"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--strategies", nargs="+", help="only these exports (default: every one)")
+    parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
     items = bfcl.load_items(args.categories, args.n, args.seed)
     models = {"source": args.run_dir / "steps" / "source" / "model"}
     for export in sorted((args.run_dir / "steps").glob("export.*")):
-        models[export.name.removeprefix("export.")] = export / "checkpoint"
+        if args.strategies is None or export.name.removeprefix("export.") in args.strategies:
+            models[export.name.removeprefix("export.")] = export / "checkpoint"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, folder in models.items():
             served = with_tools_template(folder, Path(tmp) / name)
             t0 = time.monotonic()
-            result = asyncio.run(ask(served, items, args.threads, Path(tmp) / f"{name}.log"))
+            result = asyncio.run(ask(served, items, args.threads, args.max_tokens, Path(tmp) / f"{name}.log"))
             results[name] = {"suites": {"bfcl": result}}
             cats = ", ".join(f"{c} {v['passed']}/{v['total']}" for c, v in result["per_category"].items())
             print(f"{name}: {result['passed']}/{result['total']} ({cats}) in {time.monotonic() - t0:.0f} s",
