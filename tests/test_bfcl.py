@@ -309,3 +309,24 @@ gates:
     run = recipe("run", str(path), "--run-dir", str(run_dir), env=env)
     assert run.returncode == 2 and "benchmark.suites[0].bfcl: a BFCL suite cannot run here" in run.stderr
     assert "pip install --no-deps bfcl-eval" in run.stderr and not (run_dir / "steps").exists()
+
+
+def test_a_baseline_that_never_calls_a_tool_makes_a_bfcl_gate_not_measurable(bfcl, items):
+    """The demo's finding: a baseline at 0 on every calling category and 34/34 on irrelevance. Pooled, a
+    candidate that never calls a tool matches it and a "within 3 points" gate would pass; per category the
+    suite cannot show the loss, so the gate says not measurable and names the categories."""
+    from runner.benchmark.gates import evaluate
+
+    chosen = [items["simple_python_1"], items["live_simple_58-27-0"], items["irrelevance_0"], items["irrelevance_1"]]
+    never_calls, _ = run(bfcl, chosen, ["I would call a function.", "Sure.", "No.", "No."], max_tokens=64)
+    calls, _ = run(bfcl, chosen, [[call("math_factorial", {"number": 5})], [call("get_movies", {"city": "Mumbai"})],
+                                  "No.", "No."], max_tokens=64)
+    gate = {"name": "bfcl", "metric": "bfcl.pass_rate", "op": ">=", "value": None, "relative_to": "baseline",
+            "margin": 0.03}
+    (v,) = evaluate([gate], {"suites": {"bfcl": never_calls}}, {"suites": {"bfcl": never_calls}})
+    assert v["verdict"] == "not_measurable", v
+    assert "0/1 on live_simple, 0/1 on simple_python of bfcl" in v["reason"]
+    assert "`bfcl: [irrelevance]`" in v["reason"]
+    # A baseline that calls tools: the same candidate loses both calling items and the gate can say so.
+    (v,) = evaluate([gate], {"suites": {"bfcl": never_calls}}, {"suites": {"bfcl": calls}})
+    assert v["verdict"] != "not_measurable" and v["flips"]["lost"] == 2

@@ -263,3 +263,28 @@ def test_a_negative_control_is_judged_never_selected_and_one_the_gates_miss_with
     assert toothless["best"] is None and toothless["toothless"] == ["broken"]
     assert "Nothing is selected: negative control broken was not rejected" in comparison_markdown(
         missed, "BF16", base, toothless)
+
+
+def with_categories(outcomes: dict[str, list[bool]]) -> dict:
+    """A suite result with per-category counts, as BFCL and the teacher split record them."""
+    flat = [ok for oks in outcomes.values() for ok in oks]
+    out = suite(flat)
+    out["items"] = [{"prompt": f"{c}_{i}", "passed": ok} for c, oks in outcomes.items() for i, ok in enumerate(oks)]
+    out["per_category"] = {c: {"passed": sum(oks), "total": len(oks)} for c, oks in outcomes.items()}
+    return {"suites": {"tools": out}}
+
+
+def test_a_category_at_the_floor_makes_a_pooled_gate_not_measurable():
+    """Pooled 50/100 hides a category the baseline never passes: the gate cannot see it lost."""
+    base = with_categories({"calls": [False] * 50, "abstains": [True] * 50})
+    within = gate("tools.pass_rate", ">=", None, relative=True, margin=0.03)
+    absolute = gate("tools.pass_rate", ">=", 0.4)
+    verdicts = evaluate([within, absolute], base, base)
+    assert [v["verdict"] for v in verdicts] == ["not_measurable", "not_measurable"]
+    assert all("0/50 on calls of tools" in v["reason"] for v in verdicts)
+    # The same counts with every category measurable are judged as before.
+    fine = with_categories({"calls": [i < 5 for i in range(50)], "abstains": [i < 45 for i in range(50)]})
+    assert evaluate([within], fine, fine)[0]["verdict"] == "pass"
+    # On `failed` the guarded end is a category where every item failed.
+    failed = evaluate([gate("tools.failed", "<=", None, relative=True, margin=0.03)], base, base)
+    assert failed[0]["verdict"] == "not_measurable" and "50/50 on calls" in failed[0]["reason"]

@@ -66,3 +66,21 @@ gates:
     as_json = json.loads(recipe("plan", str(path), "--json", "--run-dir", str(tmp_path / "run")).stdout)
     (power,) = as_json["power"]
     assert power["gate"] == "tools" and power["n"] == 10 and power["passing"] == [] and power["warning"]
+
+
+def test_a_suite_with_categories_says_each_category_is_judged():
+    """The flagship's BFCL gate pools 8 categories; the plan says a category the baseline cannot do
+    makes the gate not measurable (gates._category_floor_reason), so nobody reads the pooled power alone."""
+    import pytest
+
+    pytest.importorskip("bfcl_eval", reason="bfcl-eval not installed (.ci/setup installs it)")
+    from pathlib import Path
+
+    from runner.benchmark.power import recipe_power
+    from runner.recipe.loader import load_recipe
+
+    loaded = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "qwen35-9b-opus.yaml")
+    powers = {p.gate: p for p in recipe_power(loaded.recipe)}
+    assert powers["bfcl"].categories and "passes no item of one of its categories" in powers["bfcl"].describe()
+    assert not powers["thinking_leak"].categories
+    assert "categories" not in powers["thinking_leak"].describe()

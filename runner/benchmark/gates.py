@@ -108,13 +108,36 @@ def _worst_end(op: str, count: int, n: int) -> bool:
     return count == 0 if op in (">=", ">") else count == n if op in ("<=", "<") else False
 
 
+def _other_form(metric: Metric, baseline: dict[str, Any] | None) -> str:
+    other = ((baseline or {}).get("suites") or {}).get(metric.group, {}).get("other_form_calls")
+    return (f" ({other} of its replies hold a tool call in another form, a bare or fenced JSON object, that the "
+            "server's tool-call parser does not read: a format mismatch between the model and the parser)"
+            if other else "")
+
+
 def _floor_reason(metric: Metric, count: int, n: int, baseline: dict[str, Any] | None) -> str:
     """Why a gate is not measurable, with the replies that called a tool in a form the parser does not read."""
-    other = ((baseline or {}).get("suites") or {}).get(metric.group, {}).get("other_form_calls")
     return (f"the baseline itself scored {count}/{n} on {metric}: the suite cannot show a regression from there"
-            + (f" ({other} of its replies hold a tool call in another form, a bare or fenced JSON object, that the "
-               "server's tool-call parser does not read: a format mismatch between the model and the parser)"
-               if other else ""))
+            + _other_form(metric, baseline))
+
+
+def _category_floor_reason(gate: Gate, metric: Metric, baseline: dict[str, Any] | None) -> str | None:
+    """Why a gate on a suite with categories (BFCL, the teacher split) is not measurable: the baseline sits
+    at the guarded end in some category. The pooled rate would hide it: a model that never calls a tool
+    keeps every irrelevance item, loses nothing where the baseline had nothing, and passes. None when every
+    category can show a regression."""
+    per_category = metric.category_samples(baseline or {})
+    stuck = {c: s for c, s in per_category.items() if _worst_end(gate.op, *s)}
+    if len(per_category) < 2 or not stuck:
+        return None
+    listed = ", ".join(f"{count}/{n} on {c}" for c, (count, n) in sorted(stuck.items()))
+    keep = sorted(set(per_category) - set(stuck))
+    is_bfcl = "bfcl_version" in ((baseline or {}).get("suites") or {}).get(metric.group, {})
+    return (f"the baseline itself scored {listed} of {metric.group}: the suite cannot show a regression in "
+            f"{'that category' if len(stuck) == 1 else 'those categories'}, and the pooled rate would hide one "
+            "(a candidate that lost them entirely would score the same)" + _other_form(metric, baseline)
+            + ("; fix the model's tool-call format or the serving parser"
+               + (f", or ask only what the baseline can do (`bfcl: [{', '.join(keep)}]`)" if keep and is_bfcl else "")))
 
 
 def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline: dict[str, Any] | None
@@ -134,6 +157,8 @@ def _suite_verdict(gate: Gate, metric: Metric, result: dict[str, Any], baseline:
     if base_sample is not None and _worst_end(op, base_sample[0], base_sample[1]):
         return out | {"verdict": "not_measurable", "reason": _floor_reason(metric, base_sample[0], base_sample[1],
                                                                            baseline)}
+    if reason := _category_floor_reason(gate, metric, baseline):
+        return out | {"verdict": "not_measurable", "reason": reason}
     if gate.relative_to == "absolute":
         t = declared / scale
         diff = (low - t, high - t)

@@ -45,6 +45,7 @@ class GatePower:
     base_passes: int = 0  # relative: the baseline's passes at the stated rate
     fails_at_baseline: float = 0.0  # probability that a candidate exactly as good as the baseline fails
     named_drop: float | None = None  # the regression the gate's threshold names, in rate points
+    categories: bool = False  # the suite's items have categories (BFCL, the teacher split), judged one by one
 
     @property
     def never_fails(self) -> bool:
@@ -75,7 +76,9 @@ class GatePower:
         drop = self.detectable_drop
         detect = (f"detects a drop of {drop * 100:.1f} points (to {self.rate - drop:.2f}) with {POWER:.0%} power"
                   if drop is not None else f"no drop is detected with {POWER:.0%} power")
-        return f"{self.gate}: n={self.n}, {rate}: {outcomes}; {detect}"
+        per_category = ("; not measurable if the baseline passes no item of one of its categories"
+                        if self.categories else "")
+        return f"{self.gate}: n={self.n}, {rate}: {outcomes}; {detect}{per_category}"
 
     def warning(self) -> str | None:
         if self.unmeasurable:
@@ -170,5 +173,7 @@ def recipe_power(recipe: Recipe) -> list[GatePower]:
             continue  # validate reports the missing suite itself
         rate = ref.baseline_rate if ref.baseline_rate is not None else ASSUMED_RATE
         alpha = look_alphas(look_sizes(n))[-1] if recipe.benchmark.sequential else ALPHA
-        out.append(gate_power(gate, n, rate, ref.baseline_rate is not None, alpha))
+        power = gate_power(gate, n, rate, ref.baseline_rate is not None, alpha)
+        power.categories = bool(ref.bfcl and len(ref.bfcl) > 1) or ref.teacher_eval
+        out.append(power)
     return out

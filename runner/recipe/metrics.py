@@ -60,6 +60,20 @@ class Metric:
         count = suite["failed"] if self.name == "failed" else suite["passed"]
         return int(count), int(suite["total"]), self.name == "pass_rate"
 
+    def category_samples(self, result: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """{category: (count, n)} behind a suite proportion whose items have categories (BFCL, the
+        held-out teacher suite); empty for a suite without them or a metric measured directly."""
+        suite = (result.get("suites") or {}).get(self.group)
+        if self.name not in SAMPLED or not suite:
+            return {}
+        out = {}
+        for category, counts in (suite.get("per_category") or {}).items():
+            total = int(counts.get("total") or 0)
+            passed = int(counts.get("passed") or 0)
+            if total:
+                out[category] = (total - passed if self.name == "failed" else passed, total)
+        return out
+
     def outcomes(self, result: dict[str, Any]) -> dict[tuple[str, int], bool] | None:
         """{(prompt, occurrence): counted} per item of a suite proportion (counted: passed, or failed for
         `failed`), for comparing two models on the same prompts; None for metrics measured directly."""
