@@ -32,7 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runner.benchmark import bfcl  # noqa: E402
-from runner.benchmark.gates import recovery  # noqa: E402
+from runner.benchmark.gates import evaluate, recovery  # noqa: E402
+
+# The flagship's BFCL gate (recipes/base/relative-gates.yaml): within 3 points of the source, paired.
+GATE = {"name": "bfcl", "metric": "bfcl.pass_rate", "op": ">=", "value": None, "relative_to": "baseline",
+        "margin": 0.03}
 
 # ChatML with the tools block Qwen2.5/Hermes templates render (tool definitions as JSON in <tools>, calls
 # answered inside <tool_call>...</tool_call>): what the hermes parser reads.
@@ -130,16 +134,21 @@ def main() -> int:
                   flush=True)
     print(f"\nBFCL {bfcl.bfcl_version()}, {len(items)} items of {', '.join(args.categories)} (seed {args.seed}), "
           "each candidate paired with the source:")
-    print("| strategy | source | candidate | recovery | difference (95 %, paired) | flips |")
-    print("|---|---|---|---|---|---|")
+    print("| strategy | source | candidate | recovery | difference (95 %, paired) | flips | gate: within 3 points |")
+    print("|---|---|---|---|---|---|---|")
+    reasons = set()
     for name, result in results.items():
         if name == "source":
             continue
         (row,) = recovery(result, results["source"])
         lo, hi = row["difference"]
         recovered = f"{row['recovery_pct']:.1f} %" if row["recovery_pct"] is not None else "n/a"
+        (verdict,) = evaluate([GATE], result, results["source"])
+        reasons.add(verdict.get("reason"))
         print(f"| {name} | {row['baseline']:.3f} | {row['candidate']:.3f} | {recovered} | "
-              f"[{lo * 100:+.1f}, {hi * 100:+.1f}] pts | -{row['lost']}/+{row['gained']} |")
+              f"[{lo * 100:+.1f}, {hi * 100:+.1f}] pts | -{row['lost']}/+{row['gained']} | {verdict['verdict']} |")
+    for reason in sorted(r for r in reasons if r):
+        print(f"\nnot measurable: {reason}")
     return 0
 
 

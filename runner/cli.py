@@ -160,10 +160,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
             # the refused keys) still shows; a file that does not get that far has only the first
             problems = list(exc.problems)
             loaded = getattr(exc, "partial", None)
-        footprints = []
+        footprints, vllm_line = [], ""
         if loaded is not None:
             more, footprints = _model_problems(loaded, path)
             problems += (more if args.schema_only else input_problems(loaded) + more)
+            if not args.schema_only:
+                from runner.vllm_env.environment import serve_args_problems
+
+                refused, vllm_line = serve_args_problems(loaded)
+                problems += refused
         if problems:
             failed += 1
             console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
@@ -179,6 +184,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 out.print(f"  {fp.strategy}: effective_bits {fp.auto.target:g} is reachable "
                           f"({fp.auto.modelopt_min:.4f} to {fp.auto.modelopt_max:.4f} as auto_quantize counts; "
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
+        if vllm_line:
+            out.print(f"  {escape(vllm_line)}")
         _print_overlap_warnings(path, recipe)
         _print_power(path, recipe, lines=False)
         if (missing := _bfcl_missing(recipe)) is not None:
@@ -222,6 +229,17 @@ def _bfcl_missing(recipe) -> str | None:
     from runner.benchmark.bfcl import unavailable
 
     return unavailable()
+
+
+def _print_vllm_loader(plan) -> None:
+    """Which vLLM loads each export in verify (runner/vllm_env), or why none will."""
+    verify = next((step.inputs for sid, step in plan.steps.items() if sid.startswith("verify.")), None)
+    if verify is None:
+        return
+    if verify.vllm is not None:
+        out.print(f"verify: each export is loaded by {escape(verify.vllm.describe())} (vLLM's own loader, on CPU)")
+    else:
+        out.print(f"verify: vLLM's own loader check will not run: {escape(verify.vllm_not_run)}")
 
 
 def _print_power(path: Path, recipe, lines: bool) -> None:
@@ -353,6 +371,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
     _print_overlap_warnings(args.recipe, recipe)
     _print_power(args.recipe, recipe, lines=True)
+    _print_vllm_loader(plan)
     if problems:
         console.print(f"[bold red]invalid recipe[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''}):")
         for problem in problems:
@@ -416,6 +435,13 @@ def _preflight(loaded, plan, run_dir) -> list:
         i = next(i for i, ref in enumerate(plan.recipe.benchmark.suites) if ref.bfcl)
         path = ("benchmark", "suites", i, "bfcl")
         return [Problem(f"a BFCL suite cannot run here: {missing}", path, locate(loaded.locations, path))]
+    serves = [sid for sid in plan.steps if sid.startswith("serve.") and not run_dir.is_complete(sid, plan.keys[sid])]
+    if serves:
+        from runner.vllm_env.environment import serve_args_problems
+
+        refused, _ = serve_args_problems(loaded)  # a misspelt parser, before hours of quantizing
+        if refused:
+            return refused
     names = [s.name for s in plan.recipe.quantization.strategies
              if (sid := f"quantize.{s.name}") in plan.steps and not run_dir.is_complete(sid, plan.keys[sid])]
     if not names:

@@ -40,6 +40,7 @@ from runner.steps.inputs import (
     VerifyInput,
     calibrate_step,
 )
+from runner.vllm_env.environment import find as find_vllm
 
 RUNNER_DIR = Path(__file__).resolve().parent
 
@@ -135,6 +136,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     looked_gates = sequential_gates(recipe)
     # A held-out teacher suite asks what the calibrate step set aside (calibration.source.eval_split).
     eval_split = ("calibrate",) if any(ref.teacher_eval for ref in bench.suites) else ()
+    vllm, vllm_why = find_vllm(recipe.verify.vllm_loader) if chosen else (None, "")
     for strategy in chosen:
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
@@ -148,7 +150,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
                           ExportInput(fixups=recipe.export.fixups), s, input_files=fixup_files))
         steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source", f"quantize.{s}"),
-                          VerifyInput(exclude=exclude, engine=recipe.serve.engine), s))
+                          VerifyInput(exclude=exclude, engine=recipe.serve.engine,
+                                      vllm_loader=recipe.verify.vllm_loader, vllm=vllm, vllm_not_run=vllm_why), s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
         paired = paired_speed(recipe)

@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 DEMO = RECIPES / "demo" / "smollm2-cpu.yaml"
 
+# vLLM's loader check (runner/vllm_env) takes ~10 s a verify step: tests that run recipes do without it
+# unless they ask for it (vllm_python below); its own tests and the family tests do.
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+os.environ["RECIPE_VLLM_PYTHON"] = "none"
+
+
+@pytest.fixture
+def vllm_python(monkeypatch) -> Path:
+    """The vLLM environment .ci/setup builds (containers/vllm-loader-env.sh); skips where it is not built."""
+    if not VLLM_PYTHON.is_file():
+        if os.environ.get("RECIPE_RUNNER_REQUIRE_VLLM") == "1":  # CI: .ci/setup built it, or it must say why
+            pytest.fail(f"RECIPE_RUNNER_REQUIRE_VLLM=1 but {VLLM_PYTHON} does not exist")
+        pytest.skip("no vLLM environment (.ci/setup builds .venv-vllm)")
+    monkeypatch.setenv("RECIPE_VLLM_PYTHON", str(VLLM_PYTHON))
+    return VLLM_PYTHON
+
 # The reliability suite (`pytest -m reliability`): every fault the runner has met, reproduced against
 # real processes, files and servers; docs/reliability.md is its table (fault, before, now, test).
 RELIABILITY_MODULES = {"test_reliability", "test_run_dir_safety", "test_orphans", "test_worker_errors",

@@ -343,6 +343,34 @@ class ServeSpec(Section):
         return args
 
 
+# --- verify -----------------------------------------------------------------------------------
+
+
+class VllmLoaderCheck(Section):
+    """vLLM's own loader on every export (runner/vllm_env): the checkpoint is built into vLLM's model on the
+    CPU, in a separate Python environment that has vLLM installed. Without one the check says "not run"."""
+
+    enabled: bool = True
+    python: str | None = Field(None, description=(
+        "Interpreter of a Python environment with vLLM installed. Default: $RECIPE_VLLM_PYTHON (`none`: no "
+        "environment), else "
+        "`.venv-vllm/bin/python` in the directory `recipe` runs from (`bash containers/vllm-loader-env.sh "
+        ".venv-vllm` builds it)."))
+    version: str | None = Field(None, description=(
+        "The vLLM version the recipe serves with. A loader of another version does not check what will be "
+        "served: the check is then \"not run\", naming both versions."))
+    required: bool = Field(False, description=(
+        "Fail verify when the check cannot run (no environment, another version) instead of reporting "
+        "\"not run\"."))
+    timeout_s: float = Field(900, gt=0, description="How long one load may take (vLLM's import included).")
+
+
+class VerifySpec(Section):
+    """Checks on each export before it is served, beyond the runner's own (runner/worker/verify.py)."""
+
+    vllm_loader: VllmLoaderCheck = Field(default_factory=VllmLoaderCheck)
+
+
 # --- benchmark and gates ---------------------------------------------------------------------
 
 
@@ -605,6 +633,7 @@ class Recipe(Section):
     calibration: CalibrationSpec
     quantization: QuantizationSpec
     export: ExportSpec = Field(default_factory=ExportSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     gates: list[Gate] = Field(default_factory=list)

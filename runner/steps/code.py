@@ -20,7 +20,7 @@ STEP_ENTRIES: dict[str, tuple[str, ...]] = {
     "calibrate": ("steps/calibrate.py",),
     "quantize": ("steps/worker_steps.py", "worker/quantize.py"),
     "export": ("steps/export.py",),
-    "verify": ("steps/worker_steps.py", "worker/verify.py"),
+    "verify": ("steps/worker_steps.py", "worker/verify.py", "vllm_env/load_check.py"),
     "serve": ("steps/serve_bench.py", "worker/local_server.py"),
     "benchmark": ("steps/serve_bench.py", "worker/local_server.py"),
     "gates": ("steps/serve_bench.py",),

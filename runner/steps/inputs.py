@@ -28,7 +28,9 @@ from runner.recipe.schema import (
     SpeedSpec,
     Strategy,
     SuiteRef,
+    VllmLoaderCheck,
 )
+from runner.vllm_env.environment import VllmEnvironment
 
 
 class StepInput(BaseModel):
@@ -76,6 +78,11 @@ class ExportInput(StepInput):
 class VerifyInput(StepInput):
     exclude: list[str]
     engine: str  # what the serving engine must be able to load
+    vllm_loader: VllmLoaderCheck
+    # The vLLM environment found when the plan was made (runner/vllm_env), or why there is none. In the
+    # key: building the environment, or another vLLM version, verifies again.
+    vllm: VllmEnvironment | None = None
+    vllm_not_run: str = ""
 
 
 class ServingInput(StepInput):

@@ -460,8 +460,10 @@ VERIFY_CHECKS = {
     "weights_decode": "independent decoders turn the stored weights back into the source weights",
     "formats": "every quantized layer is in a format these checks can read",
     "size": "the checkpoint is no larger than its formats should make it",
+    "vllm_load": "vLLM's own loader builds the model from it (every tensor lands in a parameter, every "
+                 "parameter is loaded)",
 }
-STATUS_WORDS = {"pass": "yes", "warn": "not fully (see note)", "fail": "no"}
+STATUS_WORDS = {"pass": "yes", "warn": "not fully (see note)", "fail": "no", "not_run": "not run (see note)"}
 
 
 def verify_rows(verify: dict[str, Any]) -> list[dict[str, str]]:
@@ -470,7 +472,9 @@ def verify_rows(verify: dict[str, Any]) -> list[dict[str, str]]:
     for name, status in (verify.get("checks") or {}).items():
         rows.append({"check": VERIFY_CHECKS.get(name, name.replace("_", " ")),
                      "result": STATUS_WORDS.get(status, status),
-                     "note": details.get(name, "") if status != "pass" else ""})
+                     "note": details.get(name, "") if status != "pass" else
+                     # which vLLM loaded it, and where, is what the reader needs of this one
+                     (verify.get("vllm_load") or {}).get("detail", "") if name == "vllm_load" else ""})
     return rows
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 from runner.errors import RunnerError
 from runner.quantization.preflight import strategy_refusal
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import QuantizeInput, VerifyInput, calibrate_step
+from runner.vllm_env import environment as vllm_environment
 
 
 async def quantize(ctx: StepContext) -> StepResult:
@@ -28,12 +31,63 @@ async def quantize(ctx: StepContext) -> StepResult:
 
 
 async def verify(ctx: StepContext) -> StepResult:
+    inputs = input_of(ctx, VerifyInput)
     quantized = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {})
+    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
     params = {
-        **input_of(ctx, VerifyInput).key_payload(),
-        "checkpoint": str(ctx.input(f"export.{ctx.step.strategy}", "checkpoint")),
+        "exclude": inputs.exclude, "engine": inputs.engine,
+        "checkpoint": str(checkpoint),
         "model_dir": str(ctx.input("source", "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
         "smoothed": bool(quantized.get("awq_fold")),
     }
-    return await ctx.run_worker("verify", params)
+    result = await ctx.run_worker("verify", params)
+    check = await vllm_load_check(ctx, inputs, checkpoint)
+    result.summary["vllm_load"] = check
+    result.summary.setdefault("checks", {})["vllm_load"] = check["status"]
+    if check["status"] != "pass":
+        result.summary.setdefault("details", {})["vllm_load"] = check["detail"]
+    result.outputs |= {name: name for name in ("vllm_load.json", "vllm_load.log") if (ctx.scratch / name).is_file()}
+    ctx.log.info("vllm_load %s: %s", check["status"], check["detail"])
+    if check["status"] == "fail" and inputs.engine == "vllm":
+        raise RunnerError(f"vLLM's own loader refuses the export: {check['detail']}")
+    if check["status"] == "not_run" and inputs.vllm_loader.required:
+        raise RunnerError(f"vLLM's loader check could not run (verify.vllm_loader.required): {check['detail']}")
+    return result
+
+
+async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Path) -> dict[str, Any]:
+    """vLLM's own loader on the export (runner/vllm_env): pass, fail (vLLM's error or the tensors and
+    parameters that did not meet) or not_run (no environment, another version, or the check itself broke:
+    never scored as the checkpoint's fault). A failure is a warning where another engine serves."""
+    env = inputs.vllm
+    if env is None:
+        return {"status": "not_run", "detail": inputs.vllm_not_run}
+    try:
+        found = await vllm_environment.load_check(env, [checkpoint], ctx.scratch / "vllm_load.json",
+                                                  ctx.scratch / "vllm_load.log", inputs.vllm_loader.timeout_s)
+    except RuntimeError as exc:
+        return {"status": "not_run", "vllm_version": env.version,
+                "detail": f"the check itself failed, so nothing is known of the export: {exc} (log: vllm_load.log)"}
+    (one,) = found["results"]
+    where = f"vLLM {found['vllm_version']}'s loader on {found.get('device', 'cpu').upper()}"
+    base = {"vllm_version": found["vllm_version"], "device": found.get("device", "cpu"),
+            "seconds": one.get("seconds"), "quant_config": one.get("quant_config"), "modules": one.get("modules")}
+    if one["ok"]:
+        modules = one.get("modules") or {}
+        return base | {"status": "pass", "detail": (
+            f"loaded by {where} ({one.get('quant_config') or 'unquantized'}: {modules.get('quantized', 0)} quantized, "
+            f"{modules.get('unquantized', 0)} unquantized linear layers; every tensor landed in a parameter and "
+            f"every parameter was loaded) in {one.get('seconds', 0):.1f} s")}
+    problems = []
+    if one.get("error"):
+        problems.append(one["error"])
+    for key, words in (("unused_tensors", "checkpoint tensors no parameter took"),
+                       ("unloaded_params", "parameters nothing loaded")):
+        if one.get(key):
+            names = one[key]
+            problems.append(f"{len(names)} {words}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    refused = "; ".join(problems) or "refused without a reason"
+    if inputs.engine != "vllm":
+        return base | {"status": "warn", "detail": f"{where} refuses it ({inputs.engine} serves it): {refused}"}
+    return base | {"status": "fail", "detail": f"{where}: {refused}"}
