@@ -218,11 +218,14 @@ def test_validate_reads_serve_args_with_vllms_own_parser(vllm_python, write, tmp
     (tmp_path / "calib.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
     good = write("good.yaml", MINIMAL + """
 serve:
-  args: ["--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--max-model-len", "4096"]
+  args: ["--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--max-model-len", "4096",
+         "--chat-template", "/vllm-workspace/examples/tool_chat_template_gemma3_pythonic.jinja"]
 """)
     result = recipe("validate", str(good))
-    assert result.returncode == 0, result.stderr
-    assert "checked by vLLM 0.33.0" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parser registries of vLLM 0.33.0" in result.stdout
+    # vLLM checks a chat template path exists; one inside the serving container cannot be seen from here
+    assert "tool_chat_template_gemma3_pythonic.jinja is not on this machine" in result.stdout
     parser = write("parser.yaml", MINIMAL + """
 serve:
   args: ["--tool-call-parser", "hermess", "--enable-auto-tool-choice"]

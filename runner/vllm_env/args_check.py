@@ -5,7 +5,7 @@ Runs inside the vLLM loader venv (containers/vllm-loader-env.sh):
     PYTHONPATH=<repo> <venv>/bin/python -m runner.vllm_env.args_check '["--tool-call-parser", "hermes", ...]'
 
 (ARGS_JSON may also be a path to a file holding the JSON list, or "-" for stdin.) Prints one JSON object on
-stdout: {"vllm_version", "ok", "errors": [{"flag", "message", "valid"}], "seconds"}; vLLM's logging goes to
+stdout: {"vllm_version", "ok", "errors": [{"flag", "message", "valid"}], "notes", "seconds"}; vLLM's logging goes to
 stderr. The flags are parsed by the parser `vllm serve` builds (FlexibleArgumentParser +
 vllm.entrypoints.common.cli_args.make_arg_parser), then vLLM's validate_parsed_serve_args runs, then the tool
 call parser and reasoning parser names are looked up in ToolParserManager / ReasoningParserManager (what
@@ -53,7 +53,7 @@ def _flag_of(message: str, argv: list[str]) -> str | None:
     return next((a for a in argv if a.startswith("--") and a.split("=", 1)[0] in message), None)
 
 
-def check(argv: list[str]) -> list[dict]:
+def check(argv: list[str], notes: list[str]) -> list[dict]:
     from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.reasoning import ReasoningParserManager
     from vllm.tool_parsers import ToolParserManager
@@ -92,6 +92,13 @@ def check(argv: list[str]) -> list[dict]:
     if errors:
         return errors
 
+    template = getattr(namespace, "chat_template", None)
+    if template and os.path.isabs(template) and not os.path.exists(template):
+        # A path inside the serving container (vLLM's image keeps its examples in /vllm-workspace): vLLM
+        # checks it where it serves, not here. Said as a note, never as a pass or an error.
+        notes.append(f"--chat-template {template} is not on this machine (a path inside the serving "
+                     "container?): not checked here")
+        namespace.chat_template = None
     try:
         validate_parsed_serve_args(namespace)
     except Exception as exc:
@@ -140,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import vllm
 
-    errors = check(flags)
+    notes: list[str] = []
+    errors = check(flags, notes)
     report = {
         "vllm_version": vllm.__version__,
         "ok": not errors,
         "errors": errors,
+        "notes": notes,
         "seconds": round(time.perf_counter() - started, 3),
     }
     out.write(json.dumps(report) + "\n")

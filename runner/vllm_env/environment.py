@@ -160,4 +160,6 @@ def serve_args_problems(loaded: Any) -> tuple[list[Any], str]:
         problems.append(Problem(f"vLLM {found.get('vllm_version', env.version)} refuses it: {error.get('message')}",
                                 path, locate(loaded.locations, path),
                                 hint=f"valid: {', '.join(valid)}" if valid else None))
-    return problems, f"serve.args checked by {env.describe()}'s own `vllm serve` parser and parser registries"
+    notes = "".join(f"; {note}" for note in found.get("notes") or [])
+    return problems, (f"serve.args checked by the `vllm serve` parser and parser registries of {env.describe()}"
+                      + notes)
