@@ -67,7 +67,11 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check install -q --no-deps)
   "opentelemetry-api==1.45.3" \
   "partial-json-parser==0.2.1.1.post7" \
   "einops==0.8.2" \
-  "loguru==0.7.3"
+  "loguru==0.7.3" \
+  "mistral_common==1.13.1" \
+  "pydantic-extra-types==2.11.1" \
+  "pycountry==26.2.16" \
+  "tiktoken==0.14.0"
 
 # torchvision stand-in: any `torchvision...` import succeeds (a finder makes the submodules) and yields
 # placeholders that raise ImportError when called; a dist-info gives importlib.metadata a version.

@@ -151,7 +151,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
                           ExportInput(fixups=recipe.export.fixups), s, input_files=fixup_files))
         steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source", f"quantize.{s}"),
                           VerifyInput(exclude=exclude, engine=recipe.serve.engine,
-                                      vllm_loader=recipe.verify.vllm_loader, vllm=vllm, vllm_not_run=vllm_why), s))
+                                      vllm_loader=recipe.verify.vllm_loader, vllm=vllm, vllm_not_run=vllm_why,
+                                      language_model_only="--language-model-only" in recipe.serve.args), s))
         steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
                           ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
         paired = paired_speed(recipe)

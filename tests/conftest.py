@@ -21,6 +21,15 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 os.environ["RECIPE_VLLM_PYTHON"] = "none"
 
 
+def vllm_python_if_built() -> str:
+    """The vLLM environment for a test that checks with it where it is built and without it elsewhere
+    (`none`); in CI (RECIPE_RUNNER_REQUIRE_VLLM=1) it must be built."""
+    if VLLM_PYTHON.is_file():
+        return str(VLLM_PYTHON)
+    assert os.environ.get("RECIPE_RUNNER_REQUIRE_VLLM") != "1", f"{VLLM_PYTHON} does not exist"
+    return "none"
+
+
 @pytest.fixture
 def vllm_python(monkeypatch) -> Path:
     """The vLLM environment .ci/setup builds (containers/vllm-loader-env.sh); skips where it is not built."""

@@ -53,6 +53,27 @@ LAST_LAYER = {"qwen3-next-80b-a3b.yaml": 3, "qwen35-27b.yaml": 3, "qwen35-35b-a3
               "gemma3-12b-it.yaml": 5, "mistral-small-32-24b.yaml": 2, "nemotron3-nano-30b-a3b.yaml": 6}
 
 
+def _scale_mrope_section(text: dict[str, Any]) -> None:
+    """Rescale a multimodal-RoPE mrope_section (T/H/W frequency split) to the tiny rotary dim.
+
+    The real section sums to rotary_dim // 2 of the real head (Qwen3.5: 256 * 0.25 // 2 = 32 =
+    11 + 11 + 10); the tiny head has a smaller rotary dim, and vLLM asserts the sum (MRotaryEmbedding).
+    Keep the real proportions (largest remainder), so only the sum changes."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        if not isinstance(rope, dict) or not rope.get("mrope_section"):
+            continue
+        factor = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        half = int(head_dim * factor) // 2
+        section = rope["mrope_section"]
+        exact = [s * half / sum(section) for s in section]
+        scaled = [int(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: (scaled[i] - exact[i], i))[: half - sum(scaled)]:
+            scaled[i] += 1
+        rope["mrope_section"] = scaled
+
+
 def tiny_config(recipe_file: str, vocab_size: int) -> dict[str, Any]:
     folder, top, text, vision = FAMILIES[recipe_file]
     config = json.loads((MODELS / folder / "config.json").read_text(encoding="utf-8"))
@@ -66,6 +87,7 @@ def tiny_config(recipe_file: str, vocab_size: int) -> dict[str, Any]:
             config["vision_config"]["out_hidden_size"] = target["hidden_size"]
     if "num_hidden_layers" in text and "layer_types" in target and "layer_types" not in text:
         target.pop("layer_types")  # let the config derive the pattern for the new depth
+    _scale_mrope_section(target)
     for key in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
                 "vision_end_token_id", "boi_token_index", "eoi_token_index"):
         if key in config:
@@ -77,6 +99,28 @@ def tiny_config(recipe_file: str, vocab_size: int) -> dict[str, Any]:
             if key in section:
                 section[key] = 0 if key != "eos_token_id" else [0]
     return config
+
+
+# Tensor-name prefixes the published checkpoints carry and a model built from scratch does not save
+# (transformers writes its own module names unless it loaded a checkpoint with the other layout): the
+# tiny models get the Hub's names, so the exports meet vLLM's loader as the real ones do.
+HUB_PREFIXES = {"qwen35-27b.yaml": {"model.": "model.language_model."},
+                "gemma3-12b-it.yaml": {"vision_tower.": "vision_tower.vision_model."}}
+
+
+def _hub_layout(recipe_file: str, folder: Path) -> None:
+    renames = HUB_PREFIXES.get(recipe_file)
+    if not renames:
+        return
+    from safetensors.torch import load_file, save_file
+
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    renamed = {}
+    for name, tensor in tensors.items():
+        old = next((p for p in renames if name.startswith(p)), None)
+        renamed[renames[old] + name[len(old):] if old else name] = tensor
+    save_file(renamed, file, metadata={"format": "pt"})
 
 
 def build(recipe_file: str, folder: Path, tokenizer_dir: Path) -> Path:
@@ -96,6 +140,7 @@ def build(recipe_file: str, folder: Path, tokenizer_dir: Path) -> Path:
         if name.endswith("norm.weight") and param.dim() == 1:  # trained norms are not all one value
             param.data.uniform_(0.7, 1.3)
     model.save_pretrained(folder)
+    _hub_layout(recipe_file, folder)
     tokenizer.save_pretrained(folder)
     if recipe_file.startswith("mistral"):
         # Stands in for Mistral's tekken.json, which the family base copies into the export.

@@ -83,6 +83,7 @@ class VerifyInput(StepInput):
     # key: building the environment, or another vLLM version, verifies again.
     vllm: VllmEnvironment | None = None
     vllm_not_run: str = ""
+    language_model_only: bool = False  # serve.args has --language-model-only: vLLM builds no vision tower
 
 
 class ServingInput(StepInput):

@@ -65,7 +65,8 @@ async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Pat
         return {"status": "not_run", "detail": inputs.vllm_not_run}
     try:
         found = await vllm_environment.load_check(env, [checkpoint], ctx.scratch / "vllm_load.json",
-                                                  ctx.scratch / "vllm_load.log", inputs.vllm_loader.timeout_s)
+                                                  ctx.scratch / "vllm_load.log", inputs.vllm_loader.timeout_s,
+                                                  language_model_only=inputs.language_model_only)
     except RuntimeError as exc:
         return {"status": "not_run", "vllm_version": env.version,
                 "detail": f"the check itself failed, so nothing is known of the export: {exc} (log: vllm_load.log)"}
@@ -73,12 +74,18 @@ async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Pat
     where = f"vLLM {found['vllm_version']}'s loader on {found.get('device', 'cpu').upper()}"
     base = {"vllm_version": found["vllm_version"], "device": found.get("device", "cpu"),
             "seconds": one.get("seconds"), "quant_config": one.get("quant_config"), "modules": one.get("modules")}
+    if one.get("unsupported_on_cpu"):  # vLLM lacks a CPU path for this layout: nothing known of the export
+        return base | {"status": "not_run", "detail": f"{where} cannot build this model here: "
+                                                      f"{one['unsupported_on_cpu']}"}
     if one["ok"]:
         modules = one.get("modules") or {}
         return base | {"status": "pass", "detail": (
             f"loaded by {where} ({one.get('quant_config') or 'unquantized'}: {modules.get('quantized', 0)} quantized, "
             f"{modules.get('unquantized', 0)} unquantized linear layers; every tensor landed in a parameter and "
-            f"every parameter was loaded) in {one.get('seconds', 0):.1f} s")}
+            f"every parameter was loaded) in {one.get('seconds', 0):.1f} s"
+            + "".join(f"; {n} tensors of the {stage} not built, as served (--language-model-only)"
+                      for stage, n in (one.get("skipped_by_vllm") or {}).items())
+            + (f"; {one['post_load_skipped']}" if one.get("post_load_skipped") else ""))}
     problems = []
     if one.get("error"):
         problems.append(one["error"])

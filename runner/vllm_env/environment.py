@@ -91,10 +91,12 @@ def _last_line(text: str) -> str:
 
 
 async def load_check(env: VllmEnvironment, checkpoints: list[Path], out: Path, log_path: Path,
-                     timeout_s: float) -> dict[str, Any]:
+                     timeout_s: float, language_model_only: bool = False) -> dict[str, Any]:
     """vLLM's loader on each checkpoint, in one process; its JSON (runner/vllm_env/load_check.py) is written
-    to `out` and returned. vLLM's log goes to `log_path`. Raises RuntimeError when the script itself fails."""
-    argv = [env.python, "-m", "runner.vllm_env.load_check", "--out", str(out), *map(str, checkpoints)]
+    to `out` and returned. vLLM's log goes to `log_path`. Raises RuntimeError when the script itself fails.
+    `language_model_only`: as the recipe serves (`vllm serve --language-model-only`: no vision tower built)."""
+    argv = [env.python, "-m", "runner.vllm_env.load_check", "--out", str(out),
+            *(["--language-model-only"] if language_model_only else []), *map(str, checkpoints)]
     out.unlink(missing_ok=True)
     rc, tail = await _run(argv, log_path, timeout_s)
     if not out.is_file():  # exit 1 with the file: a checkpoint was refused, which is the finding

