@@ -11,6 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the folder that holds runner/
+
+
+def worker_pythonpath(current: str | None) -> str:
+    """PYTHONPATH for `python -m runner.worker` (or runner.vllm_env.*): this very runner package first,
+    whatever the cwd."""
+    return os.pathsep.join(filter(None, [str(PACKAGE_PARENT), current]))
 
 
 def die_with_parent() -> Callable[[], None] | None:

@@ -37,6 +37,10 @@ def test_the_demos_exports_load_in_vllm(demo_run, vllm_python, tmp_path):
     # SmolLM2: 30 layers x 7 projections; the first and last layers stay BF16 (the demo's exclusions)
     assert nvfp4["modules"]["quantized"] > 0 and nvfp4["modules"]["unquantized"] > 0
     assert nvfp4["unused_tensors"] == [] and nvfp4["unloaded_params"] == []
+    # FP8's post-processing (requantizing fused q/k/v to one scale) calls an op only vLLM's GPU builds have:
+    # the weights loaded, and the result says what was not run rather than pass it silently
+    assert nvfp4["post_load_skipped"] is None
+    assert "compiled op _C.static_scaled_fp8_quant" in fp8["post_load_skipped"]
 
 
 def broken_copies(good: Path, into: Path) -> dict[str, Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from collections import deque
 from pathlib import Path
@@ -14,7 +13,6 @@ from runner.steps.base import StepResult
 if TYPE_CHECKING:
     from runner.containers.plugin import ContainerPlugin
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds runner/
 SPEC_FILE = "worker_spec.json"
 RESULT_FILE = "worker_result.json"
 ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its traceback is in the log)
@@ -33,11 +31,6 @@ class Executor(ABC):
     def cleanup(self) -> None:
         """Remove anything of this run the executor may have left (called once the run ends, however)."""
         return None  # a local subprocess leaves nothing: the scheduler stops its process group
-
-
-def worker_pythonpath(current: str | None) -> str:
-    """PYTHONPATH for `python -m runner.worker`: this very runner package first, whatever the cwd."""
-    return os.pathsep.join(filter(None, [str(PACKAGE_PARENT), current]))
 
 
 class WorkerFailed(Exception):

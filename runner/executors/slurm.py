@@ -36,10 +36,9 @@ from runner.executors.base import (
     WorkerFailed,
     read_result,
     worker_failure,
-    worker_pythonpath,
 )
 from runner.executors.docker import input_paths
-from runner.processes import RUN_DIR_ENV
+from runner.processes import RUN_DIR_ENV, worker_pythonpath
 from runner.run_dir import write_json_atomic, write_text_atomic
 from runner.steps.base import StepResult
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.executors.base import worker_pythonpath
-from runner.processes import die_with_parent, terminate_group
+from runner.processes import die_with_parent, terminate_group, worker_pythonpath
 from runner.recipe.schema import VllmLoaderCheck
 
 ENV_VAR = "RECIPE_VLLM_PYTHON"
