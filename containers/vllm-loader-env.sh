@@ -158,5 +158,5 @@ from vllm.model_executor.model_loader import get_model_loader
 from vllm.entrypoints.common.cli_args import make_arg_parser
 import vllm.model_executor.models.qwen3_5  # needs the torchvision stand-in
 assert current_platform.is_cpu(), current_platform
-' 2>/dev/null || { echo "vllm does not import in $venv" >&2; exit 1; }
+' 2>"$venv/smoke.log" || { echo "vllm does not import in $venv:" >&2; tail -20 "$venv/smoke.log" >&2; exit 1; }
 echo "$want" > "$stamp"
