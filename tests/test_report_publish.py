@@ -251,3 +251,25 @@ def test_card_on_a_read_only_run_directory_is_one_line(finished_run, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "read-only file system" in last and str(view / "steps" / "report") in last, result.stderr
+
+
+def test_the_card_says_which_vllm_loaded_the_export(finished_run, tmp_path):
+    """verify's vllm_load (tests/test_vllm_loader.py runs it for real) reaches the card: the Usage line and
+    the checks table name vLLM's version and device; "not run" is said as such, never as a pass."""
+    run_dir = linked_copy(finished_run, tmp_path / "run")
+    path = run_dir / "steps" / "verify.nvfp4_max" / "record.json"
+    rec = json.loads(path.read_text())
+    detail = "loaded by vLLM 0.33.0's loader on CPU (ModelOptNvFp4Config: 112 quantized, 9 unquantized)"
+    rec["summary"]["vllm_load"] = {"status": "pass", "vllm_version": "0.33.0", "device": "cpu", "detail": detail}
+    rec["summary"]["checks"]["vllm_load"] = "pass"
+    path.unlink()  # a hard link to the shared run: replace, never write through
+    path.write_text(json.dumps(rec))
+    assert recipe("card", str(run_dir)).returncode == 0
+    card = (run_dir / "steps" / "report" / "README.md").read_text()
+    assert "loaded by vLLM 0.33.0's own loader on CPU" in card
+    assert "| vLLM's own loader builds the model from it" in card and detail in card
+    # the shared run (no vLLM environment in tests) says "not run", and never claims vLLM loaded it
+    shared = (finished_run / "steps" / "report" / "README.md").read_text()
+    assert "vLLM's own loader builds the model from it (every tensor lands in a parameter, every parameter is " \
+           "loaded) | not run (see note) |" in shared
+    assert "own loader on CPU" not in shared
