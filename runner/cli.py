@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import signal
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -520,7 +522,15 @@ def cmd_card(args: argparse.Namespace) -> int:
                           "`recipe run` made; nothing was written")
     recipe = Recipe.model_validate(YAML(typ="safe").load(saved.read_text(encoding="utf-8")))
     target = run_dir.step_dir("report")
-    render_documents(recipe, run_dir, target)
+    # Rendered beside the run, then each file replaced by rename: an interrupted render leaves the old
+    # documents whole, and a file hard-linked elsewhere is replaced, never written through.
+    scratch = run_dir.root / ".scratch"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="card.", dir=scratch) as rendered:
+        render_documents(recipe, run_dir, Path(rendered))
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted(Path(rendered).iterdir()):
+            os.replace(file, target / file.name)
     if recipe.report.research_doc is not None:
         section = (target / "research_section.md").read_text(encoding="utf-8")
         append_research_section(recipe.report.research_doc, recipe.name, section)
