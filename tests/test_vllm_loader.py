@@ -247,3 +247,14 @@ serve:
     said = result.stdout + result.stderr
     assert result.returncode != 0
     assert "unrecognized argument: --max-model-lenght" in said and "--max-model-len" in said, said
+
+
+def test_a_refusal_names_each_tensor_once_and_another_engine_warns():
+    """vLLM's error already lists the parameters it did not load; the unused tensors are added once."""
+    one = {"ok": False, "error": "ValueError: Following weights were not initialized from checkpoint: {'a.w2'}",
+           "unloaded_params": ["a.w2"], "unused_tensors": ["b.bogus"], "seconds": 1.0}
+    found = {"vllm_version": "0.33.0", "device": "cpu", "results": [one]}
+    check = environment.verdict(found, "vllm")
+    assert check["status"] == "fail" and check["detail"].count("a.w2") == 1
+    assert "1 checkpoint tensors no parameter took: b.bogus" in check["detail"]
+    assert environment.verdict(found, "local")["status"] == "warn"

@@ -70,31 +70,4 @@ async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Pat
     except RuntimeError as exc:
         return {"status": "not_run", "vllm_version": env.version,
                 "detail": f"the check itself failed, so nothing is known of the export: {exc} (log: vllm_load.log)"}
-    (one,) = found["results"]
-    where = f"vLLM {found['vllm_version']}'s loader on {found.get('device', 'cpu').upper()}"
-    base = {"vllm_version": found["vllm_version"], "device": found.get("device", "cpu"),
-            "seconds": one.get("seconds"), "quant_config": one.get("quant_config"), "modules": one.get("modules")}
-    if one.get("unsupported_on_cpu"):  # vLLM lacks a CPU path for this layout: nothing known of the export
-        return base | {"status": "not_run", "detail": f"{where} cannot build this model here: "
-                                                      f"{one['unsupported_on_cpu']}"}
-    if one["ok"]:
-        modules = one.get("modules") or {}
-        return base | {"status": "pass", "detail": (
-            f"loaded by {where} ({one.get('quant_config') or 'unquantized'}: {modules.get('quantized', 0)} quantized, "
-            f"{modules.get('unquantized', 0)} unquantized linear layers; every tensor landed in a parameter and "
-            f"every parameter was loaded) in {one.get('seconds', 0):.1f} s"
-            + "".join(f"; {n} tensors of the {stage} not built, as served (--language-model-only)"
-                      for stage, n in (one.get("skipped_by_vllm") or {}).items())
-            + (f"; {one['post_load_skipped']}" if one.get("post_load_skipped") else ""))}
-    problems = []
-    if one.get("error"):
-        problems.append(one["error"])
-    for key, words in (("unused_tensors", "checkpoint tensors no parameter took"),
-                       ("unloaded_params", "parameters nothing loaded")):
-        if one.get(key):
-            names = one[key]
-            problems.append(f"{len(names)} {words}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    refused = "; ".join(problems) or "refused without a reason"
-    if inputs.engine != "vllm":
-        return base | {"status": "warn", "detail": f"{where} refuses it ({inputs.engine} serves it): {refused}"}
-    return base | {"status": "fail", "detail": f"{where}: {refused}"}
+    return vllm_environment.verdict(found, inputs.engine)

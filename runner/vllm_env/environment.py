@@ -118,6 +118,40 @@ async def _run(argv: list[str], log_path: Path, timeout_s: float) -> tuple[int |
     return rc, _last_line(log_path.read_text(encoding="utf-8", errors="replace"))
 
 
+def verdict(found: dict[str, Any], engine: str) -> dict[str, Any]:
+    """The verify check's record of one export from load_check's JSON: pass, fail (vLLM's error, the tensors
+    no parameter took and the parameters nothing loaded, each named once), not_run (vLLM has no CPU path for
+    the layout: nothing is known of the export), or warn where an engine other than vLLM serves."""
+    (one,) = found["results"]
+    where = f"vLLM {found['vllm_version']}'s loader on {found.get('device', 'cpu').upper()}"
+    base = {"vllm_version": found["vllm_version"], "device": found.get("device", "cpu"),
+            "seconds": one.get("seconds"), "quant_config": one.get("quant_config"), "modules": one.get("modules")}
+    if one.get("unsupported_on_cpu"):  # vLLM lacks a CPU path for this layout: nothing known of the export
+        return base | {"status": "not_run", "detail": f"{where} cannot build this model here: "
+                                                      f"{one['unsupported_on_cpu']}"}
+    if one["ok"]:
+        modules = one.get("modules") or {}
+        return base | {"status": "pass", "detail": (
+            f"loaded by {where} ({one.get('quant_config') or 'unquantized'}: {modules.get('quantized', 0)} quantized, "
+            f"{modules.get('unquantized', 0)} unquantized linear layers; every tensor landed in a parameter and "
+            f"every parameter was loaded) in {one.get('seconds', 0):.1f} s"
+            + "".join(f"; {n} tensors of the {stage} not built, as served (--language-model-only)"
+                      for stage, n in (one.get("skipped_by_vllm") or {}).items())
+            + (f"; {one['post_load_skipped']}" if one.get("post_load_skipped") else ""))}
+    problems = []
+    if one.get("error"):
+        problems.append(one["error"])
+    for key, words in (("unused_tensors", "checkpoint tensors no parameter took"),
+                       ("unloaded_params", "parameters nothing loaded")):
+        names = one.get(key) or []
+        if names and names[0] not in (one.get("error") or ""):  # vLLM's message may list them already
+            problems.append(f"{len(names)} {words}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    refused = "; ".join(problems) or "refused without a reason"
+    if engine != "vllm":
+        return base | {"status": "warn", "detail": f"{where} refuses it ({engine} serves it): {refused}"}
+    return base | {"status": "fail", "detail": f"{where}: {refused}"}
+
+
 def check_args(env: VllmEnvironment, args: list[str], timeout_s: float = 300) -> dict[str, Any]:
     """`serve.args` judged by vLLM's own `vllm serve` parser and parser registries (runner/vllm_env/args_check.py)."""
     found = subprocess.run([env.python, "-m", "runner.vllm_env.args_check", json.dumps(args)],
