@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from runner.errors import RecipeError, RunnerError
+from runner.steps import ids
 
 # soft_wrap: long paths and messages stay on one line, so logs and pipes read (and grep) whole.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -164,7 +165,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             loaded = getattr(exc, "partial", None)
         footprints, vllm_line = [], ""
         if loaded is not None:
+            from runner.steps.registry import slurm_step_problems
+
             more, footprints = _model_problems(loaded, path)
+            more = slurm_step_problems(loaded) + more
             problems += (more if args.schema_only else input_problems(loaded) + more)
             if not args.schema_only:
                 from runner.vllm_env.environment import serve_args_problems
@@ -295,7 +299,7 @@ def _where(plan, step, kinds) -> str:
     if execution.executor == "local":
         return "local worker"
     if execution.executor == "slurm":
-        resources = execution.slurm.resources_for(step.kind)
+        resources = execution.slurm.resources_for(step.kind, kind.slurm)
         return (f"slurm job ({resources.partition or 'default partition'}"
                 + (f", {resources.gpus} GPU" if resources.gpus else "") + ")")
     return f"container {plan.recipe.container_for(kind.container_role)}"
@@ -303,7 +307,7 @@ def _where(plan, step, kinds) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from runner.benchmark.power import recipe_power
-    from runner.steps import step_kinds
+    from runner.steps.registry import step_kinds
 
     loaded, plan, run_dir = _load_plan(args)
     kinds = step_kinds()
@@ -326,8 +330,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from runner.quantization.preflight import recipe_problems
 
     recipe = plan.recipe
-    folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys["source"])
-    names = [s.name for s in recipe.quantization.strategies if f"quantize.{s.name}" in plan.steps]
+    folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys[ids.SOURCE])
+    names = [s.name for s in recipe.quantization.strategies if ids.quantize(s.name) in plan.steps]
     footprints, problems, source, weights = [], [], None, None
     if folder is not None:
         try:
@@ -427,8 +431,10 @@ def _preflight(loaded, plan, run_dir) -> list:
     its layers or nothing quantized. Without shapes, the quantize step checks when it starts."""
     from runner.quantization import footprint
     from runner.quantization.preflight import run_problems
+    from runner.steps.registry import step_kinds
 
-    bench = [sid for sid in plan.steps if sid.startswith("benchmark.") and not run_dir.is_complete(sid, plan.keys[sid])]
+    bench = [sid for sid, step in plan.steps.items()
+             if step.kind == "benchmark" and not run_dir.is_complete(sid, plan.keys[sid])]
     if bench and (missing := _bfcl_missing(plan.recipe)) is not None:
         # Refused now, not hours later when the first benchmark step starts
         from runner.errors import Problem
@@ -437,7 +443,8 @@ def _preflight(loaded, plan, run_dir) -> list:
         i = next(i for i, ref in enumerate(plan.recipe.benchmark.suites) if ref.bfcl)
         path = ("benchmark", "suites", i, "bfcl")
         return [Problem(f"a BFCL suite cannot run here: {missing}", path, locate(loaded.locations, path))]
-    serves = [sid for sid in plan.steps if sid.startswith("serve.") and not run_dir.is_complete(sid, plan.keys[sid])]
+    serves = [sid for sid, step in plan.steps.items()
+              if step.kind == "serve" and not run_dir.is_complete(sid, plan.keys[sid])]
     if serves:
         from runner.vllm_env.environment import serve_args_problems
 
@@ -445,11 +452,11 @@ def _preflight(loaded, plan, run_dir) -> list:
         if refused:
             return refused
     names = [s.name for s in plan.recipe.quantization.strategies
-             if (sid := f"quantize.{s.name}") in plan.steps and not run_dir.is_complete(sid, plan.keys[sid])]
+             if (sid := ids.quantize(s.name)) in plan.steps and not run_dir.is_complete(sid, plan.keys[sid])]
     if not names:
         return []
-    folder, _ = footprint.model_folder(plan.recipe, run_dir, plan.keys["source"])
-    return run_problems(loaded, names, folder)
+    folder, _ = footprint.model_folder(plan.recipe, run_dir, plan.keys[ids.SOURCE])
+    return run_problems(loaded, names, folder, step_kinds()["quantize"].slurm)
 
 
 async def _run_cancellable(coro):
@@ -500,8 +507,8 @@ def _print_outcome(outcome, root: Path) -> None:
         shown = f"{state} ({escape(blocker)} failed)" if blocker else state
         table.add_row(sid, f"[{color}]{shown}[/]")
     console.print(table)
-    comparison = root / "steps" / "gates" / "comparison.md"
-    if outcome.states.get("gates") in ("complete", "current") and comparison.exists():
+    comparison = root / "steps" / ids.GATES / "comparison.md"
+    if outcome.states.get(ids.GATES) in ("complete", "current") and comparison.exists():
         console.print("\n" + comparison.read_text(encoding="utf-8"), markup=False)
     for message in outcome.messages:
         console.print(message, markup=False)
@@ -521,7 +528,7 @@ def cmd_card(args: argparse.Namespace) -> int:
         raise RunnerError(f"{run_dir.root} is not a run directory (no {MARKER}, or no recipe.yaml); give the folder "
                           "`recipe run` made; nothing was written")
     recipe = Recipe.model_validate(YAML(typ="safe").load(saved.read_text(encoding="utf-8")))
-    target = run_dir.step_dir("report")
+    target = run_dir.step_dir(ids.REPORT)
     # Rendered beside the run, then each file replaced by rename: an interrupted render leaves the old
     # documents whole, and a file hard-linked elsewhere is replaced, never written through.
     scratch = run_dir.root / ".scratch"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from runner import __version__
 from runner.benchmark.suites import sequential_gates
 from runner.errors import RunnerError
 from runner.recipe.schema import Recipe
+from runner.steps import ids
+from runner.steps.base import Step
 from runner.steps.code import code_files
 from runner.steps.fixups import CopyFile
 from runner.steps.inputs import (
@@ -36,30 +39,12 @@ from runner.steps.inputs import (
     ServeInput,
     ServingInput,
     SourceInput,
-    StepInput,
     VerifyInput,
-    calibrate_step,
 )
+from runner.steps.registry import step_kinds, worker_kinds
 from runner.vllm_env.environment import find as find_vllm
 
 RUNNER_DIR = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class Step:
-    id: str
-    kind: str
-    deps: tuple[str, ...]
-    inputs: StepInput  # everything the step reads (step_inputs.py); its cache key hashes it
-    strategy: str | None = None
-    # Files whose content the step reads (fingerprinted into the key).
-    input_files: tuple[Path, ...] = ()
-    heavy: bool = False  # needs the GPU (or, on a CPU machine, most of the cores and memory)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The input as JSON: what the key hashes and the record keeps."""
-        return self.inputs.key_payload()
 
 
 @dataclass
@@ -103,6 +88,10 @@ class Plan:
 
 def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     """The step graph of a recipe, restricted to the named strategies when given."""
+    unknown = sorted(set(recipe.execution.slurm.steps) - set(worker_kinds().values()))
+    if unknown:
+        raise RunnerError(f"execution.slurm.steps: no step kind {', '.join(unknown)} runs a worker; name one of "
+                          f"{', '.join(sorted(worker_kinds().values()))}")
     chosen = recipe.enabled_strategies()
     if strategies:
         names = [s.name for s in recipe.quantization.strategies]
@@ -116,7 +105,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     source_files: tuple[Path, ...] = ()
     if model.source.kind in ("gguf", "local") and model.source.path is not None:
         source_files = (model.source.path,)
-    steps.append(Step("source", "source", (), SourceInput(
+    steps.append(Step(ids.SOURCE, "source", (), SourceInput(
         source=model.source, architecture=model.architecture, dtype=model.dtype), input_files=source_files))
     # The recipe's set, and each alternative set a chosen strategy names: one calibrate step each.
     sets = {None: calib.source} | {s.calibration: calib.alternatives[s.calibration]
@@ -124,7 +113,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     for name, source in sets.items():
         files = (source.path,) if source.kind in ("jsonl", "text") else ()
         spec = calib.model_copy(update={"source": source, "alternatives": {}})
-        steps.append(Step(calibrate_step(name), "calibrate", ("source",), CalibrateInput(calibration=spec),
+        steps.append(Step(ids.calibrate(name), "calibrate", (ids.SOURCE,), CalibrateInput(calibration=spec),
                           input_files=files))
 
     serving = ServingInput(serve=recipe.serve, container=recipe.container_for("serve"), dtype=model.dtype,
@@ -135,57 +124,60 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     bench_ids = []
     looked_gates = sequential_gates(recipe)
     # A held-out teacher suite asks what the calibrate step set aside (calibration.source.eval_split).
-    eval_split = ("calibrate",) if any(ref.teacher_eval for ref in bench.suites) else ()
+    eval_split = (ids.CALIBRATE,) if any(ref.teacher_eval for ref in bench.suites) else ()
     vllm, vllm_why = find_vllm(recipe.verify.vllm_loader) if chosen else (None, "")
     for strategy in chosen:
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
-        calib_deps = tuple(dict.fromkeys(("calibrate", calibrate_step(strategy.calibration))))
-        steps.append(Step(f"quantize.{s}", "quantize", ("source", *calib_deps), QuantizeInput(
+        calib_deps = tuple(dict.fromkeys((ids.CALIBRATE, ids.calibrate(strategy.calibration))))
+        steps.append(Step(ids.quantize(s), "quantize", (ids.SOURCE, *calib_deps), QuantizeInput(
             strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
             max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture,
-            held_out=calib.held_out, held_out_after=calib.samples), s, heavy=True))
+            held_out=calib.held_out, held_out_after=calib.samples), s))
         fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
                             if isinstance(f, CopyFile) and f.model_file is None)
-        steps.append(Step(f"export.{s}", "export", (f"quantize.{s}", "source"),
+        steps.append(Step(ids.export(s), "export", (ids.quantize(s), ids.SOURCE),
                           ExportInput(fixups=recipe.export.fixups), s, input_files=fixup_files))
-        steps.append(Step(f"verify.{s}", "verify", (f"export.{s}", "source", f"quantize.{s}"),
+        steps.append(Step(ids.verify(s), "verify", (ids.export(s), ids.SOURCE, ids.quantize(s)),
                           VerifyInput(exclude=exclude, engine=recipe.serve.engine,
                                       vllm_loader=recipe.verify.vllm_loader, vllm=vllm, vllm_not_run=vllm_why,
                                       language_model_only="--language-model-only" in recipe.serve.args), s))
-        steps.append(Step(f"serve.{s}", "serve", (f"verify.{s}", f"export.{s}"),
-                          ServeInput(serving=serving, hardware=bench.hardware), s, heavy=True))
+        steps.append(Step(ids.serve(s), "serve", (ids.verify(s), ids.export(s)),
+                          ServeInput(serving=serving, hardware=bench.hardware), s))
         paired = paired_speed(recipe)
         # Sequential looks judge relative gates against the baseline's answers: it benchmarks first.
-        after_baseline = ("benchmark.baseline",) if bench.baseline is not None and any(
+        after_baseline = (ids.BASELINE_BENCHMARK,) if bench.baseline is not None and any(
             g.relative_to == "baseline" for g in looked_gates) else ()
-        steps.append(Step(f"benchmark.{s}", "benchmark",
-                          (f"serve.{s}", f"export.{s}", f"quantize.{s}", *(("source",) if paired else ()),
+        steps.append(Step(ids.benchmark(s), "benchmark",
+                          (ids.serve(s), ids.export(s), ids.quantize(s), *((ids.SOURCE,) if paired else ()),
                            *after_baseline, *eval_split),
                           BenchmarkInput(**bench_inputs, paired_baseline=paired, sequential_gates=looked_gates),
-                          s, heavy=True))
-        bench_ids.append(f"benchmark.{s}")
+                          s))
+        bench_ids.append(ids.benchmark(s))
 
     if bench.baseline is not None:
-        steps.append(Step("benchmark.baseline", "benchmark", ("source", *eval_split),
+        # The user's endpoint runs elsewhere: its benchmark holds no GPU here.
+        steps.append(Step(ids.BASELINE_BENCHMARK, "benchmark", (ids.SOURCE, *eval_split),
                           BenchmarkInput(**bench_inputs, baseline=bench.baseline),
                           heavy=bench.baseline.kind == "served"))
-        bench_ids.append("benchmark.baseline")
+        bench_ids.append(ids.BASELINE_BENCHMARK)
 
-    steps.append(Step("gates", "gates", tuple(bench_ids), GatesInput(
+    steps.append(Step(ids.GATES, "gates", tuple(bench_ids), GatesInput(
         gates=recipe.gates, selection=recipe.selection,
         baseline_name=bench.baseline.name if bench.baseline else None,
         negative_controls=[s.name for s in recipe.quantization.strategies if s.negative_control])))
-    steps.append(Step("report", "report", ("gates",), ReportInput(recipe=recipe)))
-    steps.append(Step("publish", "publish", ("report",), PublishInput(recipe=recipe)))
+    steps.append(Step(ids.REPORT, "report", (ids.GATES,), ReportInput(recipe=recipe)))
+    steps.append(Step(ids.PUBLISH, "publish", (ids.REPORT,), PublishInput(recipe=recipe)))
 
+    kinds = step_kinds()
+    steps = [step if step.heavy is not None else replace(step, heavy=kinds[step.kind].gpu) for step in steps]
     plan = Plan(recipe, {step.id: step for step in steps})
     plan.keys = {sid: "" for sid in plan.steps}
     for sid, step in plan.steps.items():
         plan.keys[sid] = step_key(step, [plan.keys[d] for d in step.deps])
     if strategies:
         full = build_plan(recipe)
-        plan.rivals = {d: full.keys[d] for d in full.steps["gates"].deps if d not in plan.steps}
+        plan.rivals = {d: full.keys[d] for d in full.steps[ids.GATES].deps if d not in plan.steps}
     return plan
 
 
@@ -195,19 +187,19 @@ def with_rivals(plan: Plan, is_complete: Callable[[str, str], bool]) -> Plan:
     (GatesInput.not_benchmarked): `--strategy` limits what runs, not what competes. Those benchmarks are
     deps of gates but no steps of the plan (their keys are in `keys`); once every strategy is current,
     gates has the full plan's deps, input and key, so the full plan finds its result current."""
-    if not plan.rivals or "gates" not in plan.steps:
+    if not plan.rivals or ids.GATES not in plan.steps:
         return plan
     current = {sid: key for sid, key in plan.rivals.items() if is_complete(sid, key)}
-    order = {f"benchmark.{s.name}": i for i, s in enumerate(plan.recipe.quantization.strategies)}
-    gates = plan.steps["gates"]
+    order = {ids.benchmark(s.name): i for i, s in enumerate(plan.recipe.quantization.strategies)}
+    gates = plan.steps[ids.GATES]
     gates = replace(gates, deps=tuple(sorted((*gates.deps, *current), key=lambda d: order.get(d, len(order)))),
                     inputs=gates.inputs.model_copy(update={"not_benchmarked": [
-                        sid.removeprefix("benchmark.") for sid in plan.rivals if sid not in current]}))
-    judged = Plan(plan.recipe, {sid: gates if sid == "gates" else step for sid, step in plan.steps.items()},
+                        ids.strategy_of(sid) for sid in plan.rivals if sid not in current]}))
+    judged = Plan(plan.recipe, {sid: gates if sid == ids.GATES else step for sid, step in plan.steps.items()},
                   {**plan.keys, **current})
-    after = plan.dependents("gates")
+    after = plan.dependents(ids.GATES)
     for sid, step in judged.steps.items():
-        if sid == "gates" or sid in after:
+        if sid == ids.GATES or sid in after:
             judged.keys[sid] = step_key(step, [judged.keys[d] for d in step.deps])
     return judged
 
@@ -222,17 +214,36 @@ def paired_speed(recipe: Recipe) -> bool:
 
 def step_key(step: Step, dep_keys: list[str]) -> str:
     """The hash of what decides a step's result: its kind, its input, the files it reads, the keys of
-    the steps it depends on, and the code that executes it (an edited step module re-runs the step)."""
+    the steps it depends on, and the code that executes it (an edited step module re-runs the step).
+    Paths inside this checkout are hashed relative to it and files by content, so the same run
+    directory planned from a moved or re-cloned checkout finds its steps current."""
     payload = {
         "kind": step.kind,
-        "inputs": step.params,
+        "inputs": relocatable(step.params),
         "deps": dep_keys,
-        "files": {str(p): fingerprint(p) for p in step.input_files},
+        "files": {relocatable(str(p)): fingerprint(p) for p in step.input_files},
         "code": code_fingerprint(step.kind),
         "runner": __version__,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+CHECKOUT = RUNNER_DIR.parent  # recipes/, containers/, the vLLM environment: where this checkout is
+
+
+def relocatable(value: Any) -> Any:
+    """`value` (a step's JSON input) with every absolute path inside this checkout written relative to it
+    (`$CHECKOUT/recipes/demo/calibration.jsonl`): where the checkout lies is no part of a result."""
+    if isinstance(value, dict):
+        return {k: relocatable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocatable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(os.path.normpath(value))  # recipes/demo/../models/x is recipes/models/x
+        if path.is_relative_to(CHECKOUT):
+            return f"$CHECKOUT/{path.relative_to(CHECKOUT).as_posix()}"
+    return value
 
 
 def code_fingerprint(kind: str) -> str:
@@ -249,17 +260,31 @@ def code_fingerprint(kind: str) -> str:
 _code_hashes: dict[str, str] = {}
 
 
+WHOLE_FILE_BYTES = 16 << 20  # files up to this size are hashed whole
+EDGE_BYTES = 1 << 20  # of a larger one (a weights shard), its size and first and last MiB
+
+
 def fingerprint(path: Path) -> str:
-    """Content hash of a file (or, for a directory, of its files' names, sizes and mtimes)."""
+    """Content hash of a file, or of a directory's files (names and contents). Hashing a many-GB
+    checkpoint on every `recipe plan` would be slow: a file over 16 MiB counts by its size and its first
+    and last MiB (a safetensors shard's header and tail), which a copy keeps and an edit changes."""
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return _file_digest(path)
     if path.is_dir():
-        # Hashing a many-GB checkpoint on every `recipe plan` would be slow; its listing is enough.
-        entries = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                         for p in path.rglob("*") if p.is_file())
+        entries = sorted((p.relative_to(path).as_posix(), _file_digest(p)) for p in path.rglob("*") if p.is_file())
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     return "missing"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if size <= WHOLE_FILE_BYTES:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        else:
+            digest.update(str(size).encode() + b"\0" + fh.read(EDGE_BYTES))
+            fh.seek(size - EDGE_BYTES)
+            digest.update(fh.read(EDGE_BYTES))
+    return digest.hexdigest()

@@ -32,7 +32,8 @@ from runner.errors import NotImplementedStep, RunnerError, causes
 from runner.executors import Executor
 from runner.plan import Plan, Step, step_key, with_rivals
 from runner.run_dir import RUN_JSON_FORMAT, RunDir, disk_error, host_versions, now, write_json_atomic
-from runner.steps import StepContext, StepKind, StepResult, step_kinds
+from runner.steps import StepContext, StepKind, StepResult, ids
+from runner.steps.registry import step_kinds
 
 
 class StepFailed(RunnerError):
@@ -170,12 +171,12 @@ class Runner:
         if failed:
             status = "failed"
             ran_on = " (gates, report and publish ran over the strategies that finished)" if (
-                self.states.get("gates") == "complete") else ""
+                self.states.get(ids.GATES) == "complete") else ""
             self.messages.append(f"failed: {', '.join(failed)}{ran_on}; fix and run again to resume "
                                  "at the failed steps")
         elif any(s in ("not built", "blocked") for s in self.states.values()):
             status = "stopped"
-        elif "gates" in target_steps(self.plan, options) and self._selection() is not None:
+        elif ids.GATES in target_steps(self.plan, options) and self._selection() is not None:
             selection = self._selection() or {}
             if selection.get("best") is None:
                 status = "no-candidate"
@@ -225,7 +226,7 @@ class Runner:
 
     def _selection(self) -> dict[str, Any] | None:
         """The gates step's selection (best, proven, unproven), None before gates has run."""
-        record = self.run_dir.record("gates")
+        record = self.run_dir.record(ids.GATES)
         return None if record is None else record.get("summary", {}).get("selection", {})
 
     async def _run_when_ready(self, sid: str, done: dict[str, asyncio.Event]) -> None:
@@ -246,7 +247,7 @@ class Runner:
                 return
             priority = self._priority[sid]
             # A worker step that a remote executor (a Slurm job) runs uses none of this machine's GPUs.
-            local_heavy = step.heavy and not (self.executor.remote and kind.container_role not in (None, "serve"))
+            local_heavy = bool(step.heavy) and not (self.executor.remote and kind.worker is not None)
             await self._slots.acquire(priority)
             try:
                 if local_heavy:

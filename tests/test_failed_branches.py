@@ -6,7 +6,8 @@ scheduler side, a failing branch through gates, is in test_scheduler.py).
 
 from __future__ import annotations
 
-from runner.benchmark.gates import comparison_markdown, evaluate, first_line, select
+from runner.benchmark.gates import evaluate, select
+from runner.benchmark.presentation import comparison_markdown, first_line
 from runner.steps.report import environment
 
 ERROR = "RuntimeError: CUDA out of memory\nTraceback (most recent call last): ..."

@@ -221,7 +221,7 @@ def fake_hub(monkeypatch):
 
 
 def publish_as_the_step_does(tmp_path: Path, checkpoint: Path) -> None:
-    """What the publish step does (runner/steps/report_publish.py): stage, then upload what was staged."""
+    """What the publish step does (runner/steps/publish.py): stage, then upload what was staged."""
     path = tmp_path / "recipes" / "publish.yaml"
     path.write_text(f"extends: {DEMO}\npublish: {{repo_id: tester/m-NVFP4, dry_run: false}}\n")
     report = tmp_path / "report"

@@ -23,7 +23,8 @@ from runner.plan import build_plan
 from runner.recipe.loader import load_recipe
 from runner.run_dir import MARKER, RUN_JSON_FORMAT, RunDir, write_json_atomic
 from runner.scheduler import Runner, RunOptions
-from runner.steps import StepKind, StepResult, step_kinds
+from runner.steps import StepKind, StepResult
+from runner.steps.registry import step_kinds
 
 # Strategy a is the smallest, so the recipe's preference (smallest first) selects it over b and c.
 SIZES = {"a": 1.0, "b": 2.0, "c": 3.0}

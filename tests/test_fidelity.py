@@ -90,12 +90,12 @@ def test_the_schema_states_the_cap_the_worker_uses():
 
 
 def test_benchmark_results_carry_the_intervals():
-    from runner.steps.serve_bench import fidelity_to_source
+    from runner.steps.benchmark import fidelity_to_source
 
     fidelity = {"kl": 0.02, "top1_agreement": 0.9, "tokens": 900, "kl_interval": [0.015, 0.026],
                 "top1_interval": [0.88, 0.92], "conversations": 12, "measured_on": "12 held-out conversations",
                 "per_conversation": [{"tokens": 75, "kl": 0.02, "top1_agreement": 0.9}] * 12}
-    ctx = SimpleNamespace(step=SimpleNamespace(strategy="fp8"),
+    ctx = SimpleNamespace(step=SimpleNamespace(strategy="fp8"), strategy="fp8",
                           input_record=lambda step: {"summary": {"fidelity": fidelity}})
     assert fidelity_to_source(ctx) == {k: v for k, v in fidelity.items() if k != "per_conversation"}
     old = {"kl": 0.02, "top1_agreement": 0.9, "tokens": 900, "measured_on": "8 held-out conversations"}

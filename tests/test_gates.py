@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from runner.benchmark.gates import comparison_markdown, evaluate, select, status_of
+from runner.benchmark.gates import evaluate, select, status_of
+from runner.benchmark.presentation import comparison_markdown
 from runner.benchmark.stats import Paired, bootstrap_mean, wilson
 
 

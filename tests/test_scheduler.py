@@ -222,7 +222,7 @@ BRANCH_B = ["quantize.b", "export.b", "verify.b", "serve.b", "benchmark.b"]
 
 def run_with_real_gates(plan, run_dir, recorder, **options):
     """The fake kinds, but the real gates step (over the fake benchmarks' results.json)."""
-    from runner.steps import step_kinds
+    from runner.steps.registry import step_kinds
 
     kinds = recorder.kinds(plan)
     kinds["gates"] = step_kinds()["gates"]

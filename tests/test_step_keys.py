@@ -117,3 +117,48 @@ def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch
     moved = rekeyed_by_editing("steps/fixups.py", recipe, tmp_path, monkeypatch)
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)
+
+
+def test_editing_presentation_leaves_every_measured_step_current(recipe, tmp_path, monkeypatch):
+    """A plot's colour or a table's column title re-renders (gates, report, publish), and re-serves and
+    re-quantizes nothing (runner/steps/code.py PRESENTATION)."""
+    from runner.steps.code import PRESENTATION, code_files
+
+    for kind in ("source", "calibrate", "quantize", "export", "verify", "serve", "benchmark"):
+        assert not PRESENTATION & set(code_files(kind)), kind
+    moved = rekeyed_by_editing("benchmark/presentation.py", recipe, tmp_path, monkeypatch)
+    assert moved == {"gates", "report", "publish"}
+
+
+def test_editing_the_quantize_worker_rekeys_quantize(recipe, tmp_path, monkeypatch):
+    moved = rekeyed_by_editing("worker/quantize.py", recipe, tmp_path, monkeypatch)
+    assert {sid for sid in moved if sid.startswith("quantize.")} == {
+        f"quantize.{s.name}" for s in recipe.enabled_strategies()}
+    assert not any(sid.startswith(("source", "calibrate")) for sid in moved) and "benchmark.baseline" not in moved
+
+
+def test_a_moved_checkout_finds_its_run_current(recipe, tmp_path):
+    """The same recipe planned from a copy of this checkout elsewhere gives the same keys: paths inside
+    the checkout are hashed relative to it and the files it reads by content."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(plan_module.__file__).resolve().parent.parent
+    copy = tmp_path / "elsewhere" / "checkout"
+    for folder in ("runner", "recipes", "containers", "templates"):
+        shutil.copytree(root / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import json; from runner.plan import build_plan; from runner.recipe.loader import load_recipe; "
+              f"print(json.dumps(build_plan(load_recipe({str(DEMO.relative_to(root))!r}).recipe).keys))")
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout) == build_plan(recipe).keys
+
+
+def test_relocatable_writes_checkout_paths_relative():
+    inside = str(plan_module.CHECKOUT / "recipes" / "demo" / "calibration.jsonl")
+    climbing = str(plan_module.CHECKOUT / "recipes" / "demo" / ".." / "models" / "x")
+    assert plan_module.relocatable({"a": [inside, climbing, "/data/model", "text"]}) == {
+        "a": ["$CHECKOUT/recipes/demo/calibration.jsonl", "$CHECKOUT/recipes/models/x", "/data/model", "text"]}

@@ -41,9 +41,9 @@ from runner.executors.docker import input_paths
 from runner.processes import RUN_DIR_ENV, worker_pythonpath
 from runner.run_dir import write_json_atomic, write_text_atomic
 from runner.steps.base import StepResult
+from runner.steps.registry import step_kinds, worker_kinds
 
 JOB_NAME = "recipe-runner"
-STEP_OF_WORKER = {"convert_gguf": "source"}  # worker kind -> the step kind the recipe gives resources to
 COMMENT_PREFIX = "recipe-runner:"
 TERMINAL_OK = {"COMPLETED"}
 TERMINAL_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -155,7 +155,8 @@ class SlurmExecutor(Executor):
                          container: Any) -> StepResult:
         spec_path = scratch / SPEC_FILE
         write_json_atomic(spec_path, {"kind": worker_kind, "params": params, "output_dir": str(scratch)})
-        resources = self.spec.resources_for(STEP_OF_WORKER.get(worker_kind, worker_kind))
+        kind = step_kinds()[worker_kinds()[worker_kind]]  # the step kind the recipe gives resources to
+        resources = self.spec.resources_for(kind.name, kind.slurm)
         image = self._uses_pyxis(container)
         python = (container.python if image else None) or self.spec.python or sys.executable
         mounts = [(scratch, True)] + [(p, False) for p in input_paths(params) if not p.is_relative_to(scratch)]

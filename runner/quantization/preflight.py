@@ -192,13 +192,14 @@ def _weight_only_fp8(weights: footprint.Weights, config: footprint.QuantConfig, 
     return weights.memo[key]
 
 
-def worker_gpus(recipe: Any) -> tuple[int, str]:
+def worker_gpus(recipe: Any, slurm_default: Any = None) -> tuple[int, str]:
     """The GPUs the quantize worker will have, known on the host before anything runs, and how that is
     known when it is none: a local worker has this machine's; a container, its plugin's `gpus` (and this
-    machine's); a Slurm job, what `execution.slurm` asks for the quantize step."""
+    machine's); a Slurm job, what `execution.slurm` asks for the quantize step (else `slurm_default`, the
+    quantize kind's own: StepKind.slurm)."""
     execution = recipe.execution
     if execution.executor == "slurm":
-        gpus = execution.slurm.resources_for("quantize").gpus
+        gpus = execution.slurm.resources_for("quantize", slurm_default).gpus
         return gpus, "its Slurm job asks for no GPU (execution.slurm resources for quantize: gpus 0)"
     here = host_has_gpu()
     if execution.executor == "docker":
@@ -211,7 +212,7 @@ def worker_gpus(recipe: Any) -> tuple[int, str]:
     return (1 if here else 0), "this machine, where the local worker runs, has no NVIDIA GPU"
 
 
-def run_problems(loaded: Any, names: list[str], model_dir: Path | None) -> list[Any]:
+def run_problems(loaded: Any, names: list[str], model_dir: Path | None, slurm_default: Any = None) -> list[Any]:
     """Pre-flight of `recipe run`, before any step: a located error per strategy in `names` (those whose
     quantize step will run) that cannot run: one that needs CUDA where its worker will have none, and,
     where the model's shapes are known (`model_dir`: model.shapes, a local source, or the run's source
@@ -220,7 +221,7 @@ def run_problems(loaded: Any, names: list[str], model_dir: Path | None) -> list[
     from runner.recipe.loader import locate
 
     recipe = loaded.recipe
-    gpus, no_gpu = worker_gpus(recipe)
+    gpus, no_gpu = worker_gpus(recipe, slurm_default)
     weights = _weights(model_dir)
     problems = []
     chosen = set(names)

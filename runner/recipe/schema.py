@@ -578,10 +578,6 @@ class SlurmResources(Section):
     sbatch_args: list[str] = Field(default_factory=list, description="More sbatch options, verbatim.")
 
 
-def _default_slurm_steps() -> dict[str, SlurmResources]:
-    return {"source": SlurmResources(), "quantize": SlurmResources(gpus=1), "verify": SlurmResources()}
-
-
 class SlurmSpec(Section):
     """The slurm executor (execution.executor: slurm): worker steps as batch jobs, host steps here."""
 
@@ -596,12 +592,14 @@ class SlurmSpec(Section):
     containers: Literal["auto", "never"] = Field(
         "auto", description="`auto`: a step whose container plugin has an image runs in it through pyxis "
         "(`srun --container-image`) when the cluster has pyxis; `never`: always the job's Python environment.")
-    steps: dict[Literal["source", "quantize", "verify"], SlurmResources] = Field(
-        default_factory=_default_slurm_steps,
-        description="Resources per step kind that runs a worker (source: GGUF conversion).")
+    steps: dict[str, SlurmResources] = Field(
+        default_factory=dict,
+        description="Resources per step kind that runs a worker (source: GGUF conversion; quantize; verify). "
+        "A kind not named here gets its own defaults (quantize: 1 GPU).")
 
-    def resources_for(self, kind: str) -> SlurmResources:
-        step = self.steps.get(kind) or _default_slurm_steps().get(kind) or SlurmResources()  # type: ignore[call-overload]
+    def resources_for(self, kind: str, default: SlurmResources | None = None) -> SlurmResources:
+        """A step kind's resources: the recipe's entry, else the kind's own default (StepKind.slurm)."""
+        step = self.steps.get(kind) or default or SlurmResources()
         defaults = {k: getattr(self, k) for k in ("partition", "account", "time") if getattr(step, k) is None}
         update = {k: v for k, v in defaults.items() if v is not None}
         return step.model_copy(update={**update, "sbatch_args": [*self.sbatch_args, *step.sbatch_args]})

@@ -1,35 +1,19 @@
 """Step kinds: what each node of the plan does when it runs.
 
-A step kind is a host-side coroutine that gets a StepContext: its typed input (`ctx.inputs`, see
-runner/steps/inputs.py), the committed outputs of the steps it depends on, a scratch folder and a
-log. Steps that need torch (quantize, verify, GGUF conversion) hand their work to the worker
-(`python -m runner.worker`) through `ctx.run_worker`, which the executor runs as a local subprocess
-or inside the step's container. A kind that is not built yet says so through `pending`, and the
-runner stops before it rather than pretend.
+Each kind lives in the module named after it (runner/steps/NAME.py) and declares one StepKind
+object, `KIND`: its name, the typed input the planner builds for it (runner/steps/inputs.py), the
+coroutine that runs it, the modules whose code its cache key hashes, the worker it hands torch work to
+(`python -m runner.worker`, through `ctx.run_worker`, which the executor runs as a local subprocess
+or inside the step's container), its container role, whether it holds the GPU and its default Slurm
+resources. Everything else (the scheduler's registry, the worker kinds, the keys' code) reads them
+from `step_kinds()` (runner/steps/registry.py). Step ids are built by runner/steps/ids.py.
 
-runner/steps/base.py defines the context and result types, runner/steps/code.py finds the source
-files whose hash is part of each kind's cache key; this module is the registry of kinds.
+runner/steps/base.py defines the context, result and kind types; runner/steps/code.py finds the source
+files whose hash is part of each kind's cache key.
 """
 
 from __future__ import annotations
 
-from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.base import Step, StepContext, StepKind, StepResult, input_of
 
-__all__ = ["StepContext", "StepKind", "StepResult", "input_of", "step_kinds"]
-
-
-def step_kinds() -> dict[str, StepKind]:
-    from runner.steps import calibrate, export, model_source, report_publish, serve_bench, worker_steps
-
-    return {
-        "source": StepKind("source", model_source.run, container_role="quantize"),
-        "calibrate": StepKind("calibrate", calibrate.run),
-        "quantize": StepKind("quantize", worker_steps.quantize, container_role="quantize"),
-        "export": StepKind("export", export.run),
-        "verify": StepKind("verify", worker_steps.verify, container_role="verify"),
-        "serve": StepKind("serve", serve_bench.serve, container_role="serve"),
-        "benchmark": StepKind("benchmark", serve_bench.benchmark),
-        "gates": StepKind("gates", serve_bench.gates),
-        "report": StepKind("report", report_publish.report),
-        "publish": StepKind("publish", report_publish.publish),
-    }
+__all__ = ["Step", "StepContext", "StepKind", "StepResult", "input_of"]

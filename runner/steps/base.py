@@ -1,4 +1,5 @@
-"""What a step kind is: a coroutine that gets a StepContext and returns a StepResult."""
+"""What a step is (a node of the plan) and what a step kind is: a coroutine that gets a StepContext and
+returns a StepResult."""
 
 from __future__ import annotations
 
@@ -11,8 +12,29 @@ from typing import TYPE_CHECKING, Any
 from runner.run_dir import RunDir
 
 if TYPE_CHECKING:
-    from runner.plan import Step
+    from runner.recipe.schema import SlurmResources
     from runner.steps.inputs import StepInput
+
+
+@dataclass(frozen=True)
+class Step:
+    """A node of the plan: one run of a step kind, with its input (runner/plan.py builds them)."""
+
+    id: str
+    kind: str
+    deps: tuple[str, ...]
+    inputs: StepInput  # everything the step reads (step_inputs.py); its cache key hashes it
+    strategy: str | None = None
+    # Files whose content the step reads (fingerprinted into the key).
+    input_files: tuple[Path, ...] = ()
+    # Holds the GPU (or, on a CPU machine, most cores and memory): build_plan sets the kind's StepKind.gpu
+    # unless the step says (a baseline benchmark of the user's endpoint holds none).
+    heavy: bool | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The input as JSON: what the key hashes and the record keeps."""
+        return self.inputs.key_payload()
 
 
 @dataclass
@@ -34,6 +56,13 @@ class StepContext:
     def inputs(self) -> Any:  # the kind's StepInput subclass; typed where the step reads it
         return self.step.inputs
 
+    @property
+    def strategy(self) -> str:
+        """The strategy of a step that runs once per strategy (quantize.S ... benchmark.S)."""
+        if self.step.strategy is None:
+            raise TypeError(f"{self.step.id} belongs to no strategy")
+        return self.step.strategy
+
     def input(self, step_id: str, name: str) -> Path:
         """A committed output of a step this one depends on."""
         if step_id not in self.step.deps:
@@ -48,10 +77,21 @@ class StepContext:
 
 @dataclass(frozen=True)
 class StepKind:
+    """One kind of step, declared once in the module named after it (runner/steps/NAME.py); the
+    scheduler's registry, the code each key hashes, the worker kinds, container roles and Slurm
+    defaults are all read from these objects."""
+
     name: str
     run: Callable[[StepContext], Awaitable[StepResult]] | None
-    pending: str | None = None  # why it cannot run yet
+    input: type[StepInput] | None = None  # the typed input the planner builds for it (steps/inputs.py)
+    # The modules whose code decides its result, relative to runner/ (the step module itself first, then
+    # its worker's). steps/code.py adds what they import, except presentation and plumbing.
+    modules: tuple[str, ...] = ()
+    worker: str | None = None  # runner/worker/WORKER.py, run through ctx.run_worker
     container_role: str | None = None  # which execution.containers entry runs its worker part
+    gpu: bool = False  # holds the GPU (or, on a CPU machine, most cores and memory) while it runs
+    slurm: SlurmResources | None = None  # what its worker asks Slurm for unless the recipe says otherwise
+    pending: str | None = None  # why it cannot run yet
 
 
 def input_of(ctx: StepContext, kind: type[StepInput]) -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 from runner.calibration.conversations import has_tool_calls, read_conversations, write_conversations
 from runner.calibration.generate import generate
 from runner.errors import NotImplementedStep, RunnerError
-from runner.steps.base import StepContext, StepResult, input_of
+from runner.steps import ids
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import CalibrateInput
 
 
@@ -26,7 +27,7 @@ async def run(ctx: StepContext) -> StepResult:
     calibration = input_of(ctx, CalibrateInput).calibration
     source = calibration.source
     if source.kind == "teacher":
-        model_dir = ctx.input("source", "model_dir")
+        model_dir = ctx.input(ids.SOURCE, "model_dir")
         summary = await generate(source, calibration.seed, ctx.scratch, ctx.run_dir.root / "partial", model_dir,
                                  ctx.log)
         outputs = {"calibration": "calibration.jsonl", "report": "generation_report.json"}
@@ -43,7 +44,7 @@ async def run(ctx: StepContext) -> StepResult:
         return _samples_result(ctx, [{"text": p} for p in samples], {"source": str(source.path), "kind": "text",
                                                                        "paragraphs": len(samples)})
     if source.kind == "random_tokens":
-        vocab = vocab_size(ctx.input("source", "model_dir"))
+        vocab = vocab_size(ctx.input(ids.SOURCE, "model_dir"))
         rng = random.Random(calibration.seed)
         length = min(source.tokens or calibration.max_length, calibration.max_length)
         rows = [{"token_ids": [rng.randrange(vocab) for _ in range(length)]} for _ in range(calibration.samples)]
@@ -95,3 +96,6 @@ def _samples_result(ctx: StepContext, rows: list[dict[str, Any]], summary: dict[
     sha256 = write_conversations(ctx.scratch / "calibration.jsonl", rows)  # any JSON rows, one a line
     return StepResult(outputs={"calibration": "calibration.jsonl"},
                       summary={**summary, "samples": len(rows), "sha256": sha256})
+
+
+KIND = StepKind("calibrate", run, input=CalibrateInput, modules=("steps/calibrate.py",))

@@ -11,6 +11,7 @@ in an error message.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,9 @@ from runner.recipe.schema import Recipe
 from runner.recipe.schema_base import unreadable
 from runner.recipe.secrets import secret_name
 from runner.run_dir import link_tree
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.inputs import PublishInput
+from runner.steps.report import name_for_export, portable_recipe, reserved_names
 
 
 def stage(checkpoint: Path, report_dir: Path, recipe_yaml: str, target: Path,
@@ -94,3 +98,46 @@ def upload(recipe: Recipe, folder: Path, message: str) -> dict[str, Any]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunnerError(f"uploading to {repo_id} failed: {first.replace(token, '***')}") from None
     return {"repo_id": repo_id, "commit_url": str(commit.commit_url), "commit": commit.oid}
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+async def run(ctx: StepContext) -> StepResult:
+    recipe = input_of(ctx, PublishInput).recipe
+    spec = recipe.publish
+    gates = ctx.run_dir.record("gates") or {}  # complete: report, which publish needs, needs it
+    best = gates.get("summary", {}).get("selection", {}).get("best")
+    if best is None:
+        # Not a failure of the pipeline: the run completes and exits with its own status (4).
+        reason = "no strategy passed the gates; see steps/gates/comparison.md"
+        ctx.log.info("publish skipped: %s", reason)
+        return StepResult(summary={"published": False, "skipped": reason, "strategy": None,
+                                   "repo_id": spec.repo_id, "dry_run": spec.dry_run})
+    if spec.repo_id is None:
+        raise RunnerError("publish.repo_id is not set: name the Hub repository (user/name) to publish to")
+    suggested = name_for_export(recipe, ctx.run_dir)
+    if suggested is not None and not spec.dry_run:
+        raise RunnerError(f"publish.repo_id {spec.repo_id} names another format than the selected strategy {best} "
+                          f"exported: set publish.repo_id to {suggested} (or a name of your own that does not "
+                          "claim another format)")
+    checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
+    # The recipe as the card embeds it, with the data files it reads beside it: it runs as uploaded.
+    portable = portable_recipe(recipe, reserved_names(ctx.run_dir, best))
+    files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), portable.yaml,
+                                    ctx.scratch / "upload", portable.files)
+    total = sum(f["bytes"] for f in files)
+    summary = {"published": not spec.dry_run, "repo_id": spec.repo_id, "private": spec.private, "strategy": best,
+               "dry_run": spec.dry_run, "files": files, "total_bytes": total,
+               "recipe_inputs": sorted(portable.files), "required_inputs": portable.required}
+    if spec.dry_run:
+        ctx.log.info("dry run: would upload %d files (%d bytes) to %s", len(files), total, spec.repo_id)
+        for f in files:
+            ctx.log.info("  %s (%d bytes)", f["path"], f["bytes"])
+    else:
+        summary |= await asyncio.to_thread(upload, recipe, ctx.scratch / "upload",
+                                           f"recipe-runner: {recipe.name} ({best})")
+    return StepResult(outputs={"upload": "upload"}, summary=summary)
+
+
+KIND = StepKind("publish", run, input=PublishInput, modules=("steps/publish.py",))

@@ -9,6 +9,7 @@ documents comes from a step record; nothing is typed in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,7 +23,8 @@ from typing import Any
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from runner.benchmark.gates import first_line, recovery, recovery_markdown, speed_reliability
+from runner.benchmark.gates import recovery, speed_reliability
+from runner.benchmark.presentation import first_line, recovery_markdown
 from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
 from runner.quantization.bits import base_format
@@ -32,7 +34,9 @@ from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
-from runner.steps.inputs import calibrate_step
+from runner.steps import ids
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.inputs import ReportInput
 
 PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_lengths.png",)}
 
@@ -413,7 +417,7 @@ def calibration_overlaps(recipe: Recipe, run_dir: RunDir, keys: list[str] | None
         if keys is not None and key not in keys:
             continue
         source = recipe.calibration.source if name is None else recipe.calibration.alternatives[name]
-        step = calibrate_step(name)
+        step = ids.calibrate(name)
         if source.kind == "random_tokens":
             out[key] = {"checked": False, "why": "random token ids hold no prompts", "suite_prompts": prompts}
             continue
@@ -440,7 +444,7 @@ def calibration_sets(recipe: Recipe, run_dir: RunDir, strategies: dict[str, dict
     for key, names in used.items():
         alt = key.removeprefix("calibration.alternatives.") if key != calibration_key(None) else None
         source = recipe.calibration.source if alt is None else recipe.calibration.alternatives[alt]
-        record = run_dir.record(calibrate_step(alt)) or {}
+        record = run_dir.record(ids.calibrate(alt)) or {}
         out[key] = {"name": alt or "the recipe's set", "description": _set_description(source, portable.shown),
                     "strategies": names, "summary": record.get("summary", {}), "overlap": overlaps.get(key, {})}
     return out
@@ -602,3 +606,35 @@ def append_research_section(document: Path, recipe_name: str, section: str) -> b
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, document)
     return True
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+
+async def run(ctx: StepContext) -> StepResult:
+    recipe = input_of(ctx, ReportInput).recipe
+    outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
+    summary: dict = {"documents": list(outputs.values()), "warnings": []}
+    # Whether each calibration set of the run is disjoint from the suites' prompts (the card says it too).
+    overlap = await asyncio.to_thread(calibration_overlaps, recipe, ctx.run_dir)
+    summary["calibration_overlap"] = overlap
+    for key, found in overlap.items():
+        if found.get("count"):
+            warning = (f"{key}: {found['count']} calibration prompts overlap the evaluation suites' prompts "
+                       f"(first: {found['items'][0]}); the card says so")
+            summary["warnings"].append(warning)
+            ctx.log.warning(warning)
+    suggested = name_for_export(recipe, ctx.run_dir)
+    if suggested is not None:
+        warning = (f"publish.repo_id {recipe.publish.repo_id} names another format than the selected export holds; "
+                   f"a name that says what it holds: {suggested}")
+        summary["warnings"].append(warning)
+        ctx.log.warning(warning)
+    if recipe.report.research_doc is not None:
+        section = (ctx.scratch / "research_section.md").read_text(encoding="utf-8")
+        changed = append_research_section(recipe.report.research_doc, recipe.name, section)
+        summary["research_doc"] = {"path": str(recipe.report.research_doc), "changed": changed}
+    return StepResult(outputs=outputs, summary=summary)
+
+
+KIND = StepKind("report", run, input=ReportInput, modules=("steps/report.py", "benchmark/presentation.py"))

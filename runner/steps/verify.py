@@ -1,47 +1,33 @@
-"""Steps whose work happens in the worker (torch, ModelOpt): quantize and verify."""
+"""The `verify.S` step: the exported checkpoint checked for what its engine loads (the worker reads
+every tensor) and by vLLM's own loader where a vLLM environment is found (runner/vllm_env)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.quantization.preflight import strategy_refusal
-from runner.steps.base import StepContext, StepResult, input_of
-from runner.steps.inputs import QuantizeInput, VerifyInput, calibrate_step
+from runner.recipe.schema import SlurmResources
+from runner.steps import ids
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.inputs import VerifyInput
 from runner.vllm_env import environment as vllm_environment
 
-
-async def quantize(ctx: StepContext) -> StepResult:
-    inputs = input_of(ctx, QuantizeInput)
-    model_dir = ctx.input("source", "model_dir")
-    # Refused here, before a worker loads the model: a recipe for another architecture, one that
-    # quantizes nothing of this model, a CUDA-only calibration on a machine without a GPU.
-    refusal = await asyncio.to_thread(strategy_refusal, inputs.strategy, inputs.exclude, model_dir)
-    if refusal is not None:
-        raise RunnerError(refusal)
-    params = {
-        **inputs.key_payload(),
-        "model_dir": str(model_dir),
-        "calibration": str(ctx.input(calibrate_step(inputs.strategy.calibration), "calibration")),
-        "held_out_from": str(ctx.input("calibrate", "calibration")),
-    }
-    return await ctx.run_worker("quantize", params)
+WORKER = "verify"  # runner/worker/verify.py
 
 
-async def verify(ctx: StepContext) -> StepResult:
+async def run(ctx: StepContext) -> StepResult:
     inputs = input_of(ctx, VerifyInput)
-    quantized = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {})
-    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
+    quantized = ctx.input_record(ids.quantize(ctx.strategy)).get("summary", {})
+    checkpoint = ctx.input(ids.export(ctx.strategy), "checkpoint")
     params = {
         "exclude": inputs.exclude, "engine": inputs.engine,
         "checkpoint": str(checkpoint),
-        "model_dir": str(ctx.input("source", "model_dir")),
+        "model_dir": str(ctx.input(ids.SOURCE, "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
         "smoothed": bool(quantized.get("awq_fold")),
     }
-    result = await ctx.run_worker("verify", params)
+    result = await ctx.run_worker(WORKER, params)
     check = await vllm_load_check(ctx, inputs, checkpoint)
     result.summary["vllm_load"] = check
     result.summary.setdefault("checks", {})["vllm_load"] = check["status"]
@@ -71,3 +57,8 @@ async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Pat
         return {"status": "not_run", "vllm_version": env.version,
                 "detail": f"the check itself failed, so nothing is known of the export: {exc} (log: vllm_load.log)"}
     return vllm_environment.verdict(found, inputs.engine)
+
+
+KIND = StepKind("verify", run, input=VerifyInput,
+                modules=("steps/verify.py", "worker/verify.py", "vllm_env/load_check.py"),
+                worker=WORKER, container_role="verify", slurm=SlurmResources())

@@ -6,8 +6,11 @@ import asyncio
 
 from runner.errors import RunnerError
 from runner.quantization.safetensors_headers import check_files
-from runner.steps.base import StepContext, StepResult, input_of
+from runner.recipe.schema import SlurmResources
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import SourceInput
+
+WORKER = "convert_gguf"  # runner/worker/convert_gguf.py: a GGUF file to a Hugging Face folder
 
 
 async def run(ctx: StepContext) -> StepResult:
@@ -27,7 +30,7 @@ async def run(ctx: StepContext) -> StepResult:
     # tokenizer with the GGUF's own, repairs what keeps every id and refuses the rest.
     params = {"path": str(source.path) if source.path else None, "package": source.package,
               "file": source.file, "architecture": inputs.architecture, "dtype": inputs.dtype}
-    result = await ctx.run_worker("convert_gguf", params)
+    result = await ctx.run_worker(WORKER, params)
     repairs = (result.summary.get("tokenizer") or {}).get("repairs") or []
     if repairs:
         ctx.log.warning("the converted tokenizer differed from the GGUF's and was repaired (%d changes, in the "
@@ -52,3 +55,8 @@ def _download(repo: str, revision: str, ctx: StepContext) -> StepResult:
                           "the network and HF_TOKEN for gated models") from None
     return StepResult(outputs={"model_dir": path}, summary={"kind": "huggingface", "repo": repo,
                                                             "revision": revision})
+
+
+# A local folder is used as it is and a Hub download runs on the host: only a GGUF source needs the worker.
+KIND = StepKind("source", run, input=SourceInput, modules=("steps/source.py", "worker/convert_gguf.py"),
+                worker=WORKER, container_role="quantize", slurm=SlurmResources())

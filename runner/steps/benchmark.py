@@ -1,10 +1,8 @@
-"""The serve, benchmark and gates steps.
+"""The `benchmark.S` step (and `benchmark.baseline`): the suites and the speed sweep against one server.
 
-serve.S starts the candidate with the recipe's engine, checks that it answers, records the start-up
-time and the decode speed predicted for the target hardware, and stops it. benchmark.S serves it
-again for the suites and the speed sweep (the baseline is the user's endpoint or the source model
-served the same way). gates judges every candidate against the recipe's gates and names the best;
-a strategy whose branch failed is no candidate, and gates records where and why it failed.
+benchmark.S serves the candidate again; the baseline is the source model served the same way or the
+user's own endpoint. A candidate whose gates read a suite asks it in sequential looks (the baseline
+answers every item first). The results file is what the gates step judges.
 """
 
 from __future__ import annotations
@@ -17,43 +15,23 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from runner.benchmark.gates import comparison_markdown, evaluate, plot_gates, plot_ttft_curve, select
-from runner.benchmark.harness import stream_chat
-from runner.benchmark.prediction import predict_decode, tensor_bytes
+from runner.benchmark.prediction import tensor_bytes
 from runner.benchmark.speed import speed_sweep
 from runner.benchmark.suites import ask_in_looks, suite_run
 from runner.benchmark.tool_calls import DEFAULT_PARSER, parser_from_args, unsupported_parser
-from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
-from runner.steps.base import StepContext, StepResult, input_of
-from runner.steps.inputs import NOT_BENCHMARKED, BenchmarkInput, GatesInput, ServeInput
+from runner.steps import ids
+from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.inputs import BenchmarkInput
 from runner.steps.serving import RunningServer, serving
-
-
-async def serve(ctx: StepContext) -> StepResult:
-    inputs: ServeInput = input_of(ctx, ServeInput)
-    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
-    prediction = predict_decode(checkpoint, inputs.hardware)
-    ctx.log.info("predicted decode on %s: %.1f tok/s (%d bytes a token)", prediction["hardware"],
-                 prediction["predicted_decode_tok_s"], prediction["bytes_per_token"])
-    t0 = time.monotonic()
-    async with serving(inputs.serving, checkpoint, ctx.run_dir, ctx.step.id, ctx.step.strategy or "model") as srv:
-        startup_s = time.monotonic() - t0
-        async with aiohttp.ClientSession() as session:
-            probe = await stream_chat(session, srv.url, srv.model, [{"role": "user", "content": "Say hello."}], 16)
-    if not probe.ok:
-        raise RunnerError(f"the served candidate did not answer a first request: {probe.error}")
-    return StepResult(summary={"engine": inputs.serving.serve.engine, "startup_s": round(startup_s, 2),
-                               "first_answer": probe.content[:200], "prediction": prediction})
 
 
 @contextlib.asynccontextmanager
@@ -66,11 +44,11 @@ async def _candidate(ctx: StepContext) -> AsyncIterator[tuple[RunningServer, Pat
         if baseline.kind == "endpoint":
             yield RunningServer(baseline.url, baseline.model, "endpoint"), None, baseline.name
             return
-        model_dir = ctx.input("source", "model_dir")
+        model_dir = ctx.input(ids.SOURCE, "model_dir")
         async with serving(inputs.serving, model_dir, ctx.run_dir, ctx.step.id, "baseline") as srv:
             yield srv, model_dir, baseline.name
         return
-    checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
+    checkpoint = ctx.input(ids.export(ctx.strategy), "checkpoint")
     async with serving(inputs.serving, checkpoint, ctx.run_dir, ctx.step.id, ctx.step.strategy) as srv:
         yield srv, checkpoint, ctx.step.strategy
 
@@ -82,13 +60,13 @@ async def _paired_baseline(ctx: StepContext) -> AsyncIterator[RunningServer | No
     if ctx.step.strategy is None or not inputs.paired_baseline:
         yield None
         return
-    async with serving(inputs.serving, ctx.input("source", "model_dir"), ctx.run_dir, ctx.step.id,
+    async with serving(inputs.serving, ctx.input(ids.SOURCE, "model_dir"), ctx.run_dir, ctx.step.id,
                        "baseline", pin_port=False) as srv:
         ctx.log.info("speed: interleaved with the baseline served alongside (A B B A ...)")
         yield srv
 
 
-async def benchmark(ctx: StepContext) -> StepResult:
+async def run(ctx: StepContext) -> StepResult:
     spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
     async with contextlib.AsyncExitStack() as stack:
         # The two servers start side by side: most of a start is single-threaded imports and loading.
@@ -112,7 +90,7 @@ async def benchmark(ctx: StepContext) -> StepResult:
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
     results["kl"] = fidelity_to_source(ctx)
     if ctx.step.strategy is not None:
-        serve_record = ctx.input_record(f"serve.{ctx.step.strategy}")
+        serve_record = ctx.input_record(ids.serve(ctx.strategy))
         prediction = serve_record.get("summary", {}).get("prediction")
         if prediction:
             results["prediction"] = prediction
@@ -128,9 +106,9 @@ async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: Ru
     every such gate passes or fails (suites.ask_in_looks); the baseline answers every item."""
     spec: BenchmarkInput = input_of(ctx, BenchmarkInput)
     eval_file = None
-    if ref.teacher_eval and "calibrate" in ctx.step.deps:
+    if ref.teacher_eval and ids.CALIBRATE in ctx.step.deps:
         with contextlib.suppress(KeyError):  # no eval output: suite_run says why
-            eval_file = ctx.input("calibrate", "eval")
+            eval_file = ctx.input(ids.CALIBRATE, "eval")
     # The recipe's parser is the one its server reads calls with (vLLM and the local engine alike); the
     # user's own endpoint's is unknown, and vLLM may have one not implemented here: hermes then, as before.
     named = parser_from_args(spec.serving.serve.args) if server.engine != "endpoint" else None
@@ -138,8 +116,8 @@ async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: Ru
     run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency, eval_file, parser)
     gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \
         if ctx.step.strategy is not None else []
-    baseline = (json.loads(ctx.input("benchmark.baseline", "results").read_text(encoding="utf-8"))
-                if gates and "benchmark.baseline" in ctx.step.deps else None)
+    baseline = (json.loads(ctx.input(ids.BASELINE_BENCHMARK, "results").read_text(encoding="utf-8"))
+                if gates and ids.BASELINE_BENCHMARK in ctx.step.deps else None)
     return await ask_in_looks(run, gates, baseline, lambda line: ctx.log.info("%s", line))
 
 
@@ -152,7 +130,7 @@ def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
         return {"kl": 0.0, "top1_agreement": 1.0, "kl_interval": [0.0, 0.0], "top1_interval": [1.0, 1.0],
                 "measured_on": "the source itself"} \
             if baseline is not None and baseline.kind == "served" else None
-    fidelity = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {}).get("fidelity") or {}
+    fidelity = ctx.input_record(ids.quantize(ctx.strategy)).get("summary", {}).get("fidelity") or {}
     if fidelity.get("kl") is None:
         return None
     # The intervals (a bootstrap over conversations) and how many conversations: what a gate on
@@ -206,61 +184,5 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
-    """{strategy: {step, error}} for the branches the scheduler left out of this step (they failed)."""
-    failed = {}
-    for strategy, sid in input_of(ctx, GatesInput).failed_branches.items():
-        error = "no error recorded"
-        path = ctx.run_dir.logs_dir / f"{sid}.failed.json"
-        with contextlib.suppress(OSError, ValueError):
-            error = json.loads(path.read_text(encoding="utf-8")).get("error") or error
-        failed[strategy] = {"step": sid, "error": error}
-    return failed
-
-
-async def gates(ctx: StepContext) -> StepResult:
-    inputs: GatesInput = input_of(ctx, GatesInput)
-    failed = failed_branches(ctx)
-    for strategy, why in failed.items():
-        ctx.log.info("strategy %s failed at %s, so it is not judged: %s", strategy, why["step"], why["error"])
-    results = {}
-    baseline = None
-    for dep in ctx.step.deps:
-        data = json.loads(ctx.input(dep, "results").read_text(encoding="utf-8"))
-        if dep == "benchmark.baseline":
-            baseline = data
-        else:
-            results[dep.removeprefix("benchmark.")] = data
-    # The candidates compared: every strategy with a current benchmark, including the ones this run did not
-    # run (--strategy); the recipe's others are named with the reason they are not judged.
-    candidates = list(results)
-    absent = {s: NOT_BENCHMARKED for s in inputs.not_benchmarked}
-    ctx.log.info("candidates compared: %s", ", ".join(candidates) or "none")
-    for strategy, why in absent.items():
-        ctx.log.info("strategy %s is not judged: %s", strategy, why)
-    verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
-    selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.accept_unproven,
-                       inputs.negative_controls)
-    baseline_name = inputs.baseline_name
-    table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed, absent)
-    (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
-    plot_gates(verdicts, ctx.scratch / "gate_scores.png")
-    curves = dict(results)
-    if baseline is not None:
-        curves[f"{baseline_name} (baseline)"] = baseline
-    plot_ttft_curve(curves, ctx.scratch / "ttft_curve.png")
-    speed = {}
-    for name, r in curves.items():
-        measured = r.get("speed", {}).get("summary", {}).get("decode_tok_s")
-        predicted = (r.get("prediction") or {}).get("predicted_decode_tok_s")
-        speed[name] = {"measured_decode_tok_s": measured, "predicted_decode_tok_s": predicted,
-                       "measured_over_predicted": round(measured / predicted, 3) if measured and predicted else None}
-    write_json_atomic(ctx.scratch / "gates.json", {"verdicts": verdicts, "selection": selection, "speed": speed,
-                                                   "failed": failed, "candidates": candidates,
-                                                   "not_benchmarked": absent})
-    for line in table.splitlines():
-        ctx.log.info("%s", line)
-    return StepResult(outputs={"gates": "gates.json", "table": "comparison.md", "gate_plot": "gate_scores.png",
-                               "ttft_plot": "ttft_curve.png"},
-                      summary={"selection": selection, "verdicts": verdicts, "speed": speed, "failed": failed,
-                               "candidates": candidates, "not_benchmarked": absent})
+KIND = StepKind("benchmark", run, input=BenchmarkInput, modules=("steps/benchmark.py", "worker/local_server.py"),
+                gpu=True)
