@@ -56,6 +56,7 @@ def _source_text(source) -> str:
 
 def recipe_entry(path: Path, root: Path) -> Entry:
     from runner.quantization import footprint
+    from runner.quantization.weights import load_weights
     from runner.recipe.loader import load_recipe
 
     rel = str(path.relative_to(root))
@@ -75,7 +76,7 @@ def recipe_entry(path: Path, root: Path) -> Entry:
         return entry
     hardware_recipe = recipe.model_copy(update={"benchmark": recipe.benchmark.model_copy(
         update={"hardware": LIST_HARDWARE})})
-    weights = footprint.load_weights(folder)
+    weights = load_weights(folder)
     src = footprint.source_footprint(hardware_recipe, weights)
     entry.source_gb = round(src.checkpoint_bytes / 1e9, 1) if src.checkpoint_bytes else None
     entry.source_tok_s = src.decode_tok_s

@@ -11,13 +11,13 @@ KV-cache reads are left out, so the prediction is an upper bound that is tight f
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
 from runner.quantization.safetensors_headers import read_headers
+from runner.quantization.weights import active_expert_fraction
 from runner.recipe.resources import hardware_targets
 
 
@@ -37,20 +37,6 @@ def bytes_per_token(checkpoint: Path) -> int:
     if not sizes:
         raise RunnerError(f"no safetensors in {checkpoint}")
     return bytes_per_token_of(sizes, active_expert_fraction(checkpoint / "config.json"))
-
-
-def active_expert_fraction(config_path: Path) -> float | None:
-    """num_experts_per_tok / num_experts of a MoE model's config.json (or its text_config); None if dense."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
-        top_k = section.get("num_experts_per_tok") or section.get("moe_topk")
-        total = section.get("num_experts") or section.get("n_routed_experts") or section.get("num_local_experts")
-        if isinstance(top_k, int) and isinstance(total, int) and total > 0:
-            return top_k / total
-    return None
 
 
 def bytes_per_token_of(sizes: dict[str, int], expert_fraction: float | None = None) -> int:
