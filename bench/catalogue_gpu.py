@@ -45,7 +45,7 @@ def main() -> None:
     from runner.catalogue import LIST_HARDWARE
     from runner.quantization import footprint
     from runner.quantization.weights import load_weights
-    from runner.steps.fixups import CopyFile, apply_fixups
+    from runner.recipe.fixups import CopyFile, apply_fixups
     from runner.recipe.loader import load_recipe
     from runner.worker.calib_data import CalibrationSet
     from runner.worker.model_loading import model_class, with_architectures

@@ -112,8 +112,8 @@ def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch
     """The code hash follows imports: fixups.py is export's helper, footprint.py quantize's (DEFAULT_DISABLED)."""
     from runner.steps.code import code_files
 
-    assert "quantization/footprint.py" in code_files("quantize") and "steps/fixups.py" in code_files("export")
+    assert "quantization/footprint.py" in code_files("quantize") and "recipe/fixups.py" in code_files("export")
     assert "recipe/schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
-    moved = rekeyed_by_editing("steps/fixups.py", recipe, tmp_path, monkeypatch)
+    moved = rekeyed_by_editing("recipe/fixups.py", recipe, tmp_path, monkeypatch)
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)

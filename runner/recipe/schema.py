@@ -13,7 +13,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 
 from runner.errors import Problem, closest
 from runner.quantization.modelopt_config import MODELOPT_PRESETS  # the preset names, without ModelOpt
-from runner.steps.fixups import Fixup
+from runner.recipe.fixups import Fixup
 from runner.recipe.metrics import Metric
 from runner.recipe.schema_base import Identifier, RecipePath, Section
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from runner.recipe.fixups import apply_fixups
 from runner.run_dir import link_tree
 from runner.steps.base import StepContext, StepResult, input_of
-from runner.steps.fixups import apply_fixups
 from runner.steps.inputs import ExportInput
 
 
