@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from runner.executors.base import ERROR_FILE, RESULT_FILE
+from runner.worker_contract import ERROR_FILE, RESULT_FILE
 
 WORKER_KINDS = ("convert_gguf", "quantize", "verify")
 
