@@ -129,25 +129,35 @@ def test_modelopt_matches_with_fnmatch_on_these_names():
 def test_modelopt_itself_reads_a_bare_module_name_as_no_quantizer():
     """The disagreement that matters most, run through ModelOpt: a preset with the exclusion
     `model.layers.0.mlp.down_proj` (a module name, no quantizer suffix) still quantizes that Linear;
-    `*layers.0.mlp.down_proj*` leaves it in 16 bits."""
+    `*layers.0.mlp.down_proj*` leaves it in 16 bits. The worker's unmatched-pattern warning follows the
+    same rule: a pattern names a quantizer or a quantized module, or it is reported."""
     pytest.importorskip("modelopt")
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from runner.recipe.schema import Strategy
     from runner.worker import quantize
     from runner.worker.calib_data import CalibrationSet
 
-    def formats(exclude: list[str]) -> dict[str, str]:
+    strategy = Strategy(name="s", preset="NVFP4_DEFAULT_CFG")
+
+    def quantized(exclude: list[str]):
         config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
         calib = CalibrationSet([[1 + (i * 7 + j) % 249 for j in range(16)] for i in range(4)], 0)
-        quantize.quantize_model(model, calib, {"name": "s", "preset": "NVFP4_DEFAULT_CFG"}, exclude,
-                                torch.device("cpu"))
-        return quantize.layer_formats(model)
+        quantize.quantize_model(model, calib, strategy, exclude, torch.device("cpu"))
+        return model
 
     module = "model.layers.0.mlp.down_proj"
     assert not quant_cfg(module, module) and quant_cfg(f"*{module}*", module)
-    assert formats([module])[module] == "nvfp4"
-    assert formats([f"*{module}*"])[module] == "bfloat16"
+    model = quantized([module])
+    assert quantize.layer_formats(model)[module] == "nvfp4"
+    assert quantize.layer_formats(quantized([f"*{module}*"]))[module] == "bfloat16"
+
+    patterns = ["lm_head", module, "*mlp.down_proj", "*layers.0.*", "*.weight_quantizer", "model.layers.0",
+                "*layers.1"]
+    warned = " ".join(quantize.unmatched_patterns(model, strategy, patterns))
+    assert "'model.layers.0'" in warned and "'*layers.1'" in warned  # a decoder layer; no module ends there
+    assert not any(f"{p!r}" in warned for p in patterns[:5])

@@ -189,7 +189,7 @@ def unmatched_patterns(model: Any, strategy: Strategy, exclude: list[str]) -> li
     """Patterns that name no quantizer of this model: the recipe's exclusions, and the ModelOpt
     config's entries that ask for quantization (a disable that matches nothing is harmless)."""
     names = quantizer_names(model)
-    modules = sorted({name.rpartition(".")[0] for name in names})
+    modules = [name.removesuffix(".weight_quantizer") for name in names if name.endswith(".weight_quantizer")]
 
     def matches(pattern: str) -> bool:
         return any(exclusions.matches(pattern, name) for name in names)
