@@ -42,6 +42,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
+    from runner.benchmark.prediction import hardware_target
     from runner.catalogue import LIST_HARDWARE
     from runner.quantization import footprint
     from runner.quantization.weights import load_weights
@@ -64,7 +65,8 @@ def main() -> None:
     exclude = recipe.quantization.exclusions(strategy)
     shapes = recipe.model.shapes
     weights = load_weights(shapes)
-    predicted = footprint.strategy_footprint(weights, strategy, exclude, LIST_HARDWARE, recipe.model.dtype)
+    predicted = footprint.strategy_footprint(weights, strategy, exclude, hardware_target(LIST_HARDWARE),
+                                             recipe.model.dtype)
     print(f"{recipe.name} / {strategy.name}: predicted {predicted.checkpoint_bytes / 1e9:.2f} GB, "
           f"{predicted.effective_bits:.3f} effective bits, {predicted.decode_tok_s} tok/s on {LIST_HARDWARE}",
           flush=True)

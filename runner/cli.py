@@ -199,6 +199,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _model_problems(loaded, path: Path) -> tuple[list, list]:
     """auto_quantize feasibility and what each strategy does to this model (pre-flight), from its
     headers, when the model is already on disk or its shapes are named; and the footprints."""
+    from runner.benchmark.prediction import hardware_target
     from runner.plan_checks import feasibility_problems, recipe_problems
     from runner.quantization import Unknown, footprint
     from runner.quantization.weights import load_weights
@@ -210,7 +211,7 @@ def _model_problems(loaded, path: Path) -> tuple[list, list]:
         return [], []
     try:
         weights = load_weights(folder)  # the headers, read once for every strategy
-        footprints = footprint.recipe_footprints(recipe, weights)
+        footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware))
     except (Unknown, OSError, ValueError) as exc:
         console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
     return feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints
@@ -322,6 +323,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows.append({"step": sid, "kind": step.kind, "needs": list(step.deps), "runs_in": _where(plan, step, kinds),
                      "state": state, "key": plan.keys[sid]})
     # What each strategy will weigh, from the model's headers (no torch), before anything runs.
+    from runner.benchmark.prediction import hardware_target
     from runner.plan_checks import feasibility_problems, recipe_problems
     from runner.plan_table import footprint_table
     from runner.quantization import Unknown, footprint
@@ -335,8 +337,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if folder is not None:
         try:
             weights = load_weights(folder)  # the headers, read once for every strategy
-            footprints = footprint.recipe_footprints(recipe, weights, names)
-            source = footprint.source_footprint(recipe, weights)
+            hardware = hardware_target(recipe.benchmark.hardware)
+            footprints = footprint.recipe_footprints(recipe, weights, hardware, names)
+            source = footprint.source_footprint(recipe, weights, hardware)
         except (Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
         problems = feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
@@ -610,7 +613,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     import shutil
 
     from runner import init_recipe
-    from runner.benchmark.prediction import hardware_table_entry
+    from runner.benchmark.prediction import hardware_table_entry, hardware_target
     from runner.plan_checks import feasibility_problems, recipe_problems
     from runner.plan_table import footprint_table
     from runner.quantization import footprint
@@ -656,8 +659,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         out.print(escape(read_from))
         return 0
     weights = load_weights(model_dir)
-    footprints = footprint.recipe_footprints(recipe, weights)
-    source_fp = footprint.source_footprint(recipe, weights)
+    hardware = hardware_target(recipe.benchmark.hardware)
+    footprints = footprint.recipe_footprints(recipe, weights, hardware)
+    source_fp = footprint.source_footprint(recipe, weights, hardware)
     out.print(footprint_table([source_fp, *footprints], f"predicted on {args.hardware}, from {escape(read_from)}"))
     # what validate would refuse for this model (e.g. the base's first/last-layer exclusions leave a
     # 2-layer model nothing to quantize): said here, with the fix, rather than at the user's first validate

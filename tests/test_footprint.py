@@ -11,6 +11,7 @@ import pytest
 from header_checkpoint import qwen35_9b, write_checkpoint
 
 from conftest import PYTHON, REPO, recipe, recipe_cli_env
+from runner.benchmark.prediction import hardware_target
 from runner.quantization import footprint, modelopt_config
 from runner.quantization.bits import BITS, effective_bits, logical_numel
 from runner.quantization.exclusions import DEFAULT_DISABLED
@@ -43,7 +44,8 @@ ALL_BF16_BYTES = 2 * (16384 + LINEAR + 3 * 64)  # embedding, Linears, norms
 
 def fp_of(folder, exclude=(), hardware="cpu", **strategy):
     weights = load_weights(folder)
-    return footprint.strategy_footprint(weights, Strategy(name="s", **strategy), list(exclude), hardware, "bfloat16")
+    return footprint.strategy_footprint(weights, Strategy(name="s", **strategy), list(exclude),
+                                        hardware_target(hardware) if hardware else None, "bfloat16")
 
 
 @pytest.fixture(params=["modelopt_recipes", "preset family"])
@@ -119,9 +121,9 @@ def test_qwen35_9b_shape_reproduces_modelopt_and_the_measured_exports(tmp_path):
     assert f"{rng.modelopt_max:.4f}" == "11.0195"
     # measured exports at this shape: awq_lite 10.8 GB, mlp_only 11.4 GB
     awq = footprint.strategy_footprint(weights, Strategy(name="a", preset="NVFP4_AWQ_LITE_CFG"), PLAN_EXCLUDE,
-                                       "dgx-spark-gb10", "bfloat16")
+                                       hardware_target("dgx-spark-gb10"), "bfloat16")
     mlp = footprint.strategy_footprint(weights, Strategy(name="m", preset="NVFP4_MLP_ONLY_CFG", algorithm="awq_lite"),
-                                       PLAN_EXCLUDE, "dgx-spark-gb10", "bfloat16")
+                                       PLAN_EXCLUDE, hardware_target("dgx-spark-gb10"), "bfloat16")
     assert round(awq.checkpoint_bytes / 1e9, 1) == 10.8 and round(mlp.checkpoint_bytes / 1e9, 1) == 11.4
     assert (awq.effective_bits, mlp.effective_bits) == (8.84, 9.436)
     assert awq.formats["nvfp4"] == 90 + 28 and mlp.formats["nvfp4"] == 90  # layers 1..30

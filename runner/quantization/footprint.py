@@ -24,6 +24,7 @@ from typing import Any
 
 from runner.quantization import Unknown
 from runner.quantization.bits import DTYPE_BITS, base_format, bits_of
+from runner.quantization.decode import Hardware, bytes_per_token_of, decode_tok_s
 from runner.quantization.exclusions import DEFAULT_DISABLED, matches
 from runner.quantization.modelopt_config import (
     QuantConfig,
@@ -169,12 +170,10 @@ def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
     return sizes, bits
 
 
-def _decode(sizes: dict[str, int], hardware: str | None, weights: Weights) -> float | None:
-    if not hardware:
+def _decode(sizes: dict[str, int], hardware: Hardware | None, weights: Weights) -> float | None:
+    if hardware is None:
         return None
-    from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
-
-    return predict_decode_of(bytes_per_token_of(sizes, weights.expert_fraction), hardware)["predicted_decode_tok_s"]
+    return decode_tok_s(bytes_per_token_of(sizes, weights.expert_fraction), hardware)
 
 
 def _counts(weights: Weights, formats: dict[str, str | None], dtype: str | None) -> dict[str, int]:
@@ -193,7 +192,7 @@ def content_key(strategy: Any) -> tuple[Any, ...]:
             strategy.algorithm, strategy.fold_awq_scales)
 
 
-def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: str | None = None,
+def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None = None,
                        dtype: str | None = None) -> Footprint:
     """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended.
     Computed once per distinct content (content_key, exclusions, hardware, dtype, ModelOpt's configs)
@@ -205,11 +204,11 @@ def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hard
     return dataclasses.replace(fp, strategy=strategy.name, formats=dict(fp.formats), notes=list(fp.notes))
 
 
-def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: str | None,
+def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None,
                         dtype: str | None) -> Footprint:
     method = (f"preset {strategy.preset}" if strategy.preset else
               f"modelopt_recipe {strategy.modelopt_recipe}" if strategy.modelopt_recipe else "auto_quantize")
-    fp = Footprint(strategy.name, method, hardware=hardware)
+    fp = Footprint(strategy.name, method, hardware=hardware.name if hardware else None)
     try:
         if strategy.auto_quantize is not None:
             _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype)
@@ -302,7 +301,7 @@ def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | Non
         quantizable=sum(1 for m in weights.linears if m not in disabled), disabled=len(disabled), low=low, high=high)
 
 
-def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[str], hardware: str | None,
+def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[str], hardware: Hardware | None,
                     dtype: str | None) -> None:
     rng = auto_range(weights, spec, exclude, dtype)
     fp.auto = rng
@@ -318,12 +317,10 @@ def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[st
     share = min(max(share, 0.0), 1.0)
     fp.checkpoint_bytes = round(rng.min_bytes + share * (rng.max_bytes - rng.min_bytes))
     fp.effective_bits = round(rng.min_bits + share * (rng.max_bits - rng.min_bits), 3)
-    if hardware:
-        from runner.benchmark.prediction import bytes_per_token_of, predict_decode_of
-
+    if hardware is not None:
         low = bytes_per_token_of(predict(weights, rng.low, dtype)[0], weights.expert_fraction)
         high = bytes_per_token_of(predict(weights, rng.high, dtype)[0], weights.expert_fraction)
-        fp.decode_tok_s = predict_decode_of(round(low + share * (high - low)), hardware)["predicted_decode_tok_s"]
+        fp.decode_tok_s = decode_tok_s(round(low + share * (high - low)), hardware)
     fp.notes.append(f"at most (decode: at least): the search fills the budget with {rng.cheapest} and "
                     f"{rng.dearest}, and may leave layers unquantized")
 
@@ -350,28 +347,30 @@ def model_folder(recipe: Any, run_dir: Any = None, source_key: str | None = None
     return None, UNKNOWN_UNTIL_SOURCE
 
 
-def recipe_footprints(recipe: Any, weights: Weights, names: list[str] | None = None) -> list[Footprint]:
-    """Each chosen (else each enabled) strategy's footprint, with the exclusions the worker applies."""
+def recipe_footprints(recipe: Any, weights: Weights, hardware: Hardware | None,
+                      names: list[str] | None = None) -> list[Footprint]:
+    """Each chosen (else each enabled) strategy's footprint, with the exclusions the worker applies;
+    decode speed on `hardware` (the recipe's benchmark.hardware, read by runner/benchmark/prediction.py)."""
     out = []
     chosen = set(names) if names is not None else None
     for strategy in recipe.quantization.strategies:
         if (chosen is not None and strategy.name not in chosen) or (names is None and not strategy.enabled):
             continue
         out.append(strategy_footprint(weights, strategy, recipe.quantization.exclusions(strategy),
-                                      recipe.benchmark.hardware, recipe.model.dtype))
+                                      hardware, recipe.model.dtype))
     return out
 
 
 SOURCE = "(source)"  # the source footprint's row
 
 
-def source_footprint(recipe: Any, weights: Weights) -> Footprint:
+def source_footprint(recipe: Any, weights: Weights, hardware: Hardware | None) -> Footprint:
     """The unquantized model as the worker loads it, for comparison."""
     formats: dict[str, str | None] = {m: None for m in weights.linears}
-    fp = Footprint(SOURCE, f"unquantized {recipe.model.dtype}", hardware=recipe.benchmark.hardware)
+    fp = Footprint(SOURCE, f"unquantized {recipe.model.dtype}", hardware=hardware.name if hardware else None)
     sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
     fp.checkpoint_bytes = sum(sizes.values())
-    fp.decode_tok_s = _decode(sizes, recipe.benchmark.hardware, weights)
+    fp.decode_tok_s = _decode(sizes, hardware, weights)
     fp.formats = _counts(weights, formats, recipe.model.dtype)
     if weights.dropped_bytes:
         fp.notes.append(f"{weights.dropped_bytes / 1e9:.2f} GB of source tensors a causal-LM load drops "

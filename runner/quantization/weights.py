@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization import Unknown
+from runner.quantization.decode import active_expert_fraction
 from runner.quantization.safetensors_headers import Tensor, read_headers
 
 # Tensors a causal-LM load ignores (transformers' Qwen3_5ForCausalLM: `^mtp.*`, `^model.visual.*`).
@@ -100,16 +101,3 @@ def read_listing(path: Path) -> dict[str, Tensor]:
     return out
 
 
-
-def active_expert_fraction(config_path: Path) -> float | None:
-    """num_experts_per_tok / num_experts of a MoE model's config.json (or its text_config); None if dense."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
-        top_k = section.get("num_experts_per_tok") or section.get("moe_topk")
-        total = section.get("num_experts") or section.get("n_routed_experts") or section.get("num_local_experts")
-        if isinstance(top_k, int) and isinstance(total, int) and total > 0:
-            return top_k / total
-    return None
