@@ -42,10 +42,12 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
+    from runner.benchmark.prediction import hardware_target
     from runner.catalogue import LIST_HARDWARE
     from runner.quantization import footprint
+    from runner.quantization.weights import load_weights
+    from runner.recipe.fixups import CopyFile, apply_fixups
     from runner.recipe.loader import load_recipe
-    from runner.steps.fixups import CopyFile, apply_fixups
     from runner.worker.calib_data import CalibrationSet
     from runner.worker.model_loading import model_class, with_architectures
     from runner.worker.quantize import (
@@ -62,8 +64,9 @@ def main() -> None:
     strategy = next(s for s in recipe.quantization.strategies if s.name == args.strategy)
     exclude = recipe.quantization.exclusions(strategy)
     shapes = recipe.model.shapes
-    weights = footprint.load_weights(shapes)
-    predicted = footprint.strategy_footprint(weights, strategy, exclude, LIST_HARDWARE, recipe.model.dtype)
+    weights = load_weights(shapes)
+    predicted = footprint.strategy_footprint(weights, strategy, exclude, hardware_target(LIST_HARDWARE),
+                                             recipe.model.dtype)
     print(f"{recipe.name} / {strategy.name}: predicted {predicted.checkpoint_bytes / 1e9:.2f} GB, "
           f"{predicted.effective_bits:.3f} effective bits, {predicted.decode_tok_s} tok/s on {LIST_HARDWARE}",
           flush=True)

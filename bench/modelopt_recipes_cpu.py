@@ -29,8 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runner.quantization.footprint import recipes_root  # noqa: E402
-from runner.quantization.modelopt_recipes import check_recipe_name, ptq_recipes  # noqa: E402
+from runner.quantization.modelopt_recipes import check_recipe_name, ptq_recipes, recipes_root  # noqa: E402
 from runner.quantization.preflight import strategy_refusal  # noqa: E402
 from runner.recipe.schema import Strategy  # noqa: E402
 

@@ -55,7 +55,9 @@ def _source_text(source) -> str:
 
 
 def recipe_entry(path: Path, root: Path) -> Entry:
+    from runner.benchmark.prediction import hardware_target
     from runner.quantization import footprint
+    from runner.quantization.weights import load_weights
     from runner.recipe.loader import load_recipe
 
     rel = str(path.relative_to(root))
@@ -73,14 +75,13 @@ def recipe_entry(path: Path, root: Path) -> Entry:
         entry.strategies = [StrategyPrediction(s.name, s.description, None, None, None, read_from)
                             for s in recipe.enabled_strategies()]
         return entry
-    hardware_recipe = recipe.model_copy(update={"benchmark": recipe.benchmark.model_copy(
-        update={"hardware": LIST_HARDWARE})})
-    weights = footprint.load_weights(folder)
-    src = footprint.source_footprint(hardware_recipe, weights)
+    hardware = hardware_target(LIST_HARDWARE)  # the catalogue's one target, whatever each recipe serves on
+    weights = load_weights(folder)
+    src = footprint.source_footprint(recipe, weights, hardware)
     entry.source_gb = round(src.checkpoint_bytes / 1e9, 1) if src.checkpoint_bytes else None
     entry.source_tok_s = src.decode_tok_s
     by_name = {s.name: s for s in recipe.quantization.strategies}
-    for fp in footprint.recipe_footprints(hardware_recipe, weights, names):
+    for fp in footprint.recipe_footprints(recipe, weights, hardware, names):
         entry.strategies.append(StrategyPrediction(
             fp.strategy, by_name[fp.strategy].description,
             round(fp.checkpoint_bytes / 1e9, 1) if fp.known and fp.checkpoint_bytes else None,

@@ -203,8 +203,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _model_problems(loaded, path: Path) -> tuple[list, list]:
     """auto_quantize feasibility and what each strategy does to this model (pre-flight), from its
     headers, when the model is already on disk or its shapes are named; and the footprints."""
-    from runner.quantization import footprint
-    from runner.quantization.preflight import recipe_problems
+    from runner.benchmark.prediction import hardware_target
+    from runner.plan_checks import feasibility_problems, recipe_problems
+    from runner.quantization import Unknown, footprint
+    from runner.quantization.weights import load_weights
 
     recipe = loaded.recipe
     folder, _ = footprint.model_folder(recipe)
@@ -212,11 +214,11 @@ def _model_problems(loaded, path: Path) -> tuple[list, list]:
     if folder is None:
         return [], []
     try:
-        weights = footprint.load_weights(folder)  # the headers, read once for every strategy
-        footprints = footprint.recipe_footprints(recipe, weights)
-    except (footprint.Unknown, OSError, ValueError) as exc:
+        weights = load_weights(folder)  # the headers, read once for every strategy
+        footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware))
+    except (Unknown, OSError, ValueError) as exc:
         console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
-    return footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints
+    return feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints
 
 
 def _print_overlap_warnings(path: Path, recipe) -> None:
@@ -325,9 +327,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows.append({"step": sid, "kind": step.kind, "needs": list(step.deps), "runs_in": _where(plan, step, kinds),
                      "state": state, "key": plan.keys[sid]})
     # What each strategy will weigh, from the model's headers (no torch), before anything runs.
-    from runner.quantization import footprint
+    from runner.benchmark.prediction import hardware_target
+    from runner.plan_checks import feasibility_problems, recipe_problems
+    from runner.plan_table import footprint_table
+    from runner.quantization import Unknown, footprint
     from runner.quantization.bits import DEFINITION, MODELOPT_DEFINITION
-    from runner.quantization.preflight import recipe_problems
+    from runner.quantization.weights import load_weights
 
     recipe = plan.recipe
     folder, read_from = footprint.model_folder(recipe, run_dir, plan.keys[ids.SOURCE])
@@ -335,12 +340,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     footprints, problems, source, weights = [], [], None, None
     if folder is not None:
         try:
-            weights = footprint.load_weights(folder)  # the headers, read once for every strategy
-            footprints = footprint.recipe_footprints(recipe, weights, names)
-            source = footprint.source_footprint(recipe, weights)
-        except (footprint.Unknown, OSError, ValueError) as exc:
+            weights = load_weights(folder)  # the headers, read once for every strategy
+            hardware = hardware_target(recipe.benchmark.hardware)
+            footprints = footprint.recipe_footprints(recipe, weights, hardware, names)
+            source = footprint.source_footprint(recipe, weights, hardware)
+        except (Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
-        problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
+        problems = feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
     if args.json:
         out.print_json(json.dumps({
             "recipe": recipe.name, "run_dir": str(run_dir.root), "steps": rows,
@@ -370,7 +376,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if folder is None or source is None:
         out.print(escape(read_from))
     else:
-        out.print(footprint.table([source, *footprints], f"predicted footprint on {recipe.benchmark.hardware}, "
+        out.print(footprint_table([source, *footprints], f"predicted footprint on {recipe.benchmark.hardware}, "
                                                          f"read from {escape(read_from)}"))
         out.print(f"effective bits: {DEFINITION}.", markup=False)
         if any(fp.auto is not None for fp in footprints):
@@ -429,9 +435,8 @@ def _preflight(loaded, plan, run_dir) -> list:
     """Every strategy whose quantize step will run, checked before the source step starts (issue 30):
     CUDA where its worker will have none, and, where the model's shapes are known, blocks that do not fit
     its layers or nothing quantized. Without shapes, the quantize step checks when it starts."""
+    from runner.plan_checks import run_problems
     from runner.quantization import footprint
-    from runner.quantization.preflight import run_problems
-    from runner.steps.registry import step_kinds
 
     bench = [sid for sid, step in plan.steps.items()
              if step.kind == "benchmark" and not run_dir.is_complete(sid, plan.keys[sid])]
@@ -456,7 +461,7 @@ def _preflight(loaded, plan, run_dir) -> list:
     if not names:
         return []
     folder, _ = footprint.model_folder(plan.recipe, run_dir, plan.keys[ids.SOURCE])
-    return run_problems(loaded, names, folder, step_kinds()["quantize"].slurm)
+    return run_problems(loaded, names, folder)
 
 
 async def _run_cancellable(coro):
@@ -614,9 +619,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     import shutil
 
     from runner import init_recipe
-    from runner.benchmark.prediction import hardware_table_entry
+    from runner.benchmark.prediction import hardware_table_entry, hardware_target
+    from runner.plan_checks import feasibility_problems, recipe_problems
+    from runner.plan_table import footprint_table
     from runner.quantization import footprint
     from runner.quantization.safetensors_headers import has_safetensors
+    from runner.quantization.weights import load_weights
     from runner.recipe.loader import load_recipe
     from runner.run_dir import write_text_atomic
 
@@ -656,15 +664,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     if model_dir is None:
         out.print(escape(read_from))
         return 0
-    weights = footprint.load_weights(model_dir)
-    footprints = footprint.recipe_footprints(recipe, weights)
-    source_fp = footprint.source_footprint(recipe, weights)
-    out.print(footprint.table([source_fp, *footprints], f"predicted on {args.hardware}, from {escape(read_from)}"))
+    weights = load_weights(model_dir)
+    hardware = hardware_target(recipe.benchmark.hardware)
+    footprints = footprint.recipe_footprints(recipe, weights, hardware)
+    source_fp = footprint.source_footprint(recipe, weights, hardware)
+    out.print(footprint_table([source_fp, *footprints], f"predicted on {args.hardware}, from {escape(read_from)}"))
     # what validate would refuse for this model (e.g. the base's first/last-layer exclusions leave a
     # 2-layer model nothing to quantize): said here, with the fix, rather than at the user's first validate
-    from runner.quantization.preflight import recipe_problems
-
-    problems = footprint.feasibility_problems(loaded, footprints) + recipe_problems(loaded, model_dir, weights)
+    problems = feasibility_problems(loaded, footprints) + recipe_problems(loaded, model_dir, weights)
     if problems:
         console.print(f"[bold yellow]warning:[/] {escape(output.name)} does not validate as written for this model "
                       f"({len(problems)} problem{'s' if len(problems) != 1 else ''}); it is kept for you to edit:")

@@ -23,11 +23,11 @@ from typing import Any
 from runner import __version__
 from runner.benchmark.suites import sequential_gates
 from runner.errors import RunnerError
+from runner.recipe.fixups import CopyFile
 from runner.recipe.schema import Recipe
 from runner.steps import ids
 from runner.steps.base import Step
 from runner.steps.code import code_files
-from runner.steps.fixups import CopyFile
 from runner.steps.inputs import (
     BenchmarkInput,
     CalibrateInput,

@@ -1,4 +1,5 @@
-"""The shape of the code: no runner module imports itself back (directly or through others)."""
+"""The shape of the code: no runner module imports itself back (directly or through others), and each
+folder imports only the folders below it (LAYERS)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,108 @@ def test_no_import_cycles():
 def test_the_import_graph_is_read_right():
     graph = imports()
     assert "runner.steps.inputs" in graph["runner.plan"] and "runner.recipe.schema" in graph["runner.steps.inputs"]
+
+
+# --- layering -----------------------------------------------------------------------------------
+#
+# Each folder of runner/ (and each top-level module, by its name; `runner` is the package's
+# __init__) may import only the folders listed for it. Function-level imports count. Three rules
+# hold it together:
+#
+# - the worker (torch) imports from the host side only `worker_contract` (the files it exchanges
+#   with the executor) and `quantization`. runner/quantization is torch-free arithmetic that both sides
+#   must compute identically (formats, bits, the exclusion matcher, ModelOpt's configs read as data):
+#   shared code, not a copy per side, so it sits below both and imports none of them;
+# - recipe/ (what a recipe says) imports nothing above it: only errors and quantization (the preset
+#   names and ModelOpt recipe names it validates against);
+# - quantization/ imports no other folder: not recipe/ (errors are located in the recipe by
+#   runner/plan_checks.py) and not benchmark/ (the footprint's decode speed takes the hardware as a
+#   value, quantization.decode.Hardware, which the host reads from the hardware table).
+#
+# EXCEPTIONS lists, module by module, the imports that break these rules today, each with why it
+# stays for now. Remove an entry when its import goes; the test fails on one that no longer exists.
+LAYERS: dict[str, set[str]] = {
+    "worker_contract": set(),
+    "errors": set(),
+    "quantization": set(),
+    "worker": {"quantization", "worker_contract"},
+    "recipe": {"errors", "quantization"},
+    "processes": {"errors"},
+    "runner": set(),
+    "run_dir": {"errors", "runner"},
+    "containers": {"errors", "recipe"},
+    "vllm_env": {"errors", "processes", "recipe"},
+    # benchmark.suites reads the held-out teacher split (calibration.prompts), calibration.overlap
+    # compares against the suites: the two folders use each other (no module cycle)
+    "calibration": {"benchmark", "errors", "recipe", "run_dir"},
+    "benchmark": {"calibration", "errors", "quantization", "recipe"},
+    "steps": {"benchmark", "calibration", "containers", "errors", "processes", "quantization", "recipe",
+              "run_dir", "serving", "vllm_env"},
+    "serving": {"benchmark", "containers", "errors", "processes", "quantization", "recipe", "run_dir", "steps",
+                "vllm_env"},
+    "executors": {"containers", "errors", "processes", "recipe", "run_dir", "steps", "worker_contract"},
+    "plan": {"benchmark", "errors", "recipe", "runner", "serving", "steps", "vllm_env"},
+    "scheduler": {"containers", "errors", "executors", "plan", "run_dir", "steps"},
+    "plan_checks": {"containers", "errors", "quantization", "recipe", "steps"},
+    "plan_table": {"quantization"},
+    "catalogue": {"benchmark", "errors", "quantization", "recipe"},
+    "init_recipe": {"errors"},
+    "testing": set(),  # fakes for the tests (a Hub, an OpenAI-style server): standalone
+    "cli": {"benchmark", "calibration", "catalogue", "containers", "errors", "executors", "init_recipe", "plan",
+            "plan_checks", "plan_table", "processes", "quantization", "recipe", "run_dir", "runner", "scheduler",
+            "serving", "steps", "vllm_env"},
+}
+
+EXCEPTIONS: dict[tuple[str, str], str] = {
+    # The quantize worker validates its params with the planner's own models (QuantizeInput, Strategy,
+    # AutoQuantizeSpec). Moving them into worker_contract waits for the one-module-per-step-kind split
+    # (issue 26 item 3), which owns runner/steps/inputs.py; a copy in the contract would be a second
+    # definition of the strategy.
+    ("runner.worker.quantize", "runner.recipe.schema"): "QuantizeInput's Strategy/AutoQuantizeSpec",
+    ("runner.worker.quantize", "runner.steps.inputs"): "QuantizeInput validates the spec's params",
+    # Leaf modules (pure Python, no runner imports) the worker shares with the host: the bootstrap of
+    # the fidelity interval, and the tool-call parser the local engine and the scorer must read alike.
+    ("runner.worker.fidelity", "runner.benchmark.stats"): "bootstrap_weighted_mean, shared with the gates",
+    ("runner.worker.local_server", "runner.benchmark.tool_calls"): "one tool-call parser for engine and scorer",
+    # Checks run while the recipe loads (function-level): BFCL categories, and the local engine's
+    # tool-call parser in serve.args (the engine registry in runner/serving/ is meant to own the latter).
+    ("runner.recipe.loader", "runner.benchmark.bfcl"): "BFCL categories checked at load",
+    ("runner.recipe.schema", "runner.benchmark.tool_calls"): "the local engine's parsers checked at load",
+}
+
+
+def unit(module: str) -> str:
+    """The layer a module belongs to: its folder under runner/, or a top-level module's own name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "runner"
+
+
+def test_every_folder_and_top_level_module_has_a_row():
+    units = {unit(m) for m in imports()}
+    assert units <= set(LAYERS), f"add a row to LAYERS for: {sorted(units - set(LAYERS))}"
+
+
+def test_imports_follow_the_layers():
+    graph = imports()
+    wrong = []
+    for module, deps in graph.items():
+        for dep in deps:
+            a, b = unit(module), unit(dep)
+            if a != b and b not in LAYERS.get(a, set()) and (module, dep) not in EXCEPTIONS:
+                wrong.append(f"{module} -> {dep} ({a} may import {sorted(LAYERS.get(a, set()))})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_exception_is_still_needed():
+    graph = imports()
+    stale = [f"{a} -> {b}" for a, b in EXCEPTIONS if b not in graph.get(a, set())]
+    assert not stale, f"these imports are gone: remove them from EXCEPTIONS: {stale}"
+
+
+def test_the_worker_and_quantization_never_import_torch_on_the_host_side():
+    """runner/quantization and worker_contract are read by the host: no torch, at any level."""
+    for path in [*(RUNNER / "quantization").rglob("*.py"), RUNNER / "worker_contract.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n.split(".")[0] in ("torch", "transformers", "modelopt") for n in names), path

@@ -26,10 +26,10 @@ import pytest
 
 from conftest import DEMO, recipe
 from runner.errors import RecipeError, RunnerError
+from runner.recipe.fixups import apply_fixups
 from runner.recipe.loader import load_recipe
 from runner.recipe.secrets import secret_file
 from runner.recipe.yaml_tree import MAX_BYTES, MAX_DEPTH, MAX_VALUES, read_yaml, to_plain
-from runner.steps.fixups import apply_fixups
 from runner.steps.publish import stage, upload
 from runner.testing.fake_hub import FakeHub
 

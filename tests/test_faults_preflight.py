@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runner import cli
-from runner.quantization import footprint, modelopt_recipes, preflight
+from runner import cli, plan_checks
+from runner.quantization import footprint, modelopt_config, modelopt_recipes, preflight
+from runner.quantization.weights import load_weights
 
 sys.path.insert(0, str(REPO / "bench"))
 from scale_strategies import recipe_text  # noqa: E402  (the benchmark's own recipe: the demo + N strategies)
@@ -34,7 +35,7 @@ def _work(monkeypatch, tmp_path: Path, n: int, command: str) -> dict[str, int]:
             counts["modelopt files read"] += 1
         return read_text(self, *args, **kwargs)
 
-    module_format = footprint.module_format
+    module_format = modelopt_config.module_format
     strategy_footprint = footprint.strategy_footprint
 
     def counting_format(*args, **kwargs):
@@ -46,12 +47,13 @@ def _work(monkeypatch, tmp_path: Path, n: int, command: str) -> dict[str, int]:
         return strategy_footprint(*args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", counting_read)
-    monkeypatch.setattr(footprint, "module_format", counting_format)
+    monkeypatch.setattr(modelopt_config, "module_format", counting_format)  # module_formats' look-ups
+    monkeypatch.setattr(footprint, "module_format", counting_format)  # auto_range's and the exclusions'
     monkeypatch.setattr(footprint, "strategy_footprint", counting_footprint)
     # a fresh process's caches
     modelopt_recipes._parsed.cache_clear()
-    footprint._preset_config.cache_clear()
-    footprint._recipe_config.cache_clear()
+    modelopt_config._preset_config.cache_clear()
+    modelopt_config._recipe_config.cache_clear()
     path = tmp_path / f"scale{n}.yaml"
     path.write_text(recipe_text(n), encoding="utf-8")
     args = [command, str(path)] + (["--run-dir", str(tmp_path / f"run{n}"), "--json"] if command == "plan" else [])
@@ -81,10 +83,10 @@ def test_identical_strategies_cost_no_more_parsing_or_footprint_work(monkeypatch
 def test_formats_with_exclusions_are_the_full_computation(preset, exclude):
     """strategy_formats reuses the formats without exclusions for the modules no exclusion names: it
     must give what applying every entry to every module gives."""
-    weights = footprint.load_weights(SHAPES)
-    config = footprint.preset_config(preset)
+    weights = load_weights(SHAPES)
+    config = modelopt_config.preset_config(preset)
     full = config.with_exclusions(exclude)
-    expected = {m: footprint.module_format(full, m) for m in weights.linears}
+    expected = {m: modelopt_config.module_format(full, m) for m in weights.linears}
     assert footprint.strategy_formats(weights, config, exclude) == expected
 
 
@@ -174,7 +176,7 @@ def test_a_slurm_job_without_gpus_is_known_to_have_no_cuda(tmp_path):
     from runner.recipe.loader import load_recipe
 
     loaded = load_recipe(path)
-    problems = preflight.run_problems(loaded, ["ok", "mx"], tmp_path / "model")
+    problems = plan_checks.run_problems(loaded, ["ok", "mx"], tmp_path / "model")
     assert [p.path for p in problems] == [("quantization", "strategies", 1)]
     assert "Slurm job asks for no GPU" in problems[0].message
 

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from runner.errors import RunnerError
+from runner.recipe.fixups import apply_fixups
 from runner.steps.export import link_tree
-from runner.steps.fixups import apply_fixups
 
 QWEN35_FIXUPS = [
     {"op": "wrap_config", "file": "config.json", "under": "text_config",

@@ -11,8 +11,12 @@ import pytest
 from header_checkpoint import qwen35_9b, write_checkpoint
 
 from conftest import PYTHON, REPO, recipe, recipe_cli_env
-from runner.quantization import footprint
+from runner.benchmark.prediction import hardware_target
+from runner.quantization import footprint, modelopt_config
 from runner.quantization.bits import BITS, effective_bits, logical_numel
+from runner.quantization.exclusions import DEFAULT_DISABLED
+from runner.quantization.modelopt_recipes import recipes_root
+from runner.quantization.weights import load_weights
 from runner.recipe.resources import hardware_targets
 from runner.recipe.schema import AutoQuantizeSpec, Strategy
 
@@ -39,15 +43,16 @@ ALL_BF16_BYTES = 2 * (16384 + LINEAR + 3 * 64)  # embedding, Linears, norms
 
 
 def fp_of(folder, exclude=(), hardware="cpu", **strategy):
-    weights = footprint.load_weights(folder)
-    return footprint.strategy_footprint(weights, Strategy(name="s", **strategy), list(exclude), hardware, "bfloat16")
+    weights = load_weights(folder)
+    return footprint.strategy_footprint(weights, Strategy(name="s", **strategy), list(exclude),
+                                        hardware_target(hardware) if hardware else None, "bfloat16")
 
 
 @pytest.fixture(params=["modelopt_recipes", "preset family"])
 def source(request, monkeypatch):
     """Every preset test runs on ModelOpt's YAML and on the family fallback (no ModelOpt on the host)."""
     if request.param == "modelopt_recipes":
-        if footprint.recipes_root() is None:
+        if recipes_root() is None:
             pytest.skip("modelopt_recipes is not installed")
     else:
         monkeypatch.setattr(footprint, "recipes_root", lambda: None)
@@ -95,7 +100,7 @@ def test_auto_quantize_range_counts_as_modelopt_does(tmp_path):
     t |= {p + f"self_attn.{n}_proj.weight": ("BF16", [64, 64]) for n in "qkv"}
     t |= {p + "mlp.gate_proj.weight": ("BF16", [128, 64]), p + "mlp.up_proj.weight": ("BF16", [128, 64]),
           p + "mlp.down_proj.weight": ("BF16", [64, 128])}
-    weights = footprint.load_weights(write_checkpoint(tmp_path / "m", t, {}))
+    weights = load_weights(write_checkpoint(tmp_path / "m", t, {}))
     spec = AutoQuantizeSpec(effective_bits=11, formats=["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"])
     rng = footprint.auto_range(weights, spec, ["*k_proj*"])
     # excluding k_proj disables its whole q/k/v group (12288) and lm_head is disabled (16384): 28672
@@ -107,7 +112,7 @@ def test_auto_quantize_range_counts_as_modelopt_does(tmp_path):
 
 
 def test_qwen35_9b_shape_reproduces_modelopt_and_the_measured_exports(tmp_path):
-    weights = footprint.load_weights(qwen35_9b(tmp_path / "q9b"))
+    weights = load_weights(qwen35_9b(tmp_path / "q9b"))
     assert sum(t.numel for t in weights.tensors.values()) == 8_953_803_264
     rng = footprint.auto_range(weights, AutoQuantizeSpec(effective_bits=4.8), PLAN_EXCLUDE)
     # ModelOpt 0.47 at this shape and these exclusions: "The effective_bits target 4.8 is infeasible
@@ -116,9 +121,9 @@ def test_qwen35_9b_shape_reproduces_modelopt_and_the_measured_exports(tmp_path):
     assert f"{rng.modelopt_max:.4f}" == "11.0195"
     # measured exports at this shape: awq_lite 10.8 GB, mlp_only 11.4 GB
     awq = footprint.strategy_footprint(weights, Strategy(name="a", preset="NVFP4_AWQ_LITE_CFG"), PLAN_EXCLUDE,
-                                       "dgx-spark-gb10", "bfloat16")
+                                       hardware_target("dgx-spark-gb10"), "bfloat16")
     mlp = footprint.strategy_footprint(weights, Strategy(name="m", preset="NVFP4_MLP_ONLY_CFG", algorithm="awq_lite"),
-                                       PLAN_EXCLUDE, "dgx-spark-gb10", "bfloat16")
+                                       PLAN_EXCLUDE, hardware_target("dgx-spark-gb10"), "bfloat16")
     assert round(awq.checkpoint_bytes / 1e9, 1) == 10.8 and round(mlp.checkpoint_bytes / 1e9, 1) == 11.4
     assert (awq.effective_bits, mlp.effective_bits) == (8.84, 9.436)
     assert awq.formats["nvfp4"] == 90 + 28 and mlp.formats["nvfp4"] == 90  # layers 1..30
@@ -227,25 +232,25 @@ def test_bits_definition_counts_logical_weights():
 
 
 def test_modelopt_recipes_and_the_tables_here_agree():
-    root = footprint.recipes_root()
+    root = recipes_root()
     if root is None:
         pytest.skip("modelopt_recipes is not installed")
     # every preset named here is the file ModelOpt's config.py loads it from
     config_py = (root.parent / "modelopt" / "torch" / "quantization" / "config.py").read_text()
     loaded = dict(re.findall(r'^(\w+_(?:CFG|CONFIG)): dict\[str, Any\] = _load_quantize_config_dict\(\s*'
                              r'"configs/ptq/presets/([\w/]+)"', config_py, re.M))
-    assert {k: loaded[k] for k in footprint.PRESET_FILES} == footprint.PRESET_FILES
+    assert {k: loaded[k] for k in modelopt_config.PRESET_FILES} == modelopt_config.PRESET_FILES
     # auto_quantize's disabled layers cover ModelOpt's own list for auto_quantize recipes
-    base = footprint.load_modelopt_yaml(root, "configs/auto_quantize/units/base_disabled_layers")
-    assert set(base) <= set(footprint.DEFAULT_DISABLED)
+    base = modelopt_config.load_modelopt_yaml(root, "configs/auto_quantize/units/base_disabled_layers")
+    assert set(base) <= set(DEFAULT_DISABLED)
     # ModelOpt's cost of the two default auto_quantize formats
-    assert footprint.modelopt_cost_bits(footprint.preset_config("NVFP4_DEFAULT_CFG")) == 4.5
-    assert footprint.modelopt_cost_bits(footprint.preset_config("FP8_DEFAULT_CFG")) == 8.0
+    assert modelopt_config.modelopt_cost_bits(modelopt_config.preset_config("NVFP4_DEFAULT_CFG")) == 4.5
+    assert modelopt_config.modelopt_cost_bits(modelopt_config.preset_config("FP8_DEFAULT_CFG")) == 8.0
 
 
 def test_modelopt_recipe_strategies_are_read_or_unknown(tmp_path):
     folder = tiny(tmp_path / "m")
-    if footprint.recipes_root() is not None:
+    if recipes_root() is not None:
         known = fp_of(folder, modelopt_recipe="general/ptq/nvfp4_default-kv_fp8_cast")
         assert known.known and known.effective_bits == fp_of(folder, preset="NVFP4_DEFAULT_CFG").effective_bits
     unknown = fp_of(folder, modelopt_recipe="general/ptq/no_such_recipe")
@@ -269,11 +274,11 @@ def test_the_range_matches_modelopts_own_infeasibility_check(tmp_path, layer_typ
         architectures=["Qwen3_5ForCausalLM"])
     model = Qwen3_5ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "m")
-    ours = footprint.auto_range(footprint.load_weights(tmp_path / "m"), AutoQuantizeSpec(effective_bits=4.1), exclude)
+    ours = footprint.auto_range(load_weights(tmp_path / "m"), AutoQuantizeSpec(effective_bits=4.1), exclude)
     batch = {"input_ids": torch.randint(0, 1000, (1, 8))}
     with pytest.raises(ValueError, match="infeasible") as info:
         mtq.auto_quantize(model, constraints={"effective_bits": 4.1},
                           quantization_formats=["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"], data_loader=[batch],
                           forward_step=lambda m, b: m(**b).logits, method="kl_div", num_calib_steps=1,
-                          num_score_steps=1, disabled_layers=footprint.DEFAULT_DISABLED + exclude)
+                          num_score_steps=1, disabled_layers=DEFAULT_DISABLED + exclude)
     assert f"minimum achievable effective bits is {ours.modelopt_min:.4f}" in str(info.value)

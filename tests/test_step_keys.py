@@ -109,12 +109,12 @@ def test_editing_a_step_module_rekeys_that_step_and_what_follows(recipe, tmp_pat
 
 
 def test_editing_a_helper_a_step_imports_rekeys_it(recipe, tmp_path, monkeypatch):
-    """The code hash follows imports: fixups.py is export's helper, footprint.py quantize's (DEFAULT_DISABLED)."""
+    """The code hash follows imports: fixups.py is export's helper, exclusions.py quantize's (DEFAULT_DISABLED)."""
     from runner.steps.code import code_files
 
-    assert "quantization/footprint.py" in code_files("quantize") and "steps/fixups.py" in code_files("export")
+    assert "quantization/exclusions.py" in code_files("quantize") and "recipe/fixups.py" in code_files("export")
     assert "recipe/schema.py" not in code_files("quantize")  # the recipe's shape reaches the key as the input
-    moved = rekeyed_by_editing("steps/fixups.py", recipe, tmp_path, monkeypatch)
+    moved = rekeyed_by_editing("recipe/fixups.py", recipe, tmp_path, monkeypatch)
     assert {sid for sid in moved if sid.startswith("export.")}
     assert not any(sid.startswith(("source", "calibrate", "quantize.")) for sid in moved)
 
@@ -128,6 +128,10 @@ def test_editing_presentation_leaves_every_measured_step_current(recipe, tmp_pat
         assert not PRESENTATION & set(code_files(kind)), kind
     moved = rekeyed_by_editing("benchmark/presentation.py", recipe, tmp_path, monkeypatch)
     assert moved == {"gates", "report", "publish"}
+
+
+def test_editing_the_plan_table_rekeys_nothing(recipe, tmp_path, monkeypatch):
+    assert rekeyed_by_editing("plan_table.py", recipe, tmp_path, monkeypatch) == set()
 
 
 def test_editing_the_quantize_worker_rekeys_quantize(recipe, tmp_path, monkeypatch):

@@ -1,22 +1,17 @@
 """Predict decode speed before serving: bytes read per generated token / the hardware's memory bandwidth.
 
-Single-stream decode is memory-bound: each new token reads every weight once. The bytes per
-token are the checkpoint's tensors (read from the safetensors headers, no torch needed) minus the
-input embedding, of which a token reads one row; when the output head is tied to the embedding, the
-embedding is read in full after all. A vision tower is not read while decoding. A mixture-of-
-experts layer reads only the experts its router picks: routed-expert weights count at
-num_experts_per_tok / num_experts of their bytes (from config.json).
-KV-cache reads are left out, so the prediction is an upper bound that is tight for short contexts.
+A checkpoint's bytes per token are read from its safetensors headers (no torch needed); what a token
+reads of them, and the division, are runner/quantization/decode.py's (shared with the footprint). The
+hardware comes from recipes/hardware/targets.yaml.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
+from runner.quantization.decode import Hardware, active_expert_fraction, bytes_per_token_of, decode_tok_s
 from runner.quantization.safetensors_headers import read_headers
 from runner.recipe.resources import hardware_targets
 
@@ -26,43 +21,11 @@ def tensor_bytes(checkpoint: Path) -> dict[str, int]:
     return {name: tensor.nbytes for name, tensor in read_headers(checkpoint).items()}
 
 
-# A routed expert's tensors: `...experts.12.gate_proj.weight` (not a shared expert: `shared_expert.`).
-_ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
-# A vision-language model's image side: read once per image, not per generated token.
-_VISION = re.compile(r"(^|\.)(vision_tower|visual|vision_model|multi_modal_projector)\.")
-
-
 def bytes_per_token(checkpoint: Path) -> int:
     sizes = tensor_bytes(checkpoint)
     if not sizes:
         raise RunnerError(f"no safetensors in {checkpoint}")
     return bytes_per_token_of(sizes, active_expert_fraction(checkpoint / "config.json"))
-
-
-def active_expert_fraction(config_path: Path) -> float | None:
-    """num_experts_per_tok / num_experts of a MoE model's config.json (or its text_config); None if dense."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
-        top_k = section.get("num_experts_per_tok") or section.get("moe_topk")
-        total = section.get("num_experts") or section.get("n_routed_experts") or section.get("num_local_experts")
-        if isinstance(top_k, int) and isinstance(total, int) and total > 0:
-            return top_k / total
-    return None
-
-
-def bytes_per_token_of(sizes: dict[str, int], expert_fraction: float | None = None) -> int:
-    """Bytes one decoded token reads, from tensor name -> bytes (a checkpoint's, or a predicted one's)."""
-    embeddings = {k: v for k, v in sizes.items() if k.endswith("embed_tokens.weight")}
-    tied = not any(k.endswith("lm_head.weight") for k in sizes)
-    skipped = 0 if tied else sum(embeddings.values())
-    skipped += sum(v for k, v in sizes.items() if _VISION.search(k))
-    if expert_fraction is not None:
-        experts = sum(v for k, v in sizes.items() if _ROUTED_EXPERT.search(k))
-        skipped += round(experts * (1 - expert_fraction))
-    return sum(sizes.values()) - skipped
 
 
 def predict_decode(checkpoint: Path, hardware: str) -> dict[str, Any]:
@@ -78,8 +41,14 @@ def hardware_table_entry(hardware: str) -> dict[str, Any]:
     return table[hardware]
 
 
-def predict_decode_of(per_token: int, hardware: str) -> dict[str, Any]:
+def hardware_target(name: str) -> Hardware:
+    """A hardware target of recipes/hardware/targets.yaml, as the footprint's decode prediction takes it."""
+    return Hardware(name, float(hardware_table_entry(name)["memory_bandwidth_gbs"]))
+
+
+def predict_decode_of(per_token: int, name: str) -> dict[str, Any]:
     """The decode-speed prediction for `per_token` bytes read per generated token."""
-    bandwidth = float(hardware_table_entry(hardware)["memory_bandwidth_gbs"]) * 1e9
-    return {"hardware": hardware, "memory_bandwidth_gbs": bandwidth / 1e9, "bytes_per_token": per_token,
-            "predicted_decode_tok_s": round(bandwidth / per_token, 2)}
+    target = hardware_target(name)
+    bandwidth = target.memory_bandwidth_gbs * 1e9
+    return {"hardware": name, "memory_bandwidth_gbs": bandwidth / 1e9, "bytes_per_token": per_token,
+            "predicted_decode_tok_s": decode_tok_s(per_token, target)}

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.executors.base import RESULT_FILE, SPEC_FILE, Executor
+from runner.executors.base import Executor
+from runner.worker_contract import RESULT_FILE, SPEC_FILE
 
 __all__ = ["RESULT_FILE", "SPEC_FILE", "Executor", "make_executor"]
 

@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.steps.base import StepResult
+from runner.worker_contract import ERROR_FILE, RESULT_FILE
 
 if TYPE_CHECKING:
     from runner.containers.plugin import ContainerPlugin
-
-SPEC_FILE = "worker_spec.json"
-RESULT_FILE = "worker_result.json"
-ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its traceback is in the log)
 
 
 class Executor(ABC):

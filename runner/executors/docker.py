@@ -17,9 +17,10 @@ from typing import Any
 from runner.containers import docker_api
 from runner.containers.launcher import launched
 from runner.containers.plugin import ContainerPlugin
-from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
+from runner.executors.base import Executor, read_result, worker_failure
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
+from runner.worker_contract import SPEC_FILE
 
 
 def input_paths(params: dict[str, Any]) -> list[Path]:

@@ -9,10 +9,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from runner.executors.base import SPEC_FILE, Executor, read_result, worker_failure
+from runner.executors.base import Executor, read_result, worker_failure
 from runner.processes import die_with_parent, tagged_env, terminate_group, worker_pythonpath
 from runner.run_dir import write_json_atomic
 from runner.steps.base import StepResult
+from runner.worker_contract import SPEC_FILE
 
 
 class LocalExecutor(Executor):

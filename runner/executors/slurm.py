@@ -30,18 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.executors.base import (
-    SPEC_FILE,
-    Executor,
-    WorkerFailed,
-    read_result,
-    worker_failure,
-)
+from runner.executors.base import Executor, WorkerFailed, read_result, worker_failure
 from runner.executors.docker import input_paths
 from runner.processes import RUN_DIR_ENV, worker_pythonpath
 from runner.run_dir import write_json_atomic, write_text_atomic
 from runner.steps.base import StepResult
 from runner.steps.registry import step_kinds, worker_kinds
+from runner.worker_contract import SPEC_FILE
 
 JOB_NAME = "recipe-runner"
 COMMENT_PREFIX = "recipe-runner:"

@@ -7,8 +7,9 @@ safetensors headers and from ModelOpt's recipe files (no torch):
 - a format whose export packs whole blocks (INT4) on layers its blocks do not fit;
 - a calibration ModelOpt runs only on CUDA, where the worker will have no NVIDIA GPU.
 
-`recipe validate` and `plan` check them where the model's shapes are known (recipe_problems), `recipe
-run` before its first step (run_problems), and the quantize step again when it starts.
+`recipe validate` and `plan` check them where the model's shapes are known, `recipe run` before its
+first step (runner/plan_checks.py locates each refusal in the recipe), and the quantize step again when
+it starts.
 
 Each refusal is one sentence that names the cause and what to do instead.
 """
@@ -21,8 +22,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runner.quantization import footprint
+from runner.quantization import Unknown, footprint
 from runner.quantization.bits import WHOLE_BLOCKS_ONLY, base_format, block_of
+from runner.quantization.modelopt_config import QuantConfig, preset_config, quantizer_cfg, recipe_config
+from runner.quantization.weights import Weights, load_weights
 
 
 def host_has_gpu() -> bool:
@@ -45,7 +48,7 @@ def recipe_model_type(name: str) -> str | None:
     return parts[1] if len(parts) > 2 and parts[0] == "huggingface" else None
 
 
-def needs_cuda(config: footprint.QuantConfig) -> str | None:
+def needs_cuda(config: QuantConfig) -> str | None:
     """What in a config ModelOpt 0.47 calibrates only on CUDA, or None."""
     algorithm = config.algorithm
     method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
@@ -82,7 +85,7 @@ EXPORT_ALGO = {"nvfp4": "NVFP4", "w4a16_nvfp4": "W4A16_NVFP4", "nvfp4_awq": "NVF
 
 def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, gpus: int | None = None,
                      engine: str | None = None, check_machine: bool = True,
-                     weights: footprint.Weights | None = None, no_gpu: str = "this machine has none") -> str | None:
+                     weights: Weights | None = None, no_gpu: str = "this machine has none") -> str | None:
     """Why this strategy cannot run on this model here (or serve on `engine`), or None. `gpus`: the
     GPUs the worker will have (0: none whatever this machine has); None asks this machine. `no_gpu`
     says how it is known that there is none. `check_machine` False leaves the GPU question out (recipe
@@ -91,9 +94,9 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
     if strategy.auto_quantize is not None:
         return None
     try:
-        config = (footprint.preset_config(strategy.preset) if strategy.preset
-                  else footprint.recipe_config(strategy.modelopt_recipe))
-    except footprint.Unknown:
+        config = (preset_config(strategy.preset) if strategy.preset
+                  else recipe_config(strategy.modelopt_recipe))
+    except Unknown:
         return None  # not readable here (no modelopt_recipes on this host): the worker decides
     what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
     if strategy.modelopt_recipe and model_dir is not None:
@@ -110,8 +113,8 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
         return None
     if weights is None:
         try:
-            weights = footprint.load_weights(model_dir)
-        except (footprint.Unknown, OSError, ValueError):
+            weights = load_weights(model_dir)
+        except (Unknown, OSError, ValueError):
             return None
     # what the layers decide, once per distinct (config, exclusions, engine) for these weights
     key = ("refusal", config.name, config.source, tuple(exclude), engine)
@@ -127,14 +130,14 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
 _CUDA_NEED: dict[tuple[str, str], str | None] = {}
 
 
-def _needs_cuda_once(config: footprint.QuantConfig) -> str | None:
+def _needs_cuda_once(config: QuantConfig) -> str | None:
     key = (config.name, config.source)
     if key not in _CUDA_NEED:
         _CUDA_NEED[key] = needs_cuda(config)
     return _CUDA_NEED[key]
 
 
-def _layer_refusal(weights: footprint.Weights, config: footprint.QuantConfig, what: str, exclude: list[str],
+def _layer_refusal(weights: Weights, config: QuantConfig, what: str, exclude: list[str],
                    engine: str | None) -> tuple[bool, str] | None:
     """What the model's layers refuse; (True, text): the text follows "strategy NAME "."""
     formats = {m: f for m, f in footprint.strategy_formats(weights, config, exclude).items() if f}
@@ -168,7 +171,7 @@ def _layer_refusal(weights: footprint.Weights, config: footprint.QuantConfig, wh
                   "an experts-only recipe on a dense model); pick one written for it")
 
 
-def _partial_blocks(weights: footprint.Weights, formats: dict[str, str]) -> list[tuple[str, str, tuple[int, int], int]]:
+def _partial_blocks(weights: Weights, formats: dict[str, str]) -> list[tuple[str, str, tuple[int, int], int]]:
     """The Linears whose format packs whole blocks that their shape cannot fill."""
     out = []
     for module, fmt in formats.items():
@@ -181,93 +184,12 @@ def _partial_blocks(weights: footprint.Weights, formats: dict[str, str]) -> list
     return out
 
 
-def _weight_only_fp8(weights: footprint.Weights, config: footprint.QuantConfig, exclude: list[str],
+def _weight_only_fp8(weights: Weights, config: QuantConfig, exclude: list[str],
                      formats: dict[str, str]) -> list[str]:
     """The FP8 Linears whose input is not quantized, once per distinct (config, exclusions)."""
     key = ("weight-only fp8", config.name, config.source, tuple(exclude))
     if key not in weights.memo:
         with_exclusions = config.with_exclusions(exclude)
-        weights.memo[key] = sorted(m for m, f in formats.items() if f == "fp8" and footprint.quantizer_cfg(
+        weights.memo[key] = sorted(m for m, f in formats.items() if f == "fp8" and quantizer_cfg(
             with_exclusions, f"{m}.input_quantizer") is None)
     return weights.memo[key]
-
-
-def worker_gpus(recipe: Any, slurm_default: Any = None) -> tuple[int, str]:
-    """The GPUs the quantize worker will have, known on the host before anything runs, and how that is
-    known when it is none: a local worker has this machine's; a container, its plugin's `gpus` (and this
-    machine's); a Slurm job, what `execution.slurm` asks for the quantize step (else `slurm_default`, the
-    quantize kind's own: StepKind.slurm)."""
-    execution = recipe.execution
-    if execution.executor == "slurm":
-        gpus = execution.slurm.resources_for("quantize", slurm_default).gpus
-        return gpus, "its Slurm job asks for no GPU (execution.slurm resources for quantize: gpus 0)"
-    here = host_has_gpu()
-    if execution.executor == "docker":
-        from runner.containers.plugin import load_container
-
-        plugin = load_container(recipe.container_for("quantize"))
-        if plugin.gpus in ("none", 0):
-            return 0, f"its container (plugin {plugin.name}) is given no GPU (gpus: {plugin.gpus})"
-        return (1 if here else 0), "this machine, where its container runs, has no NVIDIA GPU"
-    return (1 if here else 0), "this machine, where the local worker runs, has no NVIDIA GPU"
-
-
-def run_problems(loaded: Any, names: list[str], model_dir: Path | None, slurm_default: Any = None) -> list[Any]:
-    """Pre-flight of `recipe run`, before any step: a located error per strategy in `names` (those whose
-    quantize step will run) that cannot run: one that needs CUDA where its worker will have none, and,
-    where the model's shapes are known (`model_dir`: model.shapes, a local source, or the run's source
-    step), one whose blocks do not fit the model's layers or that quantizes nothing."""
-    from runner.errors import Problem
-    from runner.recipe.loader import locate
-
-    recipe = loaded.recipe
-    gpus, no_gpu = worker_gpus(recipe, slurm_default)
-    weights = _weights(model_dir)
-    problems = []
-    chosen = set(names)
-    for i, strategy in enumerate(recipe.quantization.strategies):
-        if strategy.name not in chosen:
-            continue
-        why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir, gpus=gpus,
-                               engine=recipe.serve.engine, weights=weights, no_gpu=no_gpu)
-        if why is not None:
-            path = ("quantization", "strategies", i)
-            problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path),
-                                    hint="fix the strategy, or leave it out of this run (--strategy NAME, or "
-                                    "enabled: false)"))
-    return problems
-
-
-def _named(name: str, why: str) -> str:
-    """`strategy 'x': ...`, once (a refusal may name the strategy itself)."""
-    return f"strategy {name!r} {why.removeprefix(f'strategy {name} ')}" if why.startswith(f"strategy {name} ") \
-        else f"strategy {name!r}: {why}"
-
-
-def _weights(model_dir: Path | None) -> footprint.Weights | None:
-    if model_dir is None or not (model_dir / "config.json").is_file():
-        return None
-    try:
-        return footprint.load_weights(model_dir)
-    except (footprint.Unknown, OSError, ValueError):
-        return None
-
-
-def recipe_problems(loaded: Any, model_dir: Path | None, weights: footprint.Weights | None = None) -> list[Any]:
-    """A located error per enabled strategy that cannot run on this model here (recipe validate/plan).
-    `weights`: model_dir's, if already read."""
-    from runner.errors import Problem
-    from runner.recipe.loader import locate
-
-    recipe = loaded.recipe
-    weights = weights or _weights(model_dir)  # once for every strategy
-    problems = []
-    for i, strategy in enumerate(recipe.quantization.strategies):
-        if not strategy.enabled:
-            continue
-        why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir,
-                               engine=recipe.serve.engine, check_machine=False, weights=weights)
-        if why is not None:
-            path = ("quantization", "strategies", i)
-            problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path)))
-    return problems

@@ -12,24 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from runner.errors import Problem, closest
+from runner.quantization.modelopt_config import MODELOPT_PRESETS  # the preset names, without ModelOpt
+from runner.recipe.fixups import Fixup
 from runner.recipe.metrics import Metric
 from runner.recipe.schema_base import Identifier, RecipePath, Section
-from runner.steps.fixups import Fixup
 
 # --- shared types: runner/recipe/schema_base.py --------------------------------------------------
 
 
-# ModelOpt 0.47's quantization presets (`[n for n in dir(mtq) if n.endswith("CFG")]`), kept here so
-# that validation can catch a misspelt preset without importing ModelOpt (and torch).
-MODELOPT_PRESETS = (
-    "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8_KV_CFG",
-    "FP8_AFFINE_KV_CFG", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT8_WEIGHT_ONLY_CFG",
-    "INT4_AWQ_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A8_AWQ_BETA_CFG", "MXFP8_DEFAULT_CFG",
-    "MXFP4_DEFAULT_CFG", "MXINT8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "NVFP4_AWQ_LITE_CFG",
-    "NVFP4_AWQ_CLIP_CFG", "NVFP4_AWQ_FULL_CFG", "NVFP4_MLP_ONLY_CFG", "NVFP4_OMLP_ONLY_CFG",
-    "NVFP4_MLP_WEIGHT_ONLY_CFG", "NVFP4_EXPERTS_ONLY_CFG", "NVFP4_SVDQUANT_DEFAULT_CFG",
-    "W4A16_NVFP4_CFG", "NVFP4_KV_CFG", "NVFP4_AFFINE_KV_CFG", "NVFP4_KV_ROTATE_CFG", "NVFP4_FP8_MHA_CONFIG",
-)
 CALIBRATION_ALGORITHMS = ("max", "awq_lite", "awq_clip", "awq_full", "svdquant", "smoothquant", "mse")
 
 

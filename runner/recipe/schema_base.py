@@ -1,6 +1,6 @@
 """The base of every recipe model: unknown keys are errors, and paths resolve against the recipe
 file that wrote them. Shared by runner/recipe/schema.py and the models that live next to their behaviour
-(runner/steps/fixups.py)."""
+(runner/recipe/fixups.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _resolve_file_ref(value: Any) -> Any:
     """`model:NAME` names a file of the source model (inside it); anything else is a file beside the recipe
     that names it: relative, inside that recipe's folder once `~` and symbolic links are resolved, and not a
     secret. Its folder is kept resolved (the file keeps the name the recipe gives it), so that a folder
-    replaced by a symbolic link later shows when the file is read (runner/steps/fixups.py)."""
+    replaced by a symbolic link later shows when the file is read (runner/recipe/fixups.py)."""
     if isinstance(value, str) and value.startswith(MODEL_FILE_PREFIX):
         _inside(value.removeprefix(MODEL_FILE_PREFIX), "the source model's folder")
         return value

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from runner.recipe.fixups import apply_fixups
 from runner.run_dir import link_tree
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
-from runner.steps.fixups import apply_fixups
 from runner.steps.inputs import ExportInput
 
 

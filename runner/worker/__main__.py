@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from runner.executors.base import ERROR_FILE, RESULT_FILE
+from runner.worker_contract import ERROR_FILE, RESULT_FILE
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,6 @@ export with `export_hf_checkpoint`, copy the tokenizer, and summarise which laye
 from __future__ import annotations
 
 import copy
-import fnmatch
 import inspect
 import json
 import re
@@ -19,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.quantization import exclusions
 from runner.quantization.bits import effective_bits as bits_per_weight
 from runner.quantization.bits import format_name, logical_numel
 
 # DEFAULT_DISABLED: ModelOpt's default exclusions, which auto_quantize ignores.
-from runner.quantization.footprint import DEFAULT_DISABLED
+from runner.quantization.exclusions import DEFAULT_DISABLED
 from runner.recipe.schema import AutoQuantizeSpec, Strategy
 from runner.steps.inputs import QuantizeInput
 from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load_calibration, pad_batches
@@ -189,12 +189,14 @@ def unmatched_patterns(model: Any, strategy: Strategy, exclude: list[str]) -> li
     """Patterns that name no quantizer of this model: the recipe's exclusions, and the ModelOpt
     config's entries that ask for quantization (a disable that matches nothing is harmless)."""
     names = quantizer_names(model)
+    modules = [name.removesuffix(".weight_quantizer") for name in names if name.endswith(".weight_quantizer")]
 
     def matches(pattern: str) -> bool:
-        return any(fnmatch.fnmatch(name, pattern) for name in names)
+        return any(exclusions.matches(pattern, name) for name in names)
 
     warnings = [f"exclusion {pattern!r} matches no layer of this model (a typo, or a module it does not have)"
-                for pattern in exclude if not matches(pattern) and not matches(f"{pattern}*")]
+                for pattern in exclude if not matches(pattern)
+                and not any(exclusions.matches(pattern, module) for module in modules)]
     if strategy.auto_quantize is None:
         source = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
         missed: list[str] = []
@@ -224,7 +226,7 @@ def nothing_quantized(model: Any, strategy: Strategy, exclude: list[str], modelo
     """Why a strategy quantized no weight: the recipe's exclusions when they cover every layer, else
     the preset's or recipe's patterns (with the ones ModelOpt names)."""
     names = [name for name, _, _ in quantized_weights(model)]
-    if exclude and all(any(fnmatch.fnmatch(f"{n}.weight_quantizer", p) for p in exclude) for n in names):
+    if exclude and all(any(exclusions.matches(p, f"{n}.weight_quantizer") for p in exclude) for n in names):
         return (f"strategy {strategy.name} quantized no layer: the recipe's exclusions {exclude} "
                 "(quantization.exclude and the strategy's exclude) cover every layer; narrow them")
     if strategy.auto_quantize is not None:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization.bits import DTYPE_BITS, bits_of
+from runner.quantization.exclusions import names_module
 from runner.quantization.export_formats import LOCAL_QUANT_ALGOS, VLLM_QUANT_ALGOS
-from runner.quantization.footprint import is_embedding
+from runner.quantization.weights import is_embedding
 from runner.worker.weight_formats import MAX_RELATIVE_ERROR, Layout, decode, identify
 
 NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
@@ -155,7 +156,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
     problems = []
     notes = []
     for pattern in exclude:
-        hits = [m for m in weights if fnmatch.fnmatchcase(m, pattern) or fnmatch.fnmatchcase(m + ".", pattern)]
+        hits = [m for m in weights if names_module(pattern, m)]
         if not hits:
             notes.append(f"{pattern} matches no tensor")
             continue

@@ -1,0 +1,13 @@
+"""What the host and the worker (`python -m runner.worker SPEC.json`) exchange, and all the worker may
+import from the host side besides runner/quantization: the files in the step's scratch folder.
+
+The executor writes SPEC_FILE ({"kind", "params", "output_dir"}); the worker writes RESULT_FILE (its
+summary) on success, or ERROR_FILE ({"error": one line}) on failure, its traceback going to the log.
+Torch-free and importing nothing, so both sides can read it.
+"""
+
+from __future__ import annotations
+
+SPEC_FILE = "worker_spec.json"
+RESULT_FILE = "worker_result.json"
+ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its traceback is in the log)
