@@ -102,75 +102,77 @@ class ExportFormat:
 _NVFP4_TENSORS = LayerTensors("U8", ("weight_scale", "weight_scale_2", "input_scale"))
 _AWQ = ("pre_quant_scale",)  # AWQ's smoothing scales, absent when folded into the layer before
 
-# In the order `recipe plan` and error messages list them.
+# In the order `recipe plan` and error messages list them. Positional: name, quant_algo, code bits,
+# scale bits, block, packing, tensors.
 FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat(
-        "nvfp4", "NVFP4", 4, 8, 16, "input_pairs", _NVFP4_TENSORS, "nvfp4", "nvfp4", 0.25, scalar_bytes=8,
+        "nvfp4", "NVFP4", 4, 8, 16, "input_pairs", _NVFP4_TENSORS,
+        activation="nvfp4", stored_as="nvfp4", max_relative_error=0.25, scalar_bytes=8,
         config_keys=NVFP4_CONFIG_KEYS, word="NVFP4",
         card=CardWords("NVFP4", ("nvfp4",), "NVFP4 weights and activations (W4A4): 4-bit E2M1 values with an FP8 "
                        "scale per 16 values and one FP32 scale per tensor; activations are quantized the same way "
                        "at run time")),
     ExportFormat(
         "w4a16_nvfp4", "W4A16_NVFP4", 4, 8, 16, "input_pairs", LayerTensors("U8", ("weight_scale", "weight_scale_2")),
-        None, "nvfp4", scalar_bytes=4, config_keys=NVFP4_CONFIG_KEYS, word="NVFP4",
+        activation=None, stored_as="nvfp4", scalar_bytes=4, config_keys=NVFP4_CONFIG_KEYS, word="NVFP4",
         card=CardWords("NVFP4-W4A16", ("nvfp4", "w4a16"), "NVFP4 weights (4-bit E2M1, an FP8 scale per 16 values) "
                        "with 16-bit activations: weight-only quantization")),
     ExportFormat(
-        "nvfp4_awq", "NVFP4_AWQ", 4, 8, 16, "input_pairs",
-        LayerTensors("U8", _NVFP4_TENSORS.required, _AWQ), "nvfp4", "nvfp4",
-        config_keys=NVFP4_CONFIG_KEYS, word="NVFP4",
+        "nvfp4_awq", "NVFP4_AWQ", 4, 8, 16, "input_pairs", LayerTensors("U8", _NVFP4_TENSORS.required, _AWQ),
+        activation="nvfp4", stored_as="nvfp4", config_keys=NVFP4_CONFIG_KEYS, word="NVFP4",
         card=CardWords("NVFP4-AWQ", ("nvfp4", "awq"), "NVFP4 W4A4 with AWQ's per-channel pre-quantization scales "
                        "kept in the checkpoint (pre_quant_scale), for engines that apply them")),
     ExportFormat(
         "nvfp4_svdquant", "NVFP4_SVD", 4, 8, 16, "input_pairs",
         LayerTensors("U8", (*_NVFP4_TENSORS.required, "weight_quantizer._svdquant_lora_a",
                             "weight_quantizer._svdquant_lora_b"), _AWQ),
-        "nvfp4", "nvfp4", config_keys=NVFP4_CONFIG_KEYS),
+        activation="nvfp4", stored_as="nvfp4", config_keys=NVFP4_CONFIG_KEYS),
     ExportFormat(
-        "w4a8_nvfp4_fp8", "W4A8_NVFP4_FP8", 4, 8, 32, "input_pairs", _NVFP4_TENSORS, "fp8", "nvfp4", scalar_bytes=8,
-        config_keys=NVFP4_CONFIG_KEYS),
+        "w4a8_nvfp4_fp8", "W4A8_NVFP4_FP8", 4, 8, 32, "input_pairs", _NVFP4_TENSORS,
+        activation="fp8", stored_as="nvfp4", scalar_bytes=8, config_keys=NVFP4_CONFIG_KEYS),
     ExportFormat(
-        "mxfp4", "MXFP4", 4, 8, 32, "input_pairs", LayerTensors("U8", ("weight_scale",)), None, "mxfp4", 0.35,
-        word="MXFP4",
+        "mxfp4", "MXFP4", 4, 8, 32, "input_pairs", LayerTensors("U8", ("weight_scale",)),
+        activation=None, stored_as="mxfp4", max_relative_error=0.35, word="MXFP4",
         card=CardWords("MXFP4", ("mxfp4",), "MXFP4: E2M1 values with a power-of-two (E8M0) scale per 32 values")),
     ExportFormat(
-        "w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8", 4, 8, 32, "input_pairs", LayerTensors("U8", ("weight_scale",)), None,
-        "mxfp4"),
+        "w4a8_mxfp4_fp8", "W4A8_MXFP4_FP8", 4, 8, 32, "input_pairs", LayerTensors("U8", ("weight_scale",)),
+        activation=None, stored_as="mxfp4"),
     ExportFormat(
-        "mxfp8", "MXFP8", 8, 8, 32, "none", LayerTensors("F8_E4M3", ("weight_scale",)), None, "mxfp8", 0.1,
-        word="MXFP8",
+        "mxfp8", "MXFP8", 8, 8, 32, "none", LayerTensors("F8_E4M3", ("weight_scale",)),
+        activation=None, stored_as="mxfp8", max_relative_error=0.1, word="MXFP8",
         card=CardWords("MXFP8", ("mxfp8",), "MXFP8: E4M3 values with a power-of-two (E8M0) scale per 32 values")),
     ExportFormat(
-        "int4_awq", "W4A16_AWQ", 4, 16, 128, "row_pairs", LayerTensors("U8", ("weight_scale",), _AWQ), None,
-        "int4_awq", 0.25, whole_blocks_only=True, word="INT4",
+        "int4_awq", "W4A16_AWQ", 4, 16, 128, "row_pairs", LayerTensors("U8", ("weight_scale",), _AWQ),
+        activation=None, stored_as="int4_awq", max_relative_error=0.25, whole_blocks_only=True, word="INT4",
         card=CardWords("INT4-AWQ", ("int4", "awq", "w4a16"), "INT4 weights with a 16-bit scale per block (AWQ), "
                        "16-bit activations")),
     ExportFormat(
         "w4a8_awq", "W4A8_AWQ", 4, 16, 128, "row_pairs",
-        LayerTensors("U8", ("weight_scale", "weight_scale_2", "input_scale"), _AWQ), "fp8", "w4a8_awq", 0.25,
-        whole_blocks_only=True, word="INT4",
+        LayerTensors("U8", ("weight_scale", "weight_scale_2", "input_scale"), _AWQ),
+        activation="fp8", stored_as="w4a8_awq", max_relative_error=0.25, whole_blocks_only=True, word="INT4",
         card=CardWords("W4A8-AWQ", ("int4", "awq", "w4a8"), "INT4 weights (AWQ, scale per block) with FP8 "
                        "activations")),
     ExportFormat(
-        "fp8_pb_wo", "FP8_PB_WO", 8, 32, 128, "none", LayerTensors("F8_E4M3", ("weight_scale",)), None,
-        "fp8_pb_wo", 0.1, square_block=True, word="FP8",
+        "fp8_pb_wo", "FP8_PB_WO", 8, 32, 128, "none", LayerTensors("F8_E4M3", ("weight_scale",)),
+        activation=None, stored_as="fp8_pb_wo", max_relative_error=0.1, square_block=True, word="FP8",
         card=CardWords("FP8-Block", ("fp8",), "FP8 (E4M3) weights with a scale per 128x128 block; 16-bit "
                        "activations")),
     ExportFormat(
-        "fp8", "FP8", 8, 0, 1, "none", LayerTensors("F8_E4M3", ("weight_scale", "input_scale")), "fp8", "fp8", 0.1,
-        scalar_bytes=8, word="FP8",
+        "fp8", "FP8", 8, 0, 1, "none", LayerTensors("F8_E4M3", ("weight_scale", "input_scale")),
+        activation="fp8", stored_as="fp8", max_relative_error=0.1, scalar_bytes=8, word="FP8",
         card=CardWords("FP8", ("fp8",), "FP8 (E4M3) weights and activations with one scale per tensor")),
     ExportFormat(
         "fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN", 8, 0, 1, "none", LayerTensors("F8_E4M3", ("weight_scale",)),
-        "fp8_per_token", "fp8_pc_pt", 0.1, word="FP8",
+        activation="fp8_per_token", stored_as="fp8_pc_pt", max_relative_error=0.1, word="FP8",
         card=CardWords("FP8-Dynamic", ("fp8",), "FP8 (E4M3) weights with a scale per output channel; activations "
                        "quantized per token at run time")),
     ExportFormat(
         "int8_sq", "W8A8_SQ_PER_CHANNEL", 8, 0, 1, "none", LayerTensors("I8", ("weight_scale", "input_scale"), _AWQ),
-        None, None, word="INT8",
+        activation=None, stored_as=None, word="INT8",
         card=CardWords("INT8-SmoothQuant", ("int8",), "INT8 weights and activations after SmoothQuant")),
     ExportFormat(
-        "int8_wo", "W8A16", 8, 0, 1, "none", LayerTensors("I8", ("weight_scale",)), None, None, word="INT8"),
+        "int8_wo", "W8A16", 8, 0, 1, "none", LayerTensors("I8", ("weight_scale",)),
+        activation=None, stored_as=None, word="INT8"),
 )
 
 # Layer formats the installed ModelOpt can name that have no entry, deliberately (tests/test_formats.py
