@@ -249,10 +249,10 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
                        meta: dict[str, Any], engine: str) -> None:
     """MIXED_PRECISION: each listed layer holds its format's tensors, and every other Linear is unquantized."""
     problems = []
-    formats: dict[str, int] = {}
+    algo_counts: dict[str, int] = {}
     for layer, config in per_layer.items():
         layer_algo = str((config or {}).get("quant_algo") or "").upper()
-        formats[layer_algo] = formats.get(layer_algo, 0) + 1
+        algo_counts[layer_algo] = algo_counts.get(layer_algo, 0) + 1
         expected = formats.by_quant_algo(layer_algo)
         if engine == "vllm" and layer_algo not in VLLM_QUANT_ALGOS:
             problems.append(f"{layer}: {layer_algo} is not loadable by vLLM")
@@ -272,7 +272,7 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
     problems += [f"{m}: stored quantized but not listed in quantized_layers" for m in stray]
     report.add("mixed_layers", not problems,
                "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "") if problems
-               else f"{len(per_layer)} listed layers ({', '.join(f'{n} {k}' for k, n in sorted(formats.items()))}) "
+               else f"{len(per_layer)} listed layers ({', '.join(f'{n} {k}' for k, n in sorted(algo_counts.items()))}) "
                     "hold their format's tensors; every other Linear is unquantized")
 
 
