@@ -1,7 +1,7 @@
 """The NVFP4 pieces checked against ModelOpt 0.47's own NVFP4 math on the CPU.
 
-- runner.worker.nvfp4_format is an independent decoder: it must reproduce ModelOpt's dequantization
-  of ModelOpt's packed codes and scales exactly.
+- runner.worker.weight_formats' NVFP4 decoder is independent: it must reproduce ModelOpt's
+  dequantization of ModelOpt's packed codes and scales exactly.
 - runner.worker.nvfp4_cpu routes ModelOpt's CPU fake quantization through NVFP4QTensor: its output
   must equal quantize-then-dequantize with the same global scale, and must now run where ModelOpt
   alone raises.
@@ -17,12 +17,18 @@ pytest.importorskip("modelopt")
 from modelopt.torch.quantization.qtensor import NVFP4QTensor  # noqa: E402
 
 from runner.worker.nvfp4_cpu import install_cpu_nvfp4, nvfp4_fake_quant  # noqa: E402
-from runner.worker.nvfp4_format import decode_nvfp4, unpack_e2m1  # noqa: E402
+from runner.worker.weight_formats import Layout, decode, unpack_e2m1  # noqa: E402
 
 
 def packed(weight):
     qtensor, scale, scale2 = NVFP4QTensor.quantize(weight, 16)
     return qtensor, scale, scale2
+
+
+def decode_nvfp4(weight, weight_scale, weight_scale_2):
+    """The registry's one NVFP4 decoder, on a layer of 16-weight blocks."""
+    layout = Layout("nvfp4", 16, weight.shape[1] * 2, weight.shape[0])
+    return decode(layout, {"weight": weight, "weight_scale": weight_scale, "weight_scale_2": weight_scale_2})
 
 
 def test_independent_decoder_matches_modelopt_dequantize():
@@ -44,7 +50,7 @@ def test_decoder_nibble_order_and_sign():
 
 def test_decoder_rejects_mismatched_scales():
     qtensor, scale, scale2 = packed(torch.randn(8, 32))
-    with pytest.raises(ValueError, match="weight_scale shape"):
+    with pytest.raises(ValueError, match="do not fit weight"):
         decode_nvfp4(qtensor._quantized_data, scale[:, :1], scale2)
 
 
@@ -93,7 +99,8 @@ def test_modelopt_nvfp4_forward_runs_on_cpu_with_the_fallback():
 
 
 def test_arithmetic_e2m1_rounding_matches_modelopt_buckets_at_every_midpoint():
-    from runner.worker.nvfp4_cpu import E2M1_BOUNDS, E2M1_VALUES, ODD_BOUNDS, round_e2m1
+    from runner.quantization.formats import E2M1_VALUES
+    from runner.worker.nvfp4_cpu import E2M1_BOUNDS, ODD_BOUNDS, round_e2m1
 
     grid = torch.cat([torch.linspace(-7, 7, 20001), torch.tensor(E2M1_BOUNDS), -torch.tensor(E2M1_BOUNDS)])
     magnitude = grid.abs()

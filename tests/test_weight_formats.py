@@ -22,6 +22,7 @@ pytest.importorskip("modelopt")
 
 from safetensors import safe_open  # noqa: E402
 
+from runner.quantization import formats  # noqa: E402
 from runner.worker.weight_formats import Layout, decode, identify  # noqa: E402
 
 LAYER = "model.layers.1.mlp.down_proj"
@@ -99,6 +100,12 @@ def test_decoder_reproduces_modelopt_dequantization(preset, quant_algo, name, tm
     assert str(quant["quant_algo"]).upper() == quant_algo
     layout = identify(LAYER, exported["meta"])
     assert isinstance(layout, Layout) and layout.name == name, layout
+    # The registry's entry tells what the export stores and which decoder reads it.
+    fmt = formats.by_quant_algo(quant_algo)
+    stored = set(exported["tensors"]) - {"weight"}
+    assert fmt is not None and fmt.stored_as == layout.family
+    assert exported["meta"][f"{LAYER}.weight"][0] == fmt.tensors.weight_dtype
+    assert set(fmt.tensors.required) <= stored <= {*fmt.tensors.required, *fmt.tensors.optional}, stored
     decoded = decode(layout, exported["tensors"])
     assert decoded.shape == source.shape
     if reference is not None:

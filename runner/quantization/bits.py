@@ -12,7 +12,8 @@ ModelOpt's auto_quantize counts differently (`modelopt/torch/quantization/algori
 `_verify_resolved_constraint` and `QuantRecipeHparam.get_cost`), and its `effective_bits`
 constraint is what it enforces, so feasibility is checked in ITS count (see MODELOPT_DEFINITION).
 
-Imports nothing but the standard library: the worker (torch side) and the host both use it.
+Imports nothing but the standard library and the format registry: the worker (torch side) and the host
+both use it.
 """
 
 from __future__ import annotations
@@ -20,26 +21,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from runner.quantization import formats
+
 DEFINITION = ("bits per Linear weight over all Linear weights (lm_head included, embeddings not), per-block "
               "scales included, global scales ignored, unquantized weights at their dtype's bits (16 for bf16)")
 MODELOPT_DEFINITION = ("auto_quantize counts them: every Linear and Conv weight (lm_head included, embeddings not), "
                        "disabled or excluded layers at 16 bits whatever their dtype, NVFP4 at 4.5, FP8 at 8")
 
-# Weight formats, named as ModelOpt's export names them (modelopt/torch/export/model_config.py,
-# QUANTIZATION_*): (bits a code, bits a block scale, weights a block by default). A block size other
-# than the default is written as a suffix: `nvfp4_b32` is NVFP4 with one scale per 32 weights.
-#   nvfp4 family: E2M1 code + E4M3 scale per 16 (4.5); mxfp4: E2M1 + E8M0 per 32 (4.25); mxfp8: E4M3 +
-#   E8M0 per 32 (8.25); int4_awq / w4a8_awq: INT4 + a 16-bit scale per 128 (4.125); fp8_pb_wo: E4M3 + an
-#   fp32 scale per 128x128 block (its suffix names the side); fp8, fp8_pc_pt, int8: per-tensor or
-#   per-row scales, negligible.
-# Per-tensor global scales (weight_scale_2, input_scale) are ignored.
-LAYOUTS: dict[str, tuple[int, int, int]] = {
-    "nvfp4": (4, 8, 16), "w4a16_nvfp4": (4, 8, 16), "nvfp4_awq": (4, 8, 16), "nvfp4_svdquant": (4, 8, 16),
-    "w4a8_nvfp4_fp8": (4, 8, 16), "mxfp4": (4, 8, 32), "w4a8_mxfp4_fp8": (4, 8, 32), "mxfp8": (8, 8, 32),
-    "int4_awq": (4, 16, 128), "w4a8_awq": (4, 16, 128), "fp8_pb_wo": (8, 32, 128),
-    "fp8": (8, 0, 1), "fp8_pc_pt": (8, 0, 1), "int8_sq": (8, 0, 1), "int8_wo": (8, 0, 1),
-}
-SQUARE_BLOCKS = ("fp8_pb_wo",)  # the block is N x N weights
+# Weight formats, named as ModelOpt's export names them (runner/quantization/formats.py): (bits a code,
+# bits a block scale, weights a block by default). A block size other than the default is written as a
+# suffix: `nvfp4_b32` is NVFP4 with one scale per 32 weights. Formats without block scales (fp8,
+# fp8_pc_pt, int8) have per-tensor or per-row scales, negligible; per-tensor global scales
+# (weight_scale_2, input_scale) are ignored.
+LAYOUTS: dict[str, tuple[int, int, int]] = {f.name: (f.code_bits, f.scale_bits, f.block) for f in formats.FORMATS}
+SQUARE_BLOCKS = tuple(f.name for f in formats.FORMATS if f.square_block)  # the block is N x N weights
 _BLOCK_SUFFIX = re.compile(r"^(.*)_b(\d+)$")
 
 
@@ -61,7 +56,7 @@ def split_format(fmt: str) -> tuple[str, int | None]:
 # Formats whose export packs whole blocks of a row (ModelOpt 0.47 export/quant_utils.py,
 # pack_int4_in_uint8): the input dimension must be a multiple of the block and the output dimension
 # even, else the worker stops in the export ("Cannot pack weight with input dimension 64 and block size 128").
-WHOLE_BLOCKS_ONLY = ("int4_awq", "w4a8_awq")
+WHOLE_BLOCKS_ONLY = tuple(f.name for f in formats.FORMATS if f.whole_blocks_only)
 
 
 def block_of(fmt: str) -> int | None:
@@ -95,8 +90,7 @@ DTYPE_BITS: dict[str, float] = {
 }
 
 # Logical weights per stored element when a format is exported packed (two 4-bit codes a byte).
-PACKED_FAMILIES = ("nvfp4", "w4a16_nvfp4", "nvfp4_awq", "nvfp4_svdquant", "w4a8_nvfp4_fp8", "mxfp4",
-                   "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq")
+PACKED_FAMILIES = tuple(f.name for f in formats.FORMATS if f.packed)
 
 
 def bits_of(fmt: str) -> float:

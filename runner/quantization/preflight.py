@@ -24,6 +24,7 @@ from typing import Any
 
 from runner.quantization import Unknown, footprint
 from runner.quantization.bits import WHOLE_BLOCKS_ONLY, base_format, block_of
+from runner.quantization.formats import quant_algo_of
 from runner.quantization.modelopt_config import QuantConfig, preset_config, quantizer_cfg, recipe_config
 from runner.quantization.weights import Weights, load_weights
 
@@ -74,13 +75,6 @@ def needs_cuda(config: QuantConfig) -> str | None:
 # Calibration algorithms whose ModelOpt 0.47 implementation needs CUDA (measured with
 # bench/modelopt_recipes_cpu.py on a CPU-only machine).
 CUDA_ONLY_ALGORITHMS: set[str] = set()
-
-
-# Our format names (runner/quantization/bits.py) -> the quant_algo ModelOpt's exporter writes for them.
-EXPORT_ALGO = {"nvfp4": "NVFP4", "w4a16_nvfp4": "W4A16_NVFP4", "nvfp4_awq": "NVFP4_AWQ", "fp8": "FP8",
-               "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN", "fp8_pb_wo": "FP8_PB_WO", "mxfp8": "MXFP8", "mxfp4": "MXFP4",
-               "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "w4a8_nvfp4_fp8": "W4A8_NVFP4_FP8",
-               "w4a8_mxfp4_fp8": "W4A8_MXFP4_FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int8_wo": "INT8_WO"}
 
 
 def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, gpus: int | None = None,
@@ -153,7 +147,7 @@ def _layer_refusal(weights: Weights, config: QuantConfig, what: str, exclude: li
         if engine == "vllm":
             from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 
-            algos = {EXPORT_ALGO.get(base_format(f), f.upper()) for f in formats.values()}
+            algos = {quant_algo_of(base_format(f)) for f in formats.values()}
             refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
             weight_only_fp8 = _weight_only_fp8(weights, config, exclude, formats)
             if weight_only_fp8 and not refused:

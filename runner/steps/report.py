@@ -27,6 +27,7 @@ from runner.benchmark.gates import recovery, speed_reliability
 from runner.benchmark.presentation import first_line, recovery_markdown
 from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
+from runner.quantization import formats
 from runner.quantization.bits import base_format
 from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 from runner.recipe.loader import dump_yaml
@@ -42,33 +43,14 @@ PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_le
 
 
 # An export's quant_algo (hf_quant_config.json) in words: the name in titles and repo names, its Hub
-# tags, and what the checkpoint stores.
+# tags, and what the checkpoint stores (runner/quantization/formats.py, each format's `card`).
 EXPORT_FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "NVFP4": ("NVFP4", ("nvfp4",), "NVFP4 weights and activations (W4A4): 4-bit E2M1 values with an FP8 scale "
-              "per 16 values and one FP32 scale per tensor; activations are quantized the same way at run time"),
-    "NVFP4_AWQ": ("NVFP4-AWQ", ("nvfp4", "awq"), "NVFP4 W4A4 with AWQ's per-channel pre-quantization scales kept "
-                  "in the checkpoint (pre_quant_scale), for engines that apply them"),
-    "W4A16_NVFP4": ("NVFP4-W4A16", ("nvfp4", "w4a16"), "NVFP4 weights (4-bit E2M1, an FP8 scale per 16 values) "
-                    "with 16-bit activations: weight-only quantization"),
-    "FP8": ("FP8", ("fp8",), "FP8 (E4M3) weights and activations with one scale per tensor"),
-    "FP8_PER_CHANNEL_PER_TOKEN": ("FP8-Dynamic", ("fp8",), "FP8 (E4M3) weights with a scale per output channel; "
-                                  "activations quantized per token at run time"),
-    "FP8_PB_WO": ("FP8-Block", ("fp8",), "FP8 (E4M3) weights with a scale per 128x128 block; 16-bit activations"),
-    "MXFP8": ("MXFP8", ("mxfp8",), "MXFP8: E4M3 values with a power-of-two (E8M0) scale per 32 values"),
-    "MXFP4": ("MXFP4", ("mxfp4",), "MXFP4: E2M1 values with a power-of-two (E8M0) scale per 32 values"),
-    "W4A16_AWQ": ("INT4-AWQ", ("int4", "awq", "w4a16"), "INT4 weights with a 16-bit scale per block (AWQ), 16-bit "
-                  "activations"),
-    "W4A8_AWQ": ("W4A8-AWQ", ("int4", "awq", "w4a8"), "INT4 weights (AWQ, scale per block) with FP8 activations"),
-    "W8A8_SQ_PER_CHANNEL": ("INT8-SmoothQuant", ("int8",), "INT8 weights and activations after SmoothQuant"),
-}
-FORMAT_TAGS = {"nvfp4", "fp8", "mxfp8", "mxfp4", "int4", "int8", "awq", "w4a16", "w4a8", "fp4"}
+    algo: (card.name, card.tags, card.description) for algo, card in formats.card_words().items()}
+FORMAT_TAGS = formats.format_tags()
 # Words in a repository name that claim a format.
-_FORMAT_WORDS = {"NVFP4", "FP8", "MXFP8", "MXFP4", "INT4", "INT8", "AWQ", "W4A16", "W4A8", "FP4", "MIXED", "BLOCK",
-                 "DYNAMIC", "SMOOTHQUANT"}
+_FORMAT_WORDS = formats.name_words()
 # Layer formats (the quantize record's names) in titles and tags, for mixed-precision exports.
-_LAYER_FORMAT_WORDS = {"nvfp4": "NVFP4", "w4a16_nvfp4": "NVFP4", "nvfp4_awq": "NVFP4", "fp8": "FP8",
-                       "fp8_pc_pt": "FP8", "fp8_pb_wo": "FP8", "mxfp8": "MXFP8", "mxfp4": "MXFP4", "int4_awq": "INT4",
-                       "w4a8_awq": "INT4", "int8_sq": "INT8", "int8_wo": "INT8"}
+_LAYER_FORMAT_WORDS = formats.layer_words()
 
 
 def export_format(quant_algo: str | None, layer_formats: dict[str, int] | None) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from runner.quantization.formats import E2M1_VALUES
+
 CHECKED_MODELOPT = "0.47."
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -25,7 +27,6 @@ _installed = False
 # E2M1 rounding as ModelOpt does it (NVFP4QTensor._cast_fp4): bucket by midpoints, and a value on
 # an odd midpoint (0.75, 1.75, 3.5) goes up, to the even code.
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 ODD_BOUNDS = (0.75, 1.75, 3.5)
 
 

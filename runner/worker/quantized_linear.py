@@ -24,9 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.quantization import formats
 from runner.worker.nvfp4_cpu import E2M1_MAX, E4M3_MAX, nvfp4_fake_quant
 
 FP8_MAX = 448.0
+
+
+# The activation quantizations emulated here (formats.Activation), each in words; importing this module
+# fails when a format's activation (runner/quantization/formats.py) has none. `nvfp4` and `fp8` take
+# the exported input_scale; a layer without one computes with its input as it comes.
+EMULATIONS = {"nvfp4": "NVFP4 activations (dynamic E4M3 scale per 16, exported input_scale as global scale)",
+              "fp8": "FP8 activations (static, exported input_scale)",
+              "fp8_per_token": "FP8 activations (dynamic, per token)"}
+STATIC = ("nvfp4", "fp8")  # scaled by the exported input_scale
+formats.check_registered("activation emulations", formats.activations(), EMULATIONS)
 
 
 @dataclass(frozen=True)
@@ -38,20 +49,17 @@ class ActivationQuant:
     scale: float | None = None
 
     def describe(self) -> str:
-        return {"nvfp4": "NVFP4 activations (dynamic E4M3 scale per 16, exported input_scale as global scale)",
-                "fp8": "FP8 activations (static, exported input_scale)",
-                "fp8_per_token": "FP8 activations (dynamic, per token)"}[self.kind]
+        return EMULATIONS[self.kind]
 
 
 def activation_quant(family: str, has_input_scale: bool, input_scale: float | None) -> ActivationQuant | None:
-    """The input quantization of a layer whose weight layout is `family` (weight_formats.Layout.family)."""
-    if family == "nvfp4" and has_input_scale:
-        return ActivationQuant("nvfp4", 16, input_scale)
-    if family in ("fp8", "w4a8_awq") and has_input_scale:
-        return ActivationQuant("fp8", scale=input_scale)
-    if family == "fp8_pc_pt":
-        return ActivationQuant("fp8_per_token")
-    return None
+    """The input quantization of a layer whose weight layout is `family` (weight_formats.Layout.family):
+    its format's `activation` in runner/quantization/formats.py."""
+    fmt = formats.by_name(family)
+    kind = fmt.activation if fmt else None
+    if kind is None or (kind in STATIC and not has_input_scale):
+        return None
+    return ActivationQuant(kind, scale=input_scale if kind in STATIC else None)
 
 
 def quantize_input(x: torch.Tensor, quant: ActivationQuant, amax: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,21 +22,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.quantization import formats
 from runner.quantization.bits import DTYPE_BITS, bits_of
 from runner.quantization.exclusions import names_module
 from runner.quantization.export_formats import LOCAL_QUANT_ALGOS, VLLM_QUANT_ALGOS
 from runner.quantization.weights import is_embedding
-from runner.worker.weight_formats import MAX_RELATIVE_ERROR, Layout, decode, identify
+from runner.worker.weight_formats import Layout, decode, identify
 
-NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")
-MIXED_REQUIRED_KEYS = ("quant_algo", "kv_cache_quant_algo", "quantized_layers")
-# The tensors each per-layer format stores next to its weight (dtype of the weight, scale names).
-LAYER_TENSORS = {"NVFP4": ("U8", ("weight_scale", "weight_scale_2", "input_scale")),
-                 "W4A16_NVFP4": ("U8", ("weight_scale", "weight_scale_2")),
-                 "FP8": ("F8_E4M3", ("weight_scale", "input_scale")),
-                 "FP8_PER_CHANNEL_PER_TOKEN": ("F8_E4M3", ("weight_scale",)),
-                 "FP8_PB_WO": ("F8_E4M3", ("weight_scale",)),
-                 "MXFP8": ("F8_E4M3", ("weight_scale",))}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 SAMPLED_LAYERS = 8
 
@@ -110,8 +102,9 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
         quant = json.loads(quant_config_path.read_text(encoding="utf-8")).get("quantization", {})
     algo = str(quant.get("quant_algo") or "").upper() or None  # vLLM compares case-insensitively
     if quant_config_path.is_file():
-        needed = (MIXED_REQUIRED_KEYS if algo == "MIXED_PRECISION" else
-                  NVFP4_REQUIRED_KEYS if algo and "NVFP4" in algo else ("quant_algo", "exclude_modules"))
+        fmt = formats.by_quant_algo(algo)
+        needed = (formats.MIXED_CONFIG_KEYS if algo == formats.MIXED_PRECISION else
+                  fmt.config_keys if fmt else formats.PLAIN_CONFIG_KEYS)
         missing = [k for k in needed if k not in quant]
         report.add("hf_quant_config", not missing,
                    f"quant_algo {algo}" + (f"; missing keys {', '.join(missing)}" if missing else ", keys vLLM needs"))
@@ -141,7 +134,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                + ("; not checked (a layout the decoders here do not know): "
                   + "; ".join(f"{m}: {w}" for m, w in list(unknown.items())[:3]) if unknown else ""))
     excluded_entries = list(quant.get("exclude_modules") or [])
-    per_layer = quant.get("quantized_layers") if algo == "MIXED_PRECISION" else None
+    per_layer = quant.get("quantized_layers") if algo == formats.MIXED_PRECISION else None
 
     def covered(module: str) -> bool:
         if isinstance(per_layer, dict):  # mixed precision lists what IS quantized
@@ -257,17 +250,17 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
                        meta: dict[str, Any], engine: str) -> None:
     """MIXED_PRECISION: each listed layer holds its format's tensors, and every other Linear is unquantized."""
     problems = []
-    formats: dict[str, int] = {}
+    algo_counts: dict[str, int] = {}
     for layer, config in per_layer.items():
         layer_algo = str((config or {}).get("quant_algo") or "").upper()
-        formats[layer_algo] = formats.get(layer_algo, 0) + 1
-        expected = LAYER_TENSORS.get(layer_algo)
+        algo_counts[layer_algo] = algo_counts.get(layer_algo, 0) + 1
+        expected = formats.by_quant_algo(layer_algo)
         if engine == "vllm" and layer_algo not in VLLM_QUANT_ALGOS:
             problems.append(f"{layer}: {layer_algo} is not loadable by vLLM")
         if layer not in weights:
             problems.append(f"{layer}: listed in quantized_layers but has no weight tensor")
         elif expected is not None:
-            dtype, scales = expected
+            dtype, scales = expected.tensors.weight_dtype, expected.tensors.required
             # Activation scales matter to an engine that quantizes activations (vLLM); the local engine
             # serves weights dequantized.
             scales = tuple(s for s in scales if s != "input_scale" or engine == "vllm")
@@ -280,7 +273,7 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
     problems += [f"{m}: stored quantized but not listed in quantized_layers" for m in stray]
     report.add("mixed_layers", not problems,
                "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "") if problems
-               else f"{len(per_layer)} listed layers ({', '.join(f'{n} {k}' for k, n in sorted(formats.items()))}) "
+               else f"{len(per_layer)} listed layers ({', '.join(f'{n} {k}' for k, n in sorted(algo_counts.items()))}) "
                     "hold their format's tensors; every other Linear is unquantized")
 
 
@@ -334,7 +327,7 @@ def decode_against_source(known: dict[str, Layout], where: dict[str, Path], mode
             # SVDQuant keeps a low-rank part in high precision: W ~ decode(codes) + B @ A.
             decoded = decoded + load_tensor(where, lora_b).float() @ load_tensor(where, lora_a).float()
         original = load_tensor(source_where, source_key).float()
-        limits[module] = MAX_RELATIVE_ERROR[layout.family]
+        limits[module] = _max_relative_error(layout)
         if original.shape != decoded.shape:
             errors[module] = float("inf")
             continue
@@ -342,6 +335,14 @@ def decode_against_source(known: dict[str, Layout], where: dict[str, Path], mode
             original = fit_channel_scales(original, decoded)
         errors[module] = round(float(torch.linalg.norm(decoded - original) / torch.linalg.norm(original)), 5)
     return errors, limits
+
+
+def _max_relative_error(layout: Layout) -> float:
+    """The decode tolerance of a layout's format (runner/quantization/formats.py)."""
+    fmt = formats.by_name(layout.family)
+    if fmt is None or fmt.max_relative_error is None:
+        raise ValueError(f"{layout.family} is no stored layout of runner/quantization/formats.py")
+    return fmt.max_relative_error
 
 
 def fit_channel_scales(original: Any, decoded: Any, rounds: int = 4) -> Any:

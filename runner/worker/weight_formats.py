@@ -12,15 +12,19 @@ definitions (not from ModelOpt), and the rule that tells a layer's format from i
   that to FP8 in units of weight_scale_2 (its kernel's FP8 GEMM), as ModelOpt's second stage does.
 
 AWQ's pre_quant_scale (when kept) multiplies the layer's input; it is not part of the weight.
+
+One decoder per stored layout of runner/quantization/formats.py (a format's `stored_as`), registered
+in DECODERS; importing this module fails when a layout has none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runner.quantization import formats
 from runner.quantization.bits import format_name
-from runner.worker.nvfp4_format import unpack_e2m1
 
 E8M0_BIAS = 127
 FLOATS = ("F32", "F16", "BF16")
@@ -30,7 +34,7 @@ FLOATS = ("F32", "F16", "BF16")
 class Layout:
     """What a quantized layer's tensors say about it."""
 
-    family: str  # nvfp4 | mxfp4 | mxfp8 | fp8 | fp8_pc_pt | fp8_pb_wo | int4_awq | w4a8_awq
+    family: str  # its stored layout (formats.layouts(): nvfp4 | mxfp4 | mxfp8 | fp8 | fp8_pc_pt | ...)
     block: int | None  # weights a scale covers along the input (B of B x B for fp8_pb_wo)
     in_features: int
     out_features: int
@@ -79,39 +83,94 @@ def identify(module: str, meta: dict[str, tuple[str, tuple[int, ...]]]) -> Layou
 
 def decode(layout: Layout, tensors: dict[str, Any]) -> Any:
     """The float32 weight [out, in] of one exported layer; `tensors` holds weight, weight_scale and,
-    for NVFP4, weight_scale_2 (suffixes only)."""
+    for NVFP4 and W4A8 AWQ, weight_scale_2 (suffixes only)."""
+    decoder = DECODERS.get(layout.family)
+    if decoder is None:
+        raise ValueError(f"no decoder for {layout.family}")
+    return decoder(layout, tensors)
+
+
+def unpack_e2m1(packed: Any) -> Any:
+    """uint8 [out, in/2] -> float32 [out, in] E2M1 values (before scaling): low nibble first, bit 3 the sign."""
     import torch
 
-    weight, scale = tensors["weight"], tensors["weight_scale"]
+    magnitudes = torch.tensor(formats.E2M1_VALUES, dtype=torch.float32)
+    table = torch.cat([magnitudes, -magnitudes])
+    low = (packed & 0x0F).long()
+    high = (packed >> 4).long()
+    codes = torch.stack([low, high], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+    return table[codes]
+
+
+def _nvfp4(layout: Layout, tensors: dict[str, Any]) -> Any:
+    """E2M1 codes x E4M3 block scales x the FP32 weight_scale_2."""
+    import torch
+
+    scales = tensors["weight_scale"].to(torch.float32) * tensors["weight_scale_2"].to(torch.float32)
+    return _per_block(unpack_e2m1(tensors["weight"]), scales, layout.block)
+
+
+def _mxfp4(layout: Layout, tensors: dict[str, Any]) -> Any:
+    return _per_block(unpack_e2m1(tensors["weight"]), _e8m0(tensors["weight_scale"]), layout.block)
+
+
+def _mxfp8(layout: Layout, tensors: dict[str, Any]) -> Any:
+    import torch
+
+    return _per_block(tensors["weight"].to(torch.float32), _e8m0(tensors["weight_scale"]), layout.block)
+
+
+def _fp8(layout: Layout, tensors: dict[str, Any]) -> Any:
+    import torch
+
+    return tensors["weight"].to(torch.float32) * tensors["weight_scale"].to(torch.float32).reshape(())
+
+
+def _fp8_pc_pt(layout: Layout, tensors: dict[str, Any]) -> Any:
+    import torch
+
+    scale = tensors["weight_scale"].to(torch.float32).reshape(layout.out_features, 1)
+    return tensors["weight"].to(torch.float32) * scale
+
+
+def _fp8_pb_wo(layout: Layout, tensors: dict[str, Any]) -> Any:
+    import torch
+
     out, inn, block = layout.out_features, layout.in_features, layout.block
-    if layout.family == "nvfp4":
-        values = unpack_e2m1(weight)
-        scales = scale.to(torch.float32) * tensors["weight_scale_2"].to(torch.float32)
-        return _per_block(values, scales, block)
-    if layout.family == "mxfp4":
-        return _per_block(unpack_e2m1(weight), _e8m0(scale), block)
-    if layout.family == "mxfp8":
-        return _per_block(weight.to(torch.float32), _e8m0(scale), block)
-    if layout.family == "fp8":
-        return weight.to(torch.float32) * scale.to(torch.float32).reshape(())
-    if layout.family == "fp8_pc_pt":
-        return weight.to(torch.float32) * scale.to(torch.float32).reshape(out, 1)
-    if layout.family == "fp8_pb_wo":
-        assert block is not None
-        blocks = scale.to(torch.float32).reshape(out // block, 1, inn // block, 1)
-        return (weight.to(torch.float32).reshape(out // block, block, inn // block, block) * blocks).reshape(out, inn)
-    if layout.family in ("int4_awq", "w4a8_awq"):
-        low = (weight & 0x0F).to(torch.int16)
-        high = (weight >> 4).to(torch.int16)
-        codes = torch.stack([low, high], dim=1).reshape(out, inn)
-        codes = torch.where(codes >= 8, codes - 16, codes).to(torch.float32)
-        weight = _per_block(codes, scale.to(torch.float32), block)
-        if layout.family == "w4a8_awq":
-            # The kernel turns the INT4 weight into FP8 in units of weight_scale_2 before its FP8 GEMM.
-            step = tensors["weight_scale_2"].to(torch.float32)
-            weight = (weight / step).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * step
-        return weight
-    raise ValueError(f"no decoder for {layout.family}")
+    assert block is not None
+    blocks = tensors["weight_scale"].to(torch.float32).reshape(out // block, 1, inn // block, 1)
+    weight = tensors["weight"].to(torch.float32).reshape(out // block, block, inn // block, block)
+    return (weight * blocks).reshape(out, inn)
+
+
+def _int4_awq(layout: Layout, tensors: dict[str, Any]) -> Any:
+    """Signed 4-bit codes, rows 2r (low nibble) and 2r+1 (high) a byte, x a scale per block."""
+    import torch
+
+    weight = tensors["weight"]
+    low = (weight & 0x0F).to(torch.int16)
+    high = (weight >> 4).to(torch.int16)
+    codes = torch.stack([low, high], dim=1).reshape(layout.out_features, layout.in_features)
+    codes = torch.where(codes >= 8, codes - 16, codes).to(torch.float32)
+    return _per_block(codes, tensors["weight_scale"].to(torch.float32), layout.block)
+
+
+def _w4a8_awq(layout: Layout, tensors: dict[str, Any]) -> Any:
+    """INT4 AWQ, then rounded to FP8 in units of weight_scale_2: the kernel turns the INT4 weight into
+    FP8 before its FP8 GEMM."""
+    import torch
+
+    step = tensors["weight_scale_2"].to(torch.float32)
+    weight = _int4_awq(layout, tensors)
+    return (weight / step).clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32) * step
+
+
+# One decoder per stored layout (formats.layouts()).
+DECODERS: dict[str, Callable[[Layout, dict[str, Any]], Any]] = {
+    "nvfp4": _nvfp4, "mxfp4": _mxfp4, "mxfp8": _mxfp8, "fp8": _fp8, "fp8_pc_pt": _fp8_pc_pt,
+    "fp8_pb_wo": _fp8_pb_wo, "int4_awq": _int4_awq, "w4a8_awq": _w4a8_awq,
+}
+formats.check_registered("weight decoders", formats.layouts(), DECODERS)
 
 
 def _per_block(values: Any, scales: Any, block: int | None) -> Any:
@@ -126,9 +185,3 @@ def _e8m0(exponents: Any) -> Any:
     import torch
 
     return torch.exp2(exponents.to(torch.float32) - E8M0_BIAS)
-
-
-# A layout's codes are 4 bits (an error of ~0.1 of the weight's norm is normal) or 8 bits (~0.03); a
-# decoding or layout mistake (nibble order, scale placement, a wrong axis) gives ~1 or more.
-MAX_RELATIVE_ERROR = {"nvfp4": 0.25, "mxfp4": 0.35, "int4_awq": 0.25, "w4a8_awq": 0.25, "mxfp8": 0.1, "fp8": 0.1,
-                      "fp8_pc_pt": 0.1, "fp8_pb_wo": 0.1}
