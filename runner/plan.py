@@ -52,9 +52,11 @@ class Plan:
     recipe: Recipe
     steps: dict[str, Step]  # in topological order
     keys: dict[str, str] = field(default_factory=dict)
-    # With --strategy: the benchmark steps of the recipe's other enabled strategies ({id: key in the full
-    # plan}). They do not run here, but their current results still compete at gates (with_rivals).
+    # With --strategy: the steps of the recipe's other enabled strategies that gates, report and publish
+    # read ({id: key in the full plan}), and those three steps' deps in the full plan. They do not run
+    # here, but their current results still compete at gates and reach the card (with_rivals).
     rivals: dict[str, str] = field(default_factory=dict)
+    full_deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def dependents(self, step_id: str) -> set[str]:
         """Every step that depends on `step_id`, directly or not."""
@@ -149,7 +151,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         after_baseline = (ids.BASELINE_BENCHMARK,) if bench.baseline is not None and any(
             g.relative_to == "baseline" for g in looked_gates) else ()
         steps.append(Step(ids.benchmark(s), "benchmark",
-                          (ids.serve(s), ids.export(s), ids.quantize(s), *((ids.SOURCE,) if paired else ()),
+                          (ids.serve(s), ids.export(s), ids.quantize(s), ids.verify(s),
+                           *((ids.SOURCE,) if paired else ()),
                            *after_baseline, *eval_split),
                           BenchmarkInput(**bench_inputs, paired_baseline=paired, sequential_gates=looked_gates),
                           s))
@@ -166,8 +169,11 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         gates=recipe.gates, selection=recipe.selection,
         baseline_name=bench.baseline.name if bench.baseline else None,
         negative_controls=[s.name for s in recipe.quantization.strategies if s.negative_control])))
-    steps.append(Step(ids.REPORT, "report", (ids.GATES,), ReportInput(recipe=recipe)))
-    steps.append(Step(ids.PUBLISH, "publish", (ids.REPORT,), PublishInput(recipe=recipe)))
+    # The card documents the whole run: report reads every step before it (ctx.input, never sideways).
+    steps.append(Step(ids.REPORT, "report", tuple(step.id for step in steps), ReportInput(recipe=recipe)))
+    # Publish uploads the selected export with the card: gates names it, report wrote the card.
+    steps.append(Step(ids.PUBLISH, "publish", (ids.GATES, ids.REPORT, *(ids.export(s.name) for s in chosen)),
+                      PublishInput(recipe=recipe)))
 
     kinds = step_kinds()
     steps = [step if step.heavy is not None else replace(step, heavy=kinds[step.kind].gpu) for step in steps]
@@ -177,25 +183,35 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         plan.keys[sid] = step_key(step, [plan.keys[d] for d in step.deps])
     if strategies:
         full = build_plan(recipe)
-        plan.rivals = {d: full.keys[d] for d in full.steps[ids.GATES].deps if d not in plan.steps}
+        plan.full_deps = {sid: full.steps[sid].deps for sid in JUDGING}
+        plan.rivals = {d: full.keys[d] for sid in JUDGING for d in full.steps[sid].deps if d not in plan.steps}
     return plan
 
 
+# The steps over every strategy, which with --strategy still read the other strategies' current results.
+JUDGING = (ids.GATES, ids.REPORT, ids.PUBLISH)
+
+
 def with_rivals(plan: Plan, is_complete: Callable[[str, str], bool]) -> Plan:
-    """The plan whose gates step judges, besides the strategies it runs, every other enabled strategy of
-    the recipe with a current benchmark (`is_complete(step id, key)`), and names the ones without one
-    (GatesInput.not_benchmarked): `--strategy` limits what runs, not what competes. Those benchmarks are
-    deps of gates but no steps of the plan (their keys are in `keys`); once every strategy is current,
-    gates has the full plan's deps, input and key, so the full plan finds its result current."""
+    """The plan whose gates, report and publish steps read, besides the strategies it runs, every other
+    enabled strategy of the recipe with current results (`is_complete(step id, key)`), and whose gates
+    names the ones without a current benchmark (GatesInput.not_benchmarked): `--strategy` limits what runs,
+    not what competes. Those steps are deps but no steps of the plan (their keys are in `keys`); once
+    every strategy is current, each of the three has the full plan's deps, input and key, so the full plan
+    finds its results current."""
     if not plan.rivals or ids.GATES not in plan.steps:
         return plan
     current = {sid: key for sid, key in plan.rivals.items() if is_complete(sid, key)}
-    order = {ids.benchmark(s.name): i for i, s in enumerate(plan.recipe.quantization.strategies)}
-    gates = plan.steps[ids.GATES]
-    gates = replace(gates, deps=tuple(sorted((*gates.deps, *current), key=lambda d: order.get(d, len(order)))),
-                    inputs=gates.inputs.model_copy(update={"not_benchmarked": [
-                        ids.strategy_of(sid) for sid in plan.rivals if sid not in current]}))
-    judged = Plan(plan.recipe, {sid: gates if sid == ids.GATES else step for sid, step in plan.steps.items()},
+    reading = {}
+    for sid in JUDGING:
+        if sid in plan.steps:
+            step = plan.steps[sid]
+            reading[sid] = replace(step, deps=tuple(d for d in plan.full_deps[sid] if d in plan.steps or d in current))
+    gates = reading[ids.GATES]
+    reading[ids.GATES] = replace(gates, inputs=gates.inputs.model_copy(update={"not_benchmarked": [
+        ids.strategy_of(sid) for sid in plan.rivals
+        if sid in plan.full_deps[ids.GATES] and sid not in current]}))
+    judged = Plan(plan.recipe, {sid: reading.get(sid, step) for sid, step in plan.steps.items()},
                   {**plan.keys, **current})
     after = plan.dependents(ids.GATES)
     for sid, step in judged.steps.items():

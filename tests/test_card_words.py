@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from runner.steps.report import export_format, repo_name_mismatch, scrub_paths
+from runner.quantization.export_words import export_format, repo_name_mismatch
+from runner.steps.report import scrub_paths
 
 
 def test_title_words_and_tags_follow_the_export_format():

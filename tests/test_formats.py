@@ -50,7 +50,7 @@ def test_registry_is_torch_free_and_imports_no_recipe_or_benchmark():
 
 
 def test_card_tables_derive_from_the_registry():
-    from runner.steps import report
+    from runner.quantization import export_words as report
 
     assert set(report.EXPORT_FORMATS) == {f.quant_algo for f in formats.FORMATS if f.card}
     assert report.export_format("w4a16_nvfp4", None)["name"] == "NVFP4-W4A16"

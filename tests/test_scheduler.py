@@ -86,9 +86,12 @@ def test_plan_has_one_branch_per_strategy(write, tmp_path):
     assert list(plan.steps)[:2] == ["source", "calibrate"]
     for s in ("max", "b", "c"):
         assert plan.steps[f"quantize.{s}"].deps == ("source", "calibrate")
-        # quantize too: the kl metrics are its fidelity to the source
-        assert plan.steps[f"benchmark.{s}"].deps == (f"serve.{s}", f"export.{s}", f"quantize.{s}")
+        # quantize too: the kl metrics are its fidelity to the source; verify: the format it read
+        assert plan.steps[f"benchmark.{s}"].deps == (f"serve.{s}", f"export.{s}", f"quantize.{s}", f"verify.{s}")
     assert plan.steps["gates"].deps == ("benchmark.max", "benchmark.b", "benchmark.c")
+    # report reads every step before it, publish the selected export and the card
+    assert set(plan.steps["report"].deps) == set(plan.steps) - {"report", "publish"}
+    assert plan.steps["publish"].deps == ("gates", "report", "export.max", "export.b", "export.c")
     assert list(plan.steps)[-3:] == ["gates", "report", "publish"]
     only_b, _ = make(write, tmp_path, strategies=["b"])
     assert [s for s in only_b.steps if s.startswith("quantize")] == ["quantize.b"]
@@ -251,7 +254,10 @@ def test_a_failed_branch_stops_only_itself_and_gates_judges_the_rest(write, tmp_
     assert table.rstrip("\n").splitlines()[-1] == f"`b` failed at quantize.b: {error}"
     # Its key says that b was left out, so the result is not current for the full plan.
     assert gates["key"] != plan.keys["gates"] and not run_dir.is_complete("gates", plan.keys["gates"])
-    assert run_dir.record("report")["deps"] == {"gates": gates["key"]}
+    # report reads what exists: every step but the failed branch's, gates with its reduced key
+    report_deps = run_dir.record("report")["deps"]
+    assert report_deps["gates"] == gates["key"] and not set(report_deps) & set(BRANCH_B)
+    assert set(run_dir.record("publish")["deps"]) == {"gates", "report", "export.max"}
     status = json.loads((run_dir.root / "run.json").read_text())
     assert status["status"] == "failed" and status["steps"]["benchmark.b"]["blocked_by"] == "quantize.b"
     assert status["steps"]["gates"]["key"] == gates["key"]

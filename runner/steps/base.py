@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runner.run_dir import RunDir
 
@@ -44,6 +44,15 @@ class StepResult:
     versions: dict[str, str] = field(default_factory=dict)
 
 
+class RunView(Protocol):
+    """What of a run a document is written from: committed records and outputs by step id. A step's
+    context shows only its dependencies; a RunDir shows everything (for `recipe card`)."""
+
+    def record(self, step_id: str) -> dict[str, Any] | None: ...
+
+    def output(self, step_id: str, name: str) -> Path: ...
+
+
 @dataclass
 class StepContext:
     step: Step
@@ -73,6 +82,16 @@ class StepContext:
         if step_id not in self.step.deps:
             raise KeyError(f"{self.step.id} does not depend on {step_id}")
         return self.run_dir.record(step_id) or {}
+
+    # The RunView of the step's dependencies: report reads the run through this, `recipe card` through
+    # the RunDir itself.
+    def record(self, step_id: str) -> dict[str, Any] | None:
+        if step_id not in self.step.deps:
+            raise KeyError(f"{self.step.id} does not depend on {step_id}")
+        return self.run_dir.record(step_id)
+
+    def output(self, step_id: str, name: str) -> Path:
+        return self.input(step_id, name)
 
 
 @dataclass(frozen=True)

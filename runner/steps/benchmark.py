@@ -90,6 +90,8 @@ async def run(ctx: StepContext) -> StepResult:
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}
     results["kl"] = fidelity_to_source(ctx)
     if ctx.step.strategy is not None:
+        results["export"] = export_facts(ctx)
+    if ctx.step.strategy is not None:
         serve_record = ctx.input_record(ids.serve(ctx.strategy))
         prediction = serve_record.get("summary", {}).get("prediction")
         if prediction:
@@ -138,6 +140,15 @@ def fidelity_to_source(ctx: StepContext) -> dict[str, Any] | None:
     return {"kl": fidelity["kl"], "top1_agreement": fidelity.get("top1_agreement"), "tokens": fidelity.get("tokens"),
             "kl_interval": fidelity.get("kl_interval"), "top1_interval": fidelity.get("top1_interval"),
             "conversations": fidelity.get("conversations"), "measured_on": fidelity.get("measured_on")}
+
+
+def export_facts(ctx: StepContext) -> dict[str, Any]:
+    """What the candidate is, from the records of what ran: its export step, the quant_algo verify read,
+    the layer formats and exclusions the quantize worker applied. Gates names the selected one from it."""
+    quantize = ctx.input_record(ids.quantize(ctx.strategy)).get("summary", {})
+    verify = ctx.input_record(ids.verify(ctx.strategy)).get("summary", {})
+    return {"step": ids.export(ctx.strategy), "quant_algo": verify.get("quant_algo"),
+            "layer_formats": quantize.get("formats"), "exclude": quantize.get("exclude")}
 
 
 def combined_hash(suites: dict[str, dict[str, Any]]) -> str:

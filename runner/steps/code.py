@@ -29,7 +29,8 @@ FRAMEWORK = frozenset({
 
 # What only lays results out. A kind whose output they make lists them in its own StepKind.modules.
 PRESENTATION = frozenset({
-    "benchmark/presentation.py",
+    "benchmark/presentation.py",  # the gate tables and plots
+    "quantization/export_words.py",  # a format's name, tags and description on the card
 })
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 from runner.benchmark.gates import evaluate, select
 from runner.benchmark.presentation import comparison_markdown, plot_gates, plot_ttft_curve
+from runner.quantization.export_words import export_format
 from runner.run_dir import write_json_atomic
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
@@ -27,6 +29,16 @@ def failed_branches(ctx: StepContext) -> dict[str, dict[str, str]]:
             error = json.loads(path.read_text(encoding="utf-8")).get("error") or error
         failed[strategy] = {"step": sid, "error": error}
     return failed
+
+
+def selected_export(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The selection record's export: the step and output that hold the checkpoint publish uploads, and
+    its format in words (named here once; the card's title and the repository-name check read it)."""
+    export = result.get("export")
+    if not export:
+        return None
+    return {"step": export["step"], "output": "checkpoint",
+            "format": export_format(export.get("quant_algo"), export.get("layer_formats"))}
 
 
 async def run(ctx: StepContext) -> StepResult:
@@ -52,6 +64,7 @@ async def run(ctx: StepContext) -> StepResult:
     verdicts = {s: evaluate(inputs.gates, r, baseline) for s, r in results.items()}
     selection = select(verdicts, results, inputs.selection.prefer, inputs.selection.accept_unproven,
                        inputs.negative_controls)
+    selection["export"] = selected_export(results[selection["best"]]) if selection["best"] else None
     baseline_name = inputs.baseline_name
     table = comparison_markdown(verdicts, baseline_name, baseline, selection, failed, absent)
     (ctx.scratch / "comparison.md").write_text(table, encoding="utf-8")
@@ -77,4 +90,5 @@ async def run(ctx: StepContext) -> StepResult:
                                "candidates": candidates, "not_benchmarked": absent})
 
 
-KIND = StepKind("gates", run, input=GatesInput, modules=("steps/gates.py", "benchmark/presentation.py"))
+KIND = StepKind("gates", run, input=GatesInput,
+                modules=("steps/gates.py", "benchmark/presentation.py", "quantization/export_words.py"))

@@ -131,7 +131,9 @@ NOT_BENCHMARKED = "not benchmarked in this run"  # why GatesInput.not_benchmarke
 
 class ReportInput(StepInput):
     recipe: Recipe
+    failed_branches: dict[str, str] = Field(default_factory=dict)  # as GatesInput's: set by the scheduler
 
 
 class PublishInput(StepInput):
     recipe: Recipe
+    failed_branches: dict[str, str] = Field(default_factory=dict)

@@ -123,6 +123,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     summary = {
         "strategy": strategy.name,
+        "exclude": list(inputs.exclude),  # the recipe's exclusions as this worker applied them (the card's)
         "placement": {**place.summary(), "device_map": placement.device_map_summary(model)},
         **result,  # batching (BatchPlan.summary: tokens, padding, batches, budget), time, memory
         **calib.counts(),  # samples, distinct samples, repeats: 256 samples of 42 conversations say so
