@@ -285,12 +285,13 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _where(plan, step, kinds) -> str:
+    from runner.serving.engine import engine_for
+
     kind = kinds[step.kind]
     if kind.container_role is None or (step.kind == "source" and plan.recipe.model.source.kind != "gguf"):
         return "host"  # a local folder is used as is and a Hub download runs here: only GGUF needs the worker
     if kind.container_role == "serve":
-        return f"{plan.recipe.serve.engine} server" + (
-            f" in container {plan.recipe.serve.container}" if plan.recipe.serve.engine == "vllm" else "")
+        return engine_for(plan.recipe.serve.engine).where(plan.recipe)
     execution = plan.recipe.execution
     if execution.executor == "local":
         return "local worker"

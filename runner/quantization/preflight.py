@@ -147,19 +147,14 @@ def _layer_refusal(weights: footprint.Weights, config: footprint.QuantConfig, wh
                            f"ModelOpt's export packs only whole blocks ({cols} input features is not a multiple "
                            f"of {block}{'' if rows % 2 == 0 else f', or {rows} output features is odd'}){more}: "
                            "exclude such layers, or choose a format with smaller blocks (e.g. NVFP4_DEFAULT_CFG)")
-        if engine == "vllm":
-            from runner.quantization.export_formats import VLLM_QUANT_ALGOS
+        if engine is not None:
+            from runner.serving.engine import engine_for
 
             algos = {EXPORT_ALGO.get(base_format(f), f.upper()) for f in formats.values()}
-            refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
-            weight_only_fp8 = _weight_only_fp8(weights, config, exclude, formats)
-            if weight_only_fp8 and not refused:
-                return False, (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale "
-                               f"(weight-only FP8, e.g. {weight_only_fp8[0]}), which vLLM's ModelOpt FP8 path cannot "
-                               "load: choose another recipe, or serve.engine: local")
-            if refused:
-                return False, (f"{what} exports {', '.join(refused)}, which vLLM's ModelOpt loader does not load (it "
-                               f"loads {', '.join(VLLM_QUANT_ALGOS)}): choose another recipe, or serve.engine: local")
+            fp8_weight_only = _weight_only_fp8(weights, config, exclude, formats)
+            refusal = engine_for(engine).export_refusal(what, algos, fp8_weight_only)
+            if refusal is not None:
+                return False, refusal
         return None
     if exclude and any(footprint.strategy_formats(weights, config, []).values()):
         return True, (f"would quantize no layer: the recipe's exclusions {exclude} cover every layer the {what} "

@@ -34,9 +34,10 @@ from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
+from runner.serving.engine import kernel_path, serving
+from runner.serving.server import RunningServer
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import NOT_BENCHMARKED, BenchmarkInput, GatesInput, ServeInput
-from runner.steps.serving import RunningServer, serving
 
 
 async def serve(ctx: StepContext) -> StepResult:
@@ -170,7 +171,7 @@ def combined_hash(suites: dict[str, dict[str, Any]]) -> str:
 
 async def served_numerics(session: aiohttp.ClientSession, server: RunningServer) -> str | None:
     """What the server computes with, as it says on /health (the local engine does; others: None)."""
-    if server.engine != "local":
+    if not server.numerics_on_health:
         return None
     try:
         async with session.get(server.url.removesuffix("/v1") + "/health",
@@ -187,13 +188,7 @@ def measured_on(engine: str) -> dict[str, Any]:
         probe = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                                text=True)
         gpu = probe.stdout.strip().splitlines()[0] if probe.returncode == 0 and probe.stdout.strip() else None
-    kernels = {
-        "local": "transformers on this machine, the export's numerics emulated layer by layer (runner/worker/"
-                 "quantized_linear.py): the quantized values, not the speed of quantized kernels",
-        "vllm": "vLLM ModelOpt kernels (native NVFP4 on Blackwell; W4A16 through Marlin on older GPUs)",
-        "endpoint": "the user's own server (its hardware is not recorded here)",
-    }
-    return {"engine": engine, "kernel_path": kernels.get(engine, engine), "gpu": gpu,
+    return {"engine": engine, "kernel_path": kernel_path(engine), "gpu": gpu,
             "cpu": cpu_name(), "cores": os.cpu_count()}
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from runner.errors import RunnerError
 from runner.quantization.preflight import strategy_refusal
+from runner.serving.engine import engine_for
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import QuantizeInput, VerifyInput, calibrate_step
 from runner.vllm_env import environment as vllm_environment
@@ -35,7 +36,7 @@ async def verify(ctx: StepContext) -> StepResult:
     quantized = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {})
     checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
     params = {
-        "exclude": inputs.exclude, "engine": inputs.engine,
+        "exclude": inputs.exclude, "engine": inputs.engine, "rules": engine_for(inputs.engine).verify_rules.to_params(),
         "checkpoint": str(checkpoint),
         "model_dir": str(ctx.input("source", "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
@@ -49,7 +50,7 @@ async def verify(ctx: StepContext) -> StepResult:
         result.summary.setdefault("details", {})["vllm_load"] = check["detail"]
     result.outputs |= {name: name for name in ("vllm_load.json", "vllm_load.log") if (ctx.scratch / name).is_file()}
     ctx.log.info("vllm_load %s: %s", check["status"], check["detail"])
-    if check["status"] == "fail" and inputs.engine == "vllm":
+    if check["status"] == "fail" and engine_for(inputs.engine).runs_vllm:
         raise RunnerError(f"vLLM's own loader refuses the export: {check['detail']}")
     if check["status"] == "not_run" and inputs.vllm_loader.required:
         raise RunnerError(f"vLLM's loader check could not run (verify.vllm_loader.required): {check['detail']}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from runner.processes import die_with_parent, terminate_group, worker_pythonpath
 from runner.recipe.schema import VllmLoaderCheck
+from runner.serving.engine import engine_for
 
 ENV_VAR = "RECIPE_VLLM_PYTHON"
 DEFAULT_PYTHON = Path(".venv-vllm") / "bin" / "python"
@@ -147,7 +148,7 @@ def verdict(found: dict[str, Any], engine: str) -> dict[str, Any]:
         if names and names[0] not in (one.get("error") or ""):  # vLLM's message may list them already
             problems.append(f"{len(names)} {words}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     refused = "; ".join(problems) or "refused without a reason"
-    if engine != "vllm":
+    if not engine_for(engine).runs_vllm:
         return base | {"status": "warn", "detail": f"{where} refuses it ({engine} serves it): {refused}"}
     return base | {"status": "fail", "detail": f"{where}: {refused}"}
 
@@ -176,7 +177,7 @@ def serve_args_problems(loaded: Any) -> tuple[list[Any], str]:
     from runner.recipe.loader import locate
 
     recipe = loaded.recipe
-    if recipe.serve.engine != "vllm":
+    if not engine_for(recipe.serve.engine).runs_vllm:
         return [], ""
     env, why = find(recipe.verify.vllm_loader)
     if env is None:
