@@ -3,12 +3,13 @@
 An engine starts a checkpoint's OpenAI-compatible server (`serve`, an async context manager that
 yields a RunningServer and stops the server on every way out) and says, as data, what the rest of
 the runner needs to know of it: the export formats it loads and the verify rules that follow
-(runner/serving/verify_rules.py), where it runs (`recipe plan`), what its speed numbers measure
+(runner/quantization/verify_rules.py), where it runs (`recipe plan`), what its speed numbers measure
 (the benchmark's `measured_on`), whether candidates' speed is paired with the baseline by default,
 and how the card tells a reader to serve the published model. Steps call the engine object; none
 branches on its name.
 
-Built-in engines (vllm.py, local.py) are registered on first use; `register` adds another.
+The built-in engines (vllm.py, local.py) are registered by runner/serving/__init__.py; `register`
+adds another.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from runner.serving.verify_rules import VerifyRules
+from runner.quantization.verify_rules import VerifyRules
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from runner.recipe.schema import Recipe
     from runner.run_dir import RunDir
     from runner.serving.server import RunningServer
-    from runner.steps.inputs import ServingInput
+
+# The recipe (runner.recipe.schema.Recipe) and the serving input (runner.steps.inputs.ServingInput) are
+# typed Any here: both modules read this registry (serve.engine's validator, vLLM's verdict), so this
+# module imports neither.
+Recipe = Any
+ServingInput = Any
 
 # Not an engine: a baseline the user runs (benchmark.baseline.kind: endpoint); the benchmark records it so.
 ENDPOINT = "endpoint"
@@ -86,36 +91,23 @@ class Engine(ABC):
 
 
 _ENGINES: dict[str, Engine] = {}
-_builtins_loaded = False
-
-
-def _registry() -> dict[str, Engine]:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        from runner.serving.local import LocalEngine
-        from runner.serving.vllm import VllmEngine
-
-        for engine in (VllmEngine(), LocalEngine()):
-            _ENGINES.setdefault(engine.name, engine)
-    return _ENGINES
 
 
 def register(engine: Engine) -> None:
     """Make `engine` servable as `serve.engine: <engine.name>`."""
-    _registry()[engine.name] = engine
+    _ENGINES[engine.name] = engine
 
 
 def unregister(name: str) -> None:
-    _registry().pop(name, None)
+    _ENGINES.pop(name, None)
 
 
 def known_engines() -> list[str]:
-    return sorted(_registry())
+    return sorted(_ENGINES)
 
 
 def engine_for(name: str) -> Engine:
-    engine = _registry().get(name)
+    engine = _ENGINES.get(name)
     if engine is None:
         raise KeyError(unknown_engine(name))
     return engine
@@ -142,5 +134,5 @@ def kernel_path(engine: str) -> str:
     """What the benchmark's speed numbers measure, for the engine named (or the user's endpoint)."""
     if engine == ENDPOINT:
         return ENDPOINT_KERNELS
-    known = _registry().get(engine)
+    known = _ENGINES.get(engine)
     return known.kernels if known is not None else engine

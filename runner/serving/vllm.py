@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import RunnerError
+from runner.quantization.verify_rules import VerifyRules
 from runner.serving.engine import CardServing, Engine
-from runner.serving.verify_rules import VerifyRules
+from runner.serving.server import RunningServer, check_served_name, host_port, wait_healthy
 
 if TYPE_CHECKING:
     from runner.recipe.schema import Recipe
     from runner.run_dir import RunDir
-    from runner.serving.server import RunningServer
     from runner.steps.inputs import ServingInput
 
 # quant_algo values vLLM's ModelOpt loader accepts (vllm/model_executor/layers/quantization/modelopt.py).
@@ -59,11 +59,9 @@ class VllmEngine(Engine):
     @contextlib.asynccontextmanager
     async def serve(self, spec: ServingInput, model_dir: Path, run_dir: RunDir, step_id: str, name: str,
                     pin_port: bool = True) -> AsyncIterator[RunningServer]:
-        # Imported here, not at the top: bench scripts read VllmEngine().verify_rules without aiohttp or docker.
         from runner.containers import docker_api
         from runner.containers.launcher import launched
         from runner.containers.plugin import load_container
-        from runner.serving.server import RunningServer, check_served_name, host_port, wait_healthy
 
         log_path = run_dir.log_path(step_id)
         plugin = load_container(spec.container)

@@ -3,7 +3,7 @@
 Checks, each reported as pass / warn / fail with its evidence:
 - every safetensors file opens and its tensors have the dtypes NVFP4/FP8 exports use;
 - hf_quant_config.json exists and has the keys vLLM requires for its quant_algo;
-- the quant_algo is one the configured engine loads, and the engine's own rules (runner/serving/
+- the quant_algo is one the configured engine loads, and the engine's own rules (runner/quantization/
   verify_rules.py: the verify step passes them in its params);
 - every exclusion pattern of the recipe matches real modules, every such module is covered by
   exclude_modules and stored unquantized, with no scale tensors (vllm#40252, vllm#45102);
@@ -25,7 +25,7 @@ from typing import Any
 
 from runner.quantization.bits import DTYPE_BITS, bits_of
 from runner.quantization.footprint import is_embedding
-from runner.serving.verify_rules import VerifyRules
+from runner.quantization.verify_rules import VerifyRules
 from runner.worker.weight_formats import MAX_RELATIVE_ERROR, Layout, decode, identify
 
 NVFP4_REQUIRED_KEYS = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules")

@@ -2,7 +2,7 @@
 
 The engine (runner/serving/engine.py) says which rules it needs; the verify step passes them to the
 worker in its params (`VerifyRules.to_params`), so the worker applies them without importing any
-engine. Torch-free and import-free on purpose.
+engine. Torch-free and import-free on purpose (the host's engines and the worker both read it).
 """
 
 from __future__ import annotations
