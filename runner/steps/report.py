@@ -31,7 +31,8 @@ from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
-from runner.serving.engine import CardServing, engine_for
+from runner.serving import engine_for
+from runner.serving.engine import CardServing
 from runner.serving.vllm import QUANT_ALGOS as VLLM_QUANT_ALGOS
 from runner.steps.inputs import calibrate_step
 

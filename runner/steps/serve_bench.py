@@ -34,7 +34,7 @@ from runner.errors import RunnerError
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
-from runner.serving.engine import kernel_path, serving
+from runner.serving import kernel_path, serving
 from runner.serving.server import RunningServer
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import NOT_BENCHMARKED, BenchmarkInput, GatesInput, ServeInput

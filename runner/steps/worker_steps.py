@@ -8,7 +8,7 @@ from typing import Any
 
 from runner.errors import RunnerError
 from runner.quantization.preflight import strategy_refusal
-from runner.serving.engine import engine_for
+from runner.serving import engine_for
 from runner.steps.base import StepContext, StepResult, input_of
 from runner.steps.inputs import QuantizeInput, VerifyInput, calibrate_step
 from runner.vllm_env import environment as vllm_environment
