@@ -36,7 +36,7 @@ async def verify(ctx: StepContext) -> StepResult:
     quantized = ctx.input_record(f"quantize.{ctx.step.strategy}").get("summary", {})
     checkpoint = ctx.input(f"export.{ctx.step.strategy}", "checkpoint")
     params = {
-        "exclude": inputs.exclude, "engine": inputs.engine, "rules": engine_for(inputs.engine).verify_rules.to_params(),
+        "exclude": inputs.exclude, "rules": engine_for(inputs.engine).verify_rules.to_params(),
         "checkpoint": str(checkpoint),
         "model_dir": str(ctx.input("source", "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
