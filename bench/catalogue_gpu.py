@@ -48,6 +48,7 @@ def main() -> None:
     from runner.quantization.weights import load_weights
     from runner.recipe.fixups import CopyFile, apply_fixups
     from runner.recipe.loader import load_recipe
+    from runner.serving.vllm import VllmEngine
     from runner.worker.calib_data import CalibrationSet
     from runner.worker.model_loading import model_class, with_architectures
     from runner.worker.quantize import (
@@ -125,7 +126,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     t2 = time.monotonic()
-    report = verify_checkpoint(checkpoint, exclude, "vllm", None)
+    report = verify_checkpoint(checkpoint, exclude, VllmEngine().verify_rules, None)
     checks = {c["name"]: c["status"] for c in report["checks"]}
     notes = {c["name"]: c["detail"][:200] for c in report["checks"] if c["status"] != "pass"}
     print(f"verify in {time.monotonic() - t2:.1f}s: quant_algo {report.get('quant_algo')}, "

@@ -124,8 +124,8 @@ def start(model: Path, port: int, threads: int, max_batch: int, device: str, log
 
 
 def free_port() -> int:
-    """A free loopback port (not runner.steps.serving's: that imports the recipe schema, and the GPU
-    machine's image has no pydantic)."""
+    """A free loopback port (as runner.serving.server.free_port; kept here so that the bench imports
+    nothing of the runner's host side, which the GPU machine's image may lack)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -53,6 +53,7 @@ def build_tiny_llama(folder: Path) -> None:
 
 
 def try_recipe(name: str, model_dir: Path, work: Path) -> dict:
+    from runner.serving.vllm import VllmEngine
     from runner.worker import quantize, verify
     from runner.worker.__main__ import explain
 
@@ -77,7 +78,7 @@ def try_recipe(name: str, model_dir: Path, work: Path) -> dict:
     outcome |= {"formats": summary["formats"], "effective_bits": summary["effective_bits"],
                 "warnings": summary.get("warnings", [])}
     try:
-        report = verify.verify_checkpoint(out / "checkpoint", [], "vllm", model_dir)
+        report = verify.verify_checkpoint(out / "checkpoint", [], VllmEngine().verify_rules, model_dir)
     except BaseException as exc:  # noqa: BLE001
         return outcome | {"end": "failed", "why": f"verify crashed: {explain(exc)}"}
     outcome["quant_algo"] = report.get("quant_algo")

@@ -98,6 +98,7 @@ def main() -> None:
     if args.export:
         from modelopt.torch.export import export_hf_checkpoint
 
+        from runner.serving.vllm import VllmEngine
         from runner.worker.quantize import repair_exclude_modules
         from runner.worker.verify import verify_checkpoint
 
@@ -106,7 +107,7 @@ def main() -> None:
         repair_exclude_modules(args.export)
         size = sum(p.stat().st_size for p in args.export.glob("*.safetensors"))
         print(f"exported in {time.monotonic() - t1:.1f}s: {size / 1e9:.2f} GB", flush=True)
-        report = verify_checkpoint(args.export, EXCLUDE, "vllm", None)
+        report = verify_checkpoint(args.export, EXCLUDE, VllmEngine().verify_rules, None)
         print({c["name"]: c["status"] for c in report["checks"]}, flush=True)
 
 

@@ -61,6 +61,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from runner.recipe.schema import Strategy
+    from runner.serving.vllm import VllmEngine
     from runner.steps.inputs import QuantizeInput
     from runner.worker.verify import verify_checkpoint
 
@@ -109,7 +110,7 @@ def main() -> None:
           f"{summary['load_s']}s, quantize {summary['quantize_s']}s, export {summary['export_s']}s; formats "
           f"{summary['formats']}; KL vs source {summary.get('fidelity', {}).get('kl')}", flush=True)
     del held
-    report = verify_checkpoint(out / "checkpoint", exclude, "vllm", model_dir)
+    report = verify_checkpoint(out / "checkpoint", exclude, VllmEngine().verify_rules, model_dir)
     print("verify:", {c["name"]: c["status"] for c in report["checks"]}, flush=True)
 
 

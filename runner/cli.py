@@ -171,9 +171,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             more = slurm_step_problems(loaded) + more
             problems += (more if args.schema_only else input_problems(loaded) + more)
             if not args.schema_only:
+                from runner.serving import engine_for
                 from runner.vllm_env.environment import serve_args_problems
 
-                refused, vllm_line = serve_args_problems(loaded)
+                refused, vllm_line = serve_args_problems(loaded, engine_for(loaded.recipe.serve.engine).runs_vllm)
                 problems += refused
         if problems:
             failed += 1
@@ -291,12 +292,13 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _where(plan, step, kinds) -> str:
+    from runner.serving.engine import engine_for
+
     kind = kinds[step.kind]
     if kind.container_role is None or (step.kind == "source" and plan.recipe.model.source.kind != "gguf"):
         return "host"  # a local folder is used as is and a Hub download runs here: only GGUF needs the worker
     if kind.container_role == "serve":
-        return f"{plan.recipe.serve.engine} server" + (
-            f" in container {plan.recipe.serve.container}" if plan.recipe.serve.engine == "vllm" else "")
+        return engine_for(plan.recipe.serve.engine).where(plan.recipe)
     execution = plan.recipe.execution
     if execution.executor == "local":
         return "local worker"
@@ -451,9 +453,11 @@ def _preflight(loaded, plan, run_dir) -> list:
     serves = [sid for sid, step in plan.steps.items()
               if step.kind == "serve" and not run_dir.is_complete(sid, plan.keys[sid])]
     if serves:
+        from runner.serving import engine_for
         from runner.vllm_env.environment import serve_args_problems
 
-        refused, _ = serve_args_problems(loaded)  # a misspelt parser, before hours of quantizing
+        # a misspelt parser, refused before hours of quantizing
+        refused, _ = serve_args_problems(loaded, engine_for(loaded.recipe.serve.engine).runs_vllm)
         if refused:
             return refused
     names = [s.name for s in plan.recipe.quantization.strategies

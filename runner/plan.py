@@ -25,6 +25,7 @@ from runner.benchmark.suites import sequential_gates
 from runner.errors import RunnerError
 from runner.recipe.fixups import CopyFile
 from runner.recipe.schema import Recipe
+from runner.serving.engine import engine_for
 from runner.steps import ids
 from runner.steps.base import Step
 from runner.steps.code import code_files
@@ -225,7 +226,7 @@ def paired_speed(recipe: Recipe) -> bool:
     bench = recipe.benchmark
     if bench.baseline is None or bench.baseline.kind != "served" or bench.speed.paired_baseline == "off":
         return False
-    return bench.speed.paired_baseline == "on" or recipe.serve.engine == "local"
+    return bench.speed.paired_baseline == "on" or engine_for(recipe.serve.engine).pairs_speed_by_default
 
 
 def step_key(step: Step, dep_keys: list[str]) -> str:

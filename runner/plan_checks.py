@@ -18,6 +18,7 @@ from runner.quantization.footprint import Footprint
 from runner.quantization.preflight import host_has_gpu, strategy_refusal
 from runner.quantization.weights import Weights, load_weights
 from runner.recipe.loader import locate
+from runner.serving import engine_for
 
 
 def feasibility_problems(loaded: Any, footprints: list[Footprint]) -> list[Any]:
@@ -77,7 +78,7 @@ def run_problems(loaded: Any, names: list[str], model_dir: Path | None) -> list[
         if strategy.name not in chosen:
             continue
         why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir, gpus=gpus,
-                               engine=recipe.serve.engine, weights=weights, no_gpu=no_gpu)
+                               engine=engine_for(recipe.serve.engine), weights=weights, no_gpu=no_gpu)
         if why is not None:
             path = ("quantization", "strategies", i)
             problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path),
@@ -111,7 +112,8 @@ def recipe_problems(loaded: Any, model_dir: Path | None, weights: Weights | None
         if not strategy.enabled:
             continue
         why = strategy_refusal(strategy, recipe.quantization.exclusions(strategy), model_dir,
-                               engine=recipe.serve.engine, check_machine=False, weights=weights)
+                               engine=engine_for(recipe.serve.engine), check_machine=False,
+                               weights=weights)
         if why is not None:
             path = ("quantization", "strategies", i)
             problems.append(Problem(_named(strategy.name, why), path, locate(loaded.locations, path)))

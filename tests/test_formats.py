@@ -101,6 +101,7 @@ def test_each_quant_algo_is_what_modelopts_exporter_writes():
 
 
 def test_verify_reads_each_mixed_layers_tensors_from_the_registry():
+    from runner.serving import engine_for
     from runner.worker.verify import Report, check_mixed_layers
 
     meta = {"a.weight": ("U8", (8, 8)), "a.weight_scale": ("F8_E4M3", (8, 1)), "a.weight_scale_2": ("F32", ()),
@@ -109,11 +110,12 @@ def test_verify_reads_each_mixed_layers_tensors_from_the_registry():
     weights = {k.removesuffix(".weight"): v for k, v in meta.items() if k.endswith(".weight")}
     per_layer = {"a": {"quant_algo": "W4A16_NVFP4"}, "b": {"quant_algo": "FP8"}, "c": {"quant_algo": "W4A16_AWQ"}}
     report = Report()
-    check_mixed_layers(report, per_layer, weights, meta, "local")
+    check_mixed_layers(report, per_layer, weights, meta, engine_for("local").verify_rules)
     (check,) = report.checks
     # The local engine needs no input_scale; c lacks the weight_scale its format stores.
     assert check["status"] == "fail" and check["detail"] == (
         "c: W4A16_AWQ needs a U8 weight and weight_scale; found U8, no weight_scale")
     check_mixed_layers(report, {**per_layer, "c": {"quant_algo": "W4A16_NVFP4"}}, weights,
-                       {**meta, "c.weight_scale": ("F8_E4M3", (4, 2)), "c.weight_scale_2": ("F32", ())}, "local")
+                       {**meta, "c.weight_scale": ("F8_E4M3", (4, 2)), "c.weight_scale_2": ("F32", ())},
+                       engine_for("local").verify_rules)
     assert report.checks[-1]["status"] == "pass", report.checks[-1]

@@ -148,7 +148,7 @@ def test_a_failed_speed_request_fails_the_sweep_instead_of_reporting_a_speed():
     from runner.benchmark.speed import speed_sweep
     from runner.errors import RunnerError
     from runner.recipe.schema import SpeedSpec
-    from runner.steps.serving import free_port
+    from runner.serving.server import free_port
 
     spec = SpeedSpec(warmup_requests=0, requests=2, prompt_tokens=[16], output_tokens=4)
 

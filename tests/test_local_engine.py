@@ -35,7 +35,7 @@ pytest.importorskip("modelopt")
 openai = pytest.importorskip("openai")
 
 from conftest import REPO  # noqa: E402
-from runner.steps.serving import free_port  # noqa: E402
+from runner.serving.server import free_port  # noqa: E402
 
 LAYER = "model.layers.1.mlp.down_proj"
 TOOLS_TEMPLATE = (

@@ -136,6 +136,7 @@ def test_tiny_qwen35_every_strategy_kind_exclusions_and_wrapping(demo_run, tmp_p
 
 def test_vllm_engine_rejects_an_awq_export(demo_run, tmp_path):
     """verify names the quant_algos vLLM loads when an export's is not one of them."""
+    from runner.serving.vllm import VllmEngine
     from runner.worker.verify import verify_checkpoint
 
     checkpoint = tmp_path / "ckpt"
@@ -147,16 +148,17 @@ def test_vllm_engine_rejects_an_awq_export(demo_run, tmp_path):
     quant["quantization"]["quant_algo"] = "NVFP4_AWQ"
     (checkpoint / "hf_quant_config.json").unlink()
     (checkpoint / "hf_quant_config.json").write_text(json.dumps(quant))
-    report = verify_checkpoint(checkpoint, ["*layers.0.*"], "vllm", None)
+    report = verify_checkpoint(checkpoint, ["*layers.0.*"], VllmEngine().verify_rules, None)
     check = next(c for c in report["checks"] if c["name"] == "quant_algo_supported")
     assert check["status"] == "fail" and "NVFP4, W4A16_NVFP4" in check["detail"]
 
 
 def test_verify_catches_an_exclusion_the_export_did_not_honour(demo_run):
+    from runner.serving.vllm import VllmEngine
     from runner.worker.verify import verify_checkpoint
 
     checkpoint = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
-    report = verify_checkpoint(checkpoint, ["*layers.5.*", "*no_such_module*"], "vllm", None)
+    report = verify_checkpoint(checkpoint, ["*layers.5.*", "*no_such_module*"], VllmEngine().verify_rules, None)
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["exclusions"]["status"] == "fail"
     assert "model.layers.5." in checks["exclusions"]["detail"] and "stored quantized" in checks["exclusions"]["detail"]
@@ -166,6 +168,7 @@ def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
     """Swap the two codes of every byte: per-channel scale fitting cannot hide it, the check fails."""
     from safetensors.torch import load_file, save_file
 
+    from runner.serving.vllm import VllmEngine
     from runner.worker.verify import verify_checkpoint
 
     source = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
@@ -180,8 +183,8 @@ def test_verify_decoder_check_catches_a_wrong_nibble_order(demo_run, tmp_path):
             tensors[key] = (tensor >> 4) | ((tensor & 0x0F) << 4)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     model_dir = demo_run / "steps" / "source" / "model"
-    good = verify_checkpoint(source, [], "vllm", model_dir)
-    bad = verify_checkpoint(broken, [], "vllm", model_dir)
+    good = verify_checkpoint(source, [], VllmEngine().verify_rules, model_dir)
+    bad = verify_checkpoint(broken, [], VllmEngine().verify_rules, model_dir)
     assert next(c for c in good["checks"] if c["name"] == "weights_decode")["status"] == "pass"
     assert next(c for c in bad["checks"] if c["name"] == "weights_decode")["status"] == "fail"
     assert min(bad["decode_errors"].values()) > 0.5
@@ -228,7 +231,7 @@ def test_local_engine_gives_the_same_answers_in_two_fresh_processes(demo_run):
 
     from runner.benchmark.suites import load_suite, run_suite
     from runner.recipe.schema import SuiteRef
-    from runner.steps.serving import free_port
+    from runner.serving.server import free_port
 
     checkpoint = demo_run / "steps" / "export.nvfp4_max" / "checkpoint"
     suite = load_suite(SuiteRef(name="factual"))

@@ -60,7 +60,8 @@ class Impostor:
 
 
 def test_a_port_taken_by_another_process_is_refused_before_start_and_an_impostor_is_never_measured(tmp_path):
-    from runner.steps.serving import serving, wait_healthy
+    from runner.serving.engine import serving
+    from runner.serving.server import wait_healthy
 
     run_dir = RunDir(tmp_path / "run")
     run_dir.claim()
@@ -82,7 +83,7 @@ def test_a_port_taken_by_another_process_is_refused_before_start_and_an_impostor
 
 def test_a_server_that_dies_mid_benchmark_fails_the_step_with_its_last_words(tmp_path, demo_tokenizer):
     from runner.benchmark.suites import Suite, run_suite
-    from runner.steps.serving import serving
+    from runner.serving.engine import serving
 
     model = build_tiny_llama(tmp_path / "model", demo_tokenizer)
     run_dir = RunDir(tmp_path / "run")

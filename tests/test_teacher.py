@@ -201,8 +201,8 @@ def test_the_demo_model_served_locally_as_the_teacher(demo_run, tmp_path):
     from conftest import DEMO
     from runner.recipe.loader import load_recipe
     from runner.run_dir import RunDir
+    from runner.serving.engine import serving
     from runner.steps.inputs import ServingInput
-    from runner.steps.serving import serving
 
     recipe = load_recipe(DEMO).recipe
     spec_of_serving = ServingInput(serve=recipe.serve, container=recipe.container_for("serve"), dtype=recipe.model.dtype)

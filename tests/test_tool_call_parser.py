@@ -461,7 +461,7 @@ def serving_input(engine: str, args: list[str]):
     (["--max-model-len", "8192"], []),  # none named: the server's default (hermes); vLLM's other flags stay out
 ])
 def test_serving_passes_the_recipes_parser_to_the_local_engine(args, passed, tmp_path):
-    from runner.steps.serving import local_server_command
+    from runner.serving.local import local_server_command
 
     command = local_server_command(serving_input("local", args), tmp_path, 8000, "cand")
     assert command[1:3] == ["-m", "runner.worker.local_server"]
@@ -473,8 +473,8 @@ def test_a_local_recipe_on_the_qwen35_base_serves_with_qwen3_coder(monkeypatch, 
     """tests/recipes/tiny-qwen35.yaml (serve.engine: local on recipes/base/qwen35.yaml, whose vLLM flags say
     qwen3_coder): the local engine is started with that parser, no longer hermes whatever the recipe says."""
     from runner.recipe.loader import load_recipe
+    from runner.serving.local import local_server_command
     from runner.steps.inputs import ServingInput
-    from runner.steps.serving import local_server_command
 
     monkeypatch.setenv("TINY_QWEN35_DIR", str(tmp_path))
     recipe = load_recipe(REPO / "tests" / "recipes" / "tiny-qwen35.yaml").recipe

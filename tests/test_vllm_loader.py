@@ -254,7 +254,7 @@ def test_a_refusal_names_each_tensor_once_and_another_engine_warns():
     one = {"ok": False, "error": "ValueError: Following weights were not initialized from checkpoint: {'a.w2'}",
            "unloaded_params": ["a.w2"], "unused_tensors": ["b.bogus"], "seconds": 1.0}
     found = {"vllm_version": "0.33.0", "device": "cpu", "results": [one]}
-    check = environment.verdict(found, "vllm")
+    check = environment.verdict(found, "vllm", runs_vllm=True)
     assert check["status"] == "fail" and check["detail"].count("a.w2") == 1
     assert "1 checkpoint tensors no parameter took: b.bogus" in check["detail"]
-    assert environment.verdict(found, "local")["status"] == "warn"
+    assert environment.verdict(found, "local", runs_vllm=False)["status"] == "warn"

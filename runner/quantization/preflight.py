@@ -78,9 +78,10 @@ CUDA_ONLY_ALGORITHMS: set[str] = set()
 
 
 def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, gpus: int | None = None,
-                     engine: str | None = None, check_machine: bool = True,
+                     engine: Any = None, check_machine: bool = True,
                      weights: Weights | None = None, no_gpu: str = "this machine has none") -> str | None:
-    """Why this strategy cannot run on this model here (or serve on `engine`), or None. `gpus`: the
+    """Why this strategy cannot run on this model here (or serve on `engine`, a runner/serving Engine that
+    says which exports it refuses), or None. `gpus`: the
     GPUs the worker will have (0: none whatever this machine has); None asks this machine. `no_gpu`
     says how it is known that there is none. `check_machine` False leaves the GPU question out (recipe
     validate/plan may run on another machine than the run). `weights`: model_dir's, already read (a
@@ -111,7 +112,7 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
         except (Unknown, OSError, ValueError):
             return None
     # what the layers decide, once per distinct (config, exclusions, engine) for these weights
-    key = ("refusal", config.name, config.source, tuple(exclude), engine)
+    key = ("refusal", config.name, config.source, tuple(exclude), getattr(engine, "name", None))
     if key not in weights.memo:
         weights.memo[key] = _layer_refusal(weights, config, what, exclude, engine)
     why = weights.memo[key]
@@ -132,7 +133,7 @@ def _needs_cuda_once(config: QuantConfig) -> str | None:
 
 
 def _layer_refusal(weights: Weights, config: QuantConfig, what: str, exclude: list[str],
-                   engine: str | None) -> tuple[bool, str] | None:
+                   engine: Any) -> tuple[bool, str] | None:
     """What the model's layers refuse; (True, text): the text follows "strategy NAME "."""
     formats = {m: f for m, f in footprint.strategy_formats(weights, config, exclude).items() if f}
     if formats:
@@ -144,19 +145,12 @@ def _layer_refusal(weights: Weights, config: QuantConfig, what: str, exclude: li
                            f"ModelOpt's export packs only whole blocks ({cols} input features is not a multiple "
                            f"of {block}{'' if rows % 2 == 0 else f', or {rows} output features is odd'}){more}: "
                            "exclude such layers, or choose a format with smaller blocks (e.g. NVFP4_DEFAULT_CFG)")
-        if engine == "vllm":
-            from runner.quantization.export_formats import VLLM_QUANT_ALGOS
-
+        if engine is not None:
             algos = {quant_algo_of(base_format(f)) for f in formats.values()}
-            refused = sorted(a for a in algos if a not in VLLM_QUANT_ALGOS)
-            weight_only_fp8 = _weight_only_fp8(weights, config, exclude, formats)
-            if weight_only_fp8 and not refused:
-                return False, (f"{what} leaves {len(weight_only_fp8)} FP8 layer(s) without an activation scale "
-                               f"(weight-only FP8, e.g. {weight_only_fp8[0]}), which vLLM's ModelOpt FP8 path cannot "
-                               "load: choose another recipe, or serve.engine: local")
-            if refused:
-                return False, (f"{what} exports {', '.join(refused)}, which vLLM's ModelOpt loader does not load (it "
-                               f"loads {', '.join(VLLM_QUANT_ALGOS)}): choose another recipe, or serve.engine: local")
+            fp8_weight_only = _weight_only_fp8(weights, config, exclude, formats)
+            refusal = engine.export_refusal(what, algos, fp8_weight_only)
+            if refusal is not None:
+                return False, refusal
         return None
     if exclude and any(footprint.strategy_formats(weights, config, []).values()):
         return True, (f"would quantize no layer: the recipe's exclusions {exclude} cover every layer the {what} "

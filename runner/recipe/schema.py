@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from runner.errors import Problem, closest
 from runner.quantization.modelopt_config import MODELOPT_PRESETS  # the preset names, without ModelOpt
@@ -309,7 +310,9 @@ class ExportSpec(Section):
 
 
 class ServeSpec(Section):
-    engine: Literal["vllm", "local"] = "vllm"
+    engine: str = Field("vllm", description=(
+        "Serving engine: `vllm` (a server in the serve container) or `local` (runner/worker/local_server.py "
+        "in this Python environment); runner/serving/ registers them."))
     container: str = Field("vllm", description="Container plugin that serves (containers/NAME.yaml).")
     port: int | None = Field(None, gt=0, lt=65536, description=(
         "Host port the candidate's server listens on (127.0.0.1); default: a free one. A port something "
@@ -320,15 +323,28 @@ class ServeSpec(Section):
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads of the `local` engine; default "
                                 "min(4, the machine's cores). Fixed for the run so that answers repeat.")
 
+    @field_validator("engine")
+    @classmethod
+    def _a_registered_engine(cls, engine: str) -> str:
+        from runner.serving.engine import known_engines, unknown_engine
+
+        if engine not in known_engines():
+            raise PydanticCustomError("unknown_engine", unknown_engine(engine))
+        return engine
+
     @field_validator("args")
     @classmethod
     def _local_reads_the_parser(cls, args: list[str], info: ValidationInfo) -> list[str]:
-        # The local engine reads tool calls with the recipe's --tool-call-parser; one it does not implement
-        # would score calls by other rules than vLLM's, so the recipe is refused before any step runs.
+        # An engine that reads tool calls with the recipe's --tool-call-parser here (the local engine): one
+        # not implemented would score calls by other rules than vLLM's, so the recipe is refused before any
+        # step runs.
         from runner.benchmark.tool_calls import parser_from_args, unsupported_parser
+        from runner.serving.engine import engine_for, known_engines
 
         parser = parser_from_args(args)
-        if info.data.get("engine") == "local" and parser is not None and (why := unsupported_parser(parser)):
+        engine = info.data.get("engine")
+        if engine in known_engines() and engine_for(engine).parses_tool_calls_here and parser is not None \
+                and (why := unsupported_parser(parser)):
             raise ValueError(why)
         return args
 

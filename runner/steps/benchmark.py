@@ -28,10 +28,11 @@ from runner.benchmark.tool_calls import DEFAULT_PARSER, parser_from_args, unsupp
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
+from runner.serving import kernel_path, serving
+from runner.serving.server import RunningServer
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import BenchmarkInput
-from runner.steps.serving import RunningServer, serving
 
 
 @contextlib.asynccontextmanager
@@ -159,7 +160,7 @@ def combined_hash(suites: dict[str, dict[str, Any]]) -> str:
 
 async def served_numerics(session: aiohttp.ClientSession, server: RunningServer) -> str | None:
     """What the server computes with, as it says on /health (the local engine does; others: None)."""
-    if server.engine != "local":
+    if not server.numerics_on_health:
         return None
     try:
         async with session.get(server.url.removesuffix("/v1") + "/health",
@@ -176,13 +177,7 @@ def measured_on(engine: str) -> dict[str, Any]:
         probe = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                                text=True)
         gpu = probe.stdout.strip().splitlines()[0] if probe.returncode == 0 and probe.stdout.strip() else None
-    kernels = {
-        "local": "transformers on this machine, the export's numerics emulated layer by layer (runner/worker/"
-                 "quantized_linear.py): the quantized values, not the speed of quantized kernels",
-        "vllm": "vLLM ModelOpt kernels (native NVFP4 on Blackwell; W4A16 through Marlin on older GPUs)",
-        "endpoint": "the user's own server (its hardware is not recorded here)",
-    }
-    return {"engine": engine, "kernel_path": kernels.get(engine, engine), "gpu": gpu,
+    return {"engine": engine, "kernel_path": kernel_path(engine), "gpu": gpu,
             "cpu": cpu_name(), "cores": os.cpu_count()}
 
 

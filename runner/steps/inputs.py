@@ -47,11 +47,6 @@ class SourceInput(StepInput):
     dtype: str  # a GGUF conversion writes this dtype
 
 
-def calibrate_step(alternative: str | None) -> str:
-    """The step that makes a calibration set: `calibrate`, or `calibrate.NAME` for an alternative."""
-    return "calibrate" if alternative is None else f"calibrate.{alternative}"
-
-
 class CalibrateInput(StepInput):
     calibration: CalibrationSpec
 

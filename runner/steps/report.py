@@ -27,13 +27,15 @@ from runner.benchmark.gates import recovery, speed_reliability
 from runner.benchmark.presentation import first_line, recovery_markdown
 from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
-from runner.quantization.export_formats import VLLM_QUANT_ALGOS
 from runner.quantization.export_words import FORMAT_TAGS, export_format, repo_name_mismatch
 from runner.recipe.loader import dump_yaml
 from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
 from runner.run_dir import RunDir
+from runner.serving import engine_for
+from runner.serving.engine import CardServing
+from runner.serving.vllm import QUANT_ALGOS as VLLM_QUANT_ALGOS
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import ReportInput
@@ -430,10 +432,10 @@ def usage(recipe: Recipe, repo_id: str | None, chosen: dict[str, Any] | None) ->
     if not algo or algo.upper() not in VLLM_QUANT_ALGOS:
         return None
     model = repo_id or f"./{recipe.model.name}-quantized"
-    args = list(recipe.serve.args) if recipe.serve.engine == "vllm" else []
-    flags = " ".join(shlex.quote(a) for a in args)
+    card = engine_for(recipe.serve.engine).card_serving(recipe)
+    flags = " ".join(shlex.quote(a) for a in card.args)
     return {"vllm": f"vllm serve {model}" + (f" {flags}" if flags else ""),
-            "docker": serve_command(recipe, model, args)}
+            "docker": serve_command(card, model)}
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -453,14 +455,14 @@ def scrub_paths(value: Any) -> Any:
     return value
 
 
-def serve_command(recipe: Recipe, model: str, args: list[str]) -> str:
-    """The docker run line that serves the published model in the recipe's vLLM container."""
+def serve_command(card: CardServing, model: str) -> str:
+    """The docker run line that serves the published model in the vLLM container the engine names."""
     from runner.containers.plugin import load_container
 
-    plugin = load_container(recipe.container_for("serve") if recipe.serve.engine == "vllm" else "vllm")
+    plugin = load_container(card.container)
     image = plugin.image or "vllm/vllm-openai:latest"
     parts = ["docker run -d --name vllm-model"]
-    if plugin.gpus != "none" or recipe.serve.engine != "vllm":
+    if plugin.gpus != "none" or card.force_gpus:
         parts.append("--runtime=nvidia --gpus all")
     if plugin.shm_size:
         parts.append(f"--shm-size={plugin.shm_size}")
@@ -470,7 +472,7 @@ def serve_command(recipe: Recipe, model: str, args: list[str]) -> str:
     else:
         parts.append("-v ~/.cache/huggingface:/root/.cache/huggingface -e HF_TOKEN")
     parts.append(f"-p {plugin.port}:{plugin.port} {image}")
-    parts.append(("--model /model " if local else f"--model {model} ") + " ".join(shlex.quote(a) for a in args))
+    parts.append(("--model /model " if local else f"--model {model} ") + " ".join(shlex.quote(a) for a in card.args))
     return " \\\n  ".join(p.rstrip() for p in parts)
 
 

@@ -14,10 +14,10 @@ import aiohttp
 from runner.benchmark.harness import stream_chat
 from runner.benchmark.prediction import predict_decode
 from runner.errors import RunnerError
+from runner.serving import serving
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import ServeInput
-from runner.steps.serving import serving
 
 
 async def run(ctx: StepContext) -> StepResult:

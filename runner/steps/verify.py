@@ -8,6 +8,7 @@ from typing import Any
 
 from runner.errors import RunnerError
 from runner.recipe.schema import SlurmResources
+from runner.serving import engine_for
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import VerifyInput
@@ -21,7 +22,7 @@ async def run(ctx: StepContext) -> StepResult:
     quantized = ctx.input_record(ids.quantize(ctx.strategy)).get("summary", {})
     checkpoint = ctx.input(ids.export(ctx.strategy), "checkpoint")
     params = {
-        "exclude": inputs.exclude, "engine": inputs.engine,
+        "exclude": inputs.exclude, "rules": engine_for(inputs.engine).verify_rules.to_params(),
         "checkpoint": str(checkpoint),
         "model_dir": str(ctx.input(ids.SOURCE, "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
@@ -35,7 +36,7 @@ async def run(ctx: StepContext) -> StepResult:
         result.summary.setdefault("details", {})["vllm_load"] = check["detail"]
     result.outputs |= {name: name for name in ("vllm_load.json", "vllm_load.log") if (ctx.scratch / name).is_file()}
     ctx.log.info("vllm_load %s: %s", check["status"], check["detail"])
-    if check["status"] == "fail" and inputs.engine == "vllm":
+    if check["status"] == "fail" and engine_for(inputs.engine).runs_vllm:
         raise RunnerError(f"vLLM's own loader refuses the export: {check['detail']}")
     if check["status"] == "not_run" and inputs.vllm_loader.required:
         raise RunnerError(f"vLLM's loader check could not run (verify.vllm_loader.required): {check['detail']}")
@@ -56,7 +57,7 @@ async def vllm_load_check(ctx: StepContext, inputs: VerifyInput, checkpoint: Pat
     except RuntimeError as exc:
         return {"status": "not_run", "vllm_version": env.version,
                 "detail": f"the check itself failed, so nothing is known of the export: {exc} (log: vllm_load.log)"}
-    return vllm_environment.verdict(found, inputs.engine)
+    return vllm_environment.verdict(found, inputs.engine, engine_for(inputs.engine).runs_vllm)
 
 
 KIND = StepKind("verify", run, input=VerifyInput,

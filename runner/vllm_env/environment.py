@@ -118,10 +118,11 @@ async def _run(argv: list[str], log_path: Path, timeout_s: float) -> tuple[int |
     return rc, _last_line(log_path.read_text(encoding="utf-8", errors="replace"))
 
 
-def verdict(found: dict[str, Any], engine: str) -> dict[str, Any]:
+def verdict(found: dict[str, Any], engine: str, runs_vllm: bool) -> dict[str, Any]:
     """The verify check's record of one export from load_check's JSON: pass, fail (vLLM's error, the tensors
     no parameter took and the parameters nothing loaded, each named once), not_run (vLLM has no CPU path for
-    the layout: nothing is known of the export), or warn where an engine other than vLLM serves."""
+    the layout: nothing is known of the export), or warn where an engine other than vLLM serves
+    (`runs_vllm`: whether the recipe's engine, `engine`, serves with vLLM: Engine.runs_vllm)."""
     (one,) = found["results"]
     where = f"vLLM {found['vllm_version']}'s loader on {found.get('device', 'cpu').upper()}"
     base = {"vllm_version": found["vllm_version"], "device": found.get("device", "cpu"),
@@ -147,7 +148,7 @@ def verdict(found: dict[str, Any], engine: str) -> dict[str, Any]:
         if names and names[0] not in (one.get("error") or ""):  # vLLM's message may list them already
             problems.append(f"{len(names)} {words}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     refused = "; ".join(problems) or "refused without a reason"
-    if engine != "vllm":
+    if not runs_vllm:
         return base | {"status": "warn", "detail": f"{where} refuses it ({engine} serves it): {refused}"}
     return base | {"status": "fail", "detail": f"{where}: {refused}"}
 
@@ -169,14 +170,14 @@ if __name__ == "__main__":  # `python -m runner.vllm_env.environment`: which env
     sys.exit(0 if environment else 1)
 
 
-def serve_args_problems(loaded: Any) -> tuple[list[Any], str]:
+def serve_args_problems(loaded: Any, runs_vllm: bool) -> tuple[list[Any], str]:
     """A recipe's `serve.args` as the pinned vLLM reads them: (problems at serve.args[i], a line saying
-    which vLLM checked them or why none did). Only for `serve.engine: vllm`."""
+    which vLLM checked them or why none did). Only where the recipe's engine serves with vLLM (`runs_vllm`)."""
     from runner.errors import Problem
     from runner.recipe.loader import locate
 
     recipe = loaded.recipe
-    if recipe.serve.engine != "vllm":
+    if not runs_vllm:
         return [], ""
     env, why = find(recipe.verify.vllm_loader)
     if env is None:

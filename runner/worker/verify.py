@@ -3,7 +3,8 @@
 Checks, each reported as pass / warn / fail with its evidence:
 - every safetensors file opens and its tensors have the dtypes NVFP4/FP8 exports use;
 - hf_quant_config.json exists and has the keys vLLM requires for its quant_algo;
-- the quant_algo is one the configured engine loads (vLLM's list is below);
+- the quant_algo is one the configured engine loads, and the engine's own rules (runner/quantization/
+  verify_rules.py: the verify step passes them in its params);
 - every exclusion pattern of the recipe matches real modules, every such module is covered by
   exclude_modules and stored unquantized, with no scale tensors (vllm#40252, vllm#45102);
 - every exclude_modules entry matches a real module (else it is a silent no-op);
@@ -25,7 +26,7 @@ from typing import Any
 from runner.quantization import formats
 from runner.quantization.bits import DTYPE_BITS, bits_of
 from runner.quantization.exclusions import names_module
-from runner.quantization.export_formats import LOCAL_QUANT_ALGOS, VLLM_QUANT_ALGOS
+from runner.quantization.verify_rules import VerifyRules
 from runner.quantization.weights import is_embedding
 from runner.worker.weight_formats import Layout, decode, identify
 
@@ -35,7 +36,7 @@ SAMPLED_LAYERS = 8
 
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     checkpoint = Path(params["checkpoint"])
-    report = verify_checkpoint(checkpoint, params.get("exclude", []), params.get("engine", "vllm"),
+    report = verify_checkpoint(checkpoint, params.get("exclude", []), VerifyRules.from_params(params["rules"]),
                                Path(params["model_dir"]) if params.get("model_dir") else None,
                                smoothed=params.get("smoothed", False))
     (output_dir / "verify_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -81,9 +82,10 @@ def load_tensor(where: dict[str, Path], key: str) -> Any:
         return fh.get_tensor(key)
 
 
-def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_dir: Path | None,
+def verify_checkpoint(checkpoint: Path, exclude: list[str], rules: VerifyRules, model_dir: Path | None,
                       smoothed: bool = False) -> dict[str, Any]:
-    """`smoothed`: AWQ scales were folded into the weights, so they differ from the source by per-channel factors."""
+    """`rules`: what the serving engine needs of the export. `smoothed`: AWQ scales were folded into the
+    weights, so they differ from the source by per-channel factors."""
     report = Report()
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
@@ -110,12 +112,12 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                    f"quant_algo {algo}" + (f"; missing keys {', '.join(missing)}" if missing else ", keys vLLM needs"))
     else:
         report.add("hf_quant_config", False, "hf_quant_config.json is missing")
-    accepted = VLLM_QUANT_ALGOS if engine == "vllm" else LOCAL_QUANT_ALGOS
+    accepted = rules.quant_algos
     report.add("quant_algo_supported", algo in accepted,
-               f"{algo} is {'' if algo in accepted else 'NOT '}loadable by the {engine} engine"
+               f"{algo} is {'' if algo in accepted else 'NOT '}loadable by the {rules.engine} engine"
                + ("" if algo in accepted else f" (it accepts {', '.join(accepted)})"))
     smoothing = sorted(k for k in meta if k.endswith(".pre_quant_scale"))
-    if engine == "vllm":
+    if rules.no_pre_quant_scale:
         report.add("pre_quant_scale", not smoothing,
                    "no pre_quant_scale tensors" if not smoothing else
                    f"{len(smoothing)} pre_quant_scale tensors (e.g. {smoothing[0]}): vLLM's ModelOpt loader has no "
@@ -143,7 +145,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                    for e in excluded_entries)
 
     if isinstance(per_layer, dict):
-        check_mixed_layers(report, per_layer, weights, meta, engine)
+        check_mixed_layers(report, per_layer, weights, meta, rules)
 
     # Recipe exclusions: match real modules, listed in exclude_modules, stored unquantized, no scales.
     problems = []
@@ -171,7 +173,7 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], engine: str, model_d
                f"{len(excluded_entries)} entries" + (f"; match no tensor: {', '.join(dangling)} (harmless when "
                                                      "the module is tied or absent)" if dangling else ""))
 
-    if engine == "vllm":
+    if rules.vllm_module_rules:
         mangled = [repr(e) for e in excluded_entries if not isinstance(e, str) or any(ord(c) < 32 for c in e)]
         report.add("exclude_modules_names", not mangled,
                    "every entry is a plain module name" if not mangled else
@@ -247,7 +249,7 @@ def split_fused_groups(weights: dict[str, Any], layouts: dict[str, Any]) -> list
 
 
 def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[str, Any],
-                       meta: dict[str, Any], engine: str) -> None:
+                       meta: dict[str, Any], rules: VerifyRules) -> None:
     """MIXED_PRECISION: each listed layer holds its format's tensors, and every other Linear is unquantized."""
     problems = []
     algo_counts: dict[str, int] = {}
@@ -255,7 +257,7 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
         layer_algo = str((config or {}).get("quant_algo") or "").upper()
         algo_counts[layer_algo] = algo_counts.get(layer_algo, 0) + 1
         expected = formats.by_quant_algo(layer_algo)
-        if engine == "vllm" and layer_algo not in VLLM_QUANT_ALGOS:
+        if rules.layer_algos and layer_algo not in rules.quant_algos:
             problems.append(f"{layer}: {layer_algo} is not loadable by vLLM")
         if layer not in weights:
             problems.append(f"{layer}: listed in quantized_layers but has no weight tensor")
@@ -263,7 +265,7 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
             dtype, scales = expected.tensors.weight_dtype, expected.tensors.required
             # Activation scales matter to an engine that quantizes activations (vLLM); the local engine
             # serves weights dequantized.
-            scales = tuple(s for s in scales if s != "input_scale" or engine == "vllm")
+            scales = tuple(s for s in scales if s != "input_scale" or rules.input_scales)
             lacking = [s for s in scales if f"{layer}.{s}" not in meta]
             if weights[layer][0] != dtype or lacking:
                 problems.append(f"{layer}: {layer_algo} needs a {dtype} weight and {', '.join(scales)}; found "
