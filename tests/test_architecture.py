@@ -156,3 +156,27 @@ def test_the_worker_and_quantization_never_import_torch_on_the_host_side():
             names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             assert not any(n.split(".")[0] in ("torch", "transformers", "modelopt") for n in names), path
+
+
+# --- docs/architecture.md -------------------------------------------------------------------------
+
+
+def test_the_architecture_page_names_every_module_and_only_real_ones():
+    """Every module of runner/ is named on the page (by path, or by file name in a row that names its
+    folder's path), and every runner/ path it names exists: the page cannot drift from the code."""
+    import re
+
+    page = (RUNNER.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = {p for p in re.findall(r"runner/[\w/]+(?:\.py)?", page) if "NAME" not in p}  # NAME: a placeholder
+    missing_paths = sorted(p for p in named if not (RUNNER.parent / p).exists())
+    assert not missing_paths, f"docs/architecture.md names paths that do not exist: {missing_paths}"
+    rows = page.splitlines()
+    unnamed = []
+    for path in sorted(RUNNER.rglob("*.py")):
+        relative = path.relative_to(RUNNER.parent).as_posix()
+        if path.name == "__init__.py" or relative in page:
+            continue
+        folder = path.parent.relative_to(RUNNER.parent).as_posix() + "/"
+        if not any(f"`{path.name}`" in row and folder in row for row in rows):
+            unnamed.append(relative)
+    assert not unnamed, f"add these modules to docs/architecture.md: {unnamed}"

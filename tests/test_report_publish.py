@@ -83,7 +83,14 @@ def test_real_demo_runs_every_step_and_its_outcome_follows_the_verdicts(real_dem
         (run_dir / "steps" / "benchmark.negative_control" / "results.json").read_text())
     expected = select(gates["verdicts"], results, [{"metric": "size.bytes", "order": "min"}], accept_unproven=True,
                       negative_controls=["negative_control"])
+    selected_export = gates["selection"].pop("export")
     assert gates["selection"] == expected
+    # The selection record names the selected export once: its step and its format, which the card titles.
+    if expected["best"] is not None:
+        assert selected_export["step"] == f"export.{expected['best']}" and selected_export["output"] == "checkpoint"
+        assert selected_export["format"]["name"] == "NVFP4"
+    else:
+        assert selected_export is None
     best = expected["best"]
     # The documents are written either way; publish does what the verdicts imply.
     card = (run_dir / "steps" / "report" / "README.md").read_text()

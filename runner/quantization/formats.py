@@ -12,9 +12,10 @@ Everything a format's consumers need is on its entry: bits and block for effecti
 how its codes are packed, the tensors a quantized layer stores (verify's checks), which decoder reads
 them and how close the decode must come (runner/worker/weight_formats.py), the activation
 quantization the local engine emulates (runner/worker/quantized_linear.py), and its words on the card
-(runner/steps/report.py). The worker registers one decoder per stored layout and one emulation per
-activation kind, and checks them against this registry when it is imported (tests/test_formats.py
-also checks every layer format the installed ModelOpt can export has an entry here).
+(runner/quantization/export_words.py). The worker registers one decoder per stored layout and one
+emulation per activation kind, and checks them against this registry when it is imported
+(tests/test_formats.py also checks every layer format the installed ModelOpt can export has an entry
+here).
 
 Imports nothing but the standard library: host and worker both read it.
 """

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from runner.benchmark.tool_calls import parser_from_args
 from runner.errors import RunnerError
 from runner.processes import die_with_parent, tagged_env, terminate_group
+from runner.quantization import formats
 from runner.serving.engine import Engine
 from runner.serving.server import RunningServer, host_port, log_tail, wait_healthy
 
@@ -25,10 +26,11 @@ if TYPE_CHECKING:
     from runner.run_dir import RunDir
     from runner.steps.inputs import ServingInput
 
-# What runner/worker/local_server.py reads (dequantize, then serve with transformers): every layout
-# runner/worker/weight_formats.py decodes.
+# What runner/worker/local_server.py serves (dequantize, then serve with transformers). Not every format
+# the registry has a decoder for: W4A8_NVFP4_FP8 and W4A8_MXFP4_FP8 decode, but their FP8 inputs are not
+# emulated as their kernels quantize them, so the local engine does not claim them.
 QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "MXFP8", "MXFP4", "NVFP4", "NVFP4_AWQ",
-               "NVFP4_SVD", "W4A16_NVFP4", "W4A16_AWQ", "W4A8_AWQ", "MIXED_PRECISION")
+               "NVFP4_SVD", "W4A16_NVFP4", "W4A16_AWQ", "W4A8_AWQ", formats.MIXED_PRECISION)
 
 
 class LocalEngine(Engine):

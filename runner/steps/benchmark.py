@@ -29,6 +29,7 @@ from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
 from runner.serving import kernel_path, serving
+from runner.serving.engine import ENDPOINT
 from runner.serving.server import RunningServer
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
@@ -43,7 +44,7 @@ async def _candidate(ctx: StepContext) -> AsyncIterator[tuple[RunningServer, Pat
         baseline = inputs.baseline
         assert baseline is not None
         if baseline.kind == "endpoint":
-            yield RunningServer(baseline.url, baseline.model, "endpoint"), None, baseline.name
+            yield RunningServer(baseline.url, baseline.model, ENDPOINT), None, baseline.name
             return
         model_dir = ctx.input(ids.SOURCE, "model_dir")
         async with serving(inputs.serving, model_dir, ctx.run_dir, ctx.step.id, "baseline") as srv:
@@ -114,7 +115,7 @@ async def ask_suite(ctx: StepContext, session: aiohttp.ClientSession, server: Ru
             eval_file = ctx.input(ids.CALIBRATE, "eval")
     # The recipe's parser is the one its server reads calls with (vLLM and the local engine alike); the
     # user's own endpoint's is unknown, and vLLM may have one not implemented here: hermes then, as before.
-    named = parser_from_args(spec.serving.serve.args) if server.engine != "endpoint" else None
+    named = parser_from_args(spec.serving.serve.args) if server.engine != ENDPOINT else None
     parser = named if named and unsupported_parser(named) is None else DEFAULT_PARSER
     run = suite_run(ref, session, server.url, server.model, spec.system_prompt, spec.concurrency, eval_file, parser)
     gates = [g for g in spec.sequential_gates if Metric.parse(g.metric).group == ref.name] \

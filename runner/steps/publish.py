@@ -22,9 +22,10 @@ from runner.recipe.schema import Recipe
 from runner.recipe.schema_base import unreadable
 from runner.recipe.secrets import secret_name
 from runner.run_dir import link_tree
+from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import PublishInput
-from runner.steps.report import name_for_export, portable_recipe, reserved_names
+from runner.steps.report import portable_recipe, reserved_names
 
 
 def stage(checkpoint: Path, report_dir: Path, recipe_yaml: str, target: Path,
@@ -106,8 +107,8 @@ def upload(recipe: Recipe, folder: Path, message: str) -> dict[str, Any]:
 async def run(ctx: StepContext) -> StepResult:
     recipe = input_of(ctx, PublishInput).recipe
     spec = recipe.publish
-    gates = ctx.run_dir.record("gates") or {}  # complete: report, which publish needs, needs it
-    best = gates.get("summary", {}).get("selection", {}).get("best")
+    selection = ctx.input_record(ids.GATES).get("summary", {}).get("selection", {})
+    best, export = selection.get("best"), selection.get("export")
     if best is None:
         # Not a failure of the pipeline: the run completes and exits with its own status (4).
         reason = "no strategy passed the gates; see steps/gates/comparison.md"
@@ -116,15 +117,18 @@ async def run(ctx: StepContext) -> StepResult:
                                    "repo_id": spec.repo_id, "dry_run": spec.dry_run})
     if spec.repo_id is None:
         raise RunnerError("publish.repo_id is not set: name the Hub repository (user/name) to publish to")
-    suggested = name_for_export(recipe, ctx.run_dir)
+    suggested = ctx.input_record(ids.REPORT).get("summary", {}).get("suggested_repo_id")
     if suggested is not None and not spec.dry_run:
         raise RunnerError(f"publish.repo_id {spec.repo_id} names another format than the selected strategy {best} "
                           f"exported: set publish.repo_id to {suggested} (or a name of your own that does not "
                           "claim another format)")
-    checkpoint = ctx.run_dir.output(f"export.{best}", "checkpoint")
+    if export is None:
+        raise RunnerError("the gates record names no export for the selected strategy (written by an older "
+                          "runner): run the recipe again to re-judge, then publish")
+    checkpoint = ctx.input(export["step"], export["output"])
     # The recipe as the card embeds it, with the data files it reads beside it: it runs as uploaded.
-    portable = portable_recipe(recipe, reserved_names(ctx.run_dir, best))
-    files = await asyncio.to_thread(stage, checkpoint, ctx.run_dir.step_dir("report"), portable.yaml,
+    portable = portable_recipe(recipe, reserved_names(ctx, best))
+    files = await asyncio.to_thread(stage, checkpoint, ctx.input(ids.REPORT, "card").parent, portable.yaml,
                                     ctx.scratch / "upload", portable.files)
     total = sum(f["bytes"] for f in files)
     summary = {"published": not spec.dry_run, "repo_id": spec.repo_id, "private": spec.private, "strategy": best,

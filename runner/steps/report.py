@@ -32,28 +32,29 @@ from runner.recipe.loader import dump_yaml
 from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
 from runner.recipe.schema import Recipe
-from runner.run_dir import RunDir
 from runner.serving import engine_for
 from runner.serving.engine import CardServing
 from runner.serving.vllm import QUANT_ALGOS as VLLM_QUANT_ALGOS
 from runner.steps import ids
-from runner.steps.base import StepContext, StepKind, StepResult, input_of
+from runner.steps.base import RunView, StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import ReportInput
 
-PLOTS = {"gates": ("gate_scores.png", "ttft_curve.png"), "calibrate": ("token_lengths.png",)}
+# The pictures the documents show: (step, its output) -> the file's name beside the card.
+PICTURES = {(ids.GATES, "gate_plot"): "gate_scores.png", (ids.GATES, "ttft_plot"): "ttft_curve.png",
+            (ids.CALIBRATE, "histogram"): "token_lengths.png"}
 
 
-def name_for_export(recipe: Recipe, run_dir: RunDir) -> str | None:
-    """The repository name publish.repo_id should have when it claims another format than the
-    selected strategy's export (None when it does not, or nothing was selected)."""
-    selection = ((run_dir.record("gates") or {}).get("summary") or {}).get("selection") or {}
-    best = selection.get("best")
-    if best is None:
+def optional_output(run: RunView, step_id: str, name: str) -> Path | None:
+    """An output of a step the documents may show: None where the step is not in the run (a failed
+    branch, no baseline) or did not write it."""
+    try:
+        return run.output(step_id, name)
+    except KeyError:
         return None
-    verify = (run_dir.record(f"verify.{best}") or {}).get("summary", {})
-    quantize = (run_dir.record(f"quantize.{best}") or {}).get("summary", {})
-    fmt = export_format(verify.get("quant_algo"), quantize.get("formats"))
-    return repo_name_mismatch(recipe.publish.repo_id, fmt["name"])
+
+
+def read_json(path: Path | None) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
 
 
 def source_description(recipe: Recipe, source_summary: dict[str, Any]) -> str:
@@ -84,11 +85,10 @@ def tokenizer_repairs(source_summary: dict[str, Any]) -> str:
             + "; ".join(repairs).replace("|", "\\|") + ")")  # a table cell: tokens like <|im_end|> hold pipes
 
 
-def source_bytes(run_dir: RunDir) -> int | None:
+def source_bytes(run: RunView) -> int | None:
     """The safetensors bytes of the model as the source step wrote it (what was quantized)."""
-    try:
-        folder = run_dir.output("source", "model_dir")
-    except KeyError:  # no source output: the card says n/a
+    folder = optional_output(run, ids.SOURCE, "model_dir")
+    if folder is None:  # no source output: the card says n/a
         return None
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) or None
 
@@ -99,48 +99,53 @@ def human_bytes(n: float | None) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
-    """Everything the templates may use, read from committed step records and outputs."""
-    gates_record = run_dir.record("gates")
+def gather(recipe: Recipe, run: RunView) -> dict[str, Any]:
+    """Everything the templates may use, read from committed step records and outputs: the report step's
+    dependencies (its context), or a whole run directory (`recipe card`)."""
+    gates_record = run.record(ids.GATES)
     if gates_record is None:
-        raise RunnerError(f"{run_dir.root} has no completed gates step: run the recipe first")
+        raise RunnerError(f"{getattr(run, 'root', 'the run')} has no completed gates step: run the recipe first")
     selection = gates_record["summary"]["selection"]
     best = selection["best"]
     strategies = {}
     judged = gates_record["summary"]["verdicts"]  # the strategies this run compared
     for strategy in recipe.quantization.strategies:
         name = strategy.name
-        quantize = run_dir.record(f"quantize.{name}")
-        if name not in judged or quantize is None:
+        if name not in judged:
             continue
-        bench_path = run_dir.step_dir(f"benchmark.{name}") / "results.json"
+        quantize = run.record(ids.quantize(name))
+        if quantize is None:
+            continue
         verdicts = gates_record["summary"]["verdicts"].get(name, [])
-        benchmark = json.loads(bench_path.read_text()) if bench_path.exists() else None
+        benchmark = read_json(optional_output(run, ids.benchmark(name), "results"))
         strategies[name] = {
             "spec": strategy.model_dump(mode="json"),
             "calibration_set": calibration_key(strategy.calibration),
             "speed": speed_text(benchmark, verdicts),
-            "exclude": recipe.quantization.exclusions(strategy),
+            # What the worker applied (records written before it recorded them: the recipe's)
+            "exclude": quantize["summary"].get("exclude", recipe.quantization.exclusions(strategy)),
             "quantize": {k: v for k, v in quantize["summary"].items() if k != "layers"},
-            "verify": (run_dir.record(f"verify.{name}") or {}).get("summary", {}),
-            "serve": (run_dir.record(f"serve.{name}") or {}).get("summary", {}),
+            "verify": (run.record(ids.verify(name)) or {}).get("summary", {}),
+            "serve": (run.record(ids.serve(name)) or {}).get("summary", {}),
             "benchmark": benchmark,
             "verdicts": verdicts,
         }
-    portable = portable_recipe(recipe, reserved_names(run_dir, best))
+    portable = portable_recipe(recipe, reserved_names(run, best))
     # Strategies whose branch failed before gates: named in the documents with where and why.
     failed = {name: {**why, "reason": first_line(why.get("error"))}
               for name, why in (gates_record["summary"].get("failed") or {}).items()}
-    baseline_path = run_dir.step_dir("benchmark.baseline") / "results.json"
-    calibrate = run_dir.record("calibrate") or {}
-    source_summary = (run_dir.record("source") or {}).get("summary", {})
+    calibrate = run.record(ids.CALIBRATE) or {}
+    source_summary = (run.record(ids.SOURCE) or {}).get("summary", {})
     chosen = strategies.get(best) if best else None
-    baseline_result = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
+    baseline_result = read_json(optional_output(run, ids.BASELINE_BENCHMARK, "results")) \
+        if recipe.benchmark.baseline is not None else None
     baseline_label = recipe.benchmark.baseline.name if recipe.benchmark.baseline else "baseline"
     for name, facts in strategies.items():
         facts["recovery"] = recovery(facts["benchmark"] or {}, baseline_result)
         facts["recovery_table"] = recovery_markdown(facts["recovery"], baseline_label, name)
-    fmt = export_format(chosen["verify"].get("quant_algo"), chosen["quantize"].get("formats")) if chosen else None
+    # Named once, by gates (its selection record); records written before it named it: from verify's.
+    fmt = (selection.get("export") or {}).get("format") or (
+        export_format(chosen["verify"].get("quant_algo"), chosen["quantize"].get("formats")) if chosen else None)
     title = recipe.report.title or (f"{recipe.model.name} {fmt['name']}" if fmt else
                                     f"{recipe.model.name} (no strategy passed the gates)")
     baseline = recipe.benchmark.baseline
@@ -156,7 +161,7 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "recipe_yaml": portable.yaml,
         "recipe_files": sorted(portable.files),
         "required_inputs": portable.required,
-        "calibration_sets": calibration_sets(recipe, run_dir, strategies, portable),
+        "calibration_sets": calibration_sets(recipe, run, strategies, portable),
         "behaviour": behaviour(recipe, strategies),
         "model": scrub_paths(recipe.model.model_dump(mode="json")),
         "base_model": recipe.model.hub_base_model(),
@@ -171,10 +176,10 @@ def gather(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "baseline": baseline_result,
         "baseline_name": baseline.name if baseline else None,
         "baseline_description": baseline_description,
-        "gate_table": (run_dir.step_dir("gates") / "comparison.md").read_text(encoding="utf-8"),
+        "gate_table": run.output(ids.GATES, "table").read_text(encoding="utf-8"),
         "speed": gates_record["summary"].get("speed", {}),
         "calibration": calibrate.get("summary", {}),
-        "source_bytes": source_bytes(run_dir),
+        "source_bytes": source_bytes(run),
         "usage": usage(recipe, repo_id, chosen),
         "hardware": recipe.benchmark.hardware,
         "hardware_description": hardware_targets().get(recipe.benchmark.hardware or "", {}).get("description"),
@@ -251,13 +256,13 @@ def behaviour(recipe: Recipe, strategies: dict[str, dict[str, Any]]) -> dict[str
     return out
 
 
-def reserved_names(run_dir: RunDir, best: str | None) -> set[str]:
+def reserved_names(run: RunView, best: str | None) -> set[str]:
     """File names the upload already uses (the checkpoint's, the card's, the plots'): an input file
     staged beside recipe.yaml must not take one of them."""
-    names = {"README.md", "recipe.yaml", *PLOTS["gates"], *PLOTS["calibrate"]}
+    names = {"README.md", "recipe.yaml", *PICTURES.values()}
     if best is not None:
         with contextlib.suppress(KeyError, OSError):  # no checkpoint: nothing of its to avoid
-            names |= {p.name for p in run_dir.output(f"export.{best}", "checkpoint").iterdir()}
+            names |= {p.name for p in run.output(ids.export(best), "checkpoint").iterdir()}
     return names
 
 
@@ -346,7 +351,7 @@ def _set_description(source: Any, shown: dict[str, str]) -> str:
     return f"the dataset `{source.name}`"
 
 
-def calibration_overlaps(recipe: Recipe, run_dir: RunDir, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def calibration_overlaps(recipe: Recipe, run: RunView, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """{set key: overlap of the set the run calibrated on (its committed calibrate output) with the
     prompts of the recipe's suites}: {"checked", "count", "items", "suite_prompts"} or why not checked."""
     from runner.calibration.overlap import suite_items
@@ -366,7 +371,7 @@ def calibration_overlaps(recipe: Recipe, run_dir: RunDir, keys: list[str] | None
             out[key] = {"checked": False, "why": "random token ids hold no prompts", "suite_prompts": prompts}
             continue
         try:
-            path = run_dir.output(step, "calibration")
+            path = run.output(step, "calibration")
             found: list[Overlap] = file_overlaps(path, recipe.benchmark.suites, label=f"{step}/calibration.jsonl")
         except (KeyError, OSError) as exc:
             out[key] = {"checked": False, "why": f"no calibration set in the run ({exc})", "suite_prompts": prompts}
@@ -376,19 +381,19 @@ def calibration_overlaps(recipe: Recipe, run_dir: RunDir, keys: list[str] | None
     return out
 
 
-def calibration_sets(recipe: Recipe, run_dir: RunDir, strategies: dict[str, dict[str, Any]],
+def calibration_sets(recipe: Recipe, run: RunView, strategies: dict[str, dict[str, Any]],
                      portable: PortableRecipe) -> dict[str, dict[str, Any]]:
     """Each calibration set a judged strategy used: what it is, which strategies used it, its calibrate
     record, and whether it is disjoint from the suites' prompts."""
     used: dict[str, list[str]] = {}
     for name, facts in strategies.items():
         used.setdefault(facts["calibration_set"], []).append(name)
-    overlaps = calibration_overlaps(recipe, run_dir, list(used))
+    overlaps = calibration_overlaps(recipe, run, list(used))
     out = {}
     for key, names in used.items():
         alt = key.removeprefix("calibration.alternatives.") if key != calibration_key(None) else None
         source = recipe.calibration.source if alt is None else recipe.calibration.alternatives[alt]
-        record = run_dir.record(ids.calibrate(alt)) or {}
+        record = run.record(ids.calibrate(alt)) or {}
         out[key] = {"name": alt or "the recipe's set", "description": _set_description(source, portable.shown),
                     "strategies": names, "summary": record.get("summary", {}), "overlap": overlaps.get(key, {})}
     return out
@@ -510,11 +515,12 @@ def environment(templates_dir: Path | None) -> SandboxedEnvironment:
     return env
 
 
-def render_documents(recipe: Recipe, run_dir: RunDir, target: Path) -> dict[str, str]:
-    """Write README.md (the card), blog.md, research_section.md and the plots into `target`."""
+def render_documents(recipe: Recipe, run: RunView, target: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Write README.md (the card), blog.md, research_section.md and the plots into `target`; returns
+    the outputs and the facts they were written from (gather)."""
     from huggingface_hub import ModelCard
 
-    facts = gather(recipe, run_dir)
+    facts = gather(recipe, run)
     env = environment(recipe.report.templates_dir)
     data = card_data(recipe, facts)
     body = env.get_template(recipe.report.card_template).render(**facts)
@@ -524,12 +530,11 @@ def render_documents(recipe: Recipe, run_dir: RunDir, target: Path) -> dict[str,
     (target / "blog.md").write_text(env.get_template(recipe.report.blog_template).render(**facts), encoding="utf-8")
     (target / "research_section.md").write_text(env.get_template(recipe.report.research_template).render(**facts),
                                                 encoding="utf-8")
-    for step, pictures in PLOTS.items():
-        for picture in pictures:
-            source = run_dir.step_dir(step) / picture
-            if source.exists():
-                shutil.copyfile(source, target / picture)
-    return {"card": "README.md", "blog": "blog.md", "research": "research_section.md"}
+    for (step, output), picture in PICTURES.items():
+        source = optional_output(run, step, output)
+        if source is not None and source.exists():
+            shutil.copyfile(source, target / picture)
+    return {"card": "README.md", "blog": "blog.md", "research": "research_section.md"}, facts
 
 
 def append_research_section(document: Path, recipe_name: str, section: str) -> bool:
@@ -557,10 +562,10 @@ def append_research_section(document: Path, recipe_name: str, section: str) -> b
 
 async def run(ctx: StepContext) -> StepResult:
     recipe = input_of(ctx, ReportInput).recipe
-    outputs = await asyncio.to_thread(render_documents, recipe, ctx.run_dir, ctx.scratch)
+    outputs, facts = await asyncio.to_thread(render_documents, recipe, ctx, ctx.scratch)
     summary: dict = {"documents": list(outputs.values()), "warnings": []}
     # Whether each calibration set of the run is disjoint from the suites' prompts (the card says it too).
-    overlap = await asyncio.to_thread(calibration_overlaps, recipe, ctx.run_dir)
+    overlap = await asyncio.to_thread(calibration_overlaps, recipe, ctx)
     summary["calibration_overlap"] = overlap
     for key, found in overlap.items():
         if found.get("count"):
@@ -568,7 +573,8 @@ async def run(ctx: StepContext) -> StepResult:
                        f"(first: {found['items'][0]}); the card says so")
             summary["warnings"].append(warning)
             ctx.log.warning(warning)
-    suggested = name_for_export(recipe, ctx.run_dir)
+    # Computed once, from the format gates named (gather): publish reads it from this record.
+    suggested = summary["suggested_repo_id"] = facts["suggested_repo_id"]
     if suggested is not None:
         warning = (f"publish.repo_id {recipe.publish.repo_id} names another format than the selected export holds; "
                    f"a name that says what it holds: {suggested}")
