@@ -225,10 +225,10 @@ def activations() -> tuple[Activation, ...]:
 def check_registered(kind: str, wanted: Iterable[str], registered: Iterable[str]) -> None:
     """Raise when the worker registers other `kind`s than the registry needs (a format without a
     decoder, an emulation of an activation no format has)."""
-    wanted, registered = set(wanted), set(registered)
-    if wanted != registered:
+    needed, have = set(wanted), set(registered)
+    if needed != have:
         raise RuntimeError(f"{kind} out of step with runner/quantization/formats.py: none for "
-                           f"{sorted(wanted - registered)}; none needed for {sorted(registered - wanted)}")
+                           f"{sorted(needed - have)}; none needed for {sorted(have - needed)}")
 
 
 def card_words() -> dict[str, CardWords]:
