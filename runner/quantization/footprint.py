@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.quantization import Unknown
+from runner.quantization import formats as registry
 from runner.quantization.bits import DTYPE_BITS, base_format, bits_of
 from runner.quantization.decode import Hardware, bytes_per_token_of, decode_tok_s
 from runner.quantization.exclusions import DEFAULT_DISABLED, matches
@@ -142,7 +143,8 @@ def _stored_bits(tensor: Tensor, dtype: str | None) -> float:
 
 def _scalar_bytes(fmt: str) -> int:
     """Per-tensor scales the export adds to a quantized Linear (weight_scale_2 / input_scale, fp32)."""
-    return {"nvfp4": 8, "w4a16_nvfp4": 4, "fp8": 8, "w4a8_nvfp4_fp8": 8}.get(base_format(fmt), 0)
+    entry = registry.by_name(base_format(fmt))
+    return entry.scalar_bytes if entry is not None else 0
 
 
 def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
