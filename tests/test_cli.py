@@ -53,7 +53,8 @@ def test_plan_shows_steps_executors_and_cache_state(tmp_path):
     assert steps["quantize.awq_lite"]["runs_in"] == "container ngc-modelopt"
     assert steps["quantize.awq_lite"]["state"] == "to run"
     assert steps["serve.auto_mixed"]["runs_in"] == "vllm server in container vllm"
-    assert steps["publish"]["state"] == "to run" and steps["publish"]["needs"] == ["report"]
+    assert steps["publish"]["state"] == "to run" and steps["publish"]["needs"] == [
+        "gates", "report", "export.awq_lite", "export.mlp_only", "export.auto_mixed", "export.nvidia_w4a16_fp8attn"]
     assert steps["gates"]["needs"] == ["benchmark.awq_lite", "benchmark.mlp_only", "benchmark.auto_mixed",
                                        "benchmark.nvidia_w4a16_fp8attn", "benchmark.baseline"]
     local = recipe("plan", str(RECIPES / "qwen35-9b-opus.yaml"), "--json", "--executor", "local",
