@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from runner.quantization.modelopt_recipes import check_recipe_name, ptq_recipes, recipes_root  # noqa: E402
 from runner.quantization.preflight import strategy_refusal  # noqa: E402
 from runner.recipe.schema import Strategy  # noqa: E402
+from runner.serving import engine_for  # noqa: E402
 
 CALIBRATION = REPO / "recipes" / "demo" / "calibration.jsonl"
 
@@ -62,7 +63,7 @@ def try_recipe(name: str, model_dir: Path, work: Path) -> dict:
     if problem is not None:
         return outcome | {"end": "refused", "why": f"validate: {problem.message}"}
     strategy = Strategy(name="s", modelopt_recipe=name)
-    refusal = strategy_refusal(strategy, [], model_dir, gpus=0, engine="vllm")
+    refusal = strategy_refusal(strategy, [], model_dir, gpus=0, engine=engine_for("vllm"))
     if refusal is not None:
         return outcome | {"end": "refused", "why": refusal}
     out = work / name.replace("/", "__")

@@ -10,6 +10,7 @@ import pytest
 
 from runner.executors.base import ERROR_FILE, WorkerFailed
 from runner.executors.local import LocalExecutor
+from runner.serving import engine_for
 from runner.worker.__main__ import explain
 
 
@@ -24,7 +25,8 @@ def test_a_failing_worker_gives_its_reason_once_and_its_traceback_to_the_log(tmp
     scratch = tmp_path / "run" / ".scratch" / "verify.x"
     scratch.mkdir(parents=True)
     log = tmp_path / "verify.log"
-    params = {"checkpoint": str(tmp_path / "no_checkpoint"), "exclude": [], "engine": "vllm"}
+    params = {"checkpoint": str(tmp_path / "no_checkpoint"), "exclude": [],
+              "rules": engine_for("vllm").verify_rules.to_params()}
     with pytest.raises(WorkerFailed) as caught:
         asyncio.run(LocalExecutor().run_worker(worker_kind="verify", params=params, scratch=scratch,
                                                log_path=log, container=None))
