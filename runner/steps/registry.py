@@ -23,7 +23,8 @@ def step_kinds() -> dict[str, StepKind]:
 
 
 def worker_kinds() -> dict[str, str]:
-    """{worker kind: the step kind that runs it} (`python -m runner.worker` accepts exactly these)."""
+    """{worker kind: the step kind that runs it}: each is runner/worker/WORKER.py, which `python -m
+    runner.worker` runs (tests/test_step_kinds.py checks these are exactly the worker modules with run())."""
     return {kind.worker: kind.name for kind in _kinds() if kind.worker is not None}
 
 
