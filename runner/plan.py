@@ -42,7 +42,7 @@ from runner.steps.inputs import (
     SourceInput,
     VerifyInput,
 )
-from runner.steps.registry import step_kinds, worker_kinds
+from runner.steps.registry import slurm_kinds, step_kinds
 from runner.vllm_env.environment import find as find_vllm
 
 RUNNER_DIR = Path(__file__).resolve().parent
@@ -91,10 +91,10 @@ class Plan:
 
 def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
     """The step graph of a recipe, restricted to the named strategies when given."""
-    unknown = sorted(set(recipe.execution.slurm.steps) - set(worker_kinds().values()))
-    if unknown:
+    unknown = [name for name in recipe.execution.slurm.steps if name not in slurm_kinds()]
+    if unknown:  # recipe validate says where (slurm_step_problems); a run refuses it too
         raise RunnerError(f"execution.slurm.steps: no step kind {', '.join(unknown)} runs a worker; name one of "
-                          f"{', '.join(sorted(worker_kinds().values()))}")
+                          f"{', '.join(slurm_kinds())}")
     chosen = recipe.enabled_strategies()
     if strategies:
         names = [s.name for s in recipe.quantization.strategies]

@@ -28,12 +28,17 @@ def worker_kinds() -> dict[str, str]:
     return {kind.worker: kind.name for kind in _kinds() if kind.worker is not None}
 
 
+def slurm_kinds() -> list[str]:
+    """The step kinds `execution.slurm.steps` may name: those that run a worker, in plan order."""
+    return sorted(worker_kinds().values(), key=list(step_kinds()).index)
+
+
 def slurm_step_problems(loaded: Any) -> list[Problem]:
     """A located error per `execution.slurm.steps` entry that names no step kind with a worker (the
     schema takes any name there, since the kinds are declared here, above it)."""
     from runner.recipe.loader import locate
 
-    known = sorted(worker_kinds().values(), key=list(step_kinds()).index)
+    known = slurm_kinds()
     problems = []
     for name in loaded.recipe.execution.slurm.steps:
         if name not in known:
