@@ -8,7 +8,12 @@ list` makes (size, effective bits) next to the export's, the routed experts' for
 verdict, and the times and peak GPU memory.
 
     python bench/catalogue_gpu.py recipes/qwen3-30b-a3b.yaml [--strategy w4a16] [--samples 16]
-        [--tokens 512] [--work DIR]
+        [--tokens 512] [--work DIR] [--layers K]
+
+`--layers K` keeps the first K decoder layers at full width (config and tensor listing cut alike, so
+the prediction is for the same truncated model): for models whose BF16 weights exceed one GPU. Every
+layer of a kind has the same shapes, so the per-layer sizes, formats and verify verdict are the full
+model's; totals are the truncated model's.
 
 Needs CUDA, torch, transformers, ModelOpt, and disk for one export (the quantized size).
 The weights are random: sizes, formats, placement and times are real; quality numbers are not.
@@ -36,6 +41,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--layers", type=int, default=None, help="keep the first K decoder layers (full width)")
     ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a small model")
     args = ap.parse_args()
 
@@ -65,6 +71,9 @@ def main() -> None:
     strategy = next(s for s in recipe.quantization.strategies if s.name == args.strategy)
     exclude = recipe.quantization.exclusions(strategy)
     shapes = recipe.model.shapes
+    work = args.work or Path(tempfile.mkdtemp(prefix="catalogue-gpu-"))
+    if args.layers is not None:
+        shapes = truncated_shapes(shapes, args.layers, work / "shapes")
     weights = load_weights(shapes)
     predicted = footprint.strategy_footprint(weights, strategy, exclude, hardware_target(LIST_HARDWARE),
                                              recipe.model.dtype)
@@ -105,7 +114,6 @@ def main() -> None:
     print(f"quantized in {result['quantize_s']:.1f}s ({result['batches']} batches), peak GPU {peak:.1f} GiB; "
           f"formats {formats}; routed experts {sorted(experts)}", flush=True)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="catalogue-gpu-"))
     checkpoint = work / "checkpoint"
     shutil.rmtree(checkpoint, ignore_errors=True)
     from modelopt.torch.export import export_hf_checkpoint
@@ -135,6 +143,32 @@ def main() -> None:
         print(f"  {name}: {detail}", flush=True)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# Per-layer config lists and strings (a layer's kind), cut with the layers.
+_PER_LAYER_KEYS = ("layer_types", "hybrid_override_pattern", "mlp_only_layers")
+
+
+def truncated_shapes(shapes: Path, layers: int, out: Path) -> Path:
+    """A copy of a model folder's config.json and tensors.json with only the first `layers` decoder layers."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((shapes / "config.json").read_text())
+    for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
+        if "num_hidden_layers" in section:
+            section["num_hidden_layers"] = min(layers, section["num_hidden_layers"])
+        for key in _PER_LAYER_KEYS:
+            value = section.get(key)
+            if key == "mlp_only_layers" and isinstance(value, list):
+                section[key] = [i for i in value if i < layers]
+            elif isinstance(value, (list, str)):
+                section[key] = value[:layers]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    listing = json.loads((shapes / "tensors.json").read_text())
+    listing["tensors"] = {name: spec for name, spec in listing["tensors"].items()
+                          if (m := _LAYER_INDEX.search(name)) is None or int(m.group(1)) < layers}
+    (out / "tensors.json").write_text(json.dumps(listing))
+    return out
 
 
 if __name__ == "__main__":
