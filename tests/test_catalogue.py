@@ -97,3 +97,99 @@ def test_recipe_list_prints_predictions():
     assert result.returncode == 0, result.stderr
     assert "qwen35-35b-a3b.yaml" in result.stdout and "w4a16" in result.stdout
     assert "predictions" in result.stdout
+
+
+# The parameter-count table of recipes/models/README.md (issue 27): its header, spelled exactly, so
+# that a row for a new folder lands in the table this test reads.
+COUNTS_HEADER = "| folder | listing parameters | published parameters | difference | source of the published number |"
+# Rows whose publisher gives no exact count (`unverified: ...` in the published column), by folder.
+# None today; adding one means naming it here too.
+UNVERIFIED_COUNTS: set[str] = set()
+
+
+def _count(cell: str) -> int:
+    """The integer a cell starts with: `24,011,361,280` or `885,429,488 vision tower + mtp`."""
+    found = re.match(r"\s*(\d[\d,]*)(?:\s|$)", cell)
+    assert found, f"no parameter count at the start of {cell!r}"
+    return int(found.group(1).replace(",", ""))
+
+
+def parameter_count_rows() -> dict[str, dict[str, str]]:
+    lines = (RECIPES / "models" / "README.md").read_text(encoding="utf-8").splitlines()
+    assert COUNTS_HEADER in lines, "recipes/models/README.md has no parameter-count table"
+    rows: dict[str, dict[str, str]] = {}
+    names = [c.strip() for c in COUNTS_HEADER.strip("|").split("|")]
+    for line in lines[lines.index(COUNTS_HEADER) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(names), f"a row of the parameter-count table has {len(cells)} cells: {line}"
+        row = dict(zip(names, cells, strict=True))
+        assert row["folder"] not in rows, f"two rows for {row['folder']}"
+        rows[row["folder"]] = row
+    return rows
+
+
+def listing_total(folder) -> int:
+    listing = json.loads((folder / "tensors.json").read_text(encoding="utf-8"))
+    total = 0
+    for _dtype, shape in listing["tensors"].values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def test_every_listing_holds_the_published_parameter_count_less_what_it_leaves_out_on_purpose():
+    """listing + difference == published, exactly, for every folder with a tensors.json; a folder
+    without a row, a row without a folder and an unexpected `unverified` row all fail."""
+    rows = parameter_count_rows()
+    folders = {p.parent.name: p.parent for p in (RECIPES / "models").glob("*/tensors.json")}
+    assert set(rows) - set(folders) == set(), "rows for folders that have no tensors.json"
+    assert set(folders) - set(rows) == set(), "folders missing from the parameter-count table"
+    unverified, wrong = set(), []
+    for name, folder in sorted(folders.items()):
+        row, total = rows[name], listing_total(folder)
+        if _count(row["listing parameters"]) != total:
+            wrong.append(f"{name}: the table says the listing holds {row['listing parameters']}, it holds {total:,}")
+        if row["published parameters"].startswith("unverified"):
+            unverified.add(name)
+            continue
+        assert row["source of the published number"], f"{name}: no source for the published number"
+        published, difference = _count(row["published parameters"]), _count(row["difference"])
+        if total + difference != published:
+            wrong.append(f"{name}: listing {total:,} + difference {difference:,} = {total + difference:,}, "
+                         f"published {published:,} (off by {published - total - difference:,})")
+    assert not wrong, "\n".join(wrong)
+    assert unverified == UNVERIFIED_COUNTS, f"rows without an exact published count: {sorted(unverified)}"
+
+
+def test_an_untied_model_lists_its_own_lm_head():
+    """Read as transformers reads it, a config that says `tie_word_embeddings: false` (top level or
+    text_config) has an lm_head of its own in the listing; the top level and the text config agree
+    (transformers ties on the top level: Mistral 3's Hub config omits it there and its class
+    default is true, transformers#42313), and a tied model lists no separate lm_head."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig
+
+    wrong = []
+    for folder in sorted(p.parent for p in (RECIPES / "models").glob("*/tensors.json")):
+        config = AutoConfig.from_pretrained(folder)
+        top = getattr(config, "tie_word_embeddings", None)
+        text = getattr(config.get_text_config(), "tie_word_embeddings", None)
+        names = json.loads((folder / "tensors.json").read_text(encoding="utf-8"))["tensors"]
+        heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+        if top is not text:
+            wrong.append(f"{folder.name}: tie_word_embeddings is {top} at the top level, {text} in text_config")
+        if top is False or text is False:
+            if len(heads) != 1:
+                wrong.append(f"{folder.name}: untied, but the listing has no lm_head of its own ({heads})")
+        elif heads:
+            wrong.append(f"{folder.name}: tied, yet the listing has {heads}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_mistral_small_config_says_its_lm_head_is_untied():
+    raw = json.loads((RECIPES / "models" / "mistral-small-32-24b" / "config.json").read_text(encoding="utf-8"))
+    assert raw["tie_word_embeddings"] is False and raw["text_config"]["tie_word_embeddings"] is False
