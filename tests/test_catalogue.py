@@ -89,7 +89,7 @@ calibration: {{source: {{kind: jsonl, path: calib.jsonl}}}}
     loaded = load_recipe(path, env={})
     assert RECIPES / "base" / f"{family}.yaml" in loaded.files
     assert loaded.recipe.quantization.exclude  # the family's exclusions arrived
-    assert "--quantization" in loaded.recipe.serve.args  # and the hardware flags, appended
+    assert "--gpu-memory-utilization" in loaded.recipe.serve.args  # and the hardware flags, appended
 
 
 def test_recipe_list_prints_predictions():

@@ -309,6 +309,21 @@ class ExportSpec(Section):
 # --- serving ---------------------------------------------------------------------------------
 
 
+class SpeculativeSpec(Section):
+    """Speculative decoding with the checkpoint's own MTP head (vLLM's `--speculative-config`). The engine turns
+    it on only for an export that carries the `mtp.*` tensors (a source whose export dropped them serves
+    without it, and the serve step records why); the benchmark records the draft acceptance rate."""
+
+    method: str = Field("mtp", description=(
+        "vLLM's speculative method; `mtp` (vLLM maps the model-specific names qwen3_next_mtp, qwen3_5_mtp, ... "
+        "to it)."))
+    num_speculative_tokens: int = Field(gt=0, le=16, description="Draft tokens proposed per step.")
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict, description=(
+        "Further keys of the `--speculative-config` JSON, e.g. `moe_backend: triton` for the draft's MoE."))
+    args: list[str] = Field(default_factory=list, description=(
+        "vLLM flags that go with speculative decoding only (passed when it is on)."))
+
+
 class ServeSpec(Section):
     engine: str = Field("vllm", description=(
         "Serving engine: `vllm` (a server in the serve container) or `local` (runner/worker/local_server.py "
@@ -322,6 +337,8 @@ class ServeSpec(Section):
     startup_timeout_s: float = Field(900, gt=0)
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads of the `local` engine; default "
                                 "min(4, the machine's cores). Fixed for the run so that answers repeat.")
+    speculative: SpeculativeSpec | None = Field(None, description=(
+        "MTP speculative decoding (vllm engine): on when the export carries `mtp.*` tensors, off otherwise."))
 
     @field_validator("engine")
     @classmethod

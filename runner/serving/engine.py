@@ -40,6 +40,15 @@ ENDPOINT_KERNELS = "the user's own server (its hardware is not recorded here)"
 
 
 @dataclass(frozen=True)
+class ServerArgs:
+    """The flags a server is started with for one checkpoint: the recipe's serve.args and what the engine derives
+    from the checkpoint itself (e.g. vLLM's KV cache dtype), and a line for each derived choice."""
+
+    args: list[str]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
 class CardServing:
     """How the card's docker line serves the published model (always with vLLM: what a reader runs)."""
 
@@ -73,6 +82,11 @@ class Engine(ABC):
         """Start `model_dir` served as `name`, yield it once it answers, stop it on the way out; its output
         goes to the step's log. `pin_port`: listen on serve.port when the recipe sets one (False for a
         second server started alongside, e.g. the paired baseline)."""
+
+    def server_args(self, spec: ServingInput, model_dir: Path) -> ServerArgs:
+        """The flags `serve` starts `model_dir` with; by default the recipe's serve.args as written. The serve and
+        benchmark steps record them, so the card can repeat exactly what was served."""
+        return ServerArgs(list(spec.serve.args), [])
 
     def where(self, recipe: Recipe) -> str:
         """Where its server runs, as `recipe plan` says it."""

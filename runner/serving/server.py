@@ -109,3 +109,65 @@ def log_tail(path: Path, lines: int = 12) -> str:
         return "\n      ".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# vLLM's speculative-decoding counters on its Prometheus /metrics (vllm/v1/spec_decode/metrics.py, vLLM 0.33.0:
+# Counters "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens",
+# exposed by prometheus_client with the `_total` suffix, one series per engine/model label set).
+SPEC_DECODE_COUNTERS = {
+    "drafts": "vllm:spec_decode_num_drafts_total",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+    "accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total",
+}
+
+
+def parse_counters(text: str, names: dict[str, str]) -> dict[str, float]:
+    """The Prometheus text exposition's samples of each named counter, summed over their label sets; a counter
+    the text does not have is absent from the answer."""
+    wanted = {metric: key for key, metric in names.items()}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name not in wanted:
+            continue
+        try:
+            rest = line.rsplit("}", 1)[1] if "{" in line else line[len(name):]
+            value = float(rest.split()[0])  # `name{labels} value [timestamp]`
+        except (IndexError, ValueError):
+            continue
+        found[wanted[name]] = found.get(wanted[name], 0.0) + value
+    return found
+
+
+async def spec_decode_counters(session: aiohttp.ClientSession, server: RunningServer) -> dict[str, float] | None:
+    """The server's speculative-decoding counters now (GET /metrics at the server root), or None when it exposes
+    no metrics or not these (a server that does not speculate, the local engine, a user's endpoint)."""
+    url = server.url.removesuffix("/v1") + "/metrics"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        return None
+    counters = parse_counters(text, SPEC_DECODE_COUNTERS)
+    return counters if set(counters) == set(SPEC_DECODE_COUNTERS) else None
+
+
+def draft_acceptance(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | int] | None:
+    """The draft acceptance over the requests between two readings of the counters: accepted / proposed draft
+    tokens, and vLLM's mean acceptance length (1 + accepted / drafts: tokens emitted per target step). None when
+    either reading is missing or no draft was proposed in between (the server did not speculate): never 0 for
+    "not measured"."""
+    if before is None or after is None:
+        return None
+    delta = {key: after[key] - before[key] for key in SPEC_DECODE_COUNTERS}
+    if delta["draft_tokens"] <= 0 or delta["drafts"] <= 0 or min(delta.values()) < 0:
+        return None  # nothing proposed, or the counters went back (a restarted server): not this benchmark's
+    return {"acceptance_rate": round(delta["accepted_tokens"] / delta["draft_tokens"], 4),
+            "mean_acceptance_length": round(1 + delta["accepted_tokens"] / delta["drafts"], 3),
+            "drafts": int(delta["drafts"]), "draft_tokens": int(delta["draft_tokens"]),
+            "accepted_tokens": int(delta["accepted_tokens"])}

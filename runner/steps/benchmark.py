@@ -3,6 +3,10 @@
 benchmark.S serves the candidate again; the baseline is the source model served the same way or the
 user's own endpoint. A candidate whose gates read a suite asks it in sequential looks (the baseline
 answers every item first). The results file is what the gates step judges.
+
+A server that speculates (vLLM with `serve.speculative`) is asked for its draft counters on /metrics
+before the first request and after the last, so the recorded acceptance rate is this benchmark's own;
+it is null when the server exposes no such counters or proposed no drafts.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from runner.benchmark.tool_calls import DEFAULT_PARSER, parser_from_args, unsupp
 from runner.recipe.metrics import Metric
 from runner.recipe.schema import SuiteRef
 from runner.run_dir import write_json_atomic
-from runner.serving import kernel_path, serving
+from runner.serving import engine_for, kernel_path, serving
 from runner.serving.engine import ENDPOINT
-from runner.serving.server import RunningServer
+from runner.serving.server import RunningServer, draft_acceptance, spec_decode_counters
 from runner.steps import ids
 from runner.steps.base import StepContext, StepKind, StepResult, input_of
 from runner.steps.inputs import BenchmarkInput
@@ -77,6 +81,7 @@ async def run(ctx: StepContext) -> StepResult:
             paired = starting.create_task(stack.enter_async_context(_paired_baseline(ctx)))
         (server, model_dir, name), baseline = candidate.result(), paired.result()
         session = await stack.enter_async_context(aiohttp.ClientSession())
+        drafts_before = await spec_decode_counters(session, server)
         suites = {}
         for ref in spec.suites:
             suites[ref.name] = await ask_suite(ctx, session, server, ref)
@@ -84,9 +89,15 @@ async def run(ctx: StepContext) -> StepResult:
                          suites[ref.name]["total"], suites[ref.name]["answers_sha256"][:12])
         speed = await speed_sweep(session, server.url, server.model, spec.speed,
                                   paired_with=(baseline.url, baseline.model) if baseline else None)
+        acceptance = draft_acceptance(drafts_before, await spec_decode_counters(session, server))
         where = measured_on(server.engine) | {"numerics": await served_numerics(session, server)}
     results: dict[str, Any] = {"name": name, "engine": server.engine, "suites": suites, "speed": speed,
-                               "answers_sha256": combined_hash(suites), "measured_on": where}
+                               "answers_sha256": combined_hash(suites), "measured_on": where,
+                               # MTP / draft acceptance over this benchmark's requests; null: not speculating
+                               "draft_acceptance_rate": acceptance["acceptance_rate"] if acceptance else None,
+                               "speculative_decoding": acceptance}
+    if model_dir is not None and server.engine != ENDPOINT:
+        results["server_args"] = engine_for(server.engine).server_args(spec.serving, model_dir).args
     if model_dir is not None:
         size = sum(tensor_bytes(model_dir).values())
         results["size"] = {"bytes": size, "gb": round(size / 1e9, 3)}

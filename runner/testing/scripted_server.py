@@ -21,6 +21,11 @@ against what really happened rather than against what was asked.
 
 Every request also waits `delay_s`, and at most `max_concurrency` are served at once (others queue),
 like a real server with a fixed number of slots. It counts requests and the peak in flight.
+
+With `metrics` set (Prometheus counter name -> value), it serves GET /metrics in Prometheus' text format,
+each counter as two labelled series (engine 0 and 1) that sum to its value, and every chat request adds
+`metrics_per_request` to the counters (a scripted vLLM speculating: drafts proposed and accepted).
+Without, /metrics answers 404, like a server that exposes none.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class ScriptedServer:
     itl_s: float = 0.0
     always: str = ""  # markers every prompt also carries: a server that always behaves so (e.g. "[markdown]")
     stream_log: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] | None = None
+    metrics_per_request: dict[str, float] = field(default_factory=dict)
     failures_left: Counter[str] = field(default_factory=Counter)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -64,6 +71,7 @@ class ScriptedServer:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._chat)
         self._slots = asyncio.Semaphore(self.max_concurrency)
         self._runner = web.AppRunner(app, access_log=None)
@@ -85,10 +93,24 @@ class ScriptedServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return web.Response(status=404, text="404: Not Found")
+        lines = []
+        for name, value in self.metrics.items():
+            lines += [f"# HELP {name} scripted counter", f"# TYPE {name} counter"]
+            first = float(int(value / 2))
+            lines += [f'{name}{{engine="0",model_name="{self.model}"}} {first}',
+                      f'{name}{{engine="1",model_name="{self.model}"}} {value - first}']
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         received = time.perf_counter()
         body = await request.json()
         self.requests += 1
+        if self.metrics is not None:
+            for name, step in self.metrics_per_request.items():
+                self.metrics[name] = self.metrics.get(name, 0.0) + step
         assert self._slots is not None
         async with self._slots:
             self.in_flight += 1
