@@ -144,7 +144,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(ids.verify(s), "verify", (ids.export(s), ids.SOURCE, ids.quantize(s)),
                           VerifyInput(exclude=exclude, engine=recipe.serve.engine,
                                       vllm_loader=recipe.verify.vllm_loader, vllm=vllm, vllm_not_run=vllm_why,
-                                      language_model_only="--language-model-only" in recipe.serve.args), s))
+                                      language_model_only="--language-model-only" in recipe.serve.args,
+                                      fixups=recipe.export.fixups), s))
         steps.append(Step(ids.serve(s), "serve", (ids.verify(s), ids.export(s)),
                           ServeInput(serving=serving, hardware=bench.hardware), s))
         paired = paired_speed(recipe)

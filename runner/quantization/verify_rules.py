@@ -26,3 +26,25 @@ class VerifyRules:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> VerifyRules:
         return cls(**{**params, "quant_algos": tuple(params["quant_algos"])})
+
+
+@dataclass(frozen=True)
+class TensorAccounting:
+    """Where each tensor of the source checkpoint must be found after export and fix-ups, as declared by the
+    recipe's export fix-ups (runner/recipe/fixups.py `tensor_accounting`): every source tensor is in the
+    export (under its own name, or the name a `rename_tensors` fix-up gives it), carried by a
+    `carry_tensors` fix-up (then unquantized, in its dtype), or dropped on purpose by a `drop_tensors`
+    fix-up with its reason. Anything else is a tensor the export lost, and verify fails naming it."""
+
+    renamed: tuple[tuple[str, str], ...] = ()  # (source name, export name)
+    carried: tuple[tuple[str, str], ...] = ()  # (fnmatch pattern of source names, the dtype it is stored in)
+    dropped: tuple[tuple[str, str], ...] = ()  # (fnmatch pattern of source names, why)
+
+    def to_params(self) -> dict[str, Any]:
+        return {"renamed": [list(p) for p in self.renamed], "carried": [list(p) for p in self.carried],
+                "dropped": [list(p) for p in self.dropped]}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> TensorAccounting:
+        params = params or {}
+        return cls(**{key: tuple(tuple(p) for p in params.get(key, ())) for key in ("renamed", "carried", "dropped")})

@@ -79,6 +79,9 @@ class VerifyInput(StepInput):
     vllm: VllmEnvironment | None = None
     vllm_not_run: str = ""
     language_model_only: bool = False  # serve.args has --language-model-only: vLLM builds no vision tower
+    # What the export fix-ups say about the source's tensors (renamed, carried, dropped on purpose): verify
+    # accounts for every tensor of the source checkpoint with it.
+    fixups: list[Fixup] = Field(default_factory=list)
 
 
 class ServingInput(StepInput):

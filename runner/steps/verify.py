@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
+from runner.recipe.fixups import tensor_accounting
 from runner.recipe.schema import SlurmResources
 from runner.serving import engine_for
 from runner.steps import ids
@@ -27,6 +28,7 @@ async def run(ctx: StepContext) -> StepResult:
         "model_dir": str(ctx.input(ids.SOURCE, "model_dir")),
         # Folded AWQ scales leave per-channel factors in the weights that the decoder check must allow.
         "smoothed": bool(quantized.get("awq_fold")),
+        "accounting": tensor_accounting(inputs.fixups).to_params(),
     }
     result = await ctx.run_worker(WORKER, params)
     check = await vllm_load_check(ctx, inputs, checkpoint)

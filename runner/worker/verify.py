@@ -13,20 +13,26 @@ Checks, each reported as pass / warn / fail with its evidence:
   they do not know is reported as not checked, by name, never as a crash;
 - quantized layers' input sizes are multiples of their format's block;
 - the independent decoders reproduce the weights: decoded vs. the source model, relative error;
-- checkpoint size vs. the ideal (each format's bits per weight, the rest as stored).
+- checkpoint size vs. the ideal (each format's bits per weight, the rest as stored);
+- every tensor of the source checkpoint (its headers) is in the export, under its own name or the one a
+  fix-up renames it to, carried by a `carry_tensors` fix-up, or dropped on purpose by a `drop_tensors`
+  fix-up with its reason; an untied lm_head stays untied; carried tensors are unquantized, in their
+  declared dtype, with no scales, and the engine is told to build them unquantized.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from runner.quantization import formats
 from runner.quantization.bits import DTYPE_BITS, bits_of
 from runner.quantization.exclusions import names_module
-from runner.quantization.verify_rules import VerifyRules
+from runner.quantization.safetensors_headers import read_headers
+from runner.quantization.verify_rules import TensorAccounting, VerifyRules
 from runner.quantization.weights import is_embedding
 from runner.worker.weight_formats import Layout, decode, identify
 
@@ -38,7 +44,8 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     checkpoint = Path(params["checkpoint"])
     report = verify_checkpoint(checkpoint, params.get("exclude", []), VerifyRules.from_params(params["rules"]),
                                Path(params["model_dir"]) if params.get("model_dir") else None,
-                               smoothed=params.get("smoothed", False))
+                               smoothed=params.get("smoothed", False),
+                               accounting=TensorAccounting.from_params(params.get("accounting")))
     (output_dir / "verify_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     for check in report["checks"]:
         print(f"[verify] {check['status']:>4}  {check['name']}: {check['detail']}", flush=True)
@@ -83,9 +90,10 @@ def load_tensor(where: dict[str, Path], key: str) -> Any:
 
 
 def verify_checkpoint(checkpoint: Path, exclude: list[str], rules: VerifyRules, model_dir: Path | None,
-                      smoothed: bool = False) -> dict[str, Any]:
+                      smoothed: bool = False, accounting: TensorAccounting | None = None) -> dict[str, Any]:
     """`rules`: what the serving engine needs of the export. `smoothed`: AWQ scales were folded into the
-    weights, so they differ from the source by per-channel factors."""
+    weights, so they differ from the source by per-channel factors. `accounting`: what the recipe's fix-ups
+    declare about the source's tensors (renamed, carried, dropped)."""
     report = Report()
     files = sorted(checkpoint.glob("*.safetensors"))
     if not files:
@@ -184,6 +192,11 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], rules: VerifyRules, 
                    if not split else "vLLM fuses these but they differ in format (it refuses to load): "
                    + "; ".join(split[:3]) + " (an exclusion pattern splits a fused group)")
 
+    if model_dir is not None and any(Path(model_dir).glob("*.safetensors")):
+        source = {t.name: t.dtype for t in read_headers(Path(model_dir)).values()}
+        account_tensors(report, source, meta, accounting or TensorAccounting(), covered)
+        check_lm_head(report, source, meta, checkpoint)
+
     bad_sizes = [f"{m} in_features {layout.in_features} (blocks of {layout.block})" for m, layout in known.items()
                  if layout.block and layout.family != "fp8_pb_wo" and layout.in_features % layout.block]
     report.add("input_sizes", not bad_sizes,
@@ -215,6 +228,94 @@ def verify_checkpoint(checkpoint: Path, exclude: list[str], rules: VerifyRules, 
             "tensors": len(meta), "size_bytes": actual, "ideal_bytes": ideal,
             "size_overhead_pct": round((actual / ideal - 1) * 100, 2) if ideal else None,
             "decode_errors": errors}
+
+
+# Per-expert tensors an export writes for a source's fused expert tensors (or the other way round).
+_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def canonical(name: str) -> str:
+    """A tensor name with the spellings exports and sources differ by made equal: the `language_model.`
+    level vision-language layouts add or drop, and routed experts stored one by one or fused."""
+    name = name.replace("language_model.", "")
+    found = _EXPERT.search(name)
+    if found:
+        fused = ".experts.down_proj" if found.group(1) == "down_proj" else ".experts.gate_up_proj"
+        name = name[:found.start()] + fused
+    return name
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def account_tensors(report: Report, source: dict[str, str], meta: dict[str, tuple[str, tuple[int, ...]]],
+                    accounting: TensorAccounting, covered: Any) -> None:
+    """Every source tensor exported, renamed, carried or dropped on purpose; carried ones unquantized."""
+    exported = {canonical(n) for n in meta}
+    renamed = dict(accounting.renamed)
+    missing: list[str] = []
+    dropped: dict[str, int] = {}
+    for name in source:
+        if canonical(renamed.get(name, name)) in exported:
+            continue
+        reason = next((why for pattern, why in accounting.dropped if fnmatch.fnmatchcase(name, pattern)), None)
+        if reason is None:
+            missing.append(name)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    carried = {name: dtype for name in source for pattern, dtype in accounting.carried
+               if fnmatch.fnmatchcase(name, pattern)}
+    if missing:
+        hint = ("; lm_head.weight: the quantize worker's model tied the head to the embeddings (the source's "
+                "config.json omits tie_word_embeddings or says true while the checkpoint has its own head): set "
+                "tie_word_embeddings: false in the source config" if any(n.endswith("lm_head.weight")
+                                                                          for n in missing) else "")
+        report.add("tensor_accounting", False,
+                   f"{len(missing)} of the source's {len(source)} tensors are not in the export: {_listed(missing)}; "
+                   "carry them (export.fixups `op: carry_tensors`, `match:`) or declare them left out on purpose "
+                   f"(export.fixups `op: drop_tensors`, `match:`, `reason:`){hint}")
+    else:
+        report.add("tensor_accounting", True,
+                   f"all {len(source)} source tensors accounted for: {len(source) - sum(dropped.values())} in the "
+                   f"export" + (f" ({len(carried)} carried by a fix-up)" if carried else "")
+                   + "".join(f"; {n} left out on purpose ({why})" for why, n in dropped.items()))
+    if not carried:
+        return
+    wrong = []
+    for name, dtype in carried.items():
+        stored = meta.get(name)
+        module = name.removesuffix(".weight")
+        scales = [s for s in SCALE_SUFFIXES if f"{module}.{s}" in meta]
+        want = {"bfloat16": "BF16"}.get(dtype, dtype)
+        if stored is None:
+            wrong.append(f"{name} missing")
+        elif stored[0] != want or scales:
+            wrong.append(f"{name} stored {stored[0]}" + (f" with {', '.join(scales)}" if scales else ""))
+        elif name.endswith(".weight") and needs_listing(module, stored) and not covered(module):
+            wrong.append(f"{module} not in exclude_modules (the engine would build it quantized)")
+    report.add("carried_tensors", not wrong,
+               f"{len(carried)} carried tensor(s) ({', '.join(sorted({p for p, _ in accounting.carried}))}) stored "
+               "unquantized, without scales, excluded from quantization" if not wrong else
+               f"carried tensors not as declared: {_listed(wrong)}")
+
+
+def check_lm_head(report: Report, source: dict[str, str], meta: dict[str, Any], checkpoint: Path) -> None:
+    """A source with its own lm_head.weight (untied) keeps it, and the export's config does not tie it again."""
+    heads = [n for n in source if canonical(n).endswith("lm_head.weight")]
+    if not heads:
+        return
+    kept = {canonical(n) for n in meta} >= {canonical(n) for n in heads}
+    config_path = checkpoint / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    tied = [where for where, section in (("config.json", config), ("text_config", config.get("text_config")))
+            if isinstance(section, dict) and section.get("tie_word_embeddings") is True]
+    report.add("lm_head", kept and not tied,
+               "the source's own lm_head.weight is in the export, untied" if kept and not tied else
+               f"the source has its own {heads[0]} (untied) but "
+               + ("the export has none: the model was loaded with the head tied to the embeddings"
+                  if not kept else f"{' and '.join(tied)} says tie_word_embeddings: true, so vLLM would tie it again")
+               + "; set tie_word_embeddings: false in the model's config.json")
 
 
 def needs_listing(module: str, weight: tuple[str, tuple[int, ...]]) -> bool:
