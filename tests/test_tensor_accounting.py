@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_families import build
 
-from conftest import REPO, build_tiny_llama, recipe, recipe_cli_env, record
+from conftest import REPO, build_tiny_llama, recipe, recipe_cli_env, record, vllm_python_if_built
 from runner.recipe.fixups import apply_fixups, tensor_accounting
 
 CALIBRATION = REPO / "recipes" / "demo" / "calibration.jsonl"
@@ -110,13 +110,21 @@ execution: {{executor: local, max_parallel: 1, gpus: 0}}
 
 
 def test_qwen35_mtp_head_is_carried_unquantized_and_verified(demo_tokenizer, tmp_path):
+    """Carried, and loaded by vLLM's own loader where .venv-vllm is built: the main model drops `mtp.*` on
+    purpose, the MTP draft model (vLLM's `mtp` speculative method) must take every one of them."""
     model = with_mtp(build("qwen35-27b.yaml", tmp_path / "model", demo_tokenizer))
+    vllm = vllm_python_if_built()
     run_dir, result = run(TINY_QWEN35.format(recipes=REPO / "recipes", model=model, calibration=CALIBRATION),
-                          tmp_path, "--strategy", "mlp_only")
+                          tmp_path, "--strategy", "mlp_only", vllm=vllm)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     verify = record(run_dir, "verify.mlp_only")["summary"]
     assert verify["checks"]["tensor_accounting"] == "pass" and verify["checks"]["carried_tensors"] == "pass"
     assert verify["checks"]["lm_head"] == "pass"
+    if vllm != "none":
+        assert verify["checks"]["vllm_load"] == "pass", verify
+        loaded = json.loads((run_dir / "steps" / "verify.mlp_only" / "vllm_load.json").read_text())
+        (one,) = loaded["results"]
+        assert one["draft_model"] == "Qwen3_5MTP" and one["unused_tensors"] == []
     export = run_dir / "steps" / "export.mlp_only" / "checkpoint"
     tensors = headers(export)
     mtp = {k: v for k, v in tensors.items() if k.startswith("mtp.")}

@@ -31,9 +31,11 @@ import json
 import os
 import re
 import socket
+import struct
 import sys
 import time
 import traceback
+from pathlib import Path
 
 ERROR_CHARS = 2000
 _NOT_LOADED = "Following weights were not initialized from checkpoint: "
@@ -282,6 +284,31 @@ def _cpu_gap(exc: BaseException, frames) -> str | None:
     return None
 
 
+def _mtp_layers(path: str) -> int:
+    """How many MTP layers an export carries (vLLM's `mtp` speculative method builds them as a draft model),
+    0 when it carries no `mtp.*` tensors. The main Qwen3.5/Qwen3-Next models drop `mtp.*` on purpose (their
+    weight mapper); the draft model is what loads them, so it is loaded too and the tensors must land there."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    else:
+        names = []
+        for file in folder.glob("*.safetensors"):
+            with file.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                names += list(json.loads(fh.read(size)))
+    if not any(name.startswith("mtp.") for name in names):
+        return 0
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or {}
+    for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
+        for section in (config, text):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return 1
+
+
 def check_one(path: str, max_model_len: int, language_model_only: bool = False) -> dict:
     import torch
     from vllm.config import set_current_vllm_config
@@ -309,8 +336,10 @@ def check_one(path: str, max_model_len: int, language_model_only: bool = False) 
         "unsupported_on_cpu": None,
         "raised_at": None,
         "post_load_skipped": None,
+        "draft_model": None,
         "seconds": 0.0,
     }
+    mtp_layers = _mtp_layers(path)
     tracker = _Tracker()
     built = {}
     restore = lambda: None  # noqa: E731
@@ -326,6 +355,8 @@ def check_one(path: str, max_model_len: int, language_model_only: bool = False) 
             seed=0,
             model_loader_extra_config={"enable_weights_track": True},
             language_model_only=language_model_only,
+            # as the recipe serves it (serve.speculative): the MTP layers are a draft model of their own
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1} if mtp_layers else None,
         )
         vllm_config = engine_args.create_engine_config()
         model_config = vllm_config.model_config
@@ -374,6 +405,13 @@ def check_one(path: str, max_model_len: int, language_model_only: bool = False) 
             loader.get_all_weights = lambda mc, m: tracker.wrap_iter(get_all_weights(mc, m))
             with torch.inference_mode(False):
                 loader.load_model(vllm_config=vllm_config, model_config=model_config)
+                if mtp_layers:
+                    draft_config = vllm_config.speculative_config.draft_model_config
+                    result["draft_model"] = (draft_config.architectures or [None])[0]
+                    target = built["model"]
+                    built["weights_loaded"] = False
+                    loader.load_model(vllm_config=vllm_config, model_config=draft_config)
+                    built["model"] = target  # the methods counted are the served model's
         result["ok"] = True
     except Exception as exc:  # each checkpoint is isolated: report vLLM's refusal and go on
         traceback.print_exc(file=sys.stderr)
@@ -409,7 +447,7 @@ def check_one(path: str, max_model_len: int, language_model_only: bool = False) 
             traceback.print_exc(file=sys.stderr)
         gc.collect()
 
-    result["tensors"] = len(tracker.seen)
+    result["tensors"] = len(set(tracker.seen))
     skipped = set().union(*tracker.skipped.values())
     result["skipped_by_vllm"] = {stage: len(names) for stage, names in sorted(tracker.skipped.items())}
     result["unused_tensors"] = sorted(set(tracker.seen) - tracker.landed - skipped)
