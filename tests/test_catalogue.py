@@ -193,3 +193,34 @@ def test_an_untied_model_lists_its_own_lm_head():
 def test_mistral_small_config_says_its_lm_head_is_untied():
     raw = json.loads((RECIPES / "models" / "mistral-small-32-24b" / "config.json").read_text(encoding="utf-8"))
     assert raw["tie_word_embeddings"] is False and raw["text_config"]["tie_word_embeddings"] is False
+
+
+def test_a_served_baseline_that_cannot_fit_the_serving_target_is_refused(tmp_path):
+    """Qwen3-Next-80B-A3B's BF16 source (159 GB) cannot be served on the 128 GB Spark its recipe targets:
+    with `benchmark.baseline.kind: served` recipe validate/plan refuse it, naming the sizes and the fix;
+    the shipped recipe points its baseline at an endpoint and passes; every other catalogue recipe's
+    source fits."""
+    from runner.plan_checks import baseline_problems
+    from runner.quantization.weights import load_weights
+
+    shipped = load_recipe(RECIPES / "qwen3-next-80b-a3b.yaml", env={})
+    weights = load_weights(shipped.recipe.model.shapes)
+    assert shipped.recipe.benchmark.baseline.kind == "endpoint"
+    assert baseline_problems(shipped, weights) == []
+
+    served = tmp_path / "served.yaml"
+    served.write_text(f"extends: [{RECIPES / 'qwen3-next-80b-a3b.yaml'}]\n"
+                      "benchmark:\n  baseline: {kind: served, name: BF16}\n", encoding="utf-8")
+    loaded = load_recipe(served, env={})
+    (problem,) = baseline_problems(loaded, weights)
+    assert problem.path == ("benchmark", "baseline") and problem.location.file == str(served)
+    assert "159.3 GB" in problem.message and "dgx-spark-gb10 has 128 GB" in problem.message
+    assert "108.8 GB" in problem.message and "--gpu-memory-utilization 0.85" in problem.message
+    assert "kind: endpoint" in problem.hint
+
+    from runner.plan_checks import recipe_problems
+
+    assert any(p.path == ("benchmark", "baseline") for p in recipe_problems(loaded, loaded.recipe.model.shapes, weights))
+    for name in CATALOGUE:
+        other = load_recipe(RECIPES / name, env={})
+        assert baseline_problems(other, load_weights(other.recipe.model.shapes)) == [], name

@@ -161,3 +161,64 @@ def test_modelopt_itself_reads_a_bare_module_name_as_no_quantizer():
     warned = " ".join(quantize.unmatched_patterns(model, strategy, patterns))
     assert "'model.layers.0'" in warned and "'*layers.1'" in warned  # a decoder layer; no module ends there
     assert not any(f"{p!r}" in warned for p in patterns[:5])
+
+
+# --- the shipped recipes' exclusions, on their own models' tensor listings ---------------------------
+
+
+def _shipped_recipes() -> list[Path]:
+    from conftest import REPO
+    from runner.catalogue import NOT_RECIPES
+
+    root = REPO / "recipes"
+    return sorted(p for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] not in NOT_RECIPES)
+
+
+def _recipe_and_weights(path: Path):
+    from runner.quantization import footprint
+    from runner.quantization.weights import load_weights
+    from runner.recipe.loader import load_recipe
+
+    recipe = load_recipe(path, env={}).recipe
+    folder, _ = footprint.model_folder(recipe)
+    if folder is None:
+        pytest.skip(f"{path.name}: no model shapes to match against")
+    return recipe, load_weights(folder)
+
+
+@pytest.mark.parametrize("path", _shipped_recipes(), ids=lambda p: p.name)
+def test_every_exclusion_of_a_shipped_recipe_names_something_of_its_model(path):
+    """Each pattern of quantization.exclude and of each strategy's exclude names a module or a quantizer of
+    the recipe's own model (its tensor listing, recipes/models/*/tensors.json), by the one matcher: the
+    warning `recipe validate` would give ("matches nothing") is given for no shipped recipe."""
+    from runner.plan_checks import unmatched_exclusions
+
+    recipe, weights = _recipe_and_weights(path)
+    assert unmatched_exclusions(recipe, weights) == []
+
+
+@pytest.mark.parametrize("path", _shipped_recipes(), ids=lambda p: p.name)
+def test_a_shipped_recipes_exclusions_mean_the_same_under_both_readings(path):
+    """The worker hands a strategy's exclusions to ModelOpt as quant_cfg keys (presets, ModelOpt recipes)
+    or as auto_quantize disabled_layers; each list must leave the same Linears and convolutions in 16 bits
+    either way. The routers were `*mlp.gate` / `*mixer.gate` alone: a module name, so as quant_cfg keys
+    they named nothing, and the routers stayed BF16 only because ModelOpt's own defaults disable
+    `*mlp.gate.*`."""
+    recipe, weights = _recipe_and_weights(path)
+    modules = [*weights.linears, *weights.convs]
+    for strategy in recipe.quantization.strategies:
+        exclude = recipe.quantization.exclusions(strategy)
+        as_quant_cfg = {m for m in modules if any(quant_cfg(p, m) for p in exclude)}
+        as_disabled_layers = {m for m in modules if any(disabled_layers(p, m) for p in exclude)}
+        assert as_quant_cfg == as_disabled_layers, (strategy.name, sorted(as_quant_cfg ^ as_disabled_layers)[:5])
+
+
+def test_the_old_router_pattern_reads_one_way_only():
+    """What the test above catches: `*mlp.gate` alone excludes the router as a disabled_layers glob and
+    names no quantizer as a quant_cfg key; with `*mlp.gate.*` beside it both readings agree."""
+    modules = [GATE, "model.layers.0.mlp.experts.0.gate_proj", "model.layers.0.mlp.shared_expert.gate_proj"]
+    old, new = ["*mlp.gate"], ["*mlp.gate", "*mlp.gate.*"]
+    assert {m for m in modules if any(quant_cfg(p, m) for p in old)} == set()
+    assert {m for m in modules if any(disabled_layers(p, m) for p in old)} == {GATE}
+    for readings in (quant_cfg, disabled_layers):
+        assert {m for m in modules if any(readings(p, m) for p in new)} == {GATE}
