@@ -22,6 +22,7 @@ The weights are random: sizes, formats, placement and times are real; quality nu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--layers", type=int, default=None, help="keep the first K decoder layers (full width)")
+    ap.add_argument("--mtp-source", action="store_true",
+                    help="save the random model as the source with an MTP head (mtp.* shaped as Qwen's checkpoints "
+                         "store it), apply every fix-up (carry_tensors included) and verify against that source")
     ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a small model")
     args = ap.parse_args()
 
@@ -52,7 +56,7 @@ def main() -> None:
     from runner.catalogue import LIST_HARDWARE
     from runner.quantization import footprint
     from runner.quantization.weights import load_weights
-    from runner.recipe.fixups import CopyFile, apply_fixups
+    from runner.recipe.fixups import CarryTensors, CopyFile, apply_fixups, tensor_accounting
     from runner.recipe.loader import load_recipe
     from runner.serving.vllm import VllmEngine
     from runner.worker.calib_data import CalibrationSet
@@ -92,6 +96,12 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     build_s = time.monotonic() - t0
     print(f"built {type(model).__name__}: {params / 1e9:.2f} B parameters in {build_s:.1f}s", flush=True)
+    source = None
+    if args.mtp_source:
+        source = work / "source"
+        t_src = time.monotonic()
+        carried = save_source_with_mtp(model, config, source)
+        print(f"source saved with {carried} mtp.* tensors in {time.monotonic() - t_src:.1f}s", flush=True)
 
     vocab = config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -122,8 +132,11 @@ def main() -> None:
     export_hf_checkpoint(model, export_dir=checkpoint)
     export_s = time.monotonic() - t1
     repaired = repair_exclude_modules(checkpoint)
-    fixups = [f for f in recipe.export.fixups if not (isinstance(f, CopyFile) and f.model_file is not None)]
-    done = apply_fixups(checkpoint, fixups, None)
+    fixups = recipe.export.fixups
+    if source is None:  # no source folder: the fix-ups that read one are left out
+        fixups = [f for f in fixups if not (isinstance(f, CopyFile) and f.model_file is not None
+                                            or isinstance(f, CarryTensors))]
+    done = apply_fixups(checkpoint, fixups, source)
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     print(f"exported in {export_s:.1f}s: {size / 1e9:.2f} GB of safetensors (predicted "
           f"{predicted.checkpoint_bytes / 1e9:.2f}, {(size / predicted.checkpoint_bytes - 1) * 100:+.1f} %); "
@@ -134,7 +147,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     t2 = time.monotonic()
-    report = verify_checkpoint(checkpoint, exclude, VllmEngine().verify_rules, None)
+    report = verify_checkpoint(checkpoint, exclude, VllmEngine().verify_rules, source,
+                               smoothed=fold is not None, accounting=tensor_accounting(fixups))
     checks = {c["name"]: c["status"] for c in report["checks"]}
     notes = {c["name"]: c["detail"][:200] for c in report["checks"] if c["status"] != "pass"}
     print(f"verify in {time.monotonic() - t2:.1f}s: quant_algo {report.get('quant_algo')}, "
@@ -143,6 +157,41 @@ def main() -> None:
         print(f"  {name}: {detail}", flush=True)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def save_source_with_mtp(model, config, source: Path) -> int:
+    """The random model saved as a source checkpoint, plus an MTP head as Qwen's checkpoints store it: one
+    full-attention decoder layer under mtp.layers.0 (a copy of the model's last full-attention layer),
+    mtp.fc [h, 2h] and three norms; `mtp_num_hidden_layers: 1` in its config."""
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.rmtree(source, ignore_errors=True)
+    kept = copy.deepcopy(model.config)  # save_pretrained leaves dtype a string in the config, which export reads
+    model.save_pretrained(source)
+    model.config = kept
+    text = config.get_text_config()
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    last = max(i for i, kind in enumerate(kinds) if kind == "full_attention")
+    state = model.state_dict()
+    prefix = next(k[: k.index(f"layers.{last}.")] for k in state if f"layers.{last}." in k)
+    layer = f"{prefix}layers.{last}."
+    hidden = text.hidden_size
+    mtp = {"mtp.layers.0." + k[len(layer):]: v.detach().to("cpu").clone()
+           for k, v in state.items() if k.startswith(layer)}
+    mtp["mtp.fc.weight"] = (torch.randn(hidden, 2 * hidden) * 0.02).to(torch.bfloat16)
+    for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        mtp[f"mtp.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    save_file(mtp, source / "model-mtp.safetensors", metadata={"format": "pt"})
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+        index.write_text(json.dumps(data, indent=2))
+    saved = json.loads((source / "config.json").read_text())
+    (saved.get("text_config") or saved)["mtp_num_hidden_layers"] = 1
+    (source / "config.json").write_text(json.dumps(saved, indent=2))
+    return len(mtp)
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
