@@ -101,7 +101,8 @@ def test_recipe_list_prints_predictions():
 
 # The parameter-count table of recipes/models/README.md (issue 27): its header, spelled exactly, so
 # that a row for a new folder lands in the table this test reads.
-COUNTS_HEADER = "| folder | listing parameters | published parameters | difference | source of the published number |"
+COUNTS_HEADER = ("| folder | listing parameters | dropped on load | published parameters | difference | "
+                 "source of the published number |")
 # Rows whose publisher gives no exact count (`unverified: ...` in the published column), by folder.
 # None today; adding one means naming it here too.
 UNVERIFIED_COUNTS: set[str] = set()
@@ -112,6 +113,12 @@ def _count(cell: str) -> int:
     found = re.match(r"\s*(\d[\d,]*)(?:\s|$)", cell)
     assert found, f"no parameter count at the start of {cell!r}"
     return int(found.group(1).replace(",", ""))
+
+
+def _part(cell: str, label: str) -> int | None:
+    """The count after `label` in a cell (`... vision tower 446,571,248 + mtp 844,640,768`), if any."""
+    found = re.search(rf"{label} (\d[\d,]*)", cell)
+    return int(found.group(1).replace(",", "")) if found else None
 
 
 def parameter_count_rows() -> dict[str, dict[str, str]]:
@@ -130,10 +137,9 @@ def parameter_count_rows() -> dict[str, dict[str, str]]:
     return rows
 
 
-def listing_total(folder) -> int:
-    listing = json.loads((folder / "tensors.json").read_text(encoding="utf-8"))
+def _total(entries: dict) -> int:
     total = 0
-    for _dtype, shape in listing["tensors"].values():
+    for _dtype, shape in entries.values():
         n = 1
         for d in shape:
             n *= d
@@ -141,8 +147,17 @@ def listing_total(folder) -> int:
     return total
 
 
+def listing_totals(folder) -> tuple[int, int, int]:
+    """(the listing's `tensors`, its `dropped_on_load`, the vision tower among those) in parameters."""
+    listing = json.loads((folder / "tensors.json").read_text(encoding="utf-8"))
+    dropped = listing.get("dropped_on_load", {})
+    vision = {n: e for n, e in dropped.items() if n.startswith("model.visual.")}
+    return _total(listing["tensors"]), _total(dropped), _total(vision)
+
+
 def test_every_listing_holds_the_published_parameter_count_less_what_it_leaves_out_on_purpose():
-    """listing + difference == published, exactly, for every folder with a tensors.json; a folder
+    """listing + dropped_on_load + difference == published, exactly, for every folder with a tensors.json;
+    the dropped_on_load total and its vision/MTP split equal the row's `dropped on load` exactly; a folder
     without a row, a row without a folder and an unexpected `unverified` row all fail."""
     rows = parameter_count_rows()
     folders = {p.parent.name: p.parent for p in (RECIPES / "models").glob("*/tensors.json")}
@@ -150,17 +165,28 @@ def test_every_listing_holds_the_published_parameter_count_less_what_it_leaves_o
     assert set(folders) - set(rows) == set(), "folders missing from the parameter-count table"
     unverified, wrong = set(), []
     for name, folder in sorted(folders.items()):
-        row, total = rows[name], listing_total(folder)
+        row = rows[name]
+        total, dropped, vision = listing_totals(folder)
         if _count(row["listing parameters"]) != total:
             wrong.append(f"{name}: the table says the listing holds {row['listing parameters']}, it holds {total:,}")
+        cell = row["dropped on load"]
+        if _count(cell) != dropped:
+            wrong.append(f"{name}: the table says {cell} are dropped on load, the listing's dropped_on_load "
+                         f"holds {dropped:,}")
+        if (_part(cell, "vision tower") or 0) != vision:
+            wrong.append(f"{name}: the table's vision tower ({cell}), the listing's model.visual.* {vision:,}")
+        mtp = _part(cell, "mtp")
+        if mtp is not None and mtp != dropped - vision:
+            wrong.append(f"{name}: the table's mtp ({cell}), the listing's mtp.* {dropped - vision:,}")
         if row["published parameters"].startswith("unverified"):
             unverified.add(name)
             continue
         assert row["source of the published number"], f"{name}: no source for the published number"
         published, difference = _count(row["published parameters"]), _count(row["difference"])
-        if total + difference != published:
-            wrong.append(f"{name}: listing {total:,} + difference {difference:,} = {total + difference:,}, "
-                         f"published {published:,} (off by {published - total - difference:,})")
+        if total + dropped + difference != published:
+            wrong.append(f"{name}: listing {total:,} + dropped on load {dropped:,} + difference {difference:,} = "
+                         f"{total + dropped + difference:,}, published {published:,} "
+                         f"(off by {published - total - dropped - difference:,})")
     assert not wrong, "\n".join(wrong)
     assert unverified == UNVERIFIED_COUNTS, f"rows without an exact published count: {sorted(unverified)}"
 

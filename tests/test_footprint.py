@@ -23,8 +23,8 @@ from runner.recipe.schema import AutoQuantizeSpec, Strategy
 PLAN_EXCLUDE = ["*linear_attn*", "*layers.0.*", "*layers.31.*", "*embed_tokens*"]
 
 
-def tiny(folder, tied=False, shards=1):
-    """Two decoder layers (q/o attention, up/down MLP), hidden 64, vocabulary 256, bf16."""
+def tiny(folder, tied=False, shards=1, extra=None):
+    """Two decoder layers (q/o attention, up/down MLP), hidden 64, vocabulary 256, bf16 (and `extra` tensors)."""
     t = {"model.embed_tokens.weight": ("BF16", [256, 64]), "model.norm.weight": ("BF16", [64])}
     for i in range(2):
         p = f"model.layers.{i}."
@@ -33,6 +33,7 @@ def tiny(folder, tied=False, shards=1):
               p + "input_layernorm.weight": ("BF16", [64])}
     if not tied:
         t["lm_head.weight"] = ("BF16", [256, 64])
+    t |= extra or {}
     return write_checkpoint(folder, t, {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": tied},
                             shards=shards)
 
@@ -199,9 +200,11 @@ def test_plan_reads_the_model_the_source_step_produced(write, tmp_path):
         """)
     run_dir = tmp_path / "run"
     before = recipe("plan", str(path), "--run-dir", str(run_dir), "--json")
-    # Before: the recipe's model.shapes (the 9B shape's config and tensor listing, no weights).
+    # Before: the recipe's model.shapes (the 9B shape's config and tensor listing, no weights). Qwen/Qwen3.5-9B's
+    # checkpoint holds a vision tower and an MTP head (699,301,104 parameters) that the recipe's carry_tensors
+    # fix-ups carry in BF16: 10.81 + 1.40 GB.
     assert json.loads(before.stdout)["footprint_info"]["read_from"].startswith("model.shapes")
-    assert json.loads(before.stdout)["footprint"]["awq_lite"]["size_gb"] == 10.81
+    assert json.loads(before.stdout)["footprint"]["awq_lite"]["size_gb"] == 12.2
     key = next(s["key"] for s in json.loads(before.stdout)["steps"] if s["step"] == "source")
     model = qwen35_9b(tmp_path / "hf-cache" / "snapshot")
     (run_dir / "steps" / "source").mkdir(parents=True)
@@ -209,7 +212,57 @@ def test_plan_reads_the_model_the_source_step_produced(write, tmp_path):
         {"status": "complete", "key": key, "outputs": {"model_dir": str(model)}}))
     after = json.loads(recipe("plan", str(path), "--run-dir", str(run_dir), "--json").stdout)
     assert "the run's source step" in after["footprint_info"]["read_from"]
-    assert after["footprint"]["awq_lite"]["size_gb"] == 10.81
+    assert after["footprint"]["awq_lite"]["size_gb"] == 10.81  # the header checkpoint has neither: nothing carried
+
+
+def without_carry(recipe_, keep=()):
+    """The recipe with its carry_tensors fix-ups removed (but those whose patterns are in `keep`)."""
+    fixups = [f for f in recipe_.export.fixups if f.op != "carry_tensors" or set(f.match) <= set(keep)]
+    return recipe_.model_copy(update={"export": recipe_.export.model_copy(update={"fixups": fixups})})
+
+
+def test_carried_tensors_add_their_bf16_bytes_to_the_prediction_and_nothing_to_decode():
+    """qwen35-35b-a3b's export carries the source's vision tower and MTP head (dropped by the causal-LM load)
+    in BF16: every strategy's predicted size rises by exactly their parameters x 2 bytes against the same
+    recipe without the carry_tensors fix-ups; decode speed and effective bits do not move (neither is read
+    per generated token, neither is a Linear of the quantized model); a tensor not carried stays out."""
+    from runner.recipe.loader import load_recipe
+
+    shipped = load_recipe(REPO / "recipes" / "qwen35-35b-a3b.yaml", env={}).recipe
+    weights = load_weights(shipped.model.shapes)
+    vision, mtp = 446_571_248, 844_640_768  # recipes/models/README.md's published split
+    assert sum(t.numel for n, t in weights.dropped.items() if n.startswith("model.visual.")) == vision
+    assert sum(t.numel for n, t in weights.dropped.items() if n.startswith("mtp.")) == mtp
+    hardware = hardware_target("dgx-spark-gb10")
+    carried = footprint.recipe_footprints(shipped, weights, hardware)
+    bare = footprint.recipe_footprints(without_carry(shipped), weights, hardware)
+    mtp_only = footprint.recipe_footprints(without_carry(shipped, keep=["mtp.*"]), weights, hardware)
+    assert [f.strategy for f in carried] == [f.strategy for f in bare] and len(carried) >= 3
+    for with_, without, only in zip(carried, bare, mtp_only, strict=True):
+        assert with_.known and with_.checkpoint_bytes - without.checkpoint_bytes == (vision + mtp) * 2
+        assert only.checkpoint_bytes - without.checkpoint_bytes == mtp * 2  # the vision tower left out
+        assert with_.decode_tok_s == without.decode_tok_s == only.decode_tok_s
+        assert with_.effective_bits == without.effective_bits
+
+
+def test_carried_tensors_from_safetensors_headers(tmp_path, source):
+    """A real model folder: the dropped-on-load tensors the carry patterns name count at BF16 (an F32 one
+    too, as carry_tensors converts it), the others not at all."""
+    plain = fp_of(tiny(tmp_path / "plain"), preset="NVFP4_DEFAULT_CFG")
+    folder = tiny(tmp_path / "m", extra={"mtp.fc.weight": ("F32", [64, 128]), "mtp.norm.weight": ("BF16", [64]),
+                                         "model.visual.proj.weight": ("BF16", [64, 64])})
+    weights = load_weights(folder)
+    assert set(weights.dropped) == {"mtp.fc.weight", "mtp.norm.weight", "model.visual.proj.weight"}
+    strategy = Strategy(name="s", preset="NVFP4_DEFAULT_CFG")
+    cpu = hardware_target("cpu")
+    left_out = footprint.strategy_footprint(weights, strategy, [], cpu, "bfloat16")
+    mtp = footprint.strategy_footprint(weights, strategy, [], cpu, "bfloat16", [("mtp.*", "bfloat16")])
+    both = footprint.strategy_footprint(weights, strategy, [], cpu, "bfloat16",
+                                        [("mtp.*", "bfloat16"), ("model.visual.*", "bfloat16")])
+    assert left_out.checkpoint_bytes == plain.checkpoint_bytes
+    assert mtp.checkpoint_bytes == plain.checkpoint_bytes + (64 * 128 + 64) * 2
+    assert both.checkpoint_bytes == mtp.checkpoint_bytes + 64 * 64 * 2
+    assert left_out.decode_tok_s == mtp.decode_tok_s == both.decode_tok_s == plain.decode_tok_s
 
 
 def test_footprints_never_import_torch(write, tmp_path):

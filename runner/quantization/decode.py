@@ -4,7 +4,8 @@
 Single-stream decode is memory-bound: each new token reads every weight once. The bytes per token are
 the checkpoint's tensors minus the input embedding, of which a token reads one row; when the output
 head is tied to the embedding, the embedding is read in full after all. A vision tower is not read
-while decoding. A mixture-of-experts layer reads only the experts its router picks: routed-expert
+while decoding, nor is a multi-token-prediction head (`mtp.*`: only a speculative draft reads it, and
+that speed is not what this predicts). A mixture-of-experts layer reads only the experts its router picks: routed-expert
 weights count at num_experts_per_tok / num_experts of their bytes (from config.json). KV-cache reads
 are left out, so the prediction is an upper bound that is tight for short contexts.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 _ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
 # A vision-language model's image side: read once per image, not per generated token.
 _VISION = re.compile(r"(^|\.)(vision_tower|visual|vision_model|multi_modal_projector)\.")
+# A multi-token-prediction head (Qwen3.5, Qwen3-Next: `mtp.fc.weight`, `mtp.layers.0...`).
+_MTP = re.compile(r"(^|\.)mtp\.")
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,9 @@ def bytes_per_token_of(sizes: dict[str, int], expert_fraction: float | None = No
     embeddings = {k: v for k, v in sizes.items() if k.endswith("embed_tokens.weight")}
     tied = not any(k.endswith("lm_head.weight") for k in sizes)
     skipped = 0 if tied else sum(embeddings.values())
-    skipped += sum(v for k, v in sizes.items() if _VISION.search(k))
+    skipped += sum(v for k, v in sizes.items() if _VISION.search(k) or _MTP.search(k))
     if expert_fraction is not None:
-        experts = sum(v for k, v in sizes.items() if _ROUTED_EXPERT.search(k))
+        experts = sum(v for k, v in sizes.items() if _ROUTED_EXPERT.search(k) and not _MTP.search(k))
         skipped += round(experts * (1 - expert_fraction))
     return sum(sizes.values()) - skipped
 

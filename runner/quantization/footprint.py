@@ -11,13 +11,20 @@ gets which format follows ModelOpt's own rules, read as data (runner/quantizatio
   search may give every other Linear any of the candidate formats. ModelOpt's effective-bits count
   (what its constraint enforces) is reproduced in `auto_range`: see runner/quantization/bits.py for
   both definitions.
+
+Tensors of the source that the worker's causal-LM load drops (an MTP head, a vision tower:
+weights.DROPPED_ON_LOAD) are not quantized; those the recipe's `carry_tensors` export fix-ups carry back
+are counted in the checkpoint, in the dtype the fix-up stores them in (`carried_tensors`, the one place
+that decides it), and the others are left out. Neither is read per generated token (decode.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,10 @@ from runner.quantization.modelopt_config import (
 from runner.quantization.modelopt_recipes import recipes_root
 from runner.quantization.safetensors_headers import Tensor, has_safetensors
 from runner.quantization.weights import DROPPED_ON_LOAD, LISTING, Weights
+
+# (fnmatch pattern of source tensor names, the dtype the export stores them in), in fix-up order:
+# TensorAccounting.carried of the recipe's export fix-ups (runner/recipe/fixups.py `tensor_accounting`).
+Carried = Sequence[tuple[str, str]]
 
 # ModelOpt's auto_quantize decides these together (algorithms.py, quant_grouping_rules).
 _GROUP_RULES = [
@@ -147,10 +158,25 @@ def _scalar_bytes(fmt: str) -> int:
     return entry.scalar_bytes if entry is not None else 0
 
 
+def carried_tensors(weights: Weights, carried: Carried) -> dict[str, tuple[Tensor, str]]:
+    """The tensors the causal-LM load drops that the export's carry_tensors fix-ups put back, each with the
+    dtype it is stored in: matched as the fix-up matches them (fnmatchcase on the source name; the first
+    fix-up that names a tensor carries it, a later one finds it exported already)."""
+    out: dict[str, tuple[Tensor, str]] = {}
+    for name, tensor in weights.dropped.items():
+        stored = next((dt for pattern, dt in carried if fnmatch.fnmatchcase(name, pattern)), None)
+        if stored is not None:
+            out[name] = (tensor, stored)
+    return out
+
+
 def predict(weights: Weights, formats: dict[str, str | None], dtype: str | None,
-            extra: dict[str, int] | None = None) -> tuple[dict[str, int], float]:
-    """Predicted export (tensor name -> bytes) and effective bits for a Linear -> format assignment."""
-    sizes: dict[str, int] = {}
+            extra: dict[str, int] | None = None, carried: Carried = ()) -> tuple[dict[str, int], float]:
+    """Predicted export (tensor name -> bytes) and effective bits for a Linear -> format assignment, with
+    the dropped-on-load tensors the fix-ups carry (`carried_tensors`) stored unquantized. Effective bits
+    are over the quantized model's Linears, as ModelOpt counts them: carried tensors are not among them."""
+    sizes: dict[str, int] = {name: tensor.numel * int(bits_of(stored)) // 8
+                             for name, (tensor, stored) in carried_tensors(weights, carried).items()}
     for name, tensor in weights.tensors.items():
         if tensor.dtype in ("F32", "F16", "BF16") and dtype:
             sizes[name] = tensor.numel * int(bits_of(dtype)) // 8
@@ -195,25 +221,27 @@ def content_key(strategy: Any) -> tuple[Any, ...]:
 
 
 def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None = None,
-                       dtype: str | None = None) -> Footprint:
-    """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended.
-    Computed once per distinct content (content_key, exclusions, hardware, dtype, ModelOpt's configs)
-    for these weights; every strategy gets its own copy under its own name."""
-    key = ("footprint", content_key(strategy), tuple(exclude), hardware, dtype, recipes_root())
+                       dtype: str | None = None, carried: Carried = ()) -> Footprint:
+    """The footprint of one recipe strategy (schema.Strategy) with the recipe's exclusions appended and the
+    dropped-on-load tensors its export fix-ups carry (`carried`: `carry_patterns(recipe)`). Computed once
+    per distinct content (content_key, exclusions, hardware, dtype, carried, ModelOpt's configs) for these
+    weights; every strategy gets its own copy under its own name."""
+    carried = tuple(tuple(c) for c in carried)
+    key = ("footprint", content_key(strategy), tuple(exclude), hardware, dtype, carried, recipes_root())
     fp = weights.memo.get(key)
     if fp is None:
-        fp = weights.memo[key] = _strategy_footprint(weights, strategy, exclude, hardware, dtype)
+        fp = weights.memo[key] = _strategy_footprint(weights, strategy, exclude, hardware, dtype, carried)
     return dataclasses.replace(fp, strategy=strategy.name, formats=dict(fp.formats), notes=list(fp.notes))
 
 
 def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None,
-                        dtype: str | None) -> Footprint:
+                        dtype: str | None, carried: Carried) -> Footprint:
     method = (f"preset {strategy.preset}" if strategy.preset else
               f"modelopt_recipe {strategy.modelopt_recipe}" if strategy.modelopt_recipe else "auto_quantize")
     fp = Footprint(strategy.name, method, hardware=hardware.name if hardware else None)
     try:
         if strategy.auto_quantize is not None:
-            _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype)
+            _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype, carried)
             return fp
         base = preset_config(strategy.preset) if strategy.preset else recipe_config(strategy.modelopt_recipe)
         if base.source != "modelopt_recipes":
@@ -235,7 +263,7 @@ def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], har
                 extra[f"{module}.lora"] = rank * (in_features + out_features) * load_bytes
         if extra and method_name == "svdquant":
             fp.notes.append("SVDQuant's low-rank branches counted at the model dtype")
-        sizes, fp.effective_bits = predict(weights, formats, dtype, extra)
+        sizes, fp.effective_bits = predict(weights, formats, dtype, extra, carried)
         fp.checkpoint_bytes = sum(sizes.values())
         fp.decode_tok_s = _decode(sizes, hardware, weights)
         fp.formats = _counts(weights, formats, dtype)
@@ -256,7 +284,8 @@ def _group_key(module: str) -> str:
     return f"{m.group(1)}/ba" if m else module
 
 
-def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | None = None) -> AutoRange:
+def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | None = None,
+               carried: Carried = ()) -> AutoRange:
     """auto_quantize's reachable effective bits, in ModelOpt's count and in this project's.
 
     ModelOpt (algorithms.py, 0.47): every QuantLinear/QuantConv module is a decision (lm_head
@@ -294,8 +323,8 @@ def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | Non
 
     low = {m: (kind[cheapest] if m not in disabled else None) for m in weights.linears}
     high = {m: (kind[dearest] if m not in disabled else None) for m in weights.linears}
-    low_sizes, low_bits = predict(weights, low, dtype)
-    high_sizes, high_bits = predict(weights, high, dtype)
+    low_sizes, low_bits = predict(weights, low, dtype, carried=carried)
+    high_sizes, high_bits = predict(weights, high, dtype, carried=carried)
     return AutoRange(
         target=float(spec.effective_bits), modelopt_min=mo_min, modelopt_max=mo_max, min_bits=low_bits,
         max_bits=high_bits, min_bytes=sum(low_sizes.values()), max_bytes=sum(high_sizes.values()),
@@ -304,8 +333,8 @@ def auto_range(weights: Weights, spec: Any, exclude: list[str], dtype: str | Non
 
 
 def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[str], hardware: Hardware | None,
-                    dtype: str | None) -> None:
-    rng = auto_range(weights, spec, exclude, dtype)
+                    dtype: str | None, carried: Carried) -> None:
+    rng = auto_range(weights, spec, exclude, dtype, carried)
     fp.auto = rng
     if not rng.feasible:
         fp.known, fp.reason = False, (f"effective_bits {rng.target:g} is outside what auto_quantize can reach: "
@@ -320,8 +349,8 @@ def _auto_footprint(fp: Footprint, weights: Weights, spec: Any, exclude: list[st
     fp.checkpoint_bytes = round(rng.min_bytes + share * (rng.max_bytes - rng.min_bytes))
     fp.effective_bits = round(rng.min_bits + share * (rng.max_bits - rng.min_bits), 3)
     if hardware is not None:
-        low = bytes_per_token_of(predict(weights, rng.low, dtype)[0], weights.expert_fraction)
-        high = bytes_per_token_of(predict(weights, rng.high, dtype)[0], weights.expert_fraction)
+        low = bytes_per_token_of(predict(weights, rng.low, dtype, carried=carried)[0], weights.expert_fraction)
+        high = bytes_per_token_of(predict(weights, rng.high, dtype, carried=carried)[0], weights.expert_fraction)
         fp.decode_tok_s = decode_tok_s(round(low + share * (high - low)), hardware)
     fp.notes.append(f"at most (decode: at least): the search fills the budget with {rng.cheapest} and "
                     f"{rng.dearest}, and may leave layers unquantized")
@@ -354,13 +383,20 @@ def recipe_footprints(recipe: Any, weights: Weights, hardware: Hardware | None,
     """Each chosen (else each enabled) strategy's footprint, with the exclusions the worker applies;
     decode speed on `hardware` (the recipe's benchmark.hardware, read by runner/benchmark/prediction.py)."""
     out = []
+    carried = carry_patterns(recipe)
     chosen = set(names) if names is not None else None
     for strategy in recipe.quantization.strategies:
         if (chosen is not None and strategy.name not in chosen) or (names is None and not strategy.enabled):
             continue
         out.append(strategy_footprint(weights, strategy, recipe.quantization.exclusions(strategy),
-                                      hardware, recipe.model.dtype))
+                                      hardware, recipe.model.dtype, carried))
     return out
+
+
+def carry_patterns(recipe: Any) -> tuple[tuple[str, str], ...]:
+    """What the recipe's `carry_tensors` export fix-ups carry: (pattern, dtype) in fix-up order
+    (schema.ExportSpec.accounting, the TensorAccounting verify checks the export against)."""
+    return recipe.export.accounting().carried
 
 
 SOURCE = "(source)"  # the source footprint's row
@@ -374,7 +410,10 @@ def source_footprint(recipe: Any, weights: Weights, hardware: Hardware | None) -
     fp.checkpoint_bytes = sum(sizes.values())
     fp.decode_tok_s = _decode(sizes, hardware, weights)
     fp.formats = _counts(weights, formats, recipe.model.dtype)
-    if weights.dropped_bytes:
+    if weights.dropped:
+        carried = carried_tensors(weights, carry_patterns(recipe))
         fp.notes.append(f"{weights.dropped_bytes / 1e9:.2f} GB of source tensors a causal-LM load drops "
-                        f"({', '.join(DROPPED_ON_LOAD)}) are not counted")
+                        f"({', '.join(DROPPED_ON_LOAD)}) are not counted"
+                        + (f"; the export's carry_tensors fix-ups put {len(carried)} of them back unquantized, "
+                           "counted in each strategy's size" if carried else ""))
     return fp

@@ -2,8 +2,9 @@
 only (names, dtypes, shapes; no torch), or from a tensor listing made on the meta device.
 
 Source tensors that the worker's causal-LM load drops (MTP heads, a Qwen3.5 vision tower: transformers'
-`_keys_to_ignore_on_load_unexpected`) are not part of the export and are left out (and counted in
-`dropped_bytes`).
+`_keys_to_ignore_on_load_unexpected`) are not part of the quantized model: they are kept apart in
+`dropped` (a listing holds them under `dropped_on_load`), and the footprint counts those an export's
+`carry_tensors` fix-ups carry back (runner/quantization/footprint.py `carried_tensors`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from runner.quantization.safetensors_headers import Tensor, read_headers
 # Tensors a causal-LM load ignores (transformers' Qwen3_5ForCausalLM: `^mtp.*`, `^model.visual.*`).
 DROPPED_ON_LOAD = ["mtp.*", "model.mtp.*", "model.visual.*"]
 
+
+def is_dropped_on_load(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in DROPPED_ON_LOAD)
+
 _EMBEDDING = re.compile(r"(embed|(^|\.)(wte|wpe)$)")
 
 
@@ -37,11 +42,15 @@ class Weights:
     tensors: dict[str, Tensor]  # what the causal-LM load keeps
     linears: dict[str, Tensor]  # module name -> 2-D weight (a tied lm_head included: it counts in bits)
     convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
-    dropped_bytes: int = 0
+    dropped: dict[str, Tensor] = field(default_factory=dict)  # what the causal-LM load drops (DROPPED_ON_LOAD)
     expert_fraction: float | None = None  # a MoE token reads this share of the routed experts' bytes
     # What was computed from these weights, by what decides it (strategy_footprint, strategy_formats):
     # thousands of strategies that differ only in name cost one computation.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def dropped_bytes(self) -> int:
+        return sum(t.nbytes for t in self.dropped.values())
 
 
 LISTING = "tensors.json"
@@ -58,7 +67,7 @@ def load_weights(folder: Path) -> Weights:
         everything = read_listing(folder / LISTING)
     if not everything:
         raise Unknown(f"no safetensors in {folder}")
-    tensors = {n: t for n, t in everything.items() if not any(fnmatch.fnmatchcase(n, p) for p in DROPPED_ON_LOAD)}
+    tensors = {n: t for n, t in everything.items() if not is_dropped_on_load(n)}
     linears: dict[str, Tensor] = {}
     convs: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
@@ -73,9 +82,8 @@ def load_weights(folder: Path) -> Weights:
         embedding = next((t for n, t in tensors.items() if n.endswith("embed_tokens.weight")), None)
         if embedding is not None:  # the head exists in the model, sharing the embedding's weight
             linears["lm_head"] = Tensor("lm_head.weight", embedding.dtype, embedding.shape)
-    dropped = sum(t.nbytes for n, t in everything.items() if n not in tensors)
+    dropped = {n: t for n, t in everything.items() if n not in tensors}
     return Weights(tensors, linears, convs, dropped, active_expert_fraction(folder / "config.json"))
-
 
 
 def read_listing(path: Path) -> dict[str, Tensor]:
@@ -84,10 +92,12 @@ def read_listing(path: Path) -> dict[str, Tensor]:
     transformers keeps a MoE layer's experts fused (`experts.gate_up_proj` [E, 2I, H],
     `experts.down_proj` [E, H, I]); ModelOpt quantizes and exports them as one Linear per expert and
     projection (`experts.0.gate_proj`, ...), which is what formats and sizes are counted over.
+    `dropped_on_load` (what the checkpoint holds that the causal-LM load drops, named and stored as in
+    the checkpoint) comes along: load_weights sets it apart by DROPPED_ON_LOAD.
     """
     listing = json.loads(path.read_text(encoding="utf-8"))
     out: dict[str, Tensor] = {}
-    for name, (dtype, shape) in listing["tensors"].items():
+    for name, (dtype, shape) in [*listing["tensors"].items(), *listing.get("dropped_on_load", {}).items()]:
         prefix, _, leaf = name.rpartition(".")
         if prefix.endswith(".experts") and len(shape) == 3:
             experts, rows, cols = shape

@@ -14,7 +14,8 @@ from pydantic_core import PydanticCustomError
 
 from runner.errors import Problem, closest
 from runner.quantization.modelopt_config import MODELOPT_PRESETS  # the preset names, without ModelOpt
-from runner.recipe.fixups import Fixup
+from runner.quantization.verify_rules import TensorAccounting
+from runner.recipe.fixups import Fixup, tensor_accounting
 from runner.recipe.metrics import Metric
 from runner.recipe.schema_base import Identifier, RecipePath, Section
 
@@ -304,6 +305,11 @@ class ExportSpec(Section):
     """Declarative fix-ups applied to every exported checkpoint, in order."""
 
     fixups: list[Fixup] = Field(default_factory=list)
+
+    def accounting(self) -> TensorAccounting:
+        """Where the fix-ups say each source tensor ends up (renamed, carried, dropped): what verify checks
+        and what the size prediction counts as carried (runner/quantization/footprint.py)."""
+        return tensor_accounting(self.fixups)
 
 
 # --- serving ---------------------------------------------------------------------------------
