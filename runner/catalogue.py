@@ -38,7 +38,7 @@ class Entry:
     model: str = ""
     source: str = ""
     license: str = ""
-    bases: list[str] = field(default_factory=list)
+    bases: list[str] = field(default_factory=list)  # every file it extends (transitively), relative to recipes/
     source_gb: float | None = None
     source_tok_s: float | None = None
     strategies: list[StrategyPrediction] = field(default_factory=list)
@@ -68,7 +68,8 @@ def recipe_entry(path: Path, root: Path) -> Entry:
     recipe = loaded.recipe
     entry = Entry(rel, recipe.name, " ".join(recipe.description.split()), recipe.model.name,
                   _source_text(recipe.model.source), recipe.model.license or "",
-                  [str(f.relative_to(root)) for f in loaded.files[:-1] if f.is_relative_to(root / "base")])
+                  # loaded.files is the recipe itself first, then every file it extends in load order
+                  [str(f.relative_to(root)) for f in loaded.files[1:] if f.is_relative_to(root)])
     folder, read_from = footprint.model_folder(recipe)
     names = [s.name for s in recipe.enabled_strategies()]
     if folder is None:

@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipes", nargs="+", type=Path)
     p.add_argument("--schema-only", action="store_true",
                    help="check the recipe alone, not what it needs from this machine (its model and calibration "
-                   "files, the publish token): for recipes written for another machine")
+                   "files, the publish token, the serve flags against the installed vLLM)")
+    p.add_argument("--strict", action="store_true",
+                   help="the local inputs this machine lacks (model folder, calibration and prompt files, the "
+                   "publish token) are errors, not warnings: for CI on the machine that will run the recipe")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show the step graph with each step's executor and cache state")
@@ -163,13 +166,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
             # the refused keys) still shows; a file that does not get that far has only the first
             problems = list(exc.problems)
             loaded = getattr(exc, "partial", None)
-        footprints, vllm_line = [], ""
+        footprints, vllm_line, missing = [], "", []
         if loaded is not None:
             from runner.steps.registry import slurm_step_problems
 
             more, footprints = _model_problems(loaded, path)
             more = slurm_step_problems(loaded) + more
-            problems += (more if args.schema_only else input_problems(loaded) + more)
+            # What this machine lacks (a model folder, a calibration file, the token) says nothing about
+            # whether the recipe is valid: a warning, an error with --strict; `run` and `plan` refuse it.
+            missing = [] if args.schema_only else input_problems(loaded)
+            problems += (missing + more) if args.strict else more
+            if args.strict:
+                missing = []
             if not args.schema_only:
                 from runner.serving import engine_for
                 from runner.vllm_env.environment import serve_args_problems
@@ -181,6 +189,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             console.print(f"[bold red]✗ {path}[/] ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
             for problem in problems:
                 console.print(f"  {problem}", markup=False)
+            _print_missing(path, missing)
             continue
         recipe = loaded.recipe
         names = ", ".join(s.name for s in recipe.enabled_strategies())
@@ -193,12 +202,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
         if vllm_line:
             out.print(f"  {escape(vllm_line)}")
+        _print_missing(path, missing)
         _print_overlap_warnings(path, recipe)
         _print_power(path, recipe, lines=False)
         if (missing := _bfcl_missing(recipe)) is not None:
             console.print(f"[yellow]![/] {escape(str(path))}: warning: its BFCL suite cannot run here: "
                           f"{escape(missing)}")
     return EXIT_INVALID if failed else 0
+
+
+def _print_missing(path: Path, missing: list) -> None:
+    """validate's warnings for the inputs this machine lacks (the recipe is valid without them)."""
+    for problem in missing:
+        console.print(f"[yellow]![/] {escape(str(path))}: warning: not on this machine (`recipe run` and `recipe plan` "
+                      "refuse it; `validate --strict` makes it an error):")
+        console.print(f"  {problem}", markup=False)
+
+
+def _refuse_missing(problems: list, command: str) -> int:
+    """`plan` and `run` before any work: each input this machine lacks, with its file, key and fix."""
+    n = len(problems)
+    console.print(f"[bold red]recipe {command} refused[/]: {n} input{'s' if n != 1 else ''} the recipe names "
+                  f"{'are' if n != 1 else 'is'} not on this machine (the recipe itself may be valid: "
+                  "`recipe validate` says so); nothing was run or written:")
+    for problem in problems:
+        console.print(f"  {problem}", markup=False)
+    return EXIT_INVALID
 
 
 def _model_problems(loaded, path: Path) -> tuple[list, list]:
@@ -311,9 +340,12 @@ def _where(plan, step, kinds) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from runner.benchmark.power import recipe_power
+    from runner.recipe.loader import missing_input_problems
     from runner.steps.registry import step_kinds
 
     loaded, plan, run_dir = _load_plan(args)
+    if missing := missing_input_problems(loaded):
+        return _refuse_missing(missing, "plan")
     kinds = step_kinds()
     rows = []
     for sid, step in plan.steps.items():
@@ -396,9 +428,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.executors import make_executor
+    from runner.recipe.loader import missing_input_problems, token_problems
     from runner.scheduler import Runner, RunOptions
 
     loaded, plan, run_dir = _load_plan(args)
+    if missing := missing_input_problems(loaded):  # before anything is written, a dry run included
+        return _refuse_missing(missing, "run")
     execution = plan.recipe.execution
     executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache, execution.slurm)
                 if not args.dry_run else make_executor("local", run_dir.root))
@@ -409,11 +444,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = asyncio.run(_run_cancellable(runner.run(options)))
         _print_outcome(outcome, run_dir.root)
         return outcome.exit_code
-    from runner.recipe.loader import input_problems
-
-    # Missing inputs stop the run before anything is written (the token only when publish will run).
-    problems = [p for p in input_problems(loaded)
-                if p.path[:1] != ("publish",) or not (args.until or args.only)]
+    # The token stops the run before anything is written, when publish will run.
+    problems = [] if (args.until or args.only) else token_problems(loaded)
     if not (args.until or args.only):
         problems += _preflight(loaded, plan, run_dir)
     if problems:

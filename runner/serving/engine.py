@@ -98,9 +98,9 @@ class Engine(ABC):
         activation scale. None: no objection (verify still checks the export itself)."""
         return None
 
-    def card_serving(self, recipe: Recipe) -> CardServing:
-        """The card's vLLM line: vLLM's default container with GPUs; the recipe's serve.args are another
-        engine's flags, so none are repeated."""
+    def card_serving(self, recipe: Recipe, served_args: list[str]) -> CardServing:
+        """The card's vLLM line: vLLM's default container with GPUs; `served_args` (what this run's serve step
+        started its server with) are another engine's flags, so none are repeated."""
         return CardServing(args=[], container="vllm", force_gpus=True)
 
 

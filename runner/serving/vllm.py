@@ -136,9 +136,10 @@ class VllmEngine(Engine):
     def where(self, recipe: Recipe) -> str:
         return f"{self.name} server in container {recipe.serve.container}"
 
-    def card_serving(self, recipe: Recipe) -> CardServing:
-        """The card repeats what this run served with: the recipe's flags and container."""
-        return CardServing(args=list(recipe.serve.args), container=recipe.container_for("serve"), force_gpus=False)
+    def card_serving(self, recipe: Recipe, served_args: list[str]) -> CardServing:
+        """The card repeats what this run served with: the exact flags the serve step started vLLM with (the
+        recipe's and those derived from the export, e.g. --kv-cache-dtype, --speculative-config) and its container."""
+        return CardServing(args=list(served_args), container=recipe.container_for("serve"), force_gpus=False)
 
     def export_refusal(self, what: str, algos: set[str], weight_only_fp8: list[str]) -> str | None:
         """Why vLLM's ModelOpt loader would refuse what `what` exports (quant_algos `algos`), or None."""

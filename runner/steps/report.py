@@ -180,13 +180,91 @@ def gather(recipe: Recipe, run: RunView) -> dict[str, Any]:
         "speed": gates_record["summary"].get("speed", {}),
         "calibration": calibrate.get("summary", {}),
         "source_bytes": source_bytes(run),
-        "usage": usage(recipe, repo_id, chosen),
+        "usage": usage(recipe, repo_id, chosen, card_args(served_with(run, best).get("args") or []) if chosen else []),
         "hardware": recipe.benchmark.hardware,
         "hardware_description": hardware_targets().get(recipe.benchmark.hardware or "", {}).get("description"),
         "repo_id": repo_id,
         "suggested_repo_id": repo_name_mismatch(repo_id, fmt["name"]) if fmt else None,
         "verify_rows": verify_rows(chosen["verify"]) if chosen else [],
+        "validation": validation(run, best, chosen) if chosen else None,
     }
+
+
+# How the card names an engine in `validated_on`.
+ENGINE_WORDS = {"vllm": "vLLM", "local": "recipe-runner's local engine (transformers, the export's numerics)"}
+REDACTED = "REDACTED"
+
+
+def served_with(run: RunView, name: str) -> dict[str, Any]:
+    """How the serve step served `name`: its record's `served_with` (engine, version, image, flags); for
+    records written before it, the flags and container from the step's parameters (version and image
+    unknown, never guessed from today's plugin)."""
+    record = run.record(ids.serve(name)) or {}
+    summary = record.get("summary") or {}
+    if summary.get("served_with"):
+        return summary["served_with"]
+    serving = (record.get("params") or {}).get("serving") or {}
+    spec = serving.get("serve") or {}
+    return {"engine": spec.get("engine") or summary.get("engine"), "version": None,
+            "container": serving.get("container"), "image": None, "args": list(spec.get("args") or [])}
+
+
+def card_args(args: list[str]) -> list[str]:
+    """Serve flags as a card may show them: a path of this machine becomes its file name, and a secret (a
+    token-shaped value, or the value of a flag named like one, e.g. --api-key) becomes REDACTED."""
+    from runner.recipe.secrets import is_secret_name, secret_values
+
+    out: list[str] = []
+    for arg in map(str, args):
+        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        named_secret = out and out[-1].startswith("--") and is_secret_name(out[-1].lstrip("-").replace("-", "_"))
+        if eq and is_secret_name(flag.lstrip("-").replace("-", "_")) or secret_values([arg]):
+            arg = f"{flag}={REDACTED}" if eq else REDACTED
+        elif named_secret and not arg.startswith("--"):
+            arg = REDACTED
+        elif value.startswith("/") and Path(value).exists():  # a container's own path (a chat template) stays
+            arg = (f"{flag}=" if eq else "") + Path(value).name
+        out.append(arg)
+    return out
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value of `flag` in server flags (`--flag X` or `--flag=X`; the last wins), or None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def validation(run: RunView, best: str, chosen: dict[str, Any]) -> dict[str, Any]:
+    """What the card says the selected model was validated with, as Red Hat's validated cards do, from this
+    run's records: the engine, its version, the container image and the hardware it was served on
+    (`validated_on`), the exact serve flags (`required_cli_args`) with their tool-call and reasoning parsers,
+    and the suites the gates judged it on, each with the number of prompts it was asked (`validated_tasks`)."""
+    served = served_with(run, best)
+    args = card_args(served.get("args") or [])
+    engine = served.get("engine") or "unknown"
+    where = (chosen.get("benchmark") or {}).get("measured_on") or {}
+    hardware = where.get("gpu") or where.get("cpu")
+    label = ENGINE_WORDS.get(engine, engine)
+    on = [f"{label} {served['version']}" if served.get("version") else label]
+    on += [f"image {served['image']}"] if served.get("image") else []
+    on += [str(hardware)] if hardware else []
+    suites = (chosen.get("benchmark") or {}).get("suites") or {}
+    tasks: dict[str, int] = {}
+    for verdict in chosen.get("verdicts") or []:
+        group = Metric.parse(verdict["metric"]).group
+        if group in suites and group not in tasks:
+            tasks[group] = suites[group].get("total")
+    parser = flag_value(args, "--tool-call-parser")
+    return {"engine": engine, "version": served.get("version"), "image": served.get("image"),
+            "container": served.get("container"), "hardware": hardware, "validated_on": on,
+            "required_cli_args": args, "flags_text": " ".join(shlex.quote(a) for a in args), "tool_call_parser": parser,
+            "tool_calling_supported": bool(parser) and "--enable-auto-tool-choice" in args,
+            "reasoning_parser": flag_value(args, "--reasoning-parser"), "validated_tasks": tasks}
 
 
 def calibration_key(alternative: str | None) -> str:
@@ -431,13 +509,15 @@ def verify_rows(verify: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def usage(recipe: Recipe, repo_id: str | None, chosen: dict[str, Any] | None) -> dict[str, str] | None:
-    """How to serve the published model with vLLM, when vLLM loads its export format."""
+def usage(recipe: Recipe, repo_id: str | None, chosen: dict[str, Any] | None,
+          served_args: list[str]) -> dict[str, str] | None:
+    """How to serve the published model with vLLM, when vLLM loads its export format: with the flags this run
+    served it with (`served_args`, as the card shows them)."""
     algo = ((chosen or {}).get("verify") or {}).get("quant_algo")
     if not algo or algo.upper() not in VLLM_QUANT_ALGOS:
         return None
     model = repo_id or f"./{recipe.model.name}-quantized"
-    card = engine_for(recipe.serve.engine).card_serving(recipe)
+    card = engine_for(recipe.serve.engine).card_serving(recipe, served_args)
     flags = " ".join(shlex.quote(a) for a in card.args)
     return {"vllm": f"vllm serve {model}" + (f" {flags}" if flags else ""),
             "docker": serve_command(card, model)}
@@ -498,10 +578,18 @@ def card_data(recipe: Recipe, facts: dict[str, Any]) -> Any:
     tags = list(dict.fromkeys([*own, *(fmt["tags"] if fmt else []), "modelopt", "recipe-runner"]
                               + ([arch] if arch else [])))
     base_model = facts["base_model"]
+    # What Red Hat's validated cards carry in their metadata, from this run's serve and gates records.
+    validated = facts["validation"]
+    served = {} if validated is None else {
+        "validated_on": validated["validated_on"], "required_cli_args": validated["required_cli_args"],
+        **{key: validated[key] for key in ("tool_call_parser", "reasoning_parser") if validated[key]},
+        "tool_calling_supported": validated["tool_calling_supported"],
+        "validated_tasks": list(validated["validated_tasks"]),
+        "validated_task_sizes": validated["validated_tasks"]}
     return ModelCardData(base_model=base_model, base_model_relation="quantized" if base_model else None,
                          license=recipe.model.license, tags=tags, pipeline_tag="text-generation",
                          library_name="modelopt", model_name=facts["repo_id"] or facts["title"],
-                         eval_results=results or None)
+                         eval_results=results or None, **served)
 
 
 def environment(templates_dir: Path | None) -> SandboxedEnvironment:

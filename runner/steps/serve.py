@@ -36,11 +36,33 @@ async def run(ctx: StepContext) -> StepResult:
         startup_s = time.monotonic() - t0
         async with aiohttp.ClientSession() as session:
             probe = await stream_chat(session, srv.url, srv.model, [{"role": "user", "content": "Say hello."}], 16)
+            version = await served_version(session, srv.url)
     if not probe.ok:
         raise RunnerError(f"the served candidate did not answer a first request: {probe.error}")
     return StepResult(summary={"engine": inputs.serving.serve.engine, "startup_s": round(startup_s, 2),
                                "first_answer": probe.content[:200], "prediction": prediction,
-                               "server_args": server_args.args, "server_arg_notes": server_args.notes})
+                               "server_args": server_args.args, "server_arg_notes": server_args.notes,
+                               "served_with": served_with(inputs, version, server_args.args)})
+
+
+async def served_version(session: aiohttp.ClientSession, url: str) -> str | None:
+    """The server's own version, as vLLM's OpenAI server answers GET /version; None where it has none."""
+    try:
+        async with session.get(url.removesuffix("/v1") + "/version", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            body = await resp.json(content_type=None) if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    return str(body["version"]) if isinstance(body, dict) and body.get("version") else None
+
+
+def served_with(inputs: ServeInput, version: str | None, args: list[str]) -> dict:
+    """What the card's `validated_on` and `required_cli_args` say (runner/steps/report.py): the engine, its
+    version, the container image it ran in (None outside a container) and the flags it was started with."""
+    from runner.containers.plugin import load_container
+
+    plugin = load_container(inputs.serving.container)
+    return {"engine": inputs.serving.serve.engine, "version": version, "container": plugin.name,
+            "image": plugin.image if plugin.runtime == "docker" else None, "args": list(args)}
 
 
 KIND = StepKind("serve", run, input=ServeInput, modules=("steps/serve.py", "worker/local_server.py"),
