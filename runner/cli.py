@@ -166,11 +166,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             # the refused keys) still shows; a file that does not get that far has only the first
             problems = list(exc.problems)
             loaded = getattr(exc, "partial", None)
-        footprints, vllm_line, missing = [], "", []
+        footprints, vllm_line, missing, unmatched = [], "", [], []
         if loaded is not None:
             from runner.steps.registry import slurm_step_problems
 
-            more, footprints = _model_problems(loaded, path)
+            more, footprints, unmatched = _model_problems(loaded, path)
             more = slurm_step_problems(loaded) + more
             # What this machine lacks (a model folder, a calibration file, the token) says nothing about
             # whether the recipe is valid: a warning, an error with --strict; `run` and `plan` refuse it.
@@ -202,6 +202,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
         if vllm_line:
             out.print(f"  {escape(vllm_line)}")
+        for line in unmatched:
+            console.print(f"[yellow]![/] {escape(str(path))}: warning: {escape(line)}")
         _print_missing(path, missing)
         _print_overlap_warnings(path, recipe)
         _print_power(path, recipe, lines=False)
@@ -230,11 +232,12 @@ def _refuse_missing(problems: list, command: str) -> int:
     return EXIT_INVALID
 
 
-def _model_problems(loaded, path: Path) -> tuple[list, list]:
+def _model_problems(loaded, path: Path) -> tuple[list, list, list[str]]:
     """auto_quantize feasibility and what each strategy does to this model (pre-flight), from its
-    headers, when the model is already on disk or its shapes are named; and the footprints."""
+    headers, when the model is already on disk or its shapes are named; the footprints; and a warning
+    per exclusion pattern that names nothing in the model."""
     from runner.benchmark.prediction import hardware_target
-    from runner.plan_checks import feasibility_problems, recipe_problems
+    from runner.plan_checks import feasibility_problems, recipe_problems, unmatched_exclusions
     from runner.quantization import Unknown, footprint
     from runner.quantization.weights import load_weights
 
@@ -242,13 +245,14 @@ def _model_problems(loaded, path: Path) -> tuple[list, list]:
     folder, _ = footprint.model_folder(recipe)
     footprints, weights = [], None
     if folder is None:
-        return [], []
+        return [], [], []
     try:
         weights = load_weights(folder)  # the headers, read once for every strategy
         footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware))
     except (Unknown, OSError, ValueError) as exc:
         console.print(f"[yellow]![/] {path}: footprint not checked: {escape(str(exc))}")
-    return feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints
+    unmatched = unmatched_exclusions(recipe, weights) if weights is not None else []
+    return feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights), footprints, unmatched
 
 
 def _print_overlap_warnings(path: Path, recipe) -> None:

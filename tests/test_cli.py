@@ -171,5 +171,16 @@ def test_every_shipped_recipe_validates_on_this_machine():
     result = recipe("validate", *map(str, shipped))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("✓") == len(shipped)
+    assert "matches nothing" not in result.stdout + result.stderr  # every shipped exclusion names a layer
     flagship = recipe("validate", "--strict", str(RECIPES / "qwen35-9b-opus.yaml"))
     assert flagship.returncode == 2 and "recipes/data/task_inputs.json" in flagship.stderr  # the plan's, not shipped
+
+
+def test_validate_warns_of_an_exclusion_that_names_nothing_in_the_model(tmp_path):
+    """A typo in an exclusion pattern quantizes the layer it meant to keep: validate says so (a warning)."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"extends: [{RECIPES / 'demo' / 'smollm2-cpu.yaml'}]\n"
+                    "quantization:\n  exclude+: ['*layers.29.mpl*']\n", encoding="utf-8")
+    result = recipe("validate", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "exclusion '*layers.29.mpl*'" in result.stderr and "matches nothing" in result.stderr
