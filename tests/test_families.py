@@ -28,7 +28,9 @@ EXPERT_FORMAT = {"w4a16": "w4a16_nvfp4", "nvfp4_awq": "nvfp4", "mlp_only": "nvfp
 NOTES = {"exclude_modules_match", "exclusion_patterns_match"}
 # Exports vLLM 0.33.0's loader cannot build on a CPU for want of a CPU kernel (not the export's fault):
 # the check says "not run" with this reason, never pass (runner/vllm_env/load_check.py).
-MOE_NVFP4 = {"qwen3-30b-a3b.yaml", "qwen3-next-80b-a3b.yaml", "qwen35-35b-a3b.yaml"}
+MOE_NVFP4 = {"qwen3-30b-a3b.yaml", "qwen3-next-80b-a3b.yaml", "qwen35-35b-a3b.yaml", "qwen36-35b-a3b.yaml",
+             "qwen35-122b-a10b.yaml", "gpt-oss-120b.yaml"}
+RELU2_MOE = {"nemotron3-nano-30b-a3b.yaml", "nemotron3-super-120b-a12b.yaml"}
 # Families vLLM 0.33.0's model class cannot build against the loader environment's transformers (5.14):
 # its gemma4.py reads `config.per_layer_config`, which transformers 5.14's Gemma4TextConfig does not
 # have (vLLM's images ship a newer transformers). The check would fail on the environment, not on the
@@ -44,7 +46,7 @@ def not_on_cpu(recipe_file: str, strategy: str) -> str | None:
         return "no CPU kernel for weight-only (W4A16) NVFP4 linears"
     if recipe_file in MOE_NVFP4:
         return "no CPU NVFP4 MoE backend"
-    if recipe_file == "nemotron3-nano-30b-a3b.yaml":
+    if recipe_file in RELU2_MOE:
         return "non-gated (relu2) MoE experts"
     return None
 
@@ -56,6 +58,12 @@ def export_headers(checkpoint: Path) -> dict[str, dict]:
             (n,) = struct.unpack("<Q", fh.read(8))
             out.update({k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
     return out
+
+
+def has_experts(config: dict) -> bool:
+    """A config with routed experts (a dense Gemma 4 config still names `num_experts: null`)."""
+    keys = ("num_experts", "n_routed_experts", "num_local_experts")
+    return any(section.get(k) for section in (config, config.get("text_config") or {}) for k in keys)
 
 
 def layer_index_beyond(pattern: str, depth: int) -> bool:
@@ -90,7 +98,7 @@ execution: {{executor: local, max_parallel: 1, gpus: 0}}
     strategies = [json.loads(p.read_text())["summary"]["strategy"]
                   for p in sorted((run_dir / "steps").glob("quantize.*/record.json"))]
     assert {"w4a16", "nvfp4_awq", "mlp_only"} - NO_MLP_ONLY.get(recipe_file, set()) <= set(strategies)
-    moe = "experts" in json.dumps(json.loads((model_dir / "config.json").read_text()))
+    moe = has_experts(json.loads((model_dir / "config.json").read_text()))
     for strategy in strategies:
         quantize = record(run_dir, f"quantize.{strategy}")
         verify = record(run_dir, f"verify.{strategy}")["summary"]
