@@ -13,12 +13,17 @@ from runner.catalogue import catalogue, markdown
 from runner.recipe.loader import load_recipe
 
 RECIPES = REPO / "recipes"
-FAMILY_BASES = ["qwen35", "qwen35-moe", "qwen3-moe", "qwen3-next", "llama3", "gemma3", "mistral3", "nemotron-h", "generic"]
+FAMILY_BASES = ["qwen35", "qwen35-moe", "qwen3-moe", "qwen3-next", "llama3", "gemma3", "mistral3", "nemotron-h", "generic",
+                "gemma4", "gpt-oss"]
 # The models DGX Spark users run that the catalogue must cover (issue 16), by recipe file.
 CATALOGUE = {
     "qwen35-27b.yaml": "qwen35", "qwen35-35b-a3b.yaml": "qwen35-moe", "qwen3-30b-a3b.yaml": "qwen3-moe",
     "llama31-8b-instruct.yaml": "llama3", "gemma3-12b-it.yaml": "gemma3", "mistral-small-32-24b.yaml": "mistral3",
     "nemotron3-nano-30b-a3b.yaml": "nemotron-h", "qwen3-next-80b-a3b.yaml": "qwen3-next",
+    # issue 27
+    "qwen35-122b-a10b.yaml": "qwen35-moe", "qwen36-27b.yaml": "qwen35", "qwen36-35b-a3b.yaml": "qwen35-moe",
+    "gemma4-31b-it.yaml": "gemma4", "gemma4-26b-a4b-it.yaml": "gemma4",
+    "nemotron3-super-120b-a12b.yaml": "nemotron-h", "gpt-oss-120b.yaml": "gpt-oss",
 }
 
 

@@ -21,6 +21,10 @@ _QWEN35 = {**_TEXT, "num_hidden_layers": 4, "layer_types": ["linear_attention"] 
 _QWEN_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
                 "num_position_embeddings": 64}
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+_GEMMA4 = {**_TEXT, "num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+           "sliding_window": 16, "global_head_dim": 32, "num_global_key_value_heads": 1}
+_GEMMA4_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
+                  "head_dim": 16, "global_head_dim": 16, "num_hidden_layers": 1}
 
 # recipe file -> (models/ folder, changes to its config: top level, text_config, vision_config)
 FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
@@ -46,11 +50,35 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] 
         **_TEXT, "num_hidden_layers": 7, "hybrid_override_pattern": "MEMEM*E", "mamba_num_heads": 4,
         "mamba_head_dim": 16, "n_groups": 1, "ssm_state_size": 16, "chunk_size": 16, "n_routed_experts": 4,
         "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32}, {}, {}),
+    # Issue 27's additions. Qwen3.6 has Qwen3.5's shapes; the 122B-A10B is the 35B-A3B's family.
+    "qwen36-27b.yaml": ("qwen36-27b", {}, _QWEN35, _QWEN_VISION),
+    "qwen36-35b-a3b.yaml": ("qwen36-35b-a3b", {}, {**_QWEN35, **_MOE, "shared_expert_intermediate_size": 32},
+                            _QWEN_VISION),
+    "qwen35-122b-a10b.yaml": ("qwen35-122b-a10b", {}, {**_QWEN35, **_MOE, "shared_expert_intermediate_size": 32},
+                              _QWEN_VISION),
+    # Gemma 4: five sliding layers then a global one (global heads of their own width, K = V), a
+    # SigLIP-style tower; the 26B-A4B adds routed experts beside the dense MLP of every layer.
+    "gemma4-31b-it.yaml": ("gemma4-31b-it", {}, _GEMMA4, _GEMMA4_VISION),
+    "gemma4-26b-a4b-it.yaml": ("gemma4-26b-a4b-it", {}, {**_GEMMA4, "num_experts": 4, "top_k_experts": 2,
+                                                        "moe_intermediate_size": 32, "intermediate_size": 64},
+                               _GEMMA4_VISION),
+    # Super's first nine layers: Mamba and LatentMoE alternating, attention at 7 (latent width 32).
+    "nemotron3-super-120b-a12b.yaml": ("nemotron3-super-120b-a12b", {
+        **_TEXT, "num_hidden_layers": 9, "hybrid_override_pattern": "MEMEMEM*E", "mamba_num_heads": 4,
+        "mamba_head_dim": 16, "n_groups": 1, "ssm_state_size": 16, "chunk_size": 16, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
+        "moe_latent_size": 32}, {}, {}),
+    # gpt-oss: a sliding and a full layer, fused biased experts.
+    "gpt-oss-120b.yaml": ("gpt-oss-120b", {**_TEXT, "num_hidden_layers": 2, "layer_types": ["sliding_attention",
+                          "full_attention"], "sliding_window": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                          "intermediate_size": 32}, {}, {}),
 }
 # The last decoder layer of each tiny model (the recipes' `last_layer` var) and the layers the model
 # recipe itself excludes, renumbered for the tiny pattern.
 LAST_LAYER = {"qwen3-next-80b-a3b.yaml": 3, "qwen35-27b.yaml": 3, "qwen35-35b-a3b.yaml": 3, "qwen3-30b-a3b.yaml": 1, "llama31-8b-instruct.yaml": 2,
-              "gemma3-12b-it.yaml": 5, "mistral-small-32-24b.yaml": 2, "nemotron3-nano-30b-a3b.yaml": 6}
+              "gemma3-12b-it.yaml": 5, "mistral-small-32-24b.yaml": 2, "nemotron3-nano-30b-a3b.yaml": 6,
+              "qwen36-27b.yaml": 3, "qwen36-35b-a3b.yaml": 3, "qwen35-122b-a10b.yaml": 3, "gemma4-31b-it.yaml": 5,
+              "gemma4-26b-a4b-it.yaml": 5, "nemotron3-super-120b-a12b.yaml": 8, "gpt-oss-120b.yaml": 1}
 
 
 def _scale_mrope_section(text: dict[str, Any]) -> None:
@@ -105,6 +133,7 @@ def tiny_config(recipe_file: str, vocab_size: int) -> dict[str, Any]:
 # (transformers writes its own module names unless it loaded a checkpoint with the other layout): the
 # tiny models get the Hub's names, so the exports meet vLLM's loader as the real ones do.
 HUB_PREFIXES = {"qwen35-27b.yaml": {"model.": "model.language_model."},
+                "qwen36-27b.yaml": {"model.": "model.language_model."},
                 "gemma3-12b-it.yaml": {"vision_tower.": "vision_tower.vision_model."}}
 
 
