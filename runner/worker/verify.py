@@ -354,15 +354,20 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
     """MIXED_PRECISION: each listed layer holds its format's tensors, and every other Linear is unquantized."""
     problems = []
     algo_counts: dict[str, int] = {}
-    for layer, config in per_layer.items():
+    covered: set[str] = set()
+    for listed, config in per_layer.items():
         layer_algo = str((config or {}).get("quant_algo") or "").upper()
         algo_counts[layer_algo] = algo_counts.get(layer_algo, 0) + 1
         expected = formats.by_quant_algo(layer_algo)
         if rules.layer_algos and layer_algo not in rules.quant_algos:
-            problems.append(f"{layer}: {layer_algo} is not loadable by vLLM")
-        if layer not in weights:
-            problems.append(f"{layer}: listed in quantized_layers but has no weight tensor")
-        elif expected is not None:
+            problems.append(f"{listed}: {layer_algo} is not loadable by vLLM")
+        # A MoE layer's experts are listed once, as the fused module vLLM builds (`mlp.experts`: its
+        # FusedMoE prefix, which vLLM's mixed-precision config looks up directly), and stored per expert.
+        members = [listed] if listed in weights else [m for m in weights if m.startswith(listed + ".")]
+        if not members:
+            problems.append(f"{listed}: listed in quantized_layers but has no weight tensor")
+        covered.update(members)
+        for layer in members if expected is not None else []:
             dtype, scales = expected.tensors.weight_dtype, expected.tensors.required
             # Activation scales matter to an engine that quantizes activations (vLLM); the local engine
             # serves weights dequantized.
@@ -371,7 +376,7 @@ def check_mixed_layers(report: Report, per_layer: dict[str, Any], weights: dict[
             if weights[layer][0] != dtype or lacking:
                 problems.append(f"{layer}: {layer_algo} needs a {dtype} weight and {', '.join(scales)}; found "
                                 f"{weights[layer][0]}" + (f", no {', '.join(lacking)}" if lacking else ""))
-    stray = [m for m, (dtype, _) in weights.items() if m not in per_layer
+    stray = [m for m, (dtype, _) in weights.items() if m not in covered
              and (dtype in ("U8", "F8_E4M3") or f"{m}.weight_scale" in meta)]
     problems += [f"{m}: stored quantized but not listed in quantized_layers" for m in stray]
     report.add("mixed_layers", not problems,
