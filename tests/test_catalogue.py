@@ -290,3 +290,18 @@ def test_docs_recipes_page_lists_what_each_recipe_extends_as_its_yaml_says():
         listed = re.findall(r"`([^`]+)`", lines[0]) if lines else []
         assert listed == _extends_closure(path, root), rel
     assert "`base/vllm-dgx-spark.yaml`" in sections["qwen35-9b-opus.yaml"]
+
+
+def test_every_moe_listing_has_its_active_expert_share():
+    """A MoE model's decode prediction reads only the experts a token uses: every listing with routed experts
+    has a top-k / experts share from its config (Gemma 4 names its top-k `top_k_experts`: missed, its 26B-A4B
+    was predicted at dense speed)."""
+    from runner.quantization.decode import active_expert_fraction
+
+    models = RECIPES / "models"
+    for folder in sorted(p for p in models.iterdir() if (p / "tensors.json").is_file()):
+        names = json.loads((folder / "tensors.json").read_text(encoding="utf-8"))["tensors"]
+        moe = any(".experts." in n for n in names)
+        share = active_expert_fraction(folder / "config.json")
+        assert (share is not None) is moe, (folder.name, share)
+        assert share is None or 0 < share < 0.5, (folder.name, share)

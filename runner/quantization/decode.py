@@ -41,7 +41,8 @@ def active_expert_fraction(config_path: Path) -> float | None:
     except (OSError, ValueError):
         return None
     for section in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
-        top_k = section.get("num_experts_per_tok") or section.get("moe_topk")
+        # Gemma 4 names its top-k `top_k_experts`
+        top_k = section.get("num_experts_per_tok") or section.get("moe_topk") or section.get("top_k_experts")
         total = section.get("num_experts") or section.get("n_routed_experts") or section.get("num_local_experts")
         if isinstance(top_k, int) and isinstance(total, int) and total > 0:
             return top_k / total
