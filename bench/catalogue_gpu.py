@@ -79,8 +79,11 @@ def main() -> None:
     if args.layers is not None:
         shapes = truncated_shapes(shapes, args.layers, work / "shapes")
     weights = load_weights(shapes)
+    # The random source holds the text model and, with --mtp-source, an MTP head: the prediction counts what
+    # the recipe's carry_tensors fix-ups would carry from it (the MTP head), not a vision tower it lacks.
+    carried = [c for c in footprint.carry_patterns(recipe) if c[0].startswith("mtp")] if args.mtp_source else []
     predicted = footprint.strategy_footprint(weights, strategy, exclude, hardware_target(LIST_HARDWARE),
-                                             recipe.model.dtype)
+                                             recipe.model.dtype, carried=carried)
     print(f"{recipe.name} / {strategy.name}: predicted {predicted.checkpoint_bytes / 1e9:.2f} GB, "
           f"{predicted.effective_bits:.3f} effective bits, {predicted.decode_tok_s} tok/s on {LIST_HARDWARE}",
           flush=True)
