@@ -295,18 +295,23 @@ def test_the_card_says_what_it_was_validated_with_from_the_serve_record(finished
     bench = record(finished_run, "benchmark.nvfp4_max")["summary"]
     assert card["validated_on"][0].startswith("recipe-runner's local engine")
     assert card["validated_on"][-1] == bench["measured_on"]["cpu"] and card["required_cli_args"] == []
-    suites = {name: suite["total"] for name, suite in bench["suites"].items()}
-    assert card["validated_task_sizes"] == suites and card["validated_tasks"] == list(suites)
+    # only the suites a gate read: the fixed-gate recipe judges thinking_leak, never easy_facts (asked, unjudged)
+    assert set(bench["suites"]) == {"easy_facts", "thinking_leak"}
+    assert card["validated_task_sizes"] == {"thinking_leak": bench["suites"]["thinking_leak"]["total"]} == {
+        "thinking_leak": 5} and card["validated_tasks"] == ["thinking_leak"]
 
     run_dir = linked_copy(finished_run, tmp_path / "run")
     path = run_dir / "steps" / "serve.nvfp4_max" / "record.json"
     rec = json.loads(path.read_text())
     token = "hf_" + "Z" * 34
+    host_template = tmp_path / "templates" / "tools.jinja"  # a file of this machine: the card names only the file
+    host_template.parent.mkdir()
+    host_template.write_text("{{ messages }}")
     rec["summary"]["served_with"] = {
         "engine": "vllm", "version": "0.33.0", "container": "vllm", "image": "vllm/vllm-openai@sha256:0123abcd",
         "args": ["--max-model-len", "65536", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_xml",
-                 "--reasoning-parser=qwen3", "--chat-template", str(tmp_path / "templates" / "tools.jinja"),
-                 "--api-key", "s3cret-value", f"--hf-token={token}"]}
+                 "--reasoning-parser=qwen3", "--chat-template", str(host_template),
+                 "--tool-parser-plugin", "/vllm-workspace/examples/parser.py", "--api-key", "s3cret-value", f"--hf-token={token}"]}
     path.unlink()  # a hard link to the shared run: replace, never write through
     path.write_text(json.dumps(rec))
     assert recipe("card", str(run_dir)).returncode == 0
@@ -315,11 +320,12 @@ def test_the_card_says_what_it_was_validated_with_from_the_serve_record(finished
     assert data["validated_on"][:2] == ["vLLM 0.33.0", "image vllm/vllm-openai@sha256:0123abcd"]
     assert data["required_cli_args"] == ["--max-model-len", "65536", "--enable-auto-tool-choice", "--tool-call-parser",
                                          "qwen3_xml", "--reasoning-parser=qwen3", "--chat-template", "tools.jinja",
-                                         "--api-key", "REDACTED", "--hf-token=REDACTED"]
+                                         # a path inside the image (no such file here) is what users pass
+                                         "--tool-parser-plugin", "/vllm-workspace/examples/parser.py", "--api-key", "REDACTED", "--hf-token=REDACTED"]
     assert data["tool_call_parser"] == "qwen3_xml" and data["reasoning_parser"] == "qwen3"
     assert data["tool_calling_supported"] is True
     text = readme.read_text()
     assert "### Validated with" in text and "--tool-call-parser qwen3_xml" in text and "`qwen3`" in text
-    for name, n in suites.items():
+    for name, n in data["validated_task_sizes"].items():
         assert f"`{name}` ({n})" in text
     assert token not in text and "s3cret-value" not in text and str(tmp_path) not in text

@@ -34,7 +34,14 @@ from runner.testing.scripted_server import ScriptedServer
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 SPARK_RECIPES = sorted(p for p in RECIPES.glob("*.yaml"))
-MOE = ("qwen35-35b-a3b", "qwen3-30b-a3b", "qwen3-next-80b-a3b", "nemotron3-nano-30b-a3b")
+
+
+def is_moe(recipe) -> bool:
+    """Whether the recipe's model routes tokens to experts, read from its shapes (config.json): never a list
+    of names that a new recipe can miss."""
+    from runner.quantization.decode import active_expert_fraction
+
+    return recipe.model.shapes is not None and active_expert_fraction(recipe.model.shapes / "config.json") is not None
 
 
 def serving_of(recipe: str, strategy: str | None = None):
@@ -144,7 +151,9 @@ def test_spark_recipes_serve_with_cuda_graphs_and_detected_quantization(path):
     assert "--enforce-eager" not in args
     assert not any(a == "--quantization" or a.startswith("--quantization=") for a in args)
     assert "--kv-cache-dtype" not in args  # derived from each export, never by hand
-    assert ("--moe-backend" in args) == (path.stem in MOE), path.stem
+    assert ("--moe-backend" in args) == is_moe(recipe), path.stem
+    if is_moe(recipe):
+        assert args[args.index("--moe-backend") + 1] == "marlin", path.stem
 
 
 def test_the_vllm_image_is_pinned_by_digest():
