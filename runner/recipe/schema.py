@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 from pydantic_core import PydanticCustomError
 
 from runner.errors import Problem, closest
+from runner.quantization.families import Family, KvCacheFormat, LayoutFormat
 from runner.quantization.modelopt_config import MODELOPT_PRESETS  # the preset names, without ModelOpt
 from runner.quantization.verify_rules import TensorAccounting
 from runner.recipe.fixups import Fixup, tensor_accounting
@@ -249,6 +250,27 @@ class AutoQuantizeSpec(Section):
         "scored tokens (bench/plan_9b.py), so 128 samples of up to 2048 tokens take about half an hour."))
 
 
+class LayoutSpec(Section):
+    """A format per module family (runner/quantization/families.py), instead of a preset or a ModelOpt
+    recipe: what the search writes for each candidate, and what a person may write by hand. A family not
+    named stays BF16; routers, the vision tower, MTP heads and convolutions are never quantized."""
+
+    formats: dict[Family, LayoutFormat] = Field(min_length=1, description=(
+        "Family -> layer format: `nvfp4` (W4A4), `w4a16_nvfp4`, `fp8`, or `bf16` (left unquantized). Families: "
+        "routed_experts, shared_experts, mlp, linear_attention, attention, lm_head."))
+    kv_cache: KvCacheFormat = Field("fp8", description="KV-cache format: `fp8` (scales calibrated) or `bf16`.")
+    keep_first: int = Field(0, ge=0, description="The first N decoder layers stay BF16.")
+    keep_last: int = Field(0, ge=0, description="The last N decoder layers stay BF16.")
+    keep_layers: list[int] = Field(default_factory=list, description=(
+        "Decoder layers (by index) that stay BF16: what the search's sensitivity back-off writes."))
+
+    @model_validator(mode="after")
+    def _quantizes_something(self) -> LayoutSpec:
+        if all(fmt == "bf16" for fmt in self.formats.values()):
+            raise ValueError("a layout with every family in bf16 quantizes nothing; give one family a format")
+        return self
+
+
 class Strategy(Section):
     """One way to quantize; each strategy becomes its own quantize/export/verify/serve/benchmark branch."""
 
@@ -263,6 +285,7 @@ class Strategy(Section):
     modelopt_recipe: str | None = Field(
         None, description="A ModelOpt recipe path, e.g. general/ptq/nvfp4_default-kv_fp8_cast.")
     auto_quantize: AutoQuantizeSpec | None = None
+    layout: LayoutSpec | None = Field(None, description="A format per module family (see LayoutSpec).")
     algorithm: str | None = Field(None, description="Overrides the preset's calibration algorithm.")
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns left unquantized.")
     calib_samples: int | None = Field(None, gt=0, description="Defaults to calibration.samples.")
@@ -281,17 +304,84 @@ class Strategy(Section):
 
     @model_validator(mode="after")
     def _exactly_one_method(self) -> Strategy:
-        given = [k for k in ("preset", "modelopt_recipe", "auto_quantize") if getattr(self, k) is not None]
+        given = [k for k in ("preset", "modelopt_recipe", "auto_quantize", "layout") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a strategy needs exactly one of preset, modelopt_recipe, auto_quantize (got "
+            raise ValueError(f"a strategy needs exactly one of preset, modelopt_recipe, auto_quantize, layout (got "
                              f"{', '.join(given) or 'none'})")
         return self
+
+
+class SearchSpace(Section):
+    """What the search may choose, per module family and for the whole model."""
+
+    formats: dict[Family, list[LayoutFormat]] = Field(min_length=1, description=(
+        "Family -> the formats to try for it (families not named stay BF16). The search widens from the "
+        "narrowest family (routed experts, else the MLP) in this order: routed_experts, shared_experts, mlp, "
+        "linear_attention, attention, lm_head."))
+    algorithms: list[str] = Field(default_factory=lambda: ["max", "awq_lite", "mse"], min_length=1, description=(
+        "Calibration algorithms, tried in this order when a candidate fails (ModelOpt's PTQ guidance: max, then "
+        "MSE, then GPTQ where the GPU allows); the first is every new candidate's."))
+    keep_first: list[int] = Field(default_factory=lambda: [0], min_length=1, description=(
+        "How many leading decoder layers stay BF16: the first value is the start, later ones are back-off steps."))
+    keep_last: list[int] = Field(default_factory=lambda: [0], min_length=1, description=(
+        "How many trailing decoder layers stay BF16 (as keep_first)."))
+    kv_cache: list[KvCacheFormat] = Field(default_factory=lambda: ["fp8"], min_length=1, description=(
+        "KV-cache formats; the first is used, later ones are a back-off step."))
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        unknown = [a for a in value if a not in (*CALIBRATION_ALGORITHMS, "gptq")]
+        if unknown:
+            raise ValueError(f"unknown calibration algorithm {', '.join(unknown)}; use "
+                             f"{', '.join((*CALIBRATION_ALGORITHMS, 'gptq'))}")
+        return value
+
+
+class SearchBudget(Section):
+    candidates: int = Field(12, gt=0, le=200, description=(
+        "Candidates quantized at most (each a quantize step: held-out KL and top-1 agreement)."))
+    served: int = Field(6, ge=0, le=100, description=(
+        "Candidates served and benchmarked at most (the full gates), audits included."))
+    gpu_hours: float | None = Field(None, gt=0, description=(
+        "Stop proposing once the candidates' quantize and benchmark steps have used this much wall time "
+        "(their records' durations); none: the candidate counts alone bound the search."))
+
+
+class SearchPrune(Section):
+    """The cheap signal that decides which candidates reach the (expensive) gates."""
+
+    max_kl: float | Literal["auto"] = Field("auto", description=(
+        "A candidate whose held-out KL to the source exceeds this is not served. `auto`: derived from this run's "
+        "gate history: above the lowest KL of a candidate the gates rejected and above the highest KL of one "
+        "they accepted (nothing is pruned before the gates have rejected something)."))
+    audit: int = Field(1, ge=0, description=(
+        "Pruned candidates (the lowest-KL ones) served anyway, to check that the proxy did not drop a winner: "
+        "the search record reports whether the gates agreed with the pruning."))
+
+
+class SearchSpec(Section):
+    """Search for the smallest/fastest layout that keeps every gate (docs/search.md): candidates are ordinary
+    strategies named by their choices (cached steps: a rerun resumes, a larger budget reuses what ran), judged
+    by the recipe's gates, competing with the hand-written strategies at selection."""
+
+    objective: Literal["bytes_per_token", "size", "decode_tok_s"] = Field("bytes_per_token", description=(
+        "What the search minimises: predicted bytes read per generated token on the target (active experts only "
+        "for MoE), the checkpoint size, or (`decode_tok_s`) maximises predicted decode speed."))
+    space: SearchSpace
+    procedure: Literal["ptq_order"] = Field("ptq_order", description=(
+        "ModelOpt's PTQ order: narrowest scope first, widen while the gates hold, recover a failure by calibration "
+        "before backing off the format, then keep the layers whose quantization costs most KL in BF16."))
+    budget: SearchBudget = Field(default_factory=SearchBudget)
+    prune: SearchPrune = Field(default_factory=SearchPrune)
+    prefix: Identifier = Field("search", description="Candidate names start with it (`search-e4a16-...`).")
 
 
 class QuantizationSpec(Section):
     exclude: list[str] = Field(default_factory=list,
                                description="Glob patterns of module names left unquantized by every strategy.")
-    strategies: list[Strategy] = Field(min_length=1)
+    strategies: list[Strategy] = Field(default_factory=list, description=(
+        "Hand-written strategies; may be empty when the recipe has a `search`."))
 
     def exclusions(self, strategy: Strategy) -> list[str]:
         """The patterns one strategy leaves unquantized: the recipe's (unless it opts out) and its own."""
@@ -668,6 +758,8 @@ class Recipe(Section):
     report: ReportSpec = Field(default_factory=ReportSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    search: SearchSpec | None = Field(None, description=(
+        "Search layouts for the smallest, fastest checkpoint that keeps every gate, besides the strategies."))
 
     def container_for(self, role: str) -> str:
         """The container plugin for a kind of step: quantize, verify (execution.containers) or serve."""
@@ -679,6 +771,9 @@ class Recipe(Section):
     def check(self) -> list[Problem]:
         """Cross-section checks that a single field cannot express."""
         problems: list[Problem] = []
+        if not self.quantization.strategies and self.search is None:
+            problems.append(Problem("no strategy and no search: write quantization.strategies, or a `search:` "
+                                    "section", ("quantization", "strategies")))
         names: set[str] = set()
         for i, strategy in enumerate(self.quantization.strategies):
             path = ("quantization", "strategies", i)
