@@ -34,6 +34,7 @@ from runner.quantization import formats as registry
 from runner.quantization.bits import DTYPE_BITS, base_format, bits_of
 from runner.quantization.decode import Hardware, bytes_per_token_of, decode_tok_s
 from runner.quantization.exclusions import DEFAULT_DISABLED, matches
+from runner.quantization.layout import describe_layout, layout_config
 from runner.quantization.modelopt_config import (
     QuantConfig,
     modelopt_cost_bits,
@@ -215,9 +216,9 @@ def _counts(weights: Weights, formats: dict[str, str | None], dtype: str | None)
 def content_key(strategy: Any) -> tuple[Any, ...]:
     """What of a strategy (schema.Strategy) decides what it does to the weights: not its name,
     description, calibration set or batch size."""
-    auto = strategy.auto_quantize
+    auto, layout = strategy.auto_quantize, getattr(strategy, "layout", None)
     return (strategy.preset, strategy.modelopt_recipe, auto.model_dump_json() if auto is not None else None,
-            strategy.algorithm, strategy.fold_awq_scales)
+            layout.model_dump_json() if layout is not None else None, strategy.algorithm, strategy.fold_awq_scales)
 
 
 def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None = None,
@@ -236,14 +237,13 @@ def strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hard
 
 def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], hardware: Hardware | None,
                         dtype: str | None, carried: Carried) -> Footprint:
-    method = (f"preset {strategy.preset}" if strategy.preset else
-              f"modelopt_recipe {strategy.modelopt_recipe}" if strategy.modelopt_recipe else "auto_quantize")
-    fp = Footprint(strategy.name, method, hardware=hardware.name if hardware else None)
+    fp = Footprint(strategy.name, strategy_method(strategy, weights.num_layers),
+                   hardware=hardware.name if hardware else None)
     try:
         if strategy.auto_quantize is not None:
             _auto_footprint(fp, weights, strategy.auto_quantize, exclude, hardware, dtype, carried)
             return fp
-        base = preset_config(strategy.preset) if strategy.preset else recipe_config(strategy.modelopt_recipe)
+        base = strategy_config(strategy, weights.num_layers)
         if base.source != "modelopt_recipes":
             fp.notes.append(f"formats derived from the preset's family ({base.source}): modelopt_recipes is not "
                             "installed on this host")
@@ -270,6 +270,34 @@ def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], har
     except Unknown as exc:
         fp.known, fp.reason = False, str(exc)
     return fp
+
+
+def strategy_config(strategy: Any, num_layers: int | None) -> QuantConfig:
+    """The QuantConfig of a preset, ModelOpt recipe or layout strategy (schema.Strategy; not auto_quantize),
+    as the worker builds it before the recipe's exclusions. `num_layers`: the model's decoder layers (a
+    layout's keep_first/keep_last/keep_layers need it; Unknown without)."""
+    if strategy.preset:
+        return preset_config(strategy.preset)
+    if strategy.modelopt_recipe:
+        return recipe_config(strategy.modelopt_recipe)
+    if num_layers is None:
+        raise Unknown("a layout needs the model's decoder-layer count (config.json num_hidden_layers)")
+    return layout_config(strategy.layout, num_layers, strategy.algorithm or "max")
+
+
+def strategy_method(strategy: Any, num_layers: int | None = None) -> str:
+    """How a strategy quantizes, in words: `preset NVFP4_DEFAULT_CFG`, `modelopt_recipe general/ptq/...`,
+    `auto_quantize`, `layout: mlp w4a16_nvfp4, attention fp8; KV fp8; layers 29 BF16`."""
+    if strategy.preset:
+        return f"preset {strategy.preset}"
+    if strategy.modelopt_recipe:
+        return f"modelopt_recipe {strategy.modelopt_recipe}"
+    if getattr(strategy, "layout", None) is not None:
+        try:
+            return describe_layout(strategy.layout, num_layers)
+        except ValueError:  # a kept layer beyond the model: the footprint says so
+            return describe_layout(strategy.layout)
+    return "auto_quantize"
 
 
 def _group_key(module: str) -> str:

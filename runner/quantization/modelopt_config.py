@@ -167,7 +167,8 @@ def preset_config(preset: str) -> QuantConfig:
 def _preset_config(root: Path | None, preset: str) -> QuantConfig:
     if root is not None and preset in PRESET_FILES:
         data = load_modelopt_yaml(root, f"configs/ptq/presets/{PRESET_FILES[preset]}")
-        return QuantConfig(preset, _entries(data.get("quant_cfg")), data.get("algorithm"), data.get("effective_bits"))
+        return QuantConfig(preset, quant_cfg_entries(data.get("quant_cfg")), data.get("algorithm"),
+                           data.get("effective_bits"))
     for pattern, weight, activations, scopes in PRESET_FAMILY:
         if re.search(pattern, preset):
             entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
@@ -198,11 +199,13 @@ def _recipe_config(root: Path | None, name: str) -> QuantConfig:
     quantize = data.get("quantize")
     if kind not in (None, "ptq") or not isinstance(quantize, dict):
         raise Unknown(f"ModelOpt recipe {name!r} is not a PTQ recipe with a quantize section")
-    return QuantConfig(name, _entries(quantize.get("quant_cfg")), quantize.get("algorithm"),
+    return QuantConfig(name, quant_cfg_entries(quantize.get("quant_cfg")), quantize.get("algorithm"),
                        quantize.get("effective_bits"))
 
 
-def _entries(quant_cfg: Any) -> list[dict[str, Any]]:
+def quant_cfg_entries(quant_cfg: Any) -> list[dict[str, Any]]:
+    """A quant_cfg (list form; the deprecated `{"*glob*": cfg}` entries read as ModelOpt reads them) as
+    `{quantizer_name, cfg | enable}` entries."""
     if not isinstance(quant_cfg, list):
         raise Unknown("quant_cfg is not a list (ModelOpt >= 0.44 format)")
     out = []

@@ -25,7 +25,8 @@ from typing import Any
 from runner.quantization import Unknown, footprint
 from runner.quantization.bits import WHOLE_BLOCKS_ONLY, base_format, block_of
 from runner.quantization.formats import quant_algo_of
-from runner.quantization.modelopt_config import QuantConfig, preset_config, quantizer_cfg, recipe_config
+from runner.quantization.layout import describe_layout, kept_layers
+from runner.quantization.modelopt_config import QuantConfig, quantizer_cfg
 from runner.quantization.weights import Weights, load_weights
 
 
@@ -88,12 +89,26 @@ def strategy_refusal(strategy: Any, exclude: list[str], model_dir: Path | None, 
     recipe's strategies share them and what was computed from them)."""
     if strategy.auto_quantize is not None:
         return None
+    if getattr(strategy, "layout", None) is not None:
+        # A layout's entries depend on the model's decoder-layer count (keep_first/keep_last/keep_layers).
+        if weights is None and model_dir is not None and (model_dir / "config.json").is_file():
+            try:
+                weights = load_weights(model_dir)
+            except (Unknown, OSError, ValueError):
+                return None
+        if weights is None or weights.num_layers is None:
+            return None  # the model is not known yet: the quantize step checks again
+        try:
+            kept_layers(strategy.layout, weights.num_layers)
+        except ValueError as exc:
+            return f"strategy {strategy.name}: {exc}; name layers the model has"
+        what = f"layout ({describe_layout(strategy.layout, weights.num_layers).removeprefix('layout: ')})"
+    else:
+        what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
     try:
-        config = (preset_config(strategy.preset) if strategy.preset
-                  else recipe_config(strategy.modelopt_recipe))
+        config = footprint.strategy_config(strategy, weights.num_layers if weights is not None else None)
     except Unknown:
         return None  # not readable here (no modelopt_recipes on this host): the worker decides
-    what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
     if strategy.modelopt_recipe and model_dir is not None:
         wanted, actual = recipe_model_type(strategy.modelopt_recipe), model_type(model_dir)
         # A VL model's language model alone says `<type>_text` (qwen3_5_text): the same family.

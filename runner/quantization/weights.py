@@ -44,6 +44,7 @@ class Weights:
     convs: dict[str, Tensor]  # module name -> weight of a convolution (ModelOpt counts these)
     dropped: dict[str, Tensor] = field(default_factory=dict)  # what the causal-LM load drops (DROPPED_ON_LOAD)
     expert_fraction: float | None = None  # a MoE token reads this share of the routed experts' bytes
+    num_layers: int | None = None  # decoder layers (config.json, else the `layers.N.` names): a layout's keep_*
     # What was computed from these weights, by what decides it (strategy_footprint, strategy_formats):
     # thousands of strategies that differ only in name cost one computation.
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -83,7 +84,18 @@ def load_weights(folder: Path) -> Weights:
         if embedding is not None:  # the head exists in the model, sharing the embedding's weight
             linears["lm_head"] = Tensor("lm_head.weight", embedding.dtype, embedding.shape)
     dropped = {n: t for n, t in everything.items() if n not in tensors}
-    return Weights(tensors, linears, convs, dropped, active_expert_fraction(folder / "config.json"))
+    return Weights(tensors, linears, convs, dropped, active_expert_fraction(folder / "config.json"),
+                   _num_layers(folder / "config.json", list(linears)))
+
+
+def _num_layers(config_path: Path, modules: list[str]) -> int | None:
+    from runner.quantization.layout import num_hidden_layers
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return num_hidden_layers(config if isinstance(config, dict) else {}, modules)
+    except (OSError, ValueError):
+        return None
 
 
 def read_listing(path: Path) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from runner.benchmark.presentation import first_line, recovery_markdown
 from runner.calibration.overlap import Overlap, file_overlaps
 from runner.errors import RunnerError
 from runner.quantization.export_words import FORMAT_TAGS, export_format, repo_name_mismatch
+from runner.quantization.footprint import strategy_method
 from runner.recipe.loader import dump_yaml
 from runner.recipe.metrics import Metric
 from runner.recipe.resources import hardware_targets, shipped_dir
@@ -120,6 +121,8 @@ def gather(recipe: Recipe, run: RunView) -> dict[str, Any]:
         benchmark = read_json(optional_output(run, ids.benchmark(name), "results"))
         strategies[name] = {
             "spec": strategy.model_dump(mode="json"),
+            # How it quantized, in words (a layout's kept layers as the worker resolved them)
+            "method": quantize["summary"].get("method") or strategy_method(strategy),
             "calibration_set": calibration_key(strategy.calibration),
             "speed": speed_text(benchmark, verdicts),
             # What the worker applied (records written before it recorded them: the recipe's)

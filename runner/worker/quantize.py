@@ -1,9 +1,10 @@
 """Worker: quantize one strategy with ModelOpt and export a Hugging Face checkpoint.
 
 Steps: load the model, render the calibration conversations with its chat template, pick a batch
-size that fits memory, build the ModelOpt config (a preset by name, a ModelOpt recipe, or
-auto_quantize) with the recipe's exclusions appended in ModelOpt 0.47's list format, calibrate,
-export with `export_hf_checkpoint`, copy the tokenizer, and summarise which layer got which format.
+size that fits memory, build the ModelOpt config (a preset by name, a ModelOpt recipe, a layout
+compiled to quant_cfg entries, or auto_quantize) with the recipe's exclusions appended in ModelOpt
+0.47's list format, calibrate, export with `export_hf_checkpoint`, copy the tokenizer, and summarise
+which layer got which format.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     summary = {
         "strategy": strategy.name,
+        "method": method_of(strategy, model),  # a layout's in words, its kept layers resolved (the card's)
         "exclude": list(inputs.exclude),  # the recipe's exclusions as this worker applied them (the card's)
         "placement": {**place.summary(), "device_map": placement.device_map_summary(model)},
         **result,  # batching (BatchPlan.summary: tokens, padding, batches, budget), time, memory
@@ -199,9 +201,9 @@ def unmatched_patterns(model: Any, strategy: Strategy, exclude: list[str]) -> li
                 for pattern in exclude if not matches(pattern)
                 and not any(exclusions.matches(pattern, module) for module in modules)]
     if strategy.auto_quantize is None:
-        source = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
+        source = method_of(strategy, model)
         missed: list[str] = []
-        for entry in build_config(strategy, [])["quant_cfg"]:
+        for entry in build_config(strategy, [], decoder_layers(model))["quant_cfg"]:
             if not isinstance(entry, dict) or entry.get("enable") is False or entry.get("parent_class"):
                 continue
             pattern, cfg = entry.get("quantizer_name"), entry.get("cfg")
@@ -234,10 +236,34 @@ def nothing_quantized(model: Any, strategy: Strategy, exclude: list[str], modelo
         return (f"strategy {strategy.name} quantized no layer: auto_quantize kept every layer in 16 bits "
                 f"(effective_bits {strategy.auto_quantize.effective_bits} leaves it no reason to quantize)")
     asked = [line.strip() for line in modelopt_says.splitlines()[1:] if line.startswith("  ")][:4]
+    if strategy.layout is not None:
+        return (f"strategy {strategy.name} quantized no layer: its {method_of(strategy, model)} names no family "
+                + (f"({', '.join(asked)}) " if asked else "")
+                + "this model has (runner/quantization/families.py); give a format to a family it has")
     what = f"preset {strategy.preset}" if strategy.preset else f"ModelOpt recipe {strategy.modelopt_recipe}"
     return (f"strategy {strategy.name} quantized no layer: the {what}'s patterns"
             + (f" ({', '.join(asked)})" if asked else "")
             + " match none of this model's layers; pick a preset or recipe written for this architecture")
+
+
+def decoder_layers(model: Any) -> int:
+    """The model's decoder-layer count as the host reads it (runner/quantization/layout.py): its config
+    (text_config for a VL model), else its `layers.N.` module names."""
+    from runner.quantization.layout import num_hidden_layers
+
+    config = getattr(model, "config", None)
+    try:
+        return num_hidden_layers(config.to_dict() if config is not None else {},
+                                 [name for name, _ in model.named_modules()])
+    except ValueError as exc:
+        raise SystemExit(f"cannot place a layout's kept layers: {exc}") from None
+
+
+def method_of(strategy: Strategy, model: Any = None) -> str:
+    """How the strategy quantizes, in words (the footprint's `method`, a layout's kept layers resolved)."""
+    from runner.quantization.footprint import strategy_method
+
+    return strategy_method(strategy, decoder_layers(model) if model is not None and strategy.layout else None)
 
 
 def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any]], str]:
@@ -293,7 +319,7 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[
 
     strategy = Strategy.model_validate(strategy) if isinstance(strategy, dict) else strategy
     spec = strategy.auto_quantize
-    config = None if spec else build_config(strategy, exclude)
+    config = None if spec else build_config(strategy, exclude, decoder_layers(model) if strategy.layout else None)
     batch_size = strategy.batch_size
     if batch_size == "auto":
         overhead = batch_overhead_tokens(None)
@@ -340,12 +366,15 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[
     return result
 
 
-def build_config(strategy: Strategy, exclude: list[str]) -> dict[str, Any]:
-    """A ModelOpt quantization config: preset or ModelOpt recipe, algorithm override, exclusions appended."""
+def build_config(strategy: Strategy, exclude: list[str], num_layers: int | None = None) -> dict[str, Any]:
+    """A ModelOpt quantization config: preset, ModelOpt recipe or layout (on a model of `num_layers`
+    decoder layers), algorithm override, exclusions appended."""
     import modelopt.torch.quantization as mtq
 
     if strategy.preset:
         config = copy.deepcopy(getattr(mtq, strategy.preset))
+    elif strategy.layout is not None:
+        config = {"quant_cfg": layout_quant_cfg(strategy, num_layers), "algorithm": "max"}
     else:
         config = load_modelopt_recipe(strategy.modelopt_recipe)
     if strategy.algorithm:
@@ -353,6 +382,28 @@ def build_config(strategy: Strategy, exclude: list[str]) -> dict[str, Any]:
     # ModelOpt >= 0.44: quant_cfg is an ordered list and later entries win.
     config["quant_cfg"] = list(config["quant_cfg"]) + [{"quantizer_name": p, "enable": False} for p in exclude]
     return config
+
+
+def layout_quant_cfg(strategy: Strategy, num_layers: int | None) -> list[dict[str, Any]]:
+    """A layout's quant_cfg, compiled from ModelOpt's own preset dicts (what `mtq.quantize` is given for a
+    preset), read the way the host reads the presets' YAML: the same entries, so the same formats."""
+    import modelopt.torch.quantization as mtq
+
+    from runner.quantization import Unknown
+    from runner.quantization.layout import compile_layout
+    from runner.quantization.modelopt_config import quant_cfg_entries
+
+    assert strategy.layout is not None
+    if num_layers is None:
+        raise SystemExit(f"strategy {strategy.name}: a layout needs the model's decoder-layer count")
+
+    def preset_entries(name: str) -> list[dict[str, Any]]:
+        return quant_cfg_entries(copy.deepcopy(getattr(mtq, name)["quant_cfg"]))
+
+    try:
+        return compile_layout(strategy.layout, num_layers, preset_entries)
+    except (ValueError, Unknown) as exc:
+        raise SystemExit(f"strategy {strategy.name}: {exc}") from None
 
 
 def load_modelopt_recipe(name: str) -> dict[str, Any]:
