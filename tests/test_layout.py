@@ -175,6 +175,7 @@ extends: {demo}
 calibration:
   samples: 4
   max_length: 128
+  held_out: 2  # the fidelity forward through fake-quant layers is what costs time on a CPU
 quantization:
   strategies:
     - name: mixed
@@ -193,6 +194,7 @@ def test_a_layout_quantizes_exports_and_verifies_as_predicted(tmp_path: Path, we
     result = recipe("run", str(path), "--until", "verify", "--strategy", "mixed", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-4000:]
     summary = record(run_dir, "quantize.mixed")["summary"]
+    assert summary["warnings"] == []  # the globs of other architectures' names are no news
     assert summary["method"] == "layout: mlp w4a16_nvfp4, attention fp8; KV fp8; layers 29 BF16"
     strategy = Strategy(name="mixed", layout={"formats": {"mlp": "w4a16_nvfp4", "attention": "fp8"}, "keep_last": 1})
     predicted = footprint.strategy_formats(weights, layout_config(strategy.layout, LAYERS), [])

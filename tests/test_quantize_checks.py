@@ -97,3 +97,16 @@ def test_fused_moe_experts_are_listed_with_their_format():
     assert layers["model.layers.0.self_attn.q_proj"] == "bfloat16"
     assert quantize.format_counts(layers)["nvfp4"] == 4
     assert quantize.effective_bits(model, layers) < 16
+
+
+def test_a_layout_warns_only_of_a_family_the_model_lacks_and_fails_when_it_has_none():
+    strategy = Strategy(name="l", layout={"formats": {"mlp": "fp8", "routed_experts": "fp8"}, "kv_cache": "bf16",
+                                          "keep_last": 1})
+    model = quantized(strategy.model_dump(), [])
+    layers = quantize.layer_formats(model)
+    assert layers["model.layers.0.mlp.down_proj"] == "fp8" and layers["model.layers.0.self_attn.q_proj"] == "bfloat16"
+    assert all(f == "bfloat16" for name, f in layers.items() if name.startswith("model.layers.1."))
+    warnings = quantize.unmatched_patterns(model, strategy, [])
+    assert len(warnings) == 1 and "no module of routed_experts" in warnings[0], warnings
+    with pytest.raises(SystemExit, match=r"layout: routed_experts nvfp4; KV fp8.* names no family"):
+        quantized({"name": "e", "layout": {"formats": {"routed_experts": "nvfp4"}}}, [])

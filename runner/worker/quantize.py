@@ -200,7 +200,16 @@ def unmatched_patterns(model: Any, strategy: Strategy, exclude: list[str]) -> li
     warnings = [f"exclusion {pattern!r} matches no layer of this model (a typo, or a module it does not have)"
                 for pattern in exclude if not matches(pattern)
                 and not any(exclusions.matches(pattern, module) for module in modules)]
-    if strategy.auto_quantize is None:
+    if strategy.layout is not None:
+        # A family's globs cover every architecture's names: only a family with none of its modules here is news.
+        from runner.quantization.families import FAMILIES
+
+        absent = [family for family, fmt in strategy.layout.formats.items() if fmt != "bf16"
+                  and not any(matches(f"{glob}*weight_quantizer") for glob in FAMILIES[family])]
+        if absent:
+            warnings.append(f"{method_of(strategy, model)}: this model has no module of {', '.join(absent)} "
+                            "(runner/quantization/families.py), so no layer gets that family's format")
+    elif strategy.auto_quantize is None:
         source = method_of(strategy, model)
         missed: list[str] = []
         for entry in build_config(strategy, [], decoder_layers(model))["quant_cfg"]:
