@@ -200,6 +200,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 out.print(f"  {fp.strategy}: effective_bits {fp.auto.target:g} is reachable "
                           f"({fp.auto.modelopt_min:.4f} to {fp.auto.modelopt_max:.4f} as auto_quantize counts; "
                           f"{fp.auto.min_bits:.2f} to {fp.auto.max_bits:.2f} in this project's effective bits)")
+        if recipe.search is not None:
+            for line in _search_lines(recipe, _shapes_of(recipe)):
+                out.print(f"  {line}", markup=False)
         if vllm_line:
             out.print(f"  {escape(vllm_line)}")
         for line in unmatched:
@@ -419,6 +422,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print(f"effective bits: {DEFINITION}.", markup=False)
         if any(fp.auto is not None for fp in footprints):
             out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
+    if recipe.search is not None:
+        for line in _search_lines(recipe, weights):
+            out.print(line, markup=False)
     _print_overlap_warnings(args.recipe, recipe)
     _print_power(args.recipe, recipe, lines=True)
     _print_vllm_loader(plan)
@@ -462,11 +468,85 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "resuming at the first step it did not finish")
         _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
         try:
+            if plan.recipe.search is not None and not (args.until or args.only or args.strategy):
+                runner = Runner(_search(plan.recipe, run_dir, executor), run_dir, executor, console)
             outcome = asyncio.run(_run_cancellable(runner.run(options)))
         finally:
             executor.cleanup()
     _print_outcome(outcome, run_dir.root)
     return outcome.exit_code
+
+
+def _shapes_of(recipe):
+    """The model's tensor headers where a local folder or the recipe's shapes name them, else None."""
+    from runner.quantization import footprint
+    from runner.quantization.weights import load_weights
+
+    folder, _ = footprint.model_folder(recipe)
+    try:
+        return load_weights(folder) if folder is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _search_lines(recipe, weights) -> list[str]:
+    """What `recipe plan` says of a search: the space's size, the procedure's bound, the budget, and the
+    objective's predicted range from the first candidate to every family at its smallest format."""
+    from runner.benchmark.prediction import hardware_target
+    from runner.quantization import Unknown, footprint
+    from runner.quantization.families import family_of
+    from runner.search import Candidate, family_order, format_ladder, procedure_bound, space_size
+    from runner.search_driver import candidate_strategy
+    from runner.search_report import OBJECTIVE_KEYS, OBJECTIVE_WORDS
+
+    spec = recipe.search
+    space, budget = spec.space, spec.budget
+    present = {f for m in weights.linears if (f := family_of(m))} if weights is not None else None
+    families = family_order(space.formats, present)
+    over = ", ".join(families) or "no family the model has"
+    lines = [f"search ({spec.procedure}): objective {OBJECTIVE_WORDS[spec.objective][0]}; space of "
+             f"{space_size(space, present)} layouts over {over}; the procedure quantizes at most "
+             f"{procedure_bound(space, present)} of them, the budget {budget.candidates} (served: {budget.served}"
+             + (f", {budget.gpu_hours} GPU hours" if budget.gpu_hours else "") + ")."]
+    if weights is None or not families:
+        return lines
+    start = Candidate((), space.algorithms[0], space.kv_cache[0], space.keep_first[0], space.keep_last[0])
+    first = start.with_format(families[0], format_ladder(space.formats[families[0]])[0])
+    widest = start
+    for family in families:
+        widest = widest.with_format(family, format_ladder(space.formats[family])[0])
+    hardware = hardware_target(recipe.benchmark.hardware)
+    values = []
+    for candidate in (first, widest):
+        strategy = candidate_strategy(candidate, spec)
+        try:
+            fp = footprint.strategy_footprint(weights, strategy, recipe.quantization.exclusions(strategy), hardware,
+                                              recipe.model.dtype, footprint.carry_patterns(recipe))
+        except (Unknown, OSError, ValueError) as exc:
+            return [*lines, f"  predicted objective: unknown ({exc})"]
+        value = fp.to_json().get(OBJECTIVE_KEYS[spec.objective])
+        values.append((strategy.name, f"{value / 1e9:.2f} GB" if value and spec.objective != "decode_tok_s"
+                       else f"{value} tok/s"))
+    lines.append("  predicted " + OBJECTIVE_WORDS[spec.objective][0] + ": from "
+                 + " to ".join(f"{value} ({name})" for name, value in values)
+                 + ": the first candidate, and every family at its smallest format")
+    return lines
+
+
+def _search(recipe, run_dir, executor):
+    """Run the recipe's search (runner/search_driver.py) and return the plan whose gates judge the hand-written
+    strategies and every served candidate, and whose card shows the search."""
+    from runner.plan import build_plan
+    from runner.search_driver import SearchDriver, write_record
+
+    driver = SearchDriver(recipe, run_dir, executor, console)
+    result = asyncio.run(_run_cancellable(driver.run()))
+    folder = write_record(run_dir, result)
+    best = result.best()
+    console.print(f"search: {len(result.entries)} candidates in {result.rounds} rounds ({result.stopped_by}); "
+                  + (f"best accepted [bold]{best.name}[/]" if best else "none accepted")
+                  + f"; table, plot and strategy snippet in {escape(str(folder))}")
+    return build_plan(driver.final_recipe(result), search=result.to_json())
 
 
 def _preflight(loaded, plan, run_dir) -> list:
@@ -579,7 +659,9 @@ def cmd_card(args: argparse.Namespace) -> int:
     scratch = run_dir.root / ".scratch"
     scratch.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="card.", dir=scratch) as rendered:
-        render_documents(recipe, run_dir, Path(rendered))
+        search_record = run_dir.root / "search" / "search.json"  # written by the run's search, if it had one
+        search = json.loads(search_record.read_text(encoding="utf-8")) if search_record.is_file() else None
+        render_documents(recipe, run_dir, Path(rendered), search)
         target.mkdir(parents=True, exist_ok=True)
         for file in sorted(Path(rendered).iterdir()):
             os.replace(file, target / file.name)

@@ -89,8 +89,9 @@ class Plan:
         return found
 
 
-def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
-    """The step graph of a recipe, restricted to the named strategies when given."""
+def build_plan(recipe: Recipe, strategies: list[str] | None = None, search: dict[str, Any] | None = None) -> Plan:
+    """The step graph of a recipe, restricted to the named strategies when given; `search` is the record of the
+    recipe's search (runner/search_driver.py), which the card shows."""
     unknown = [name for name in recipe.execution.slurm.steps if name not in slurm_kinds()]
     if unknown:  # recipe validate says where (slurm_step_problems); a run refuses it too
         raise RunnerError(f"execution.slurm.steps: no step kind {', '.join(unknown)} runs a worker; name one of "
@@ -136,7 +137,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(ids.quantize(s), "quantize", (ids.SOURCE, *calib_deps), QuantizeInput(
             strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
             max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture,
-            held_out=calib.held_out, held_out_after=calib.samples), s))
+            held_out=calib.held_out, held_out_after=calib.samples, sensitivity=strategy.sensitivity), s))
         fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
                             if isinstance(f, CopyFile) and f.model_file is None)
         steps.append(Step(ids.export(s), "export", (ids.quantize(s), ids.SOURCE),
@@ -172,7 +173,8 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         baseline_name=bench.baseline.name if bench.baseline else None,
         negative_controls=[s.name for s in recipe.quantization.strategies if s.negative_control])))
     # The card documents the whole run: report reads every step before it (ctx.input, never sideways).
-    steps.append(Step(ids.REPORT, "report", tuple(step.id for step in steps), ReportInput(recipe=recipe)))
+    steps.append(Step(ids.REPORT, "report", tuple(step.id for step in steps),
+                      ReportInput(recipe=recipe, search=search)))
     # Publish uploads the selected export with the card: gates names it, report wrote the card.
     steps.append(Step(ids.PUBLISH, "publish", (ids.GATES, ids.REPORT, *(ids.export(s.name) for s in chosen)),
                       PublishInput(recipe=recipe)))

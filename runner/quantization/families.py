@@ -49,10 +49,21 @@ KV_PRESETS: dict[str, str | None] = {"fp8": "FP8_KV_CFG", "bf16": None}
 
 
 def family_of(module: str) -> str | None:
-    """The family a module (or quantizer) name belongs to, the first in FAMILIES order; None: none."""
+    """The family a module (or quantizer) name belongs to, the first in FAMILIES order; None: none, or a
+    module no layout quantizes (DEFAULT_DISABLED: the vision tower's MLP is no `mlp`)."""
     from runner.quantization.exclusions import matches
 
+    if any(matches(p, module) or matches(p, f"{module}.weight_quantizer") for p in never_quantized()):
+        return None
     for family, globs in FAMILIES.items():
         if any(matches(f"{glob}*", module) for glob in globs):
             return family
     return None
+
+
+def never_quantized() -> list[str]:
+    """ModelOpt's default-disabled patterns a layout keeps disabled: all of them but the output head's, which
+    the `lm_head` family may quantize (ModelOpt leaves it BF16 by default, as NVIDIA's checkpoints do)."""
+    from runner.quantization.exclusions import DEFAULT_DISABLED
+
+    return [p for p in DEFAULT_DISABLED if p != "*lm_head*"]

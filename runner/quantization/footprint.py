@@ -123,6 +123,7 @@ class Footprint:
     checkpoint_bytes: int | None = None
     effective_bits: float | None = None
     decode_tok_s: float | None = None
+    bytes_per_token: int | None = None  # what one decoded token reads (active experts only), the search's objective
     hardware: str | None = None
     formats: dict[str, int] = field(default_factory=dict)  # format (or dtype) -> Linear modules
     auto: AutoRange | None = None
@@ -133,7 +134,8 @@ class Footprint:
             "strategy": self.strategy, "method": self.method, "known": self.known, "reason": self.reason or None,
             "checkpoint_bytes": self.checkpoint_bytes,
             "size_gb": round(self.checkpoint_bytes / 1e9, 2) if self.checkpoint_bytes else None,
-            "effective_bits": self.effective_bits, "decode_tok_s": self.decode_tok_s, "hardware": self.hardware,
+            "effective_bits": self.effective_bits, "decode_tok_s": self.decode_tok_s,
+            "bytes_per_token": self.bytes_per_token, "hardware": self.hardware,
             "formats": self.formats, "notes": self.notes}
         if self.auto is not None:
             a = self.auto
@@ -266,6 +268,7 @@ def _strategy_footprint(weights: Weights, strategy: Any, exclude: list[str], har
         sizes, fp.effective_bits = predict(weights, formats, dtype, extra, carried)
         fp.checkpoint_bytes = sum(sizes.values())
         fp.decode_tok_s = _decode(sizes, hardware, weights)
+        fp.bytes_per_token = bytes_per_token_of(sizes, weights.expert_fraction)
         fp.formats = _counts(weights, formats, dtype)
     except Unknown as exc:
         fp.known, fp.reason = False, str(exc)
@@ -437,6 +440,7 @@ def source_footprint(recipe: Any, weights: Weights, hardware: Hardware | None) -
     sizes, fp.effective_bits = predict(weights, formats, recipe.model.dtype)
     fp.checkpoint_bytes = sum(sizes.values())
     fp.decode_tok_s = _decode(sizes, hardware, weights)
+    fp.bytes_per_token = bytes_per_token_of(sizes, weights.expert_fraction)
     fp.formats = _counts(weights, formats, recipe.model.dtype)
     if weights.dropped:
         carried = carried_tensors(weights, carry_patterns(recipe))

@@ -12,7 +12,8 @@ The entries, in order (ModelOpt applies them in order, later entries win):
    one (first in FAMILIES, as `family_of` says) wins; a family left BF16 that such a wider one would
    cover is disabled again;
 3. the KV-cache preset's entries (its `*` disable-all left out);
-4. the decoder layers kept BF16 (`*layers.N.*`: fnmatch's `.` after N keeps layers.1 from naming layers.10);
+4. the Linears of decoder layers kept BF16 (`*layers.N.*weight_quantizer`, `*layers.N.*input_quantizer`: fnmatch's
+   `.` after N keeps layers.1 from naming layers.10; the layer's KV-cache quantizers stay as the layout says);
 5. DEFAULT_DISABLED (routers, vision tower, MTP heads, ...), except a pattern that takes a whole family
    the layout quantizes (`*lm_head*` when lm_head has a format).
 
@@ -59,7 +60,10 @@ def compile_layout(layout: Any, num_layers: int, preset_entries: Callable[[str],
     if kv_preset is not None:
         entries += [e for e in preset_entries(kv_preset)
                     if not (e.get("quantizer_name") == "*" and e.get("cfg") is None and not e.get("parent_class"))]
-    entries += [{"quantizer_name": f"*layers.{i}.*", "enable": False} for i in kept_layers(layout, num_layers)]
+    # A kept layer's Linears only: its attention's KV-cache quantizers stay on, so an FP8 KV cache has scales in
+    # every layer (vLLM would read a missing k/v scale as 1.0).
+    entries += [{"quantizer_name": f"*layers.{i}.*{kind}_quantizer", "enable": False}
+                for i in kept_layers(layout, num_layers) for kind in ("weight", "input")]
     for pattern in dict.fromkeys(g if g.endswith("*") else f"{g}.*" for g in DEFAULT_DISABLED):  # once each
         # `*lm_head*` would take the whole lm_head family; a pattern that takes part of one (Qwen3-Next's
         # `in_proj_ba` under `*linear_attn.in_proj_b*`) still applies: those modules stay BF16.

@@ -301,6 +301,9 @@ class Strategy(Section):
         True, description="Fold AWQ's per-channel input scales into the preceding norm or Linear (re-quantizing "
         "where scales must be averaged) so the export is plain NVFP4, which vLLM loads. `false` keeps the raw "
         "NVFP4_AWQ export (pre_quant_scale tensors) for engines that read it.")
+    sensitivity: int = Field(0, ge=0, description=(
+        "Measure each decoder layer's KL contribution on up to N held-out conversations (the search turns it "
+        "on for candidates it may back off)"))
 
     @model_validator(mode="after")
     def _exactly_one_method(self) -> Strategy:
@@ -374,7 +377,11 @@ class SearchSpec(Section):
         "before backing off the format, then keep the layers whose quantization costs most KL in BF16."))
     budget: SearchBudget = Field(default_factory=SearchBudget)
     prune: SearchPrune = Field(default_factory=SearchPrune)
-    prefix: Identifier = Field("search", description="Candidate names start with it (`search-e4a16-...`).")
+    prefix: Identifier = Field("search", description="Candidate names start with it (`search-mlp_w4a16-...`).")
+    inherit_exclude: bool = Field(False, description=(
+        "`true`: the recipe's quantization.exclude applies to every candidate too. `false` (default): the space "
+        "alone decides what stays BF16 (keep_first/keep_last, the families it names): a family base's exclusions "
+        "(e.g. Qwen3.5's linear attention and first/last layer) are what the search puts to the test."))
 
 
 class QuantizationSpec(Section):

@@ -64,6 +64,9 @@ class QuantizeInput(StepInput):
     # every strategy whatever set it calibrates on.
     held_out: int = 32
     held_out_after: int = 512
+    # Per-decoder-layer KL contribution on up to this many held-out conversations (0: not measured);
+    # the layout search asks for it on candidates it may back off (Strategy.sensitivity).
+    sensitivity: int = Field(0, ge=0)
 
 
 class ExportInput(StepInput):
@@ -130,6 +133,7 @@ NOT_BENCHMARKED = "not benchmarked in this run"  # why GatesInput.not_benchmarke
 class ReportInput(StepInput):
     recipe: Recipe
     failed_branches: dict[str, str] = Field(default_factory=dict)  # as GatesInput's: set by the scheduler
+    search: dict[str, Any] | None = None  # the search's record (search_driver.SearchResult.to_json), for the card
 
 
 class PublishInput(StepInput):

@@ -606,12 +606,21 @@ def environment(templates_dir: Path | None) -> SandboxedEnvironment:
     return env
 
 
-def render_documents(recipe: Recipe, run: RunView, target: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def render_documents(recipe: Recipe, run: RunView, target: Path, search: dict[str, Any] | None = None
+                     ) -> tuple[dict[str, str], dict[str, Any]]:
     """Write README.md (the card), blog.md, research_section.md and the plots into `target`; returns
-    the outputs and the facts they were written from (gather)."""
+    the outputs and the facts they were written from (gather). `search`: the run's search record."""
     from huggingface_hub import ModelCard
 
+    from runner.search_report import pareto_markdown, pareto_svg, strategy_snippet
+
     facts = gather(recipe, run)
+    facts["search"] = None
+    if search is not None:
+        facts["search"] = {"table": pareto_markdown(search), "snippet": strategy_snippet(search),
+                           "best": search.get("best"), "plot": "search_pareto.svg"}
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "search_pareto.svg").write_text(pareto_svg(search), encoding="utf-8")
     env = environment(recipe.report.templates_dir)
     data = card_data(recipe, facts)
     body = env.get_template(recipe.report.card_template).render(**facts)
@@ -652,8 +661,9 @@ def append_research_section(document: Path, recipe_name: str, section: str) -> b
 
 
 async def run(ctx: StepContext) -> StepResult:
-    recipe = input_of(ctx, ReportInput).recipe
-    outputs, facts = await asyncio.to_thread(render_documents, recipe, ctx, ctx.scratch)
+    inputs = input_of(ctx, ReportInput)
+    recipe = inputs.recipe
+    outputs, facts = await asyncio.to_thread(render_documents, recipe, ctx, ctx.scratch, inputs.search)
     summary: dict = {"documents": list(outputs.values()), "warnings": []}
     # Whether each calibration set of the run is disjoint from the suites' prompts (the card says it too).
     overlap = await asyncio.to_thread(calibration_overlaps, recipe, ctx)
@@ -679,4 +689,5 @@ async def run(ctx: StepContext) -> StepResult:
 
 
 KIND = StepKind("report", run, input=ReportInput,
-                modules=("steps/report.py", "benchmark/presentation.py", "quantization/export_words.py"))
+                modules=("steps/report.py", "benchmark/presentation.py", "quantization/export_words.py",
+                         "search_report.py"))
