@@ -136,7 +136,7 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None) -> Plan:
         steps.append(Step(ids.quantize(s), "quantize", (ids.SOURCE, *calib_deps), QuantizeInput(
             strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
             max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture,
-            held_out=calib.held_out, held_out_after=calib.samples), s))
+            held_out=calib.held_out, held_out_after=calib.samples, sensitivity=strategy.sensitivity), s))
         fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
                             if isinstance(f, CopyFile) and f.model_file is None)
         steps.append(Step(ids.export(s), "export", (ids.quantize(s), ids.SOURCE),

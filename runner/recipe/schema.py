@@ -301,6 +301,9 @@ class Strategy(Section):
         True, description="Fold AWQ's per-channel input scales into the preceding norm or Linear (re-quantizing "
         "where scales must be averaged) so the export is plain NVFP4, which vLLM loads. `false` keeps the raw "
         "NVFP4_AWQ export (pre_quant_scale tensors) for engines that read it.")
+    sensitivity: int = Field(0, ge=0, description=(
+        "Measure each decoder layer's KL contribution on up to N held-out conversations (the search turns it "
+        "on for candidates it may back off)"))
 
     @model_validator(mode="after")
     def _exactly_one_method(self) -> Strategy:

@@ -64,6 +64,9 @@ class QuantizeInput(StepInput):
     # every strategy whatever set it calibrates on.
     held_out: int = 32
     held_out_after: int = 512
+    # Per-decoder-layer KL contribution on up to this many held-out conversations (0: not measured);
+    # the layout search asks for it on candidates it may back off (Strategy.sensitivity).
+    sensitivity: int = Field(0, ge=0)
 
 
 class ExportInput(StepInput):
