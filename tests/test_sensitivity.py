@@ -80,6 +80,7 @@ def quantized(smollm2, tmp_path_factory) -> dict[str, Any]:
     return {"summary": summary, **seen}
 
 
+@pytest.mark.slow  # the real worker: ~8 min on a loaded 2-core CPU, 30 forwards
 def test_every_decoder_layer_gets_a_finite_kl_without_it(quantized):
     sens = quantized["summary"]["sensitivity"]
     assert [e["layer"] for e in sens["layers"]] == list(range(SMOLLM2_LAYERS))
@@ -99,6 +100,7 @@ def test_every_decoder_layer_gets_a_finite_kl_without_it(quantized):
     assert sum(entry["kl_recovered"] for entry in rest) > 0
 
 
+@pytest.mark.slow  # the real worker: ~8 min on a loaded 2-core CPU, 30 forwards
 def test_the_loop_leaves_the_model_as_it_found_it(quantized):
     sens = quantized["summary"]["sensitivity"]
     assert sens["kl_after_restore"] == pytest.approx(sens["kl"], abs=1e-6)
@@ -110,6 +112,7 @@ def test_the_loop_leaves_the_model_as_it_found_it(quantized):
     assert before["model.layers.1.mlp.down_proj.weight_quantizer"] is True
 
 
+@pytest.mark.slow  # the real worker: ~8 min on a loaded 2-core CPU, 30 forwards
 def test_the_export_is_unchanged_by_the_measurement(quantized):
     summary = quantized["summary"]
     assert summary["formats"].get("nvfp4", 0) > 0
