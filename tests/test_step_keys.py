@@ -82,7 +82,7 @@ def test_each_step_gets_only_its_own_input(recipe):
     quantize = next(s for s in plan.steps.values() if s.kind == "quantize")
     assert isinstance(quantize.inputs, QuantizeInput)
     assert set(quantize.params) == {"strategy", "exclude", "calib_samples", "max_length", "seed", "dtype",
-                                    "architecture", "held_out", "held_out_after"}
+                                    "architecture", "held_out", "held_out_after", "sensitivity"}
     assert isinstance(plan.steps["report"].inputs, ReportInput)
     with pytest.raises(ValueError):  # frozen: a step cannot change what its key was computed from
         quantize.inputs.seed = 1  # type: ignore[misc]
@@ -166,3 +166,14 @@ def test_relocatable_writes_checkout_paths_relative():
     climbing = str(plan_module.CHECKOUT / "recipes" / "demo" / ".." / "models" / "x")
     assert plan_module.relocatable({"a": [inside, climbing, "/data/model", "text"]}) == {
         "a": ["$CHECKOUT/recipes/demo/calibration.jsonl", "$CHECKOUT/recipes/models/x", "/data/model", "text"]}
+
+
+def test_sensitivity_reaches_its_quantize_step_and_rekeys_only_that_branch(recipe):
+    first = recipe.quantization.strategies[0]
+    edited = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={
+        "strategies": [first.model_copy(update={"sensitivity": 4}), *recipe.quantization.strategies[1:]]})})
+    plan = build_plan(edited)
+    assert plan.steps[f"quantize.{first.name}"].inputs.sensitivity == 4
+    moved = rekeyed(build_plan(recipe).keys, plan.keys)
+    assert f"quantize.{first.name}" in moved
+    assert not any(sid.startswith("quantize.") and sid != f"quantize.{first.name}" for sid in moved)

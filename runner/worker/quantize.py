@@ -75,6 +75,8 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     logits_kwargs = full_logits_kwargs(model)
     source = fidelity.snapshot(model, eval_batches, logits_kwargs)
     print(f"[quantize] fidelity measured on {measured_on}: {source.tokens} tokens", flush=True)
+    sens_batches, sens_source = sensitivity_set(model, calib, device, logits_kwargs, inputs.sensitivity,
+                                                eval_batches, source)
     result = quantize_model(model, calib, strategy, inputs.exclude, device)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
@@ -101,7 +103,12 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] KL to source {exported.get('kl')} (95 % {exported.get('kl_interval')}), top-1 agreement "
           f"{exported.get('top1_agreement')} (95 % {exported.get('top1_interval')}) over "
           f"{exported.get('conversations')} conversations", flush=True)
-    del source, quantized
+    if sens_source is not None:
+        from runner.worker import sensitivity
+
+        result["sensitivity"] = sensitivity.measure_layers(
+            model, sens_batches, logits_kwargs, sens_source, log=lambda line: print(line, flush=True))
+    del source, quantized, sens_source
 
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -288,6 +295,21 @@ def held_out_set(calib: CalibrationSet, device: Any) -> tuple[list[dict[str, Any
         return batches, f"{used} held-out conversations of the recipe's calibration set{cut}"
     # Every conversation was used for calibration: say so rather than pretend.
     return calib.batches(4, device)[-2:], "calibration samples (the calibration file has no conversation to spare)"
+
+
+def sensitivity_set(model: Any, calib: CalibrationSet, device: Any, logits_kwargs: dict[str, Any], n: int,
+                    eval_batches: list[dict[str, Any]], source: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Batches for the per-layer sensitivity (sensitivity.py) and the source's snapshot on them, taken
+    now, before quantizing: the first n held-out conversations (each layer costs a forward over them).
+    Without held-out conversations, fidelity's own set. ([], None) when n is 0."""
+    from runner.worker import fidelity, sensitivity
+
+    if n <= 0:
+        return [], None
+    if not calib.held_out_ids:
+        return eval_batches, source
+    batches = pad_batches(sensitivity.subset(calib.held_out_ids, n), calib.pad_id, 4, device)
+    return batches, fidelity.snapshot(model, batches, logits_kwargs)
 
 
 def full_logits_kwargs(model: Any) -> dict[str, Any]:
