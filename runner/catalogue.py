@@ -44,6 +44,7 @@ class Entry:
     strategies: list[StrategyPrediction] = field(default_factory=list)
     error: str = ""
     kind: str = "recipe"  # recipe | base
+    search: str = ""  # what its search tries, in words ("" without one)
 
 
 def _source_text(source) -> str:
@@ -70,6 +71,11 @@ def recipe_entry(path: Path, root: Path) -> Entry:
                   _source_text(recipe.model.source), recipe.model.license or "",
                   # loaded.files is the recipe itself first, then every file it extends in load order
                   [str(f.relative_to(root)) for f in loaded.files[1:] if f.is_relative_to(root)])
+    if recipe.search is not None:
+        space = recipe.search.space
+        entry.search = (f"{recipe.search.objective} over " + "; ".join(
+            f"{family} {'/'.join(formats)}" for family, formats in space.formats.items())
+            + f"; calibration {'/'.join(space.algorithms)}; budget {recipe.search.budget.candidates} candidates")
     folder, read_from = footprint.model_folder(recipe)
     names = [s.name for s in recipe.enabled_strategies()]
     if folder is None:
@@ -151,6 +157,8 @@ def markdown(entries: list[Entry]) -> str:
             lines.append(f"- extends: {', '.join(f'`{b}`' for b in e.bases)}")
         if e.source_gb is not None:
             lines.append(f"- BF16 source: {e.source_gb:.1f} GB, {_num(e.source_tok_s, '.1f')} tok/s predicted")
+        if e.search:
+            lines.append(f"- search (docs/search.md), besides the strategies below: {e.search}")
         lines += ["", "| strategy | what | size GB | effective bits | decode tok/s (GB10) |", "|---|---|---|---|---|"]
         for s in e.strategies:
             what = s.description.replace("|", "/") or "-"

@@ -33,6 +33,9 @@ ALGORITHM_WORDS = {"awq_lite": "awql", "awq_clip": "awqc", "awq_full": "awqf"}
 # Layers the sensitivity back-off keeps BF16 in one step (the most costly first).
 SENSITIVE_LAYERS = 2
 
+# A widening's move starts so: only widenings measure per-layer sensitivity (the back-off reads theirs).
+WIDEN = "widen:"
+
 # What happened to a candidate, as the driver reports it to the procedure.
 ACCEPTED, REJECTED, PRUNED, FAILED, SKIPPED = "accepted", "rejected", "pruned", "failed", "skipped"
 
@@ -130,7 +133,7 @@ def ptq_order(space: Any, present: set[str] | None = None) -> Procedure:
         accepted = None
         for fmt in format_ladder(space.formats[family]):
             first = replace(state.with_format(family, fmt), algorithm=algorithms[0],
-                            move=f"widen: {family} to {fmt}")
+                            move=f"{WIDEN} {family} to {fmt}")
             outcomes = yield [first]
             if outcomes[first].status == ACCEPTED:
                 accepted = first

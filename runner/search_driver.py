@@ -26,13 +26,10 @@ from runner.benchmark.gates import evaluate, status_of
 from runner.quantization.families import family_of
 from runner.recipe.schema import LayoutSpec, Recipe, SearchSpec, Strategy
 from runner.run_dir import RunDir, write_json_atomic
-from runner.search import ACCEPTED, FAILED, PRUNED, REJECTED, SKIPPED, Candidate, Outcome, ptq_order
+from runner.search import ACCEPTED, FAILED, PRUNED, REJECTED, SKIPPED, WIDEN, Candidate, Outcome, ptq_order
 from runner.steps import ids
 
 SEARCH_DIR = "search"
-# Held-out conversations the quantize worker measures each decoder layer's KL contribution on, for the
-# sensitivity back-off (a forward pass per layer over them).
-SENSITIVITY_CONVERSATIONS = 4
 
 
 @dataclass
@@ -65,7 +62,8 @@ def candidate_strategy(candidate: Candidate, spec: SearchSpec) -> Strategy:
     """The ordinary strategy a candidate runs as: its name encodes every choice (so its cache key does)."""
     return Strategy(name=candidate.name(spec.prefix), description=f"search candidate: {candidate.describe()}",
                     layout=LayoutSpec.model_validate(candidate.layout()), algorithm=candidate.algorithm,
-                    sensitivity=SENSITIVITY_CONVERSATIONS, inherit_exclude=spec.inherit_exclude)
+                    sensitivity=spec.sensitivity if candidate.move.startswith(WIDEN) else 0,
+                    inherit_exclude=spec.inherit_exclude)
 
 
 def with_strategies(recipe: Recipe, extra: list[Strategy]) -> Recipe:

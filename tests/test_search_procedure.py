@@ -6,6 +6,8 @@ tests/test_search_run.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from runner.recipe.schema import SearchSpace, SearchSpec
@@ -165,3 +167,21 @@ def test_the_record_names_the_best_its_front_the_audit_and_a_snippet_to_paste():
 def test_a_bad_space_is_refused_by_the_schema(bad):
     with pytest.raises(ValueError):
         SearchSpace.model_validate(bad)
+
+
+def test_a_search_may_stand_in_for_the_strategies_but_something_must_quantize(tmp_path):
+    from runner.errors import RecipeError
+    from runner.plan import build_plan
+    from runner.recipe.loader import load_recipe
+
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "smollm2-search-cpu.yaml"
+    off = "quantization:\n  strategies:\n    - {name: nvfp4_max, enabled: false}\n" \
+          "    - {name: negative_control, enabled: false}\n"
+    only_search = tmp_path / "only-search.yaml"
+    only_search.write_text(f"extends: {demo}\nname: only-search\n{off}")
+    plan = build_plan(load_recipe(only_search).recipe)  # no strategy branch: the search adds its candidates
+    assert not [sid for sid in plan.steps if sid.startswith("quantize.")] and "gates" in plan.steps
+    neither = tmp_path / "neither.yaml"
+    neither.write_text(f"extends: {demo}\nname: neither\n{off}search: null\n")
+    with pytest.raises(RecipeError, match="every strategy is disabled"):
+        load_recipe(neither)

@@ -377,6 +377,10 @@ class SearchSpec(Section):
         "before backing off the format, then keep the layers whose quantization costs most KL in BF16."))
     budget: SearchBudget = Field(default_factory=SearchBudget)
     prune: SearchPrune = Field(default_factory=SearchPrune)
+    sensitivity: int = Field(4, ge=0, description=(
+        "Held-out conversations each widening candidate's quantize step measures every decoder layer's KL "
+        "contribution on (a forward pass per layer), for the back-off that keeps the costliest layers BF16; 0: "
+        "not measured, the back-off keeps first/last layers only. Recovery and back-off candidates skip it."))
     prefix: Identifier = Field("search", description="Candidate names start with it (`search-mlp_w4a16-...`).")
     inherit_exclude: bool = Field(False, description=(
         "`true`: the recipe's quantization.exclude applies to every candidate too. `false` (default): the space "
@@ -778,9 +782,6 @@ class Recipe(Section):
     def check(self) -> list[Problem]:
         """Cross-section checks that a single field cannot express."""
         problems: list[Problem] = []
-        if not self.quantization.strategies and self.search is None:
-            problems.append(Problem("no strategy and no search: write quantization.strategies, or a `search:` "
-                                    "section", ("quantization", "strategies")))
         names: set[str] = set()
         for i, strategy in enumerate(self.quantization.strategies):
             path = ("quantization", "strategies", i)
@@ -838,9 +839,9 @@ class Recipe(Section):
                         f"expect_tool names {category.expect_tool!r}, which calibration.source.tools does not "
                         "declare", ("calibration", "source", "categories", i, "expect_tool"),
                         hint=f"did you mean {guess!r}?" if guess else f"declared tools: {', '.join(tools) or 'none'}"))
-        if not self.enabled_strategies():
+        if not self.enabled_strategies() and self.search is None:
             problems.append(Problem("every strategy is disabled", ("quantization", "strategies"),
-                                    hint="set `enabled: true` on at least one strategy"))
+                                    hint="set `enabled: true` on at least one strategy, or declare a `search:`"))
         suite_names = [s.name for s in self.benchmark.suites]
         for i, gate in enumerate(self.gates):
             problems.extend(_check_metric(gate.metric, suite_names, ("gates", i, "metric")))
