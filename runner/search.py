@@ -9,8 +9,9 @@ The procedure (`ptq_order`) follows ModelOpt's PTQ guidance (modelopt_recipes/pt
 narrowest scope (routed experts for a MoE, the MLP for a dense model), widen family by family while the gates
 hold, and when a widening fails, recover by calibration (the space's algorithms in order) before backing off:
 first the layers whose quantization costs the most KL (measured per decoder layer in the quantize worker)
-stay BF16, or more leading/trailing layers, or the next KV-cache format, and only then the family's next,
-more precise format. A family none of whose candidates is accepted stays BF16, and the search widens on.
+stay BF16 (two more a round, up to three rounds), or more leading/trailing layers, or the next KV-cache
+format, and only then the family's next, more precise format. A family none of whose candidates is accepted
+stays BF16, and the search widens on.
 
 This module does no I/O: `ptq_order` is a generator that yields rounds of candidates and is sent back their
 outcomes (runner/search_driver.py runs them). Imports nothing heavy: the host plans with it.
@@ -30,8 +31,10 @@ FAMILY_WORDS = {"routed_experts": "re", "shared_experts": "se", "mlp": "mlp", "l
                 "attention": "at", "lm_head": "lm"}
 FORMAT_WORDS = {"nvfp4": "fp4", "w4a16_nvfp4": "w4a16", "fp8": "fp8", "bf16": "bf16"}
 ALGORITHM_WORDS = {"awq_lite": "awql", "awq_clip": "awqc", "awq_full": "awqf"}
-# Layers the sensitivity back-off keeps BF16 in one step (the most costly first).
+# Layers the sensitivity back-off keeps BF16 in one step (the most costly first), and how many such steps
+# (2, 4, 6 layers) it takes before the family's next format.
 SENSITIVE_LAYERS = 2
+SENSITIVE_ROUNDS = 3
 
 # A widening's move starts so: only widenings measure per-layer sensitivity (the back-off reads theirs).
 WIDEN = "widen:"
@@ -166,8 +169,21 @@ def ptq_order(space: Any, present: set[str] | None = None) -> Procedure:
             if backoff:
                 outcomes = outcomes | (yield backoff)
                 accepted = best_accepted(backoff, outcomes)
-                if accepted is not None:
+            # Still failing: raise the precision of the next costliest layers, a round each, up to
+            # SENSITIVE_ROUNDS rounds (or the budget, which the driver enforces), before the next format.
+            widened = backoff[0] if measured and backoff and backoff[0].keep_layers != base.keep_layers else None
+            for _ in range(SENSITIVE_ROUNDS - 1):
+                if accepted is not None or widened is None:
                     break
+                kept = most_sensitive(measured[0], widened.keep_layers, SENSITIVE_LAYERS)
+                if kept == widened.keep_layers:
+                    break
+                widened = replace(widened, keep_layers=kept, move=f"back off {family} {fmt}: the {len(kept)} "
+                                  "layers costing most KL stay BF16")
+                outcomes = outcomes | (yield [widened])
+                accepted = best_accepted([widened], outcomes)
+            if accepted is not None:
+                break
         if accepted is not None:
             state = replace(accepted, move="")
 
@@ -196,6 +212,6 @@ def procedure_bound(space: Any, present: set[str] | None = None) -> int:
     """The most candidates `ptq_order` can quantize: per family and format, one widening, the other
     algorithms, and its back-off round."""
     algorithms = len(set(space.algorithms))
-    backoff = 1 + min(len(space.keep_first), len(space.keep_last)) - 1 + len(space.kv_cache) - 1
+    backoff = SENSITIVE_ROUNDS + min(len(space.keep_first), len(space.keep_last)) - 1 + len(space.kv_cache) - 1
     return sum(len(format_ladder(space.formats[f])) * (algorithms + backoff)
                for f in family_order(space.formats, present))

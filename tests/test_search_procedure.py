@@ -94,6 +94,16 @@ def test_the_sensitivity_back_off_keeps_the_costliest_layers_then_the_next_forma
     assert most_sensitive(sensitivity, (), 9) == (0, 1, 2)  # a layer whose quantization costs nothing stays
 
 
+def test_the_sensitivity_back_off_raises_two_more_layers_a_round_until_the_gates_pass():
+    sensitivity = [{"layer": i, "kl_recovered": 0.1 * (10 - i)} for i in range(10)]  # layer 0 costs most
+
+    def verdict(c: Candidate) -> Outcome:
+        return Outcome(ACCEPTED if len(c.keep_layers) >= 6 else REJECTED, kl=0.2, sensitivity=sensitivity)
+    rounds = drive(ptq_order(space(formats={"mlp": ["nvfp4"]}, algorithms=["max"])), verdict)
+    assert [[c.keep_layers for c in r] for r in rounds] == [[()], [(0, 1)], [(0, 1, 2, 3)], [(0, 1, 2, 3, 4, 5)]]
+    assert rounds[-1][0].move == "back off mlp nvfp4: the 6 layers costing most KL stay BF16"
+
+
 def test_a_family_that_never_holds_stays_bf16_and_the_search_widens_on():
     def verdict(c: Candidate) -> Outcome:
         return Outcome(REJECTED if "attention" in dict(c.formats) else ACCEPTED, kl=0.1)
@@ -105,8 +115,8 @@ def test_a_family_that_never_holds_stays_bf16_and_the_search_widens_on():
 def test_space_size_and_the_procedures_bound():
     s = space(algorithms=["max", "mse"], keep_first=[0, 1], keep_last=[0, 1])
     assert space_size(s) == (3 * 2 - 1) * 2 * 2 * 2 * 1
-    # per family and format: 2 algorithms + the back-off round's sensitivity and keep candidates
-    assert procedure_bound(s) == (2 + 1) * (2 + 2)
+    # per family and format (3 in all): 2 algorithms, 3 sensitivity rounds, the first/last-layer step
+    assert procedure_bound(s) == 3 * (2 + 3 + 1)
 
 
 def test_candidate_names_are_strategy_names_and_encode_every_choice():
