@@ -278,11 +278,11 @@ class SearchDriver:
         try:
             proposed = next(procedure)
             while True:
-                number += 1
                 _, _, stop = self._budget_left()
                 if stop:
                     self.stopped_by = stop
                     break
+                number += 1
                 outcomes = await self.run_round(number, proposed)
                 proposed = procedure.send(outcomes)
         except StopIteration:

@@ -37,7 +37,7 @@ def searched(demo_run, tmp_path_factory) -> Path:
 def test_the_search_record_says_what_was_tried_pruned_audited_and_served(searched):
     data = json.loads((searched / "search" / "search.json").read_text())
     assert [c["name"] for c in data["candidates"]] == [FIRST, SECOND]
-    assert data["stopped_by"] == "budget.candidates 2 spent" and data["rounds"] == 3
+    assert data["stopped_by"] == "budget.candidates 2 spent" and data["rounds"] == 2
     first, second = data["candidates"]
     assert first["move"] == "widen: mlp to w4a16_nvfp4" and second["move"] == "widen: attention to nvfp4"
     # max_kl 0: every candidate is over the threshold; the first (the lowest KL of its round) is audited
