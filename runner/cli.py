@@ -453,6 +453,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:  # writes nothing: no claim, no lock
         outcome = asyncio.run(_run_cancellable(runner.run(options)))
         _print_outcome(outcome, run_dir.root)
+        if plan.recipe.search is not None:
+            console.print("the recipe's search adds its candidates as it runs (each round from the last one's "
+                          "results), so they are not listed; `recipe plan` says how many at most")
         return outcome.exit_code
     # The token stops the run before anything is written, when publish will run.
     problems = [] if (args.until or args.only) else token_problems(loaded)
