@@ -220,6 +220,13 @@ class SearchDriver:
             entry = self.entries[candidate.name(self.spec.prefix)]
             outcomes.setdefault(candidate, Outcome(entry.status, entry.kl))
             outcomes[candidate].sensitivity = self._sensitivity(plan, candidate.name(self.spec.prefix))
+        for candidate in todo:
+            entry = self.entries[candidate.name(self.spec.prefix)]
+            kl = f"KL {entry.kl:.4g}, " if entry.kl is not None else ""
+            from rich.markup import escape
+
+            self.console.print(f"  {escape(entry.name)}: [bold]{entry.status}[/] ({escape(kl + entry.why)})",
+                               highlight=False)
         return outcomes
 
     def _results(self, plan: Any, sid: str) -> dict[str, Any] | None:
