@@ -22,8 +22,8 @@ from runner.quantization import footprint
 from runner.quantization.families import family_of
 from runner.quantization.weights import load_weights
 from runner.recipe.loader import load_recipe
-from runner.search import ACCEPTED, REJECTED, Candidate, Outcome, ptq_order
-from runner.search_driver import candidate_strategy
+from runner.search.driver import candidate_strategy
+from runner.search.procedure import ACCEPTED, REJECTED, Candidate, Outcome, ptq_order
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -498,9 +498,9 @@ def _search_lines(recipe, weights) -> list[str]:
     from runner.benchmark.prediction import hardware_target
     from runner.quantization import Unknown, footprint
     from runner.quantization.families import family_of
-    from runner.search import Candidate, family_order, format_ladder, procedure_bound, space_size
-    from runner.search_driver import candidate_strategy
-    from runner.search_report import OBJECTIVE_KEYS, OBJECTIVE_WORDS
+    from runner.search.driver import candidate_strategy
+    from runner.search.procedure import Candidate, family_order, format_ladder, procedure_bound, space_size
+    from runner.search.report import OBJECTIVE_KEYS, OBJECTIVE_WORDS
 
     spec = recipe.search
     space, budget = spec.space, spec.budget
@@ -537,10 +537,10 @@ def _search_lines(recipe, weights) -> list[str]:
 
 
 def _search(recipe, run_dir, executor):
-    """Run the recipe's search (runner/search_driver.py) and return the plan whose gates judge the hand-written
+    """Run the recipe's search (runner/search/driver.py) and return the plan whose gates judge the hand-written
     strategies and every served candidate, and whose card shows the search."""
     from runner.plan import build_plan
-    from runner.search_driver import SearchDriver, write_record
+    from runner.search.driver import SearchDriver, write_record
 
     driver = SearchDriver(recipe, run_dir, executor, console)
     result = asyncio.run(_run_cancellable(driver.run()))

@@ -91,7 +91,7 @@ class Plan:
 
 def build_plan(recipe: Recipe, strategies: list[str] | None = None, search: dict[str, Any] | None = None) -> Plan:
     """The step graph of a recipe, restricted to the named strategies when given; `search` is the record of the
-    recipe's search (runner/search_driver.py), which the card shows."""
+    recipe's search (runner/search/driver.py), which the card shows."""
     unknown = [name for name in recipe.execution.slurm.steps if name not in slurm_kinds()]
     if unknown:  # recipe validate says where (slurm_step_problems); a run refuses it too
         raise RunnerError(f"execution.slurm.steps: no step kind {', '.join(unknown)} runs a worker; name one of "

@@ -1,7 +1,7 @@
-"""The search's procedure (runner/search.py) with scripted outcomes: the order ModelOpt's PTQ guidance gives
+"""The search's procedure (runner/search/procedure.py) with scripted outcomes: the order ModelOpt's PTQ guidance gives
 (narrowest scope first, widen while the gates hold, recover by calibration before backing off, then the
 layers whose quantization costs most KL), the candidates' names, and the search record's tables
-(runner/search_driver.py, runner/search_report.py) from scripted entries. The driver against real steps is
+(runner/search/driver.py, runner/search/report.py) from scripted entries. The driver against real steps is
 tests/test_search_run.py."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from runner.recipe.schema import SearchSpace, SearchSpec
-from runner.search import (
+from runner.search.driver import Entry, SearchResult, candidate_strategy, prune_threshold
+from runner.search.procedure import (
     ACCEPTED,
     PRUNED,
     REJECTED,
@@ -23,8 +24,7 @@ from runner.search import (
     ptq_order,
     space_size,
 )
-from runner.search_driver import Entry, SearchResult, candidate_strategy, prune_threshold
-from runner.search_report import pareto_front, pareto_markdown, pareto_svg, strategy_snippet
+from runner.search.report import pareto_front, pareto_markdown, pareto_svg, strategy_snippet
 
 
 def space(**kw) -> SearchSpace:

@@ -1,4 +1,4 @@
-"""A recipe's search run for real (runner/search_driver.py): the demo model on the CPU, real quantize steps
+"""A recipe's search run for real (runner/search/driver.py): the demo model on the CPU, real quantize steps
 (held-out KL and each decoder layer's KL contribution), a real local server and benchmark, gates fixed by
 construction (tests/recipes/demo-search.yaml) so the verdicts never depend on what the model answers here.
 

@@ -133,7 +133,7 @@ NOT_BENCHMARKED = "not benchmarked in this run"  # why GatesInput.not_benchmarke
 class ReportInput(StepInput):
     recipe: Recipe
     failed_branches: dict[str, str] = Field(default_factory=dict)  # as GatesInput's: set by the scheduler
-    search: dict[str, Any] | None = None  # the search's record (search_driver.SearchResult.to_json), for the card
+    search: dict[str, Any] | None = None  # the search's record (search.driver.SearchResult.to_json), for the card
 
 
 class PublishInput(StepInput):

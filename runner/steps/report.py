@@ -612,7 +612,7 @@ def render_documents(recipe: Recipe, run: RunView, target: Path, search: dict[st
     the outputs and the facts they were written from (gather). `search`: the run's search record."""
     from huggingface_hub import ModelCard
 
-    from runner.search_report import pareto_markdown, pareto_svg, strategy_snippet
+    from runner.search.report import pareto_markdown, pareto_svg, strategy_snippet
 
     facts = gather(recipe, run)
     facts["search"] = None
@@ -690,4 +690,4 @@ async def run(ctx: StepContext) -> StepResult:
 
 KIND = StepKind("report", run, input=ReportInput,
                 modules=("steps/report.py", "benchmark/presentation.py", "quantization/export_words.py",
-                         "search_report.py"))
+                         "search/report.py"))

@@ -1,4 +1,4 @@
-"""Run a recipe's `search`: the procedure (runner/search.py) proposes rounds of candidates; each round is
+"""Run a recipe's `search`: the procedure (runner/search/procedure.py) proposes rounds of candidates; each round is
 quantized (held-out KL and top-1 agreement from the quantize worker: minutes), the cheap signal prunes, the
 rest are served, benchmarked and judged by the recipe's gates (the acceptance rule), and the outcomes go back
 to the procedure. Every candidate is an ordinary strategy, so its steps are cached in the run directory:
@@ -26,7 +26,7 @@ from runner.benchmark.gates import evaluate, status_of
 from runner.quantization.families import family_of
 from runner.recipe.schema import LayoutSpec, Recipe, SearchSpec, Strategy
 from runner.run_dir import RunDir, write_json_atomic
-from runner.search import ACCEPTED, FAILED, PRUNED, REJECTED, SKIPPED, WIDEN, Candidate, Outcome, ptq_order
+from runner.search.procedure import ACCEPTED, FAILED, PRUNED, REJECTED, SKIPPED, WIDEN, Candidate, Outcome, ptq_order
 from runner.steps import ids
 
 SEARCH_DIR = "search"
@@ -376,7 +376,7 @@ def predictor(recipe: Recipe, run_dir: RunDir
 
 def write_record(run_dir: RunDir, result: SearchResult) -> Path:
     """search/search.json, pareto.md, pareto.svg and selected-strategy.yaml, each written atomically."""
-    from runner.search_report import pareto_markdown, pareto_svg, strategy_snippet
+    from runner.search.report import pareto_markdown, pareto_svg, strategy_snippet
 
     folder = run_dir.root / SEARCH_DIR
     folder.mkdir(parents=True, exist_ok=True)

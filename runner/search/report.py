@@ -1,6 +1,6 @@
 """What a search leaves for people: the Pareto table (the objective against each gate, with intervals), a
 plot of the objective against held-out KL, and the selected candidate as a strategy snippet to paste into a
-recipe. Read from search.json's data (runner/search_driver.py SearchResult.to_json); no torch, no plotting
+recipe. Read from search.json's data (runner/search/driver.py SearchResult.to_json); no torch, no plotting
 library (the SVG is a few dozen elements written by hand).
 """
 

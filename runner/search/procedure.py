@@ -14,7 +14,7 @@ format, and only then the family's next, more precise format. A family none of w
 stays BF16, and the search widens on.
 
 This module does no I/O: `ptq_order` is a generator that yields rounds of candidates and is sent back their
-outcomes (runner/search_driver.py runs them). Imports nothing heavy: the host plans with it.
+outcomes (runner/search/driver.py runs them). Imports nothing heavy: the host plans with it.
 """
 
 from __future__ import annotations
