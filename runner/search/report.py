@@ -44,6 +44,13 @@ def _number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _objective_text(value: float | None, objective: str) -> str:
+    """Bytes in GB (three significant digits), speed in tok/s."""
+    if value is None:
+        return "—"
+    return f"{value:.1f} tok/s" if objective == "decode_tok_s" else f"{value / 1e9:.3g} GB"
+
+
 def _gate_cell(verdict: dict[str, Any]) -> str:
     interval = verdict.get("interval")
     around = f" [{_number(interval[0])}, {_number(interval[1])}]" if interval else ""
@@ -60,8 +67,9 @@ def pareto_markdown(data: dict[str, Any]) -> str:
         f"Search ({data['procedure']}): objective {words} ({order}); {len(data['candidates'])} candidates in "
         f"{data['rounds']} rounds, {data['seconds']:.0f} s; stopped: {data['stopped_by']}.",
         f"Best accepted: `{data['best']}`." if data["best"] else "No candidate was accepted by every gate.",
-        f"KL proxy audit: {audit['audited']} pruned candidates served anyway, the gates agreed with the pruning "
-        f"on {audit['agree']}" + (f" and DISAGREED on {audit['disagree']}" if audit["disagree"] else "") + ".",
+        (f"KL proxy audit: {audit['audited']} pruned candidates served anyway, the gates agreed with the pruning "
+         f"on {audit['agree']}" + (f" and DISAGREED on {audit['disagree']}" if audit["disagree"] else "") + "."
+         if audit["audited"] else "KL proxy audit: no pruned candidate was served (none pruned, or prune.audit 0)."),
         "",
         "| candidate | round | why proposed | status | " + words + " | held-out KL [95 %] | top-1 | "
         + " | ".join(gates) + (" | " if gates else "") + "decided by |",
@@ -73,7 +81,7 @@ def pareto_markdown(data: dict[str, Any]) -> str:
                                   if c.get("kl_interval") else "")
         star = " ★" if c["name"] in front else ""
         cells = [f"`{c['name']}`{star}", str(c["round"]), c["move"], c["status"] + (" (audit)" if c["audit"] else ""),
-                 _number(objective_of(c, objective)), kl, _number(c.get("top1")),
+                 _objective_text(objective_of(c, objective), objective), kl, _number(c.get("top1")),
                  *(_gate_cell(verdicts[g]) if g in verdicts else "—" for g in gates), c.get("why") or ""]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "★ on the Pareto front of the accepted candidates (objective against held-out KL).", ""]
@@ -137,6 +145,6 @@ def strategy_snippet(data: dict[str, Any]) -> str:
     buffer = io.StringIO()
     yaml.dump([strategy], buffer)
     objective = OBJECTIVE_WORDS[data["objective"]][0]
-    value = _number(objective_of(best, data["objective"]))
+    value = _objective_text(objective_of(best, data["objective"]), data["objective"])
     return (f"# The search's best accepted candidate ({objective} {value}, held-out KL {_number(best['kl'])}):\n"
             "# paste under quantization.strategies.\n" + buffer.getvalue())
