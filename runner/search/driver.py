@@ -338,12 +338,10 @@ class SearchResult:
                 "candidates": [e.to_json() for e in self.entries]}
 
 
-OBJECTIVE_KEYS = {"bytes_per_token": "bytes_per_token", "size": "checkpoint_bytes", "decode_tok_s": "decode_tok_s"}
-
-
 def objective_value(entry: Entry, objective: str) -> float | None:
-    value = entry.predicted.get(OBJECTIVE_KEYS[objective])
-    return float(value) if value is not None else None
+    from runner.search.report import objective_of  # the one reading of an objective from predictions
+
+    return objective_of({"predicted": entry.predicted}, objective)
 
 
 def predictor(recipe: Recipe, run_dir: RunDir
