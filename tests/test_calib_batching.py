@@ -14,6 +14,7 @@ import torch
 
 from runner.worker.calib_data import (
     MAX_PADDING,
+    MAX_WIDTHS,
     BatchPlan,
     CalibrationSet,
     batch_overhead_tokens,
@@ -71,8 +72,9 @@ def test_plan_mix_at_32k_summary():
     assert summary["batches"] == len(plan.groups)
     assert summary["batch_size"] == max(len(g) for g in plan.groups)
     assert summary["token_budget"] == 32_768
-    # Sorting alone at the old fixed batch of 64 samples wasted far more.
-    assert plan_fixed_batches(lengths, 64).padding_fraction > 2 * plan.padding_fraction
+    # Few shapes: the forwards meet at most MAX_WIDTHS sequence widths, each a bucket's longest sample.
+    assert summary["batch_widths"] == len(plan.widths) <= MAX_WIDTHS
+    assert len(plan.widths) < len(set(lengths)) / 10
 
 
 def test_128_sample_mix_at_large_budgets_stays_under_ten_percent():
@@ -163,10 +165,36 @@ def test_awq_plans_fewer_batches_within_the_cap():
     lengths = [rng.randint(64, 2048) for _ in range(128)]
     max_plan = plan_token_batches(lengths, 200_000, batch_overhead=batch_overhead_tokens(None))
     awq_plan = plan_token_batches(lengths, 200_000, batch_overhead=batch_overhead_tokens("awq_lite"))
-    assert awq_plan.batches < max_plan.batches
+    assert awq_plan.batches <= max_plan.batches
     assert max_plan.padding_fraction <= MAX_PADDING and awq_plan.padding_fraction <= MAX_PADDING
 
 
 def test_batches_covering_counts_samples():
     plan = BatchPlan((5, 4, 3, 2, 1), ((0, 1), (2,), (3, 4)), 10)
     assert [plan.batches_covering(n) for n in (1, 2, 3, 4, 5, 99)] == [1, 1, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("samples", [32, 128, 512, 2048])
+def test_few_widths_for_many_lengths(samples):
+    """A mixed set pads to the fewest widths that hold the cap (each new width costs the DeltaNet
+    kernels a compile): fewer widths than the cap allows would pad more than 10 %."""
+    lengths = plan_mix(samples=samples, seed=3)
+    plan = plan_token_batches(lengths, 65_536)
+    check_plan(plan, lengths, 65_536)
+    assert plan.padding_fraction <= MAX_PADDING
+    assert len(plan.widths) <= 10
+    # Every batch is padded to one of the widths, and each width is some sample's length.
+    assert {plan.width(g) for g in plan.groups} == set(plan.widths) <= set(lengths)
+    fewer = plan_token_batches(lengths, 65_536, max_widths=len(plan.widths) - 1) if len(plan.widths) > 1 else None
+    if fewer is not None:  # one width less does not hold the cap: it falls back to every length
+        assert len(fewer.widths) > len(plan.widths)
+
+
+def test_padding_counts_the_bucket_width():
+    """A batch of a bucket's shorter samples is still padded to the bucket's width: the record counts that."""
+    plan = plan_token_batches([100, 96, 95, 94], 200, max_padding=0.10)
+    assert plan.widths == [100]
+    calib = calib_of([100, 96, 95, 94])
+    batches = calib.build(plan, "cpu")
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([2, 100])] * 2
+    assert plan.computed_tokens == 400 and plan.padding_tokens == 400 - 385

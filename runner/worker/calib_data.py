@@ -2,9 +2,10 @@
 
 Batches are sized in tokens, not samples: a batch computes rows x padded width tokens, and a token
 budget (fitted to free memory by the quantize worker) bounds that product. Samples are sorted by
-length and cut into runs of similar length (`plan_token_batches`): the cuts minimise padding plus a
-fixed cost per batch, with padding held under `MAX_PADDING` of the computed tokens, and a sample longer
-than the budget forms a batch of its own. Batches run longest first, so an out-of-memory shows at once.
+length and cut into a few buckets (`plan_token_batches`), each padded to its longest sample: the
+fewest buckets that hold padding under `MAX_PADDING` of the computed tokens, so compiled and Triton
+kernels (flash-linear-attention's, for DeltaNet layers) tune once per width, not once per batch. A
+sample longer than the budget forms a batch of its own. Batches run longest first, so an out-of-memory shows at once.
 The attention mask keeps padding out of attention, and the summary reports real tokens, padding and
 batches (`BatchPlan.summary`). A fixed number of samples per batch (`batch_size: N`) still works.
 """
@@ -16,6 +17,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +109,22 @@ class BatchPlan:
     lengths: tuple[int, ...]
     groups: tuple[tuple[int, ...], ...]
     token_budget: int | None = None  # None: a fixed number of samples per batch
+    # The width each batch is padded to, by group; empty: each to its own longest sample.
+    padded_to: tuple[int, ...] = ()
+
+    @cached_property
+    def _width_of(self) -> dict[tuple[int, ...], int]:
+        if self.padded_to:
+            return dict(zip(self.groups, self.padded_to, strict=True))
+        return {group: max(1, max(self.lengths[i] for i in group)) for group in self.groups}
 
     def width(self, group: tuple[int, ...]) -> int:
-        return max(1, max(self.lengths[i] for i in group))
+        return self._width_of[group]
+
+    @property
+    def widths(self) -> list[int]:
+        """The distinct widths the batches are padded to, widest first: the shapes the forwards meet."""
+        return sorted(set(self._width_of.values()), reverse=True)
 
     @property
     def real_tokens(self) -> int:
@@ -153,6 +168,7 @@ class BatchPlan:
         """The record's view: tokens, padding, batches, budget; batch_size is the most rows in a batch."""
         return {"calibration_tokens": self.real_tokens, "padding_tokens": self.padding_tokens,
                 "padding_fraction": round(self.padding_fraction, 4), "batches": self.batches,
+                "batch_widths": len(self.widths),
                 "batch_size": self.max_rows, "token_budget": self.token_budget}
 
 
@@ -170,74 +186,124 @@ def plan_fixed_batches(lengths: list[int], batch_size: int) -> BatchPlan:
     return BatchPlan(tuple(lengths), groups, None)
 
 
-def _cuts(sorted_lengths: list[int], budget: int, cost_per_batch: float) -> list[int]:
-    """Optimal cut points of a longest-first list: minimise padding + cost_per_batch x batches.
+# A forward of a new (rows, width) shape costs a compile: flash-linear-attention's Triton kernels (the
+# DeltaNet layers) specialise and autotune per sequence length, and did so for every new width of a
+# mixed-length set (bench/quantize_gpu.py: 64 s the first time). So a plan pads to a few widths: the
+# fewest (up to MAX_WIDTHS) that keep padding under the cap, each width the longest sample of its bucket.
+MAX_WIDTHS = 16
+# Lengths are grouped into at most this many runs before the widths are chosen: the choice is a
+# dynamic programme over runs (quadratic), and 192 runs of a sorted set lose almost nothing.
+MAX_RUNS = 192
 
-    A batch is a run [i, j) with width sorted_lengths[i]; it must satisfy rows x width <= budget unless
-    it is a single sample. Dynamic programming over the end j; the scan back over the start i stops
-    once the run breaks the budget or its padding alone exceeds the best cost so far (both only grow
-    as i moves back), so it stays fast for thousands of samples.
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive samples of a longest-first order: [start, end) with the longest `width` and their tokens."""
+
+    start: int
+    end: int
+    width: int
+    tokens: int
+
+
+def _runs(ordered: list[int]) -> list[_Run]:
+    """A longest-first list of lengths cut into at most MAX_RUNS runs (equal lengths never split)."""
+    equal: list[_Run] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j < len(ordered) and ordered[j] == ordered[i]:
+            j += 1
+        equal.append(_Run(i, j, max(1, ordered[i]), ordered[i] * (j - i)))
+        i = j
+    if len(equal) <= MAX_RUNS:
+        return equal
+    per = -(-len(equal) // MAX_RUNS)
+    return [_Run(group[0].start, group[-1].end, group[0].width, sum(r.tokens for r in group))
+            for group in (equal[k:k + per] for k in range(0, len(equal), per))]
+
+
+def _bucket_cuts(runs: list[_Run], widths: int, budget: int, cost_per_batch: float) -> tuple[list[int], float]:
+    """The best way to cut runs into at most `widths` buckets: (cut points over runs, padding tokens).
+
+    A bucket pads every sample to its longest and runs as ceil(samples / rows) batches of rows =
+    budget // width (at least one); the cuts minimise padding + cost_per_batch x batches.
     """
-    n = len(sorted_lengths)
+    m = len(runs)
+    inf = float("inf")
     prefix = [0]
-    for length in sorted_lengths:
-        prefix.append(prefix[-1] + length)
-    best = [0.0] + [float("inf")] * n
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):
-            rows, width = j - i, max(1, sorted_lengths[i])
-            if rows > 1 and rows * width > budget:
-                break
-            padding = rows * width - (prefix[j] - prefix[i])
-            if padding + cost_per_batch >= best[j]:  # best[i] >= 0, and padding only grows from here
-                break
-            cost = best[i] + padding + cost_per_batch
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    cuts, j = [], n
-    while j > 0:
+    for run in runs:
+        prefix.append(prefix[-1] + run.tokens)
+
+    def cost_of(i: int, j: int) -> tuple[float, int]:  # runs [i, j) as one bucket: (cost, padding)
+        width = runs[i].width
+        samples = runs[j - 1].end - runs[i].start
+        padding = width * samples - (prefix[j] - prefix[i])
+        batches = -(-samples // max(1, budget // width))
+        return padding + cost_per_batch * batches, padding
+
+    best = [[inf] * (m + 1) for _ in range(widths + 1)]
+    back = [[0] * (m + 1) for _ in range(widths + 1)]
+    best[0][0] = 0.0
+    for k in range(1, widths + 1):
+        for j in range(1, m + 1):
+            for i in range(k - 1, j):
+                if best[k - 1][i] == inf:
+                    continue
+                cost = best[k - 1][i] + cost_of(i, j)[0]
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    k = min(range(1, widths + 1), key=lambda n: best[n][m])
+    cuts, j = [m], m
+    while k > 0:
+        j = back[k][j]
         cuts.append(j)
-        j = start[j]
-    return [0, *reversed(cuts)]
+        k -= 1
+    cuts.reverse()
+    padding = sum(cost_of(a, b)[1] for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    return cuts, float(padding)
 
 
 def plan_token_batches(lengths: list[int], token_budget: int, max_padding: float = MAX_PADDING,
-                       batch_overhead: float = BATCH_OVERHEAD_TOKENS) -> BatchPlan:
+                       batch_overhead: float = BATCH_OVERHEAD_TOKENS, max_widths: int = MAX_WIDTHS) -> BatchPlan:
     """Batches of similar-length samples, each computing at most `token_budget` tokens (rows x width).
 
-    Samples are sorted longest first and cut into runs; the cuts minimise padding + `batch_overhead`
-    tokens per batch (fewer, fuller batches vs. less padding). Should that leave more padding than
-    `max_padding` of the computed tokens, the per-batch cost is lowered (bisection) until it does not,
-    so the plan's padding never exceeds `max_padding` (with no per-batch cost every sample could run
-    alone, with no padding at all). A sample longer than the budget runs alone. Batches come longest
-    first, so the widest (most memory a token) runs first.
+    Samples are sorted longest first and cut into buckets, every sample of a bucket padded to its
+    longest, so the forwards meet only as many sequence widths as there are buckets: the fewest
+    buckets (at most `max_widths`) whose padding stays under `max_padding` of the computed tokens,
+    cut to minimise padding + `batch_overhead` tokens a batch (fewer, fuller batches vs. less padding).
+    Should no such count exist, every distinct length is its own width (no padding at all). A bucket
+    runs as batches of budget // width rows; a sample longer than the budget runs alone. Batches come
+    longest first, so the widest (most memory a token) runs first.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     order = _by_length(lengths)
     ordered = [lengths[i] for i in order]
+    runs = _runs(ordered)
+    total = sum(ordered)
 
-    def plan_for(cost: float) -> BatchPlan:
-        cuts = _cuts(ordered, token_budget, cost)
-        groups = tuple(tuple(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
-        return BatchPlan(tuple(lengths), groups, token_budget)
+    def plan_of(cuts: list[int]) -> BatchPlan:
+        groups: list[tuple[int, ...]] = []
+        widths: list[int] = []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            first, last, width = runs[a].start, runs[b - 1].end, runs[a].width
+            rows = max(1, token_budget // width)
+            for s in range(first, last, rows):
+                groups.append(tuple(order[s:min(s + rows, last)]))
+                widths.append(width)
+        return BatchPlan(tuple(lengths), tuple(groups), token_budget, tuple(widths))
 
-    plan = plan_for(batch_overhead)
-    if plan.padding_fraction <= max_padding:
-        return plan
-    low, high = 0.0, float(batch_overhead)
-    plan = plan_for(low)
-    for _ in range(24):
-        mid = (low + high) / 2
-        candidate = plan_for(mid)
-        if candidate.padding_fraction <= max_padding:
-            low, plan = mid, candidate
-        else:
-            high = mid
-        if high - low < 1.0:
-            break
-    return plan
+    if not runs:
+        return BatchPlan(tuple(lengths), (), token_budget)
+    for widths in range(1, min(max_widths, len(runs)) + 1):
+        # The cheapest cuts into this many widths, else the ones with the least padding.
+        for overhead in (batch_overhead, 0.0):
+            cuts, padding = _bucket_cuts(runs, widths, token_budget, overhead)
+            if padding <= max_padding * (total + padding):
+                return plan_of(cuts)
+    return plan_of(list(range(len(runs) + 1)) if len(runs) <= MAX_RUNS else
+                   _bucket_cuts(runs, len(runs), token_budget, 0.0)[0])
 
 
 def build_batches(token_ids: list[list[int]], pad_id: int, plan: BatchPlan, device: Any) -> list[dict[str, Any]]:
