@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show the step graph with each step's executor and cache state")
     _plan_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hardware", default=None, help="the machine the steps run on, for the wall-time prediction "
+                   "(recipes/hardware/targets.yaml; default: benchmark.hardware)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run the recipe's steps; completed steps are reused")
@@ -388,10 +390,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except (Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
         problems = feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
+    wall = _wall_time(plan, run_dir, weights, footprints, args.hardware or recipe.benchmark.hardware)
+    for row in rows:
+        record = run_dir.record(row["step"]) if row["state"] == "current" else None
+        row["predicted_s"] = None if wall is None else wall.steps[row["step"]].to_json()["seconds"]
+        row["measured_s"] = record.get("duration_s") if record else None
     if args.json:
         out.print_json(json.dumps({
             "recipe": recipe.name, "run_dir": str(run_dir.root), "steps": rows,
             "footprint": {fp.strategy: fp.to_json() for fp in footprints},
+            "wall_time": wall.to_json() if wall is not None else None,
             "footprint_info": {"read_from": read_from, "hardware": recipe.benchmark.hardware,
                                "effective_bits": DEFINITION, "auto_quantize_effective_bits": MODELOPT_DEFINITION,
                                "source": source.to_json() if source else None},
@@ -401,11 +409,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     table = Table(title=f"{recipe.name}: {len(rows)} steps, run dir {run_dir.root}")
     colors = {"current": "green", "to run": "cyan", "stale": "yellow", "not built": "red"}
     if len(rows) <= STEP_TABLE_ROWS:
-        for col in ("step", "needs", "runs in", "cache"):
+        from runner.wall_time import describe
+
+        for col in ("step", "needs", "runs in", "cache", "predicted", "took"):
             table.add_column(col)
         for row in rows:
             table.add_row(row["step"], ", ".join(row["needs"]), row["runs_in"],
-                          f"[{colors[row['state']]}]{row['state']}[/]")
+                          f"[{colors[row['state']]}]{row['state']}[/]",
+                          describe(row["predicted_s"]) if wall is not None else "-",
+                          describe(row["measured_s"]) if row["measured_s"] is not None else "")
     else:  # thousands of rows help nobody (and take rich seconds to lay out): one row per kind of step
         for col in ("steps", "kind", "runs in", "cache"):
             table.add_column(col)
@@ -422,6 +434,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print(f"effective bits: {DEFINITION}.", markup=False)
         if any(fp.auto is not None for fp in footprints):
             out.print(f"auto_quantize targets are checked as {MODELOPT_DEFINITION}.", markup=False)
+    if wall is not None:
+        for line in _wall_time_lines(wall):
+            out.print(line, markup=False)
     if recipe.search is not None:
         for line in _search_lines(recipe, weights):
             out.print(line, markup=False)
@@ -436,6 +451,73 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wall_time(plan, run_dir, weights, footprints, hardware: str):
+    """The wall-time prediction for this plan on `hardware` (runner/wall_time.py), None without the model's
+    headers; a finished calibrate step's measured teacher rate and finished exports' sizes take the place of
+    what is assumed."""
+    if weights is None:
+        return None
+    from runner import wall_time
+    from runner.steps import ids
+
+    teacher = None
+    record = run_dir.record(ids.CALIBRATE)
+    if record and record.get("status") == "complete" and record.get("duration_s"):
+        lengths = (record.get("summary") or {}).get("token_lengths") or {}
+        conversations = (record.get("summary") or {}).get("generated") or 0
+        if lengths.get("median") and conversations:
+            teacher = conversations * float(lengths["median"]) / float(record["duration_s"])
+    sizes = {}
+    for strategy in {step.strategy for step in plan.steps.values() if step.kind == "quantize"}:
+        done = run_dir.record(ids.quantize(strategy))
+        if done and done.get("status") == "complete" and (done.get("summary") or {}).get("checkpoint_bytes"):
+            sizes[strategy] = int(done["summary"]["checkpoint_bytes"])
+    return wall_time.predict(plan, weights, wall_time.machine(hardware), {fp.strategy: fp for fp in footprints},
+                             measured_teacher_tok_s=teacher, checkpoint_bytes=sizes)
+
+
+def _predicted_seconds(plan, run_dir) -> dict[str, float]:
+    """Each step's predicted seconds on the recipe's hardware, which the run's records keep beside the
+    measured time; empty when the model's headers cannot be read yet (a Hub model before its download)."""
+    from runner.benchmark.prediction import hardware_target
+    from runner.quantization import Unknown, footprint
+    from runner.quantization.weights import load_weights
+    from runner.steps import ids
+
+    recipe = plan.recipe
+    folder, _ = footprint.model_folder(recipe, run_dir, plan.keys[ids.SOURCE])
+    if folder is None:
+        return {}
+    try:
+        weights = load_weights(folder)
+        names = [s.name for s in recipe.quantization.strategies if ids.quantize(s.name) in plan.steps]
+        footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware), names)
+        wall = _wall_time(plan, run_dir, weights, footprints, recipe.benchmark.hardware)
+    except (Unknown, OSError, ValueError, RunnerError):
+        return {}
+    return {} if wall is None else {sid: t.seconds for sid, t in wall.steps.items() if t.seconds is not None}
+
+
+def _wall_time_lines(wall) -> list[str]:
+    from runner.wall_time import describe
+
+    m = wall.machine
+    lines = [f"predicted wall time on {m.name}: {describe(wall.total_s)} in all, the scheduler's order "
+             f"({m.bf16_tflops:.0f} bf16 TFLOP/s at {m.calibration_efficiency:.0%} for calibration"
+             f"{'' if m.efficiency_measured else ', efficiency assumed from the H100'}; runner/wall_time.py says "
+             "what each rate assumes)"]
+    if wall.unknown:
+        lines.append(f"  not predicted: {', '.join(wall.unknown)}: " + "; ".join(
+            wall.steps[s].basis for s in wall.unknown))
+    for strategy, seconds in wall.per_strategy().items():
+        quantize = wall.steps[f"quantize.{strategy}"]
+        lines.append(f"  {strategy}: {describe(seconds)} (quantize {describe(quantize.seconds)}: {quantize.basis})")
+    for sid, time in wall.steps.items():
+        if sid.startswith("score."):
+            lines.append(f"  {sid}: {describe(time.seconds)} ({time.basis})")
+    return lines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.executors import make_executor
     from runner.recipe.loader import missing_input_problems, token_problems
@@ -448,6 +530,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache, execution.slurm)
                 if not args.dry_run else make_executor("local", run_dir.root))
     runner = Runner(plan, run_dir, executor, console)
+    runner.predicted = _predicted_seconds(plan, run_dir)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
                          dry_run=args.dry_run, fail_fast=args.fail_fast)
     if args.dry_run:  # writes nothing: no claim, no lock

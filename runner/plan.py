@@ -1,9 +1,10 @@
 """Expand a recipe into a graph of steps, each with its parameters and cache key.
 
-    source -> calibrate -> quantize.S -> export.S -> verify.S -> serve.S -> benchmark.S -+
+    source -> calibrate -> [score.H ->] quantize.S -> export.S -> verify.S -> serve.S -> benchmark.S -+
                                                                  benchmark.baseline ------+-> gates -> report -> publish
 
-One quantize/export/verify/serve/benchmark branch per enabled strategy. Each step gets a typed input
+One quantize/export/verify/serve/benchmark branch per enabled strategy; auto_quantize strategies that
+share their scoring settings share one score step (runner/steps/score.py). Each step gets a typed input
 (step_inputs.py) holding exactly what it reads. Its cache key is the hash of its kind, that input,
 the files it reads, its code and the keys of the steps it depends on, so a change re-runs the steps
 that read it and everything downstream of them, and nothing else.
@@ -37,6 +38,7 @@ from runner.steps.inputs import (
     PublishInput,
     QuantizeInput,
     ReportInput,
+    ScoreInput,
     ServeInput,
     ServingInput,
     SourceInput,
@@ -134,10 +136,24 @@ def build_plan(recipe: Recipe, strategies: list[str] | None = None, search: dict
         s = strategy.name
         exclude = recipe.quantization.exclusions(strategy)
         calib_deps = tuple(dict.fromkeys((ids.CALIBRATE, ids.calibrate(strategy.calibration))))
-        steps.append(Step(ids.quantize(s), "quantize", (ids.SOURCE, *calib_deps), QuantizeInput(
-            strategy=strategy, exclude=exclude, calib_samples=strategy.calib_samples or calib.samples,
+        samples = strategy.calib_samples or calib.samples
+        score_step = None
+        if strategy.auto_quantize is not None:  # scored once per setting, re-solved by each strategy
+            spec = strategy.auto_quantize
+            score = ScoreInput(formats=spec.formats, method=spec.method, num_calib_steps=spec.num_calib_steps,
+                               num_score_steps=spec.num_score_steps, exclude=exclude,
+                               calibration=strategy.calibration, calib_samples=samples, max_length=calib.max_length,
+                               seed=calib.seed, dtype=model.dtype, architecture=model.architecture)
+            score_step = ids.score(hashlib.sha256(json.dumps(score.key_payload(), sort_keys=True).encode())
+                                   .hexdigest()[:8])
+            if not any(step.id == score_step for step in steps):
+                steps.append(Step(score_step, "score", (ids.SOURCE, ids.calibrate(strategy.calibration)), score))
+        steps.append(Step(ids.quantize(s), "quantize", (ids.SOURCE, *calib_deps, *(
+            (score_step,) if score_step else ())), QuantizeInput(
+            strategy=strategy, exclude=exclude, calib_samples=samples,
             max_length=calib.max_length, seed=calib.seed, dtype=model.dtype, architecture=model.architecture,
-            held_out=calib.held_out, held_out_after=calib.samples, sensitivity=strategy.sensitivity), s))
+            held_out=calib.held_out, held_out_after=calib.samples, sensitivity=strategy.sensitivity,
+            score_step=score_step), s))
         fixup_files = tuple(Path(f.source) for f in recipe.export.fixups
                             if isinstance(f, CopyFile) and f.model_file is None)
         steps.append(Step(ids.export(s), "export", (ids.quantize(s), ids.SOURCE),

@@ -128,6 +128,8 @@ class Runner:
         self.blocked_by: dict[str, str] = {}
         self.messages: list[str] = []
         self._started: dict[str, float] = {}  # when each step began (the live view's clock)
+        # Each step's predicted seconds (runner/wall_time.py), kept in its record beside the measured time.
+        self.predicted: dict[str, float] = {}
 
     async def run(self, options: RunOptions) -> RunOutcome:
         to_run, forced = select_steps(self.plan, self.run_dir, options)
@@ -366,6 +368,7 @@ class Runner:
             "started_at": started,
             "finished_at": now(),
             "duration_s": round(time.monotonic() - t0, 3),
+            "predicted_s": round(self.predicted[sid], 1) if sid in self.predicted else None,
         }
         try:
             self.run_dir.commit(sid, scratch, record)

@@ -25,6 +25,11 @@ def quantize(strategy: str) -> str:
     return f"quantize.{strategy}"
 
 
+def score(settings: str) -> str:
+    """auto_quantize's shared scoring: `score.<hash of its settings>` (runner/plan.py), one per distinct setting."""
+    return f"score.{settings}"
+
+
 def export(strategy: str) -> str:
     return f"export.{strategy}"
 

@@ -67,6 +67,28 @@ class QuantizeInput(StepInput):
     # Per-decoder-layer KL contribution on up to this many held-out conversations (0: not measured);
     # the layout search asks for it on candidates it may back off (Strategy.sensitivity).
     sensitivity: int = Field(0, ge=0)
+    # An auto_quantize strategy's score step (its search state is restored, not recomputed); None otherwise.
+    score_step: str | None = None
+
+
+class ScoreInput(StepInput):
+    """auto_quantize's search state: each format's calibration and each layer group's sensitivity score,
+    made once and shared by every auto_quantize strategy with these settings (another effective_bits
+    target re-solves from it). What decides the scores is exactly this: the model (the source dep), the
+    calibration (the calibrate dep, samples, length, seed), the formats, the method, the sample counts and
+    the layers auto_quantize may not touch."""
+
+    formats: list[str]
+    method: str
+    num_calib_steps: int
+    num_score_steps: int
+    exclude: list[str]
+    calibration: str | None  # the alternative calibration set the strategies name, None for the recipe's
+    calib_samples: int
+    max_length: int
+    seed: int
+    dtype: str
+    architecture: str | None
 
 
 class ExportInput(StepInput):

@@ -28,6 +28,8 @@ async def run(ctx: StepContext) -> StepResult:
         "calibration": str(ctx.input(ids.calibrate(inputs.strategy.calibration), "calibration")),
         "held_out_from": str(ctx.input(ids.CALIBRATE, "calibration")),
     }
+    if inputs.score_step is not None:  # auto_quantize restores the shared scores instead of scoring again
+        params["search_state"] = str(ctx.input(inputs.score_step, "search_state"))
     return await ctx.run_worker(WORKER, params)
 
 

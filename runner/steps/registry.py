@@ -11,9 +11,21 @@ from runner.steps.base import StepKind
 
 @cache
 def _kinds() -> tuple[StepKind, ...]:
-    from runner.steps import benchmark, calibrate, export, gates, publish, quantize, report, serve, source, verify
+    from runner.steps import (
+        benchmark,
+        calibrate,
+        export,
+        gates,
+        publish,
+        quantize,
+        report,
+        score,
+        serve,
+        source,
+        verify,
+    )
 
-    return tuple(module.KIND for module in (source, calibrate, quantize, export, verify, serve, benchmark, gates,
+    return tuple(module.KIND for module in (source, calibrate, score, quantize, export, verify, serve, benchmark, gates,
                                             report, publish))
 
 

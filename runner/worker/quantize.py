@@ -31,36 +31,12 @@ from runner.worker.calib_data import CalibrationSet, batch_overhead_tokens, load
 
 
 def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from runner.quantization.bits import bits_of
-    from runner.worker import placement
-    from runner.worker.model_loading import load_model
-
     # The planner's QuantizeInput, validated again here: the worker reads models, not dicts.
     inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields if name in params})
     strategy = inputs.strategy
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, inputs.dtype)
     model_dir = Path(params["model_dir"])
-    t0 = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # One GPU when the model fits it with calibration headroom, else spread over every GPU of the
-    # allocation (placement.py); the record says which.
-    model_bytes = placement.model_bytes_at(model_dir, int(bits_of(inputs.dtype)))
-    place = placement.choose(model_bytes, placement.gpu_free_bytes())
-    if place.mode == "spread":
-        model = load_model(model_dir, dtype, inputs.architecture, device_map="auto",
-                           max_memory=dict(place.max_memory)).eval()
-        device = torch.device("cuda:0")  # where the inputs go in; accelerate's hooks move them on
-    else:
-        model = load_model(model_dir, dtype, inputs.architecture).to(device).eval()
-    load_s = time.monotonic() - t0
-    where = (f"{len(place.free_bytes)} GPUs, spread ({placement.device_map_summary(model)} modules per GPU)"
-             if place.mode == "spread" else str(device))
-    print(f"[quantize] loaded {model_dir.name} ({place.model_bytes / 1e9:.1f} GB) on {where} in {load_s:.1f}s",
-          flush=True)
+    model, tokenizer, device, place, load_s = load_for_calibration(model_dir, inputs.dtype, inputs.architecture)
+    from runner.worker import placement
 
     calib = load_calibration(Path(params["calibration"]), tokenizer, inputs.calib_samples, inputs.max_length,
                              inputs.seed, held_out=inputs.held_out,
@@ -77,7 +53,11 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] fidelity measured on {measured_on}: {source.tokens} tokens", flush=True)
     sens_batches, sens_source = sensitivity_set(model, calib, device, logits_kwargs, inputs.sensitivity,
                                                 eval_batches, source)
-    result = quantize_model(model, calib, strategy, inputs.exclude, device)
+    search_state = Path(params["search_state"]) if params.get("search_state") else None
+    if search_state is not None and not search_state.is_file():
+        raise SystemExit(f"the score step's search state {search_state} is missing: run the score step again "
+                         "(recipe run --from score)")
+    result = quantize_model(model, calib, strategy, inputs.exclude, device, search_state)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "
           f"{result['padding_fraction']:.1%} of computed tokens padding", flush=True)
@@ -147,6 +127,37 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         **({"exclude_modules_repaired": repaired} if repaired else {}),
     }
     return {"outputs": {"checkpoint": "checkpoint"}, "summary": summary}
+
+
+def load_for_calibration(model_dir: Path, dtype_name: str, architecture: str | None,
+                         tag: str = "quantize") -> tuple[Any, Any, Any, Any, float]:
+    """(model, tokenizer, device, placement, load seconds): on one GPU when the model fits it with
+    calibration headroom, else spread over every GPU of the allocation (placement.py)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from runner.quantization.bits import bits_of
+    from runner.worker import placement
+    from runner.worker.model_loading import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype_name)
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_bytes = placement.model_bytes_at(model_dir, int(bits_of(dtype_name)))
+    place = placement.choose(model_bytes, placement.gpu_free_bytes())
+    if place.mode == "spread":
+        model = load_model(model_dir, dtype, architecture, device_map="auto",
+                           max_memory=dict(place.max_memory)).eval()
+        device = torch.device("cuda:0")  # where the inputs go in; accelerate's hooks move them on
+    else:
+        model = load_model(model_dir, dtype, architecture).to(device).eval()
+    load_s = time.monotonic() - t0
+    where = (f"{len(place.free_bytes)} GPUs, spread ({placement.device_map_summary(model)} modules per GPU)"
+             if place.mode == "spread" else str(device))
+    print(f"[{tag}] loaded {model_dir.name} ({place.model_bytes / 1e9:.1f} GB) on {where} in {load_s:.1f}s",
+          flush=True)
+    return model, tokenizer, device, place, load_s
 
 
 # `.` + NUL + a name ending in `sentinel`: what ModelOpt's name mapping leaves inside an entry.
@@ -338,7 +349,7 @@ def fold_scales(model: Any, calib: CalibrationSet, device: Any, logits_kwargs: d
 
 
 def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[str, Any], exclude: list[str],
-                   device: Any) -> dict[str, Any]:
+                   device: Any, search_state: Path | None = None) -> dict[str, Any]:
     """Calibrate and quantize in place.
 
     Returns the batching (token budget, batches, most rows in a batch as batch_size, real and padding
@@ -382,7 +393,7 @@ def quantize_model(model: Any, calib: CalibrationSet, strategy: Strategy | dict[
     if spec:
         steps = {"num_calib_steps": plan.batches_covering(spec.num_calib_steps),
                  "num_score_steps": plan.batches_covering(spec.num_score_steps)}
-        result["auto_quantize"] = quantize_auto(model, batches, spec.model_copy(update=steps), exclude)
+        result["auto_quantize"] = quantize_auto(model, batches, spec.model_copy(update=steps), exclude, search_state)
     else:
         try:
             quantize_with_config(model, config, batches)
@@ -480,8 +491,17 @@ def calibration_kwargs(model: Any) -> dict[str, Any]:
     return extra
 
 
-def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeSpec, exclude: list[str]) -> dict:
-    """ModelOpt's auto_quantize; spec's step counts are batches here (quantize_model converts samples)."""
+def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeSpec, exclude: list[str],
+                  search_state: Path | None = None) -> dict:
+    """ModelOpt's auto_quantize; spec's step counts are batches here (quantize_model converts samples).
+
+    `search_state`: ModelOpt's search checkpoint. Where the file exists, the formats' calibration and the
+    layer scores are restored from it and only the solve for this effective_bits runs; where it does not,
+    they are computed and saved there (the score step). It is read from a private copy: ModelOpt may
+    write the file again, and the score step's committed output is never written.
+    """
+    import tempfile
+
     import modelopt.torch.quantization as mtq
     import torch
 
@@ -513,16 +533,26 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeS
     else:
         # kl_div compares the quantized model's logits with the unquantized ones.
         kwargs["forward_step"] = lambda m, batch: m(**batch, **extra).logits
-    try:
-        with torch.set_grad_enabled(spec.method == "gradient"):
-            _, state = mtq.auto_quantize(model, **kwargs)
-    except ValueError as exc:
-        if "infeasible" not in str(exc):
+    restored = search_state is not None and search_state.is_file()
+    with tempfile.TemporaryDirectory(prefix="auto_quantize.") as private:
+        if search_state is not None:
+            kwargs["checkpoint"] = str(search_state)
+            if restored:
+                kwargs["checkpoint"] = str(Path(private) / search_state.name)
+                shutil.copyfile(search_state, kwargs["checkpoint"])
+        try:
+            with torch.set_grad_enabled(spec.method == "gradient"):
+                _, state = mtq.auto_quantize(model, **kwargs)
+        except ValueError as exc:
+            if "infeasible" in str(exc):
+                raise SystemExit(f"auto_quantize: {exc} Raise auto_quantize.effective_bits in the recipe, or "
+                                 "exclude fewer layers.") from None
+            if restored and "checkpoint" in str(exc).lower():  # a state made for other settings: say so
+                raise SystemExit(f"auto_quantize: the score step's search state does not fit this strategy: "
+                                 f"{exc}") from None
             raise
-        raise SystemExit(f"auto_quantize: {exc} Raise auto_quantize.effective_bits in the recipe, or exclude "
-                         "fewer layers.") from None
     best = state.get("best", {}) if isinstance(state, dict) else {}
-    return {"constraints": {"effective_bits": spec.effective_bits},
+    return {"constraints": {"effective_bits": spec.effective_bits}, "restored_search_state": restored,
             "calib_batches": kwargs["num_calib_steps"], "score_batches": kwargs["num_score_steps"],
             "achieved": {k: float(v) for k, v in (best.get("constraints") or {}).items()
                          if isinstance(v, (int, float))},
