@@ -91,6 +91,7 @@ LAYERS: dict[str, set[str]] = {
     "scheduler": {"containers", "errors", "executors", "plan", "run_dir", "steps"},
     "plan_checks": {"containers", "errors", "quantization", "recipe", "serving", "steps"},
     "plan_table": {"quantization"},
+    "wall_time": {"benchmark", "errors", "plan", "quantization", "scheduler", "steps"},
     "catalogue": {"benchmark", "errors", "quantization", "recipe"},
     "init_recipe": {"errors"},
     "testing": set(),  # fakes for the tests (a Hub, an OpenAI-style server): standalone
@@ -99,7 +100,7 @@ LAYERS: dict[str, set[str]] = {
     "search": {"benchmark", "errors", "plan", "quantization", "recipe", "run_dir", "scheduler", "steps"},
     "cli": {"benchmark", "calibration", "catalogue", "containers", "errors", "executors", "init_recipe", "plan",
             "plan_checks", "plan_table", "processes", "quantization", "recipe", "run_dir", "runner", "scheduler",
-            "search", "serving", "steps", "vllm_env"},
+            "search", "serving", "steps", "vllm_env", "wall_time"},
 }
 
 EXCEPTIONS: dict[tuple[str, str], str] = {
@@ -109,6 +110,9 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # definition of the strategy.
     ("runner.worker.quantize", "runner.recipe.schema"): "QuantizeInput's Strategy/AutoQuantizeSpec",
     ("runner.worker.quantize", "runner.steps.inputs"): "QuantizeInput validates the spec's params",
+    # The score worker is the quantize worker's scoring half, under the same rule (ScoreInput, AutoQuantizeSpec).
+    ("runner.worker.score", "runner.recipe.schema"): "AutoQuantizeSpec for the shared scoring",
+    ("runner.worker.score", "runner.steps.inputs"): "ScoreInput validates the spec's params",
     # Leaf modules (pure Python, no runner imports) the worker shares with the host: the bootstrap of
     # the fidelity interval, and the tool-call parser the local engine and the scorer must read alike.
     ("runner.worker.fidelity", "runner.benchmark.stats"): "bootstrap_weighted_mean, shared with the gates",

@@ -103,7 +103,7 @@ def captured(monkeypatch):
     seen = {}
     monkeypatch.setattr(quantize, "quantize_with_config", lambda model, config, batches: seen.update(
         config=config, batches=batches))
-    monkeypatch.setattr(quantize, "quantize_auto", lambda model, batches, spec, exclude: seen.update(
+    monkeypatch.setattr(quantize, "quantize_auto", lambda model, batches, spec, exclude, search_state=None: seen.update(
         spec=spec, batches=batches) or {"score": None})
     monkeypatch.setattr("runner.worker.nvfp4_cpu.install_cpu_nvfp4", lambda: None)
     return seen

@@ -9,6 +9,7 @@ from pathlib import Path
 from conftest import DEMO
 from runner.plan import build_plan
 from runner.recipe.loader import load_recipe
+from runner.recipe.schema import AutoQuantizeSpec, Strategy
 from runner.steps.registry import slurm_step_problems, step_kinds, worker_kinds
 
 RUNNER = Path(__file__).resolve().parent.parent / "runner"
@@ -24,7 +25,11 @@ def test_every_kind_lives_in_the_module_named_after_it():
 
 
 def test_the_plan_builds_each_kind_its_declared_input_and_gpu_use():
-    plan = build_plan(load_recipe(DEMO).recipe)
+    recipe = load_recipe(DEMO).recipe
+    # An auto_quantize strategy brings the score step the demo's strategies do not need.
+    auto = Strategy(name="auto_mixed", auto_quantize=AutoQuantizeSpec(effective_bits=6.0))
+    recipe.quantization.strategies = [*recipe.quantization.strategies, auto]
+    plan = build_plan(recipe)
     kinds = step_kinds()
     assert {step.kind for step in plan.steps.values()} == set(kinds)
     for step in plan.steps.values():
@@ -55,4 +60,4 @@ def test_slurm_resources_default_to_the_kinds_own_and_unknown_kinds_are_located(
     problems = slurm_step_problems(loaded)
     assert len(problems) == 1
     text = str(problems[0])
-    assert "execution.slurm.steps.serve" in text and "source, quantize, verify" in text and "r.yaml" in text
+    assert "execution.slurm.steps.serve" in text and "source, score, quantize, verify" in text and "r.yaml" in text

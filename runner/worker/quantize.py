@@ -35,6 +35,10 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     inputs = QuantizeInput.model_validate({name: params[name] for name in QuantizeInput.model_fields if name in params})
     strategy = inputs.strategy
     model_dir = Path(params["model_dir"])
+    search_state = Path(params["search_state"]) if params.get("search_state") else None
+    if search_state is not None and not search_state.is_file():
+        raise SystemExit(f"the score step's search state {search_state} is missing: run the score step again "
+                         "(recipe run --from score)")
     model, tokenizer, device, place, load_s = load_for_calibration(model_dir, inputs.dtype, inputs.architecture)
     from runner.worker import placement
 
@@ -53,10 +57,6 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     print(f"[quantize] fidelity measured on {measured_on}: {source.tokens} tokens", flush=True)
     sens_batches, sens_source = sensitivity_set(model, calib, device, logits_kwargs, inputs.sensitivity,
                                                 eval_batches, source)
-    search_state = Path(params["search_state"]) if params.get("search_state") else None
-    if search_state is not None and not search_state.is_file():
-        raise SystemExit(f"the score step's search state {search_state} is missing: run the score step again "
-                         "(recipe run --from score)")
     result = quantize_model(model, calib, strategy, inputs.exclude, device, search_state)
     print(f"[quantize] calibrated in {result['quantize_s']:.1f}s: {result['batches']} batches of up to "
           f"{result['batch_size']} samples (token budget {result['token_budget']}), "

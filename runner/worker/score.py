@@ -44,6 +44,10 @@ def run(params: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     batches = calib.build(plan, device)
     steps = {"num_calib_steps": plan.batches_covering(spec.num_calib_steps),
              "num_score_steps": plan.batches_covering(spec.num_score_steps)}
+    if device.type == "cpu":  # ModelOpt's dynamic NVFP4 kernel is CUDA-only; the CPU one (as quantize_model)
+        from runner.worker.nvfp4_cpu import install_cpu_nvfp4
+
+        install_cpu_nvfp4()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
