@@ -476,9 +476,11 @@ def _wall_time(plan, run_dir, weights, footprints, hardware: str):
                              measured_teacher_tok_s=teacher, checkpoint_bytes=sizes)
 
 
-def _predicted_seconds(plan, run_dir) -> dict[str, float]:
+def _predicted_seconds(plan, run_dir) -> tuple[dict[str, float], dict[str, int]]:
     """Each step's predicted seconds on the recipe's hardware, which the run's records keep beside the
-    measured time; empty when the model's headers cannot be read yet (a Hub model before its download)."""
+    measured time, and each GPU step's predicted memory (the scheduler shares GPUs by it); empty when the
+    model's headers cannot be read yet (a Hub model before its download)."""
+    from runner import wall_time
     from runner.benchmark.prediction import hardware_target
     from runner.quantization import Unknown, footprint
     from runner.quantization.weights import load_weights
@@ -487,15 +489,18 @@ def _predicted_seconds(plan, run_dir) -> dict[str, float]:
     recipe = plan.recipe
     folder, _ = footprint.model_folder(recipe, run_dir, plan.keys[ids.SOURCE])
     if folder is None:
-        return {}
+        return {}, {}
     try:
         weights = load_weights(folder)
         names = [s.name for s in recipe.quantization.strategies if ids.quantize(s.name) in plan.steps]
         footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware), names)
         wall = _wall_time(plan, run_dir, weights, footprints, recipe.benchmark.hardware)
     except (Unknown, OSError, ValueError, RunnerError):
-        return {}
-    return {} if wall is None else {sid: t.seconds for sid, t in wall.steps.items() if t.seconds is not None}
+        return {}, {}
+    if wall is None:
+        return {}, {}
+    return ({sid: t.seconds for sid, t in wall.steps.items() if t.seconds is not None},
+            wall_time.gpu_needs(plan, weights))
 
 
 def _wall_time_lines(wall) -> list[str]:
@@ -530,7 +535,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = (make_executor(execution.executor, run_dir.root, execution.env, execution.hf_cache, execution.slurm)
                 if not args.dry_run else make_executor("local", run_dir.root))
     runner = Runner(plan, run_dir, executor, console)
-    runner.predicted = _predicted_seconds(plan, run_dir)
+    runner.predicted, runner.gpu_needs = _predicted_seconds(plan, run_dir)
     options = RunOptions(only=args.only, from_steps=args.from_steps, until=args.until, force=args.force,
                          dry_run=args.dry_run, fail_fast=args.fail_fast)
     if args.dry_run:  # writes nothing: no claim, no lock

@@ -30,10 +30,12 @@ from rich.markup import escape
 from runner.containers.plugin import load_container
 from runner.errors import NotImplementedStep, RunnerError, causes
 from runner.executors import Executor
+from runner.gpu_pool import GpuPool, Lease, probe_gpu_memory
 from runner.plan import Plan, Step, step_key, with_rivals
 from runner.run_dir import RUN_JSON_FORMAT, RunDir, disk_error, host_versions, now, write_json_atomic
 from runner.steps import StepContext, StepKind, StepResult, ids
 from runner.steps.registry import step_kinds
+from runner.worker_contract import GPU_LEASE_PARAM
 
 
 class StepFailed(RunnerError):
@@ -118,7 +120,9 @@ class Runner:
         self.kinds = kinds or step_kinds()
         execution = plan.recipe.execution
         self._slots = PrioritySlots(execution.max_parallel)
-        self._heavy = PrioritySlots(max(execution.gpus, 1))
+        memory = int(execution.gpu_memory_gb * 1e9) if execution.gpu_memory_gb else None
+        self._gpu_memory_probed = execution.gpu_memory_gb is None
+        self._heavy = GpuPool(execution.gpus, memory)
         self._priority = branch_first_order(plan)
         self._fail_fast = False
         self._halt: str | None = None  # with fail_fast: the step whose failure stops new steps
@@ -130,6 +134,9 @@ class Runner:
         self._started: dict[str, float] = {}  # when each step began (the live view's clock)
         # Each step's predicted seconds (runner/wall_time.py), kept in its record beside the measured time.
         self.predicted: dict[str, float] = {}
+        # What each GPU step is predicted to hold of a GPU (runner/wall_time.gpu_memory_need): steps whose
+        # needs fit share one. A step not named takes a whole GPU.
+        self.gpu_needs: dict[str, int] = {}
 
     async def run(self, options: RunOptions) -> RunOutcome:
         to_run, forced = select_steps(self.plan, self.run_dir, options)
@@ -252,18 +259,22 @@ class Runner:
             local_heavy = bool(step.heavy) and not (self.executor.remote and kind.worker is not None)
             await self._slots.acquire(priority)
             try:
+                lease = None
                 if local_heavy:
-                    await self._heavy.acquire(priority)
+                    self._probe_gpu_memory()
+                    need = self.gpu_needs.get(sid)
+                    lease = await self._heavy.acquire(priority, need, on_wait=lambda: self.console.print(
+                        f"[dim]{sid} waits for {escape(self._heavy.waiting_for(need))}[/]"))
                 try:
                     if self._halt is not None:
                         self.states[sid] = "blocked"
                         self.blocked_by[sid] = self._halt
                         return
-                    await self._run_step(sid, kind, runnable)
+                    await self._run_step(sid, kind, runnable, lease)
                     done[sid].set()
                 finally:
-                    if local_heavy:
-                        self._heavy.release()
+                    if lease is not None:
+                        self._heavy.release(lease)
             finally:
                 self._slots.release()
         finally:
@@ -307,7 +318,21 @@ class Runner:
                 self.keys[sid] = step_key(later, [self.keys[d] for d in later.deps])
         return reduced, None
 
-    async def _run_step(self, sid: str, kind: StepKind, step: Step) -> None:
+    def _probe_gpu_memory(self) -> None:
+        """Once, at the first GPU step: the GPUs' memory from nvidia-smi, when the recipe does not give it."""
+        if not self._gpu_memory_probed:
+            return
+        self._gpu_memory_probed = False
+        memory = probe_gpu_memory() if self.gpu_needs else None
+        if memory is not None:
+            self._heavy = GpuPool(self._heavy.gpus, memory)
+            self.console.print(f"[dim]GPU steps share a GPU while their predicted needs fit its {memory / 1e9:.0f} GB"
+                               " (nvidia-smi)[/]")
+        elif self.gpu_needs:
+            self.console.print("[dim]the GPUs' memory is unknown (no nvidia-smi, no execution.gpu_memory_gb): one GPU "
+                               "step per GPU[/]")
+
+    async def _run_step(self, sid: str, kind: StepKind, step: Step, lease: Lease | None = None) -> None:
         self.states[sid] = "running"
         self._write_status("running")
         log_path = self.run_dir.log_path(sid)
@@ -325,6 +350,8 @@ class Runner:
         logger.info("step %s (key %s) started; scratch %s", sid, self.keys[sid], scratch)
 
         async def run_worker(worker_kind: str, params: dict[str, Any]) -> StepResult:
+            if lease is not None:  # the worker runs on its GPU only, capped at its share (worker/__main__.py)
+                params = {**params, GPU_LEASE_PARAM: lease.to_params()}
             container = None
             if self.executor.uses_containers and kind.container_role:
                 container = load_container(self.plan.recipe.container_for(kind.container_role))

@@ -71,6 +71,7 @@ class Machine:
     calibration_efficiency: float
     memory_bandwidth_gbs: float
     efficiency_measured: bool = False
+    memory_gb: float | None = None
 
     @property
     def calibration_flops(self) -> float:
@@ -84,7 +85,8 @@ def machine(name: str) -> Machine:
     entry = hardware_table_entry(name)
     measured = entry.get("calibration_efficiency")
     return Machine(name, float(entry.get("bf16_tflops", 100)), float(measured or CALIBRATION_EFFICIENCY_DEFAULT),
-                   float(entry["memory_bandwidth_gbs"]), efficiency_measured=measured is not None)
+                   float(entry["memory_bandwidth_gbs"]), efficiency_measured=measured is not None,
+                   memory_gb=float(entry["memory_gb"]) if entry.get("memory_gb") else None)
 
 
 @dataclass
@@ -201,8 +203,32 @@ def predict(plan: Plan, weights: Any, machine: Machine, footprints: dict[str, An
     for sid, time in times.items():
         time.strategy = plan.steps[sid].strategy
     unknown = [sid for sid, t in times.items() if t.seconds is None]
-    total = None if unknown else schedule(plan, {sid: t.seconds or 0.0 for sid, t in times.items()})
+    memory = plan.recipe.execution.gpu_memory_gb or machine.memory_gb
+    total = None if unknown else schedule(plan, {sid: t.seconds or 0.0 for sid, t in times.items()},
+                                          gpu_needs(plan, weights), int(memory * 1e9) if memory else None)
     return WallTime(machine, times, total, unknown)
+
+
+# What a quantize or score worker holds of a GPU beyond the weights: activations of its calibration batches
+# (the worker plans them within its share) and the fidelity pass's full logits. Half the weights, at least
+# 8 GB, plus 4 GB: two 9B quantize steps (17.9 GB of weights -> 31 GB each) share an 80 GB H100.
+ACTIVATION_SHARE = 0.5
+ACTIVATION_FLOOR = 8e9
+LOGITS_SLACK = 4e9
+
+
+def gpu_memory_need(step: Any, cost: ModelCost) -> int | None:
+    """The GPU memory a step is predicted to hold; None: a whole GPU (a server, a conversion)."""
+    if step.kind not in ("quantize", "score"):
+        return None
+    return int(cost.bf16_bytes + max(ACTIVATION_SHARE * cost.bf16_bytes, ACTIVATION_FLOOR) + LOGITS_SLACK)
+
+
+def gpu_needs(plan: Plan, weights: Any) -> dict[str, int]:
+    """Every GPU step's need that is not a whole GPU: what the scheduler shares GPUs by."""
+    cost = model_cost(weights)
+    needs = {sid: gpu_memory_need(step, cost) for sid, step in plan.steps.items() if step.heavy}
+    return {sid: need for sid, need in needs.items() if need is not None}
 
 
 def _size(footprint: Any, cost: ModelCost) -> int:
@@ -261,11 +287,11 @@ def _algorithm_cost(name: str) -> tuple[float, str]:
 
 
 def _score(sid: str, step: Any, recipe: Any, cost: ModelCost, machine: Machine) -> StepTime:
-    spec = step.inputs.auto_quantize
-    tokens_a_sample = recipe.calibration.max_length * SAMPLE_FILL
+    spec = step.inputs  # ScoreInput: formats, method and sample counts
+    tokens_a_sample = spec.max_length * SAMPLE_FILL
     formats = len(spec.formats)
-    samples = min(spec.num_score_steps, step.inputs.calib_samples)
-    calib_samples = min(spec.num_calib_steps, step.inputs.calib_samples)
+    samples = min(spec.num_score_steps, spec.calib_samples)
+    calib_samples = min(spec.num_calib_steps, spec.calib_samples)
     parts = {
         "load": WORKER_START_S + cost.bf16_bytes / (DISK_READ_GBS * 1e9),
         "calibrate_formats": _forward_s(calib_samples * tokens_a_sample * formats, cost.body_flops, machine),
@@ -327,10 +353,10 @@ def _benchmark(sid: str, step: Any, recipe: Any, machine: Machine, footprints: d
     footprint = footprints.get(strategy) if strategy else None
     # A candidate reads its export's bytes a token; the baseline the source's.
     per_token = footprint.bytes_per_token if footprint is not None and footprint.bytes_per_token else cost.bf16_bytes
-    if strategy is None and bench.baseline is not None and bench.baseline.kind != "served":
-        return StepTime(sid, None, "the baseline is an endpoint elsewhere: its speed is not known here")
     tok_s = machine.memory_bandwidth_gbs * 1e9 / per_token * DECODE_EFFICIENCY
     engine = f"{DECODE_EFFICIENCY:.0%} of the bandwidth bound"
+    if strategy is None and bench.baseline is not None and bench.baseline.kind != "served":
+        engine = "assumed: the endpoint serves the BF16 source on this machine's bandwidth"
     if recipe.serve.engine == "local" and tok_s > LOCAL_ENGINE_TOK_S:
         tok_s, engine = LOCAL_ENGINE_TOK_S, "the local engine's own rate"
     answers = 0.0
@@ -351,34 +377,42 @@ def _benchmark(sid: str, step: Any, recipe: Any, machine: Machine, footprints: d
 # --- the scheduler's rules, simulated ----------------------------------------------------------------
 
 
-def schedule(plan: Plan, seconds: dict[str, float]) -> float:
-    """The run's length: steps start in the scheduler's priority order as soon as their deps are done,
-    with at most max_parallel at once and one GPU step per GPU."""
+def schedule(plan: Plan, seconds: dict[str, float], needs: dict[str, int] | None = None,
+             gpu_memory: int | None = None) -> float:
+    """The run's length under the scheduler's rules: steps start in its priority order once their deps are
+    done, at most max_parallel at once, GPU steps on a GPU whose memory holds their need (runner/gpu_pool.py;
+    a step without a need, or with the memory unknown, takes a whole GPU)."""
+    from runner.gpu_pool import GpuPool
     from runner.scheduler import branch_first_order
 
     execution = plan.recipe.execution
     priority = branch_first_order(plan)
-    slots, gpu_slots = execution.max_parallel, max(execution.gpus, 1)
+    pool = GpuPool(execution.gpus, gpu_memory)
+    needs = needs or {}
     done_at: dict[str, float] = {}
     running: list[tuple[float, str]] = []
+    leases: dict[str, Any] = {}
     waiting = set(plan.steps)
     clock = 0.0
     while waiting or running:
         ready = sorted((s for s in waiting if all(d in done_at for d in plan.steps[s].deps if d in plan.steps)),
                        key=lambda s: priority.get(s, 0))
-        busy_gpu = sum(1 for _, s in running if plan.steps[s].heavy)
         for sid in ready:
-            if len(running) >= slots:
+            if len(running) >= execution.max_parallel:
                 break
-            if plan.steps[sid].heavy and busy_gpu >= gpu_slots:
-                continue
-            busy_gpu += bool(plan.steps[sid].heavy)
+            if plan.steps[sid].heavy:
+                lease = pool.place(needs.get(sid))
+                if lease is None:
+                    break  # the first in line waits, and those behind it with it (as GpuPool does)
+                leases[sid] = lease
             heapq.heappush(running, (clock + seconds.get(sid, 0.0), sid))
             waiting.discard(sid)
         if not running:  # nothing can start: a dependency outside the plan
             break
         clock, sid = heapq.heappop(running)
         done_at[sid] = clock
+        if sid in leases:
+            pool.release_now(leases.pop(sid))
     return clock
 
 

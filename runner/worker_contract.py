@@ -11,3 +11,6 @@ from __future__ import annotations
 SPEC_FILE = "worker_spec.json"
 RESULT_FILE = "worker_result.json"
 ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its traceback is in the log)
+# The scheduler's GPU lease in the spec's params ({"index": GPU among the visible, "memory_bytes": the share
+# or None for the whole GPU}; runner/gpu_pool.py); the worker takes it out before its run(params) sees them.
+GPU_LEASE_PARAM = "_gpu_lease"

@@ -88,10 +88,11 @@ LAYERS: dict[str, set[str]] = {
                 "vllm_env"},
     "executors": {"containers", "errors", "processes", "recipe", "run_dir", "steps", "worker_contract"},
     "plan": {"benchmark", "errors", "recipe", "runner", "serving", "steps", "vllm_env"},
-    "scheduler": {"containers", "errors", "executors", "plan", "run_dir", "steps"},
+    "gpu_pool": set(),
+    "scheduler": {"containers", "errors", "executors", "gpu_pool", "plan", "run_dir", "steps", "worker_contract"},
     "plan_checks": {"containers", "errors", "quantization", "recipe", "serving", "steps"},
     "plan_table": {"quantization"},
-    "wall_time": {"benchmark", "errors", "plan", "quantization", "scheduler", "steps"},
+    "wall_time": {"benchmark", "errors", "gpu_pool", "plan", "quantization", "scheduler", "steps"},
     "catalogue": {"benchmark", "errors", "quantization", "recipe"},
     "init_recipe": {"errors"},
     "testing": set(),  # fakes for the tests (a Hub, an OpenAI-style server): standalone

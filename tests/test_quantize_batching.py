@@ -45,7 +45,7 @@ def fake_cuda(monkeypatch):
     cuda = SimpleNamespace(
         synchronize=lambda: state.events.append("sync"),
         empty_cache=lambda: state.events.append("empty_cache"),
-        mem_get_info=lambda: (state.free, 80 * GIB),
+        mem_get_info=lambda device=None: (state.free, 80 * GIB),
         reset_peak_memory_stats=lambda: setattr(state, "peak", state.allocated),
         memory_allocated=lambda: state.allocated,
         max_memory_allocated=lambda: state.peak,

@@ -165,6 +165,9 @@ class TeacherSource(Section):
         "base and the flagship set 0.2."))
     sampling: Sampling = Field(default_factory=Sampling)
     concurrency: int = Field(8, ge=1)
+    throughput_tok_s: float | None = Field(None, gt=0, description=(
+        "The endpoint's generation throughput at `concurrency` (tokens/s, all requests together), for `recipe "
+        "plan`'s wall-time prediction; once a calibrate step has run, its measured rate is used instead."))
     timeout_s: float = Field(120, gt=0, description=(
         "Deadline of one attempt, from sending to the last byte of the reply (a server that accepts the "
         "connection and says nothing fails here); connecting has its own 10 s."))
@@ -739,6 +742,10 @@ class ExecutionSpec(Section):
     executor: Literal["local", "docker", "slurm"] = "local"
     max_parallel: int = Field(2, ge=1, description="Steps that may run at once.")
     gpus: int = Field(1, ge=0, description="GPUs available; GPU steps never oversubscribe them.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description=(
+        "Each GPU's memory. GPU steps whose predicted needs fit it together share a GPU (two quantize steps "
+        "of a 9B model on an 80 GB H100 or a 128 GB GB10); each worker's allocator is capped at its share. "
+        "Default: nvidia-smi's answer when the run starts; without one, one GPU step per GPU."))
     containers: ContainerChoice = Field(default_factory=ContainerChoice)
     env: list[str] = Field(default_factory=list,
                            description="Host environment variables passed into containers (names only; e.g. HF_TOKEN).")

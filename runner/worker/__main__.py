@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from runner.worker_contract import ERROR_FILE, RESULT_FILE
+from runner.worker_contract import ERROR_FILE, GPU_LEASE_PARAM, RESULT_FILE
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     os.chdir(work_dir)
     t0 = time.monotonic()
     print(f"[worker] {kind} starting", flush=True)
+    apply_gpu_lease(spec["params"].pop(GPU_LEASE_PARAM, None))
     try:
         module = importlib.import_module(f"runner.worker.{kind}")  # its import errors are the step's error
         result = module.run(spec["params"], output_dir)
@@ -52,6 +53,31 @@ def main(argv: list[str]) -> int:
     tmp.replace(output_dir / RESULT_FILE)
     print(f"[worker] {kind} done in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
+
+
+# What the worker may use of the GPU it shares (bytes); runner/worker/placement.py reads it.
+GPU_MEMORY_ENV = "RECIPE_GPU_MEMORY_BYTES"
+
+
+def apply_gpu_lease(lease: dict | None) -> None:
+    """The scheduler's GPU lease (runner/gpu_pool.py): which of the visible GPUs this worker runs on and,
+    where GPU steps share it, how much of its memory it may use. Set before torch is imported, so CUDA
+    sees only that GPU; the memory cap becomes the allocator's limit (an overrun is this worker's
+    out-of-memory error, not its neighbour's) and the free memory the worker plans its batches with."""
+    if not lease:
+        return
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    index = int(lease["index"])
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+    if lease.get("memory_bytes"):
+        os.environ[GPU_MEMORY_ENV] = str(int(lease["memory_bytes"]))
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, int(lease["memory_bytes"]) / total), 0)
+    print(f"[worker] GPU lease: device {os.environ['CUDA_VISIBLE_DEVICES']}"
+          + (f", {int(lease['memory_bytes']) / 1e9:.1f} GB of it" if lease.get("memory_bytes") else ""), flush=True)
 
 
 def is_worker(kind: str) -> bool:

@@ -63,7 +63,22 @@ def gpu_free_bytes() -> list[int]:
 
     if not torch.cuda.is_available():
         return []
-    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return [capped_free_bytes(i) for i in range(torch.cuda.device_count())]
+
+
+def capped_free_bytes(device: int = 0) -> int:
+    """Free memory of a GPU as this worker may use it: the driver's free bytes, and where the scheduler
+    leased only part of a shared GPU ($RECIPE_GPU_MEMORY_BYTES), no more than the lease less what this
+    process already holds."""
+    import os
+
+    import torch
+
+    free = torch.cuda.mem_get_info(device)[0]
+    lease = os.environ.get("RECIPE_GPU_MEMORY_BYTES")
+    if lease:
+        free = min(free, max(0, int(lease) - torch.cuda.memory_reserved(device)))
+    return free
 
 
 def model_bytes_at(model_dir: Any, dtype_bits: int) -> int:

@@ -585,7 +585,9 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
         kwargs["labels"] = probe
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # free memory as the driver sees it, less nothing PyTorch merely caches
-    free, _ = torch.cuda.mem_get_info()
+    from runner.worker.placement import capped_free_bytes
+
+    free = capped_free_bytes(device.index or 0)  # a shared GPU: this worker's lease, not the whole card
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.set_grad_enabled(grad):
