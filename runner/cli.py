@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     _plan_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hardware", default=None, help="the machine the steps run on, for the wall-time prediction "
-                   "(recipes/hardware/targets.yaml; default: benchmark.hardware)")
+                   "(recipes/hardware/targets.yaml; default: execution.hardware, else benchmark.hardware)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run the recipe's steps; completed steps are reused")
@@ -390,7 +390,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except (Unknown, OSError, ValueError) as exc:
             read_from = f"footprint: unknown ({exc})"
         problems = feasibility_problems(loaded, footprints) + recipe_problems(loaded, folder, weights)
-    wall = _wall_time(plan, run_dir, weights, footprints, args.hardware or recipe.benchmark.hardware)
+    wall = _wall_time(plan, run_dir, weights, footprints,
+                      args.hardware or recipe.execution.hardware or recipe.benchmark.hardware)
     for row in rows:
         record = run_dir.record(row["step"]) if row["state"] == "current" else None
         row["predicted_s"] = None if wall is None else wall.steps[row["step"]].to_json()["seconds"]
@@ -494,7 +495,7 @@ def _predicted_seconds(plan, run_dir) -> tuple[dict[str, float], dict[str, int]]
         weights = load_weights(folder)
         names = [s.name for s in recipe.quantization.strategies if ids.quantize(s.name) in plan.steps]
         footprints = footprint.recipe_footprints(recipe, weights, hardware_target(recipe.benchmark.hardware), names)
-        wall = _wall_time(plan, run_dir, weights, footprints, recipe.benchmark.hardware)
+        wall = _wall_time(plan, run_dir, weights, footprints, recipe.execution.hardware or recipe.benchmark.hardware)
     except (Unknown, OSError, ValueError, RunnerError):
         return {}, {}
     if wall is None:
@@ -560,7 +561,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _save_resolved_recipe(loaded, run_dir.root / "recipe.yaml")
         try:
             if plan.recipe.search is not None and not (args.until or args.only or args.strategy):
-                runner = Runner(_search(plan.recipe, run_dir, executor), run_dir, executor, console)
+                searched = _search(plan.recipe, run_dir, executor)
+                runner = Runner(searched, run_dir, executor, console)
+                runner.predicted, runner.gpu_needs = _predicted_seconds(searched, run_dir)
             outcome = asyncio.run(_run_cancellable(runner.run(options)))
         finally:
             executor.cleanup()

@@ -120,8 +120,8 @@ class Runner:
         self.kinds = kinds or step_kinds()
         execution = plan.recipe.execution
         self._slots = PrioritySlots(execution.max_parallel)
-        memory = int(execution.gpu_memory_gb * 1e9) if execution.gpu_memory_gb else None
-        self._gpu_memory_probed = execution.gpu_memory_gb is None
+        memory = int(execution.gpu_memory_gb * 1e9) if execution.gpu_memory_gb and execution.share_gpus else None
+        self._gpu_memory_probed = execution.gpu_memory_gb is None and execution.share_gpus
         self._heavy = GpuPool(execution.gpus, memory)
         self._priority = branch_first_order(plan)
         self._fail_fast = False

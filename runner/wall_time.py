@@ -203,7 +203,8 @@ def predict(plan: Plan, weights: Any, machine: Machine, footprints: dict[str, An
     for sid, time in times.items():
         time.strategy = plan.steps[sid].strategy
     unknown = [sid for sid, t in times.items() if t.seconds is None]
-    memory = plan.recipe.execution.gpu_memory_gb or machine.memory_gb
+    execution = plan.recipe.execution
+    memory = (execution.gpu_memory_gb or machine.memory_gb) if execution.share_gpus else None
     total = None if unknown else schedule(plan, {sid: t.seconds or 0.0 for sid, t in times.items()},
                                           gpu_needs(plan, weights), int(memory * 1e9) if memory else None)
     return WallTime(machine, times, total, unknown)

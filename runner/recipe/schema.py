@@ -746,6 +746,11 @@ class ExecutionSpec(Section):
         "Each GPU's memory. GPU steps whose predicted needs fit it together share a GPU (two quantize steps "
         "of a 9B model on an 80 GB H100 or a 128 GB GB10); each worker's allocator is capped at its share. "
         "Default: nvidia-smi's answer when the run starts; without one, one GPU step per GPU."))
+    share_gpus: bool = Field(True, description=(
+        "`false`: one GPU step per GPU at a time, whatever their memory needs."))
+    hardware: str | None = Field(None, description=(
+        "The machine the steps run on (recipes/hardware/targets.yaml), for the wall-time prediction each step's "
+        "record keeps; default: benchmark.hardware (quantizing where you serve)."))
     containers: ContainerChoice = Field(default_factory=ContainerChoice)
     env: list[str] = Field(default_factory=list,
                            description="Host environment variables passed into containers (names only; e.g. HF_TOKEN).")

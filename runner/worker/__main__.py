@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     os.chdir(work_dir)
     t0 = time.monotonic()
     print(f"[worker] {kind} starting", flush=True)
-    apply_gpu_lease(spec["params"].pop(GPU_LEASE_PARAM, None))
+    lease = spec["params"].pop(GPU_LEASE_PARAM, None)
+    apply_gpu_lease(lease)
     try:
         module = importlib.import_module(f"runner.worker.{kind}")  # its import errors are the step's error
         result = module.run(spec["params"], output_dir)
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> int:
         os.chdir(output_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
     result.setdefault("summary", {})["worker_seconds"] = round(time.monotonic() - t0, 3)
+    if lease:
+        result["summary"]["gpu_lease"] = lease
     result.setdefault("versions", {}).update(_versions())
     tmp = output_dir / f"{RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
