@@ -84,7 +84,7 @@ def group_scores(state_path: Path) -> dict[str, Any]:
         formats = [str(f) for f in entry.get("formats", [])]
         values = [float(v) for v in entry.get("scores", [])]
         costs = [float(c) for c in entry.get("costs", [])]
-        if formats and len(values) == len(formats):
+        if len(formats) > 1 and len(values) == len(formats):  # one choice: disabled, nothing to rank
             groups[name.removesuffix(".quant_recipe")] = {"scores": dict(zip(formats, values, strict=True)),
                                                           "costs": dict(zip(formats, costs, strict=False))}
 
