@@ -60,7 +60,11 @@ def test_budget_is_free_memory_share_over_probe_bytes_per_token(fake_cuda):
     calib = mixed_calib()
     model = ProbeModel(fake_cuda, bytes_per_token=256 * 1024)
     budget = quantize.auto_batch_size(model, calib, torch.device("cuda"))
-    assert budget == min(calib.longest * len(calib.token_ids), int(60 * GIB * 0.5 // (256 * 1024)))
+    assert budget == min(calib.longest * len(calib.token_ids), quantize.MAX_TOKEN_BUDGET,
+                         int(60 * GIB * 0.5 // (256 * 1024)))
+    # Less free memory than the cap needs: the memory decides.
+    fake_cuda.free = 2 * GIB
+    assert quantize.auto_batch_size(model, calib, torch.device("cuda")) == int(2 * GIB * 0.5 // (256 * 1024))
     call = model.calls[0]
     assert call["input_ids"].shape == (1, calib.longest)
     assert call["use_cache"] is False and call["logits_to_keep"] == 1 and "labels" not in call
@@ -71,10 +75,14 @@ def test_budget_for_awq_counts_a_token_double_and_is_clamped(fake_cuda):
     calib = mixed_calib(samples=100, high=2048)
     model = ProbeModel(fake_cuda, bytes_per_token=256 * 1024)
     cuda = torch.device("cuda")
+    fake_cuda.free = 24 * GIB  # under the cap either way
     max_budget = quantize.auto_batch_size(model, calib, cuda, algorithm="max")
     awq_budget = quantize.auto_batch_size(model, calib, cuda, algorithm="awq_lite")
-    assert max_budget == int(60 * GIB * 0.5 // (256 * 1024)) == 122_880
-    assert awq_budget == int(60 * GIB * 0.25 // (256 * 1024)) == max_budget // 2
+    assert max_budget == int(24 * GIB * 0.5 // (256 * 1024)) == 49_152
+    assert awq_budget == int(24 * GIB * 0.25 // (256 * 1024)) == max_budget // 2
+    fake_cuda.free = 60 * GIB  # more memory than the cap needs: the cap decides (no speed to gain)
+    assert quantize.auto_batch_size(model, calib, cuda, algorithm="max") == quantize.MAX_TOKEN_BUDGET
+    fake_cuda.free = 24 * GIB
     assert quantize.auto_batch_size(model, calib, cuda, algorithm=None) == max_budget
     fake_cuda.free = GIB // 4  # little memory (a 512-token budget): never below one longest sample
     assert quantize.auto_batch_size(model, calib, cuda) == calib.longest

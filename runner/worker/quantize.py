@@ -559,6 +559,12 @@ def quantize_auto(model: Any, batches: list[dict[str, Any]], spec: AutoQuantizeS
             "score": float(best["score"]) if isinstance(best.get("score"), (int, float)) else None}
 
 
+# A batch's GEMMs are saturated long before this many tokens (a 9B layer's 4096-wide matmuls at 64 k rows):
+# a larger budget buys no speed, only memory (hf_ptq's path peaked at 45 GiB where a half-the-free-memory
+# budget took 84 GiB on an H200, for the same time).
+MAX_TOKEN_BUDGET = 65_536
+
+
 def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: str | None = "max",
                     full_logits: bool = False, grad: bool = False, cpu_budget: int = 4096) -> int:
     """A token budget for calibration batches (rows x padded width) that fits memory, from one probe forward.
@@ -571,7 +577,7 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
     than max (AWQ's per-layer activation caches and its alpha search, SmoothQuant, SVDQuant,
     auto_quantize) count a token double, as ModelOpt's hf_ptq does (get_max_batch_size with
     sample_memory_usage_ratio 2 for AWQ and SmoothQuant). On a CPU: `cpu_budget` tokens. Never less
-    than one longest sample, never more than every sample at the longest width.
+    than one longest sample, never more than every sample at the longest width or MAX_TOKEN_BUDGET.
     """
     import torch
 
@@ -603,7 +609,7 @@ def auto_batch_size(model: Any, calib: CalibrationSet, device: Any, algorithm: s
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         per_token += 3 * 4 * int(getattr(text, "vocab_size", 0) or 0)
     share = 0.5 if algorithm in (None, "max") else 0.25
-    return int(max(longest, min(ceiling, free * share // per_token)))
+    return int(max(longest, min(ceiling, MAX_TOKEN_BUDGET, free * share // per_token)))
 
 
 def quantized_weights(model: Any) -> list[tuple[str, Any, Any]]:
