@@ -16,6 +16,9 @@ sequential. Modes: `shared` (execution.share_gpus: true, nvidia-smi's memory) an
     PYTHONPATH=. python bench/wall_time_9b.py --work DIR --tokenizer DIR [--samples 120]
         [--strategy awq_lite --strategy mlp_only] [--score-steps 8] [--modes shared sequential]
 
+`--strategy search_first` is the flagship search's first candidate (MLPs W4A16, sensitivity on 4 held-out
+conversations): what one search candidate costs at 9B (quantize + sensitivity + export + verify).
+
 Needs CUDA, torch, transformers with qwen3_5, ModelOpt, ~60 GB of disk. Weights are random: times and
 sizes are real, quality numbers are not.
 """
@@ -42,9 +45,14 @@ def machine_name() -> str:
 
 def write_recipe(path: Path, model_dir: Path, calibration: Path, samples: int, score_steps: int | None,
                  share: bool, hardware: str) -> None:
-    # Strategies merge by name into the flagship's; --strategy picks which run.
-    scoring = (f"quantization:\n  strategies:\n    - name: auto_mixed\n      auto_quantize: "
-               f"{{num_score_steps: {score_steps}}}\n" if score_steps else "")
+    # Strategies merge by name into the flagship's; --strategy picks which run. The search's first candidate
+    # (docs/search.md: the MLPs at W4A16, max, FP8 KV, nothing kept) with the sensitivity the search asks.
+    entries = []
+    if score_steps:
+        entries.append(f"    - name: auto_mixed\n      auto_quantize: {{num_score_steps: {score_steps}}}\n")
+    entries.append("    - name: search_first\n      layout: {formats: {mlp: w4a16_nvfp4}, kv_cache: fp8}\n"
+                   "      sensitivity: 4\n      inherit_exclude: false\n")
+    scoring = "quantization:\n  strategies:\n" + "".join(entries)
     path.write_text(f"""extends: {SHIPPED}
 name: qwen35-9b-wall-time
 model:
