@@ -48,7 +48,10 @@ def test_plan_shows_steps_executors_and_cache_state(write, tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     steps = {row["step"]: row for row in plan["steps"]}
-    assert len(steps) == 26  # 5 per strategy x 4, source, calibrate, the baseline, gates, report, publish
+    # 5 per strategy x 4, source, calibrate, auto_mixed's score step, the baseline, gates, report, publish
+    assert len(steps) == 27
+    score = next(sid for sid in steps if sid.startswith("score."))
+    assert steps[score]["runs_in"] == "container ngc-modelopt" and score in steps["quantize.auto_mixed"]["needs"]
     assert steps["quantize.awq_lite"]["runs_in"] == "container ngc-modelopt"
     assert steps["quantize.awq_lite"]["state"] == "to run"
     assert steps["serve.auto_mixed"]["runs_in"] == "vllm server in container vllm"
