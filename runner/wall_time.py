@@ -290,14 +290,18 @@ def _algorithm_cost(name: str) -> tuple[float, str]:
 
 def _score(sid: str, step: Any, recipe: Any, cost: ModelCost, machine: Machine) -> StepTime:
     spec = step.inputs  # ScoreInput: formats, method and sample counts
-    tokens_a_sample = spec.max_length * SAMPLE_FILL
     formats = len(spec.formats)
     samples = min(spec.num_score_steps, spec.calib_samples)
     calib_samples = min(spec.num_calib_steps, spec.calib_samples)
+    # Batches run longest first, so the first n of N samples are the longest: with lengths spread evenly up
+    # to max_length, they average max_length x (1 - n / 2N).
+    def longest(n: int) -> float:
+        return spec.max_length * (1 - n / (2 * spec.calib_samples))
+
     parts = {
         "load": WORKER_START_S + cost.bf16_bytes / (DISK_READ_GBS * 1e9),
-        "calibrate_formats": _forward_s(calib_samples * tokens_a_sample * formats, cost.body_flops, machine),
-        "score": _forward_s(samples * tokens_a_sample * cost.groups * formats * SCORE_FORWARDS_PER_GROUP,
+        "calibrate_formats": _forward_s(calib_samples * longest(calib_samples) * formats, cost.body_flops, machine),
+        "score": _forward_s(samples * longest(samples) * cost.groups * formats * SCORE_FORWARDS_PER_GROUP,
                             cost.full_flops, machine),
     }
     return StepTime(sid, sum(parts.values()), f"{samples} scored samples x {cost.groups} layer groups x {formats} "
