@@ -82,7 +82,7 @@ def test_each_step_gets_only_its_own_input(recipe):
     quantize = next(s for s in plan.steps.values() if s.kind == "quantize")
     assert isinstance(quantize.inputs, QuantizeInput)
     assert set(quantize.params) == {"strategy", "exclude", "calib_samples", "max_length", "seed", "dtype",
-                                    "architecture", "held_out", "held_out_after", "sensitivity"}
+                                    "architecture", "held_out", "held_out_after", "sensitivity", "score_step"}
     assert isinstance(plan.steps["report"].inputs, ReportInput)
     with pytest.raises(ValueError):  # frozen: a step cannot change what its key was computed from
         quantize.inputs.seed = 1  # type: ignore[misc]
