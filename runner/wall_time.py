@@ -82,9 +82,14 @@ class Machine:
 
 def machine(name: str) -> Machine:
     """A target of recipes/hardware/targets.yaml with its compute rates."""
-    from runner.benchmark.prediction import hardware_table_entry
+    from runner.errors import RunnerError
+    from runner.recipe.resources import hardware_targets
 
-    entry = hardware_table_entry(name)
+    table = hardware_targets()
+    if name not in table:
+        raise RunnerError(f"hardware {name!r} (recipe plan --hardware, execution.hardware or benchmark.hardware) is "
+                          f"not in recipes/hardware/targets.yaml; known: {', '.join(table)}")
+    entry = table[name]
     measured = entry.get("calibration_efficiency")
     return Machine(name, float(entry.get("bf16_tflops", 100)), float(measured or CALIBRATION_EFFICIENCY_DEFAULT),
                    float(entry["memory_bandwidth_gbs"]), efficiency_measured=measured is not None,

@@ -92,7 +92,7 @@ LAYERS: dict[str, set[str]] = {
     "scheduler": {"containers", "errors", "executors", "gpu_pool", "plan", "run_dir", "steps", "worker_contract"},
     "plan_checks": {"containers", "errors", "quantization", "recipe", "serving", "steps"},
     "plan_table": {"quantization"},
-    "wall_time": {"benchmark", "errors", "gpu_pool", "plan", "quantization", "scheduler", "steps"},
+    "wall_time": {"benchmark", "errors", "gpu_pool", "plan", "quantization", "recipe", "scheduler", "steps"},
     "catalogue": {"benchmark", "errors", "quantization", "recipe"},
     "init_recipe": {"errors"},
     "testing": set(),  # fakes for the tests (a Hub, an OpenAI-style server): standalone
