@@ -114,8 +114,13 @@ def main() -> None:
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                for batch in batches:
+                for number, batch in enumerate(batches, start=1):
+                    started = time.perf_counter()
                     model(**batch, **kwargs)
+                    if attempt == 1:  # where a first pass's time goes (compiles, autotuning), even if cut short
+                        sync(device)
+                        print(f"#   pass 1 batch {number}/{len(batches)} {tuple(batch['input_ids'].shape)}: "
+                              f"{time.perf_counter() - started:.2f} s", flush=True)
             sync(device)
             seconds = time.perf_counter() - t0
             real = sum(lengths)
