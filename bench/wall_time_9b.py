@@ -148,7 +148,8 @@ def predicted_total(recipe: Path, run_dir: Path, selection: list[str], ran: dict
     loaded = load_recipe(recipe).recipe
     plan = build_plan(loaded, [a for a in selection if a != "--strategy"] or None)
     seconds = {sid: (predicted.get(sid) or 0.0) if sid in ran else 0.0 for sid in plan.steps}
-    needs = wall_time.gpu_needs(plan, load_weights(loaded.model.source.path)) if loaded.execution.share_gpus else {}
+    cost = wall_time.model_cost(load_weights(loaded.model.source.path))
+    needs = wall_time.gpu_needs(plan, cost) if loaded.execution.share_gpus else {}
     memory = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                             capture_output=True, text=True).stdout.split()
     gpu = int(float(memory[0])) * 2**20 if memory and loaded.execution.share_gpus else None

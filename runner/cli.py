@@ -481,7 +481,6 @@ def _predicted_seconds(plan, run_dir) -> tuple[dict[str, float], dict[str, int]]
     """Each step's predicted seconds on the recipe's hardware, which the run's records keep beside the
     measured time, and each GPU step's predicted memory (the scheduler shares GPUs by it); empty when the
     model's headers cannot be read yet (a Hub model before its download)."""
-    from runner import wall_time
     from runner.benchmark.prediction import hardware_target
     from runner.quantization import Unknown, footprint
     from runner.quantization.weights import load_weights
@@ -500,8 +499,7 @@ def _predicted_seconds(plan, run_dir) -> tuple[dict[str, float], dict[str, int]]
         return {}, {}
     if wall is None:
         return {}, {}
-    return ({sid: t.seconds for sid, t in wall.steps.items() if t.seconds is not None},
-            wall_time.gpu_needs(plan, weights))
+    return {sid: t.seconds for sid, t in wall.steps.items() if t.seconds is not None}, wall.gpu_needs
 
 
 def _wall_time_lines(wall) -> list[str]:

@@ -157,6 +157,7 @@ class Runner:
             if state == "current":
                 done[sid].set()
         self._write_status("running")
+        self._probe_gpu_memory(to_run)
         tasks = [asyncio.create_task(self._run_when_ready(sid, done), name=sid) for sid in to_run]
         ticker = asyncio.create_task(self._show_progress()) if self.console.is_terminal else None
         try:
@@ -261,7 +262,6 @@ class Runner:
             try:
                 lease = None
                 if local_heavy:
-                    self._probe_gpu_memory()
                     need = self.gpu_needs.get(sid)
                     lease = await self._heavy.acquire(priority, need, on_wait=lambda: self.console.print(
                         f"[dim]{sid} waits for {escape(self._heavy.waiting_for(need))}[/]"))
@@ -318,12 +318,13 @@ class Runner:
                 self.keys[sid] = step_key(later, [self.keys[d] for d in later.deps])
         return reduced, None
 
-    def _probe_gpu_memory(self) -> None:
-        """Once, at the first GPU step: the GPUs' memory from nvidia-smi, when the recipe does not give it."""
+    def _probe_gpu_memory(self, to_run: list[str]) -> None:
+        """Once, before any step starts: the GPUs' memory from nvidia-smi, when the recipe does not give it
+        and a GPU step will run."""
         if not self._gpu_memory_probed:
             return
         self._gpu_memory_probed = False
-        memory = probe_gpu_memory() if self.gpu_needs else None
+        memory = probe_gpu_memory() if self.gpu_needs and any(self.plan.steps[s].heavy for s in to_run) else None
         if memory is not None:
             self._heavy = GpuPool(self._heavy.gpus, memory)
             self.console.print(f"[dim]GPU steps share a GPU while their predicted needs fit its {memory / 1e9:.0f} GB"

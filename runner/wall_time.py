@@ -115,6 +115,7 @@ class WallTime:
     steps: dict[str, StepTime]
     total_s: float | None  # the run's predicted length under the scheduler's rules; None if a step is unknown
     unknown: list[str]
+    gpu_needs: dict[str, int] = field(default_factory=dict)  # what each GPU step holds (gpu_memory_need)
 
     def per_strategy(self) -> dict[str, float]:
         """Seconds of each strategy's own steps (quantize ... benchmark), in plan order."""
@@ -212,9 +213,10 @@ def predict(plan: Plan, weights: Any, machine: Machine, footprints: dict[str, An
     unknown = [sid for sid, t in times.items() if t.seconds is None]
     execution = plan.recipe.execution
     memory = (execution.gpu_memory_gb or machine.memory_gb) if execution.share_gpus else None
+    needs = gpu_needs(plan, cost)
     total = None if unknown else schedule(plan, {sid: t.seconds or 0.0 for sid, t in times.items()},
-                                          gpu_needs(plan, weights), int(memory * 1e9) if memory else None)
-    return WallTime(machine, times, total, unknown)
+                                          needs, int(memory * 1e9) if memory else None)
+    return WallTime(machine, times, total, unknown, needs)
 
 
 # What a quantize or score worker holds of a GPU beyond the weights: activations of its calibration batches
@@ -232,9 +234,8 @@ def gpu_memory_need(step: Any, cost: ModelCost) -> int | None:
     return int(cost.bf16_bytes + max(ACTIVATION_SHARE * cost.bf16_bytes, ACTIVATION_FLOOR) + LOGITS_SLACK)
 
 
-def gpu_needs(plan: Plan, weights: Any) -> dict[str, int]:
+def gpu_needs(plan: Plan, cost: ModelCost) -> dict[str, int]:
     """Every GPU step's need that is not a whole GPU: what the scheduler shares GPUs by."""
-    cost = model_cost(weights)
     needs = {sid: gpu_memory_need(step, cost) for sid, step in plan.steps.items() if step.heavy}
     return {sid: need for sid, need in needs.items() if need is not None}
 

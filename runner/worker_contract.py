@@ -14,3 +14,5 @@ ERROR_FILE = "worker_error.json"  # the one-line reason a worker failed (its tra
 # The scheduler's GPU lease in the spec's params ({"index": GPU among the visible, "memory_bytes": the share
 # or None for the whole GPU}; runner/gpu_pool.py); the worker takes it out before its run(params) sees them.
 GPU_LEASE_PARAM = "_gpu_lease"
+# Where the worker keeps its lease's memory (bytes) for the code that plans batches (runner/worker/placement.py).
+GPU_MEMORY_ENV = "RECIPE_GPU_MEMORY_BYTES"

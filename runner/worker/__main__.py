@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from runner.worker_contract import ERROR_FILE, GPU_LEASE_PARAM, RESULT_FILE
+from runner.worker_contract import ERROR_FILE, GPU_LEASE_PARAM, GPU_MEMORY_ENV, RESULT_FILE
 
 
 def main(argv: list[str]) -> int:
@@ -56,10 +56,6 @@ def main(argv: list[str]) -> int:
     tmp.replace(output_dir / RESULT_FILE)
     print(f"[worker] {kind} done in {time.monotonic() - t0:.1f}s", flush=True)
     return 0
-
-
-# What the worker may use of the GPU it shares (bytes); runner/worker/placement.py reads it.
-GPU_MEMORY_ENV = "RECIPE_GPU_MEMORY_BYTES"
 
 
 def apply_gpu_lease(lease: dict | None) -> None:

@@ -11,8 +11,11 @@ loading with the numbers, instead of an out-of-memory error an hour in.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from runner.worker_contract import GPU_MEMORY_ENV
 
 GIB = 2**30
 # Memory kept free on each GPU for calibration: a fraction of the weights it holds plus a floor.
@@ -68,14 +71,12 @@ def gpu_free_bytes() -> list[int]:
 
 def capped_free_bytes(device: int = 0) -> int:
     """Free memory of a GPU as this worker may use it: the driver's free bytes, and where the scheduler
-    leased only part of a shared GPU ($RECIPE_GPU_MEMORY_BYTES), no more than the lease less what this
-    process already holds."""
-    import os
-
+    leased only part of a shared GPU (GPU_MEMORY_ENV), no more than the lease less what this process already
+    holds."""
     import torch
 
     free = torch.cuda.mem_get_info(device)[0]
-    lease = os.environ.get("RECIPE_GPU_MEMORY_BYTES")
+    lease = os.environ.get(GPU_MEMORY_ENV)
     if lease:
         free = min(free, max(0, int(lease) - torch.cuda.memory_reserved(device)))
     return free
